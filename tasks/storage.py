@@ -1,0 +1,285 @@
+"""Read, write, list and copy under local paths, `file://` URIs and `s3://` URIs.
+
+The only module that knows about object storage. S3 settings come from the
+standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), so the same code talks to AWS,
+MinIO or SeaweedFS; inside Airflow the DAG exports them from a connection.
+TensorFlow needs local files, so steps stage in with `download` and out with
+`upload`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
+S3_TIMEOUT_S = 10
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and what to check."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or URI without doubling slashes."""
+    base = str(base)
+    cleaned = [str(p).strip("/") for p in parts if str(p).strip("/")]
+    if is_s3(base) or base.startswith("file://"):
+        return "/".join([base.rstrip("/"), *cleaned])
+    return str(Path(base, *cleaned))
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a local path or `file://` URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        raise StorageError(f"{uri} is not a local path; download it first")
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key/part` -> ("bucket", "key/part")."""
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"{uri} has no bucket; write s3://<bucket>/<prefix>")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def s3_client():
+    """A boto3 S3 client for the current environment's endpoint and credentials."""
+    env = os.environ
+    return _client(env.get("AWS_ENDPOINT_URL"), env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
+                   env.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None, access_key: str | None, secret_key: str | None, region: str):
+    """One client per settings; a fresh session so changed credentials are never served stale."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_TIMEOUT_S,
+        read_timeout=60,
+        s3={"addressing_style": "path"},
+    )
+    session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                                    region_name=region)
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _s3_error(uri: str, error: Exception) -> StorageError:
+    """Translate botocore failures into one error that says what to fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if isinstance(error, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach S3 endpoint {endpoint} after {S3_RETRY_ATTEMPTS} attempts; "
+                            "check that the store is running and AWS_ENDPOINT_URL (or the Airflow connection) is right")
+    if isinstance(error, NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                            "or the Airflow connection")
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return StorageError(f"{uri}: access denied by {endpoint} ({code}); check the S3 access key and secret")
+        if code == "NoSuchBucket":
+            return StorageError(f"{uri}: bucket {split_s3(uri)[0]!r} does not exist at {endpoint}; create it first")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object")
+        return StorageError(f"{uri}: S3 error {code}: {error}")
+    return StorageError(f"{uri}: {error}")
+
+
+def _s3_call(uri: str, fn, *args, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except (BotoCoreError, ClientError) as error:
+        raise _s3_error(uri, error) from error
+
+
+def exists(uri: str) -> bool:
+    """True for an existing file/object, or a directory/prefix with something below it."""
+    if not is_s3(uri):
+        return local_path(uri).exists()
+    return exists_object(uri) or bool(list_files(uri.rstrip("/") + "/"))
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        path = local_path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file")
+        return path.read_bytes()
+    bucket, key = split_s3(uri)
+    response = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)
+    return response["Body"].read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object: one PUT on S3, write-then-rename locally (never half-written)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, value: Any) -> None:
+    """Stable JSON (sorted keys, fixed indent) so equal content gives equal bytes."""
+    write_text(uri, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file below a directory/prefix, as full URIs/paths, sorted."""
+    if not is_s3(prefix):
+        root = local_path(prefix)
+        if root.is_file():
+            return [str(prefix)]
+        found = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        if str(prefix).startswith("file://"):
+            return [f"file://{p}" for p in found]
+        return [str(p) for p in found]
+    bucket, key = split_s3(prefix)
+    paginator = s3_client().get_paginator("list_objects_v2")
+    keys: list[str] = []
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    except Exception as error:
+        raise _s3_error(prefix, error) from error
+    return sorted(f"s3://{bucket}/{k}" for k in keys)
+
+
+def delete(uri: str) -> None:
+    """Delete a file/object or everything below a directory/prefix."""
+    if not is_s3(uri):
+        path = local_path(uri)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        return
+    client = s3_client()
+    for item in list_files(uri):
+        bucket, key = split_s3(item)
+        _s3_call(item, client.delete_object, Bucket=bucket, Key=key)
+
+
+def upload(local: str | Path, uri: str) -> None:
+    """Copy a local file, or a directory recursively, to a URI."""
+    local = Path(local)
+    if not local.exists():
+        raise StorageError(f"{local}: nothing to upload")
+    if not is_s3(uri):
+        target = local_path(uri)
+        if local.resolve() == target.resolve():
+            return
+        if local.is_dir():
+            shutil.copytree(local, target, dirs_exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(local, target)
+        return
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    client = s3_client()
+    for file in files:
+        target = uri if local.is_file() else join(uri, file.relative_to(local).as_posix())
+        bucket, key = split_s3(target)
+        _s3_call(target, client.upload_file, str(file), bucket, key)
+
+
+def download(uri: str, local: str | Path) -> Path:
+    """Copy a file, or everything below a prefix, from a URI to a local path; returns it."""
+    local = Path(local)
+    if not is_s3(uri):
+        source = local_path(uri)
+        if not source.exists():
+            raise StorageError(f"{uri}: nothing to download")
+        if source.resolve() != local.resolve():
+            if source.is_dir():
+                shutil.copytree(source, local, dirs_exist_ok=True)
+            else:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, local)
+        return local
+    client = s3_client()
+    bucket, key = split_s3(uri)
+    if key and not key.endswith("/") and exists_object(uri):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        _s3_call(uri, client.download_file, bucket, key, str(local))
+        return local
+    prefix = uri.rstrip("/") + "/"
+    items = list_files(prefix)
+    if not items:
+        raise StorageError(f"{uri}: nothing to download (no object or prefix)")
+    for item in items:
+        relative = item[len(prefix):]
+        target = local / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        item_bucket, item_key = split_s3(item)
+        _s3_call(item, client.download_file, item_bucket, item_key, str(target))
+    return local
+
+
+def exists_object(uri: str) -> bool:
+    """True when exactly this S3 key (not a prefix) exists."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise _s3_error(uri, error) from error
+    except Exception as error:
+        raise _s3_error(uri, error) from error
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an s3:// URI if it is missing (no-op for local paths)."""
+    if not is_s3(uri):
+        return
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split_s3(uri)
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise _s3_error(uri, error) from error
+        _s3_call(uri, client.create_bucket, Bucket=bucket)
+    except Exception as error:
+        raise _s3_error(uri, error) from error
