@@ -267,10 +267,10 @@ def exists_object(uri: str) -> bool:
         raise _s3_error(uri, error) from error
 
 
-def ensure_bucket(uri: str) -> None:
-    """Create the bucket of an s3:// URI if it is missing (no-op for local paths)."""
+def ensure_bucket(uri: str) -> bool:
+    """Create the bucket of an s3:// URI if it is missing (no-op for local paths); True when it created it."""
     if not is_s3(uri):
-        return
+        return False
     from botocore.exceptions import ClientError
 
     bucket, _ = split_s3(uri)
@@ -281,5 +281,23 @@ def ensure_bucket(uri: str) -> None:
         if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise _s3_error(uri, error) from error
         _s3_call(uri, client.create_bucket, Bucket=bucket)
+        return True
     except Exception as error:
         raise _s3_error(uri, error) from error
+    return False
+
+
+def s3_env(access_key: str | None, secret_key: str | None, extra: dict[str, Any]) -> dict[str, str]:
+    """AWS environment variables from an Airflow `aws` connection's login, password and extra.
+
+    Accepts both `extra.endpoint_url` and the per-service
+    `extra.service_config.s3.endpoint_url` forms of the amazon provider.
+    """
+    endpoint = extra.get("service_config", {}).get("s3", {}).get("endpoint_url") or extra.get("endpoint_url")
+    values = {
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": extra.get("region_name"),
+    }
+    return {key: str(value) for key, value in values.items() if value}

@@ -1,0 +1,136 @@
+"""The DAG files parse fast and cleanly, and their graph, params and defaults are what users rely on."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import pytest
+
+from tests.conftest import ROOT
+
+DAG_IDS = ("transfer_learning", "transfer_learning_retrain")
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_dags_import_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(DAG_IDS) <= set(dagbag.dag_ids)
+
+
+def test_parsing_makes_no_db_queries_and_no_connection_lookups():
+    from airflow import settings
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import BaseHook, Connection
+    from sqlalchemy import event
+
+    statements = []
+
+    def count(*args, **kwargs):
+        statements.append(args[2])
+
+    engine = settings.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with mock.patch.object(BaseHook, "get_connection") as hook_lookup, \
+                mock.patch.object(Connection, "get") as sdk_lookup:
+            bag = DagBag(dag_folder=str(ROOT / "dags"))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert bag.import_errors == {}
+    assert statements == []
+    hook_lookup.assert_not_called()
+    sdk_lookup.assert_not_called()
+
+
+def test_parsing_is_fast_and_does_not_import_tensorflow():
+    code = ("import sys, time; t = time.perf_counter(); "
+            "from airflow.dag_processing.dagbag import DagBag; "
+            "t = time.perf_counter(); DagBag(dag_folder=sys.argv[1]); "
+            "print(time.perf_counter() - t, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    seconds, tf_loaded = float(out[-2]), out[-1]
+    assert tf_loaded == "False"
+    assert seconds < 2.0
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_graph_reads_like_the_pipeline(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
+    assert downstream["acquire"] == {"subsample"}
+    assert downstream["subsample"] == {"train"}
+    assert downstream["train"] == {"decide"}
+    assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
+    assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
+    assert downstream["evaluate"] == {"publish"}
+    assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
+    assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_runs_are_safe_to_retry_and_bounded(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.max_active_runs == 1
+    assert dag.dagrun_timeout is not None
+    for t in dag.tasks:
+        assert t.retries >= 2, t.task_id
+        assert t.retry_exponential_backoff, t.task_id
+        assert t.execution_timeout is not None, t.task_id
+
+
+def test_manual_dag_is_unscheduled_and_retrain_dag_has_a_cron(dagbag):
+    assert type(dagbag.dags["transfer_learning"].timetable).__name__ == "NullTimetable"
+    assert dagbag.dags["transfer_learning_retrain"].timetable.expression == "0 3 * * 1"
+
+
+def test_retrain_schedule_comes_from_the_environment():
+    code = ("from airflow.dag_processing.dagbag import DagBag; import sys; "
+            "print(DagBag(dag_folder=sys.argv[1]).dags['transfer_learning_retrain'].timetable.expression)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**__import__("os").environ, "TLP_RETRAIN_SCHEDULE": "15 4 * * *"})
+    assert out.stdout.strip().endswith("15 4 * * *")
+
+
+REQUIRED_PARAMS = ("source", "classes", "train_percent", "val_fraction", "seed", "backbone", "image_size",
+                   "batch_size", "epochs", "learning_rate", "augment", "fine_tune", "fine_tune_layers",
+                   "fine_tune_epochs", "fine_tune_lr_factor", "patience", "min_delta", "target_accuracy",
+                   "top_k_wrong", "model_name", "publish_uri", "run_root")
+
+
+def test_every_param_documents_itself(dagbag):
+    params = dagbag.dags["transfer_learning"].params
+    for name in REQUIRED_PARAMS:
+        param = params.get_param(name)
+        assert param.schema.get("title"), name
+        assert "type" in param.schema, name
+
+
+def test_defaults_form_a_valid_run_config(dagbag):
+    from tasks.config import RunConfig
+
+    params = dagbag.dags["transfer_learning"].params.validate()
+    cfg = RunConfig.from_params(params, run_id="manual__x")
+    assert cfg.source == "idx://fashion_mnist" and cfg.backbone == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("epochs", "lots"), ("epochs", 0), ("train_percent", 150), ("fine_tune", "maybe"),
+    ("model_name", "Bad Name"), ("image_size", 8), ("augment", "yes"),
+])
+def test_bad_params_are_rejected_before_a_run(dagbag, name, value):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = ParamsDict(dict(dagbag.dags["transfer_learning"].params.items()))
+    with pytest.raises(ParamValidationError, match=name):
+        params[name] = value
+        params.validate()

@@ -1,0 +1,98 @@
+"""Storage behaves the same for local paths and a real S3 store (SeaweedFS)."""
+from __future__ import annotations
+
+import pytest
+
+from tasks import seaweed, storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def test_json_round_trip_and_listing(base):
+    storage.write_json(storage.join(base, "a", "x.json"), {"b": 2, "a": 1})
+    storage.write_text(storage.join(base, "a", "sub", "y.txt"), "hello")
+
+    assert storage.read_json(storage.join(base, "a", "x.json")) == {"a": 1, "b": 2}
+    assert storage.read_text(storage.join(base, "a", "sub", "y.txt")) == "hello"
+    listed = storage.list_files(storage.join(base, "a"))
+    prefix = storage.join(base, "a") + "/"
+    assert [item[len(prefix):] for item in listed] == ["sub/y.txt", "x.json"]
+    assert storage.exists(storage.join(base, "a"))
+    assert not storage.exists(storage.join(base, "missing"))
+
+
+def test_write_json_is_byte_stable(base):
+    uri = storage.join(base, "stable.json")
+    storage.write_json(uri, {"z": [1, 2], "a": {"y": 1, "x": 2}})
+    first = storage.read_bytes(uri)
+    storage.write_json(uri, {"a": {"x": 2, "y": 1}, "z": [1, 2]})
+    assert storage.read_bytes(uri) == first
+
+
+def test_directory_upload_download_round_trip(base, tmp_path):
+    source = tmp_path / "src"
+    (source / "nested").mkdir(parents=True)
+    (source / "one.bin").write_bytes(b"\x00\x01")
+    (source / "nested" / "two.txt").write_text("two")
+
+    storage.upload(source, storage.join(base, "tree"))
+    target = storage.download(storage.join(base, "tree"), tmp_path / "back")
+
+    assert (target / "one.bin").read_bytes() == b"\x00\x01"
+    assert (target / "nested" / "two.txt").read_text() == "two"
+    storage.delete(storage.join(base, "tree"))
+    assert not storage.exists(storage.join(base, "tree"))
+
+
+def test_missing_file_error_names_the_uri(base):
+    uri = storage.join(base, "nope.json")
+    with pytest.raises(storage.StorageError, match="nope.json"):
+        storage.read_json(uri)
+
+
+def test_wrong_credentials_are_refused_with_a_clear_error(s3_bucket, monkeypatch):
+    storage.write_text(s3_bucket + "/secret.txt", "data")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(storage.StorageError, match="access denied.*access key and secret"):
+        storage.read_text(s3_bucket + "/secret.txt")
+
+
+def test_missing_bucket_error_says_to_create_it(s3):
+    with pytest.raises(storage.StorageError, match="does not exist.*create it"):
+        storage.write_text("s3://no-such-bucket-here/x.txt", "data")
+
+
+def test_ensure_bucket_creates_missing_bucket(s3):
+    storage.ensure_bucket("s3://created-on-demand/prefix")
+    storage.write_text("s3://created-on-demand/prefix/x.txt", "ok")
+    assert storage.read_text("s3://created-on-demand/prefix/x.txt") == "ok"
+
+
+def test_endpoint_down_fails_after_retries(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{seaweed.free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint"):
+        storage.read_bytes("s3://bucket/x")
+
+
+def test_join_handles_uris_and_paths():
+    assert storage.join("s3://b/runs/", "r1", "/data/") == "s3://b/runs/r1/data"
+    assert storage.join("/tmp/x", "a", "b.json") == "/tmp/x/a/b.json"
+    assert storage.join("file:///tmp/x", "a") == "file:///tmp/x/a"
+
+
+@pytest.mark.parametrize("extra, endpoint", [
+    ({"endpoint_url": "http://store:8333", "region_name": "eu-west-1"}, "http://store:8333"),
+    ({"service_config": {"s3": {"endpoint_url": "http://minio:9000"}}}, "http://minio:9000"),
+    ({}, None),
+])
+def test_s3_env_from_connection_fields(extra, endpoint):
+    env = storage.s3_env("key", "secret", extra)
+    assert env["AWS_ACCESS_KEY_ID"] == "key" and env["AWS_SECRET_ACCESS_KEY"] == "secret"
+    assert env.get("AWS_ENDPOINT_URL") == endpoint
