@@ -26,6 +26,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" tests
 
+demo: install
+	$(PY) -m tasks.demo run
+
+airflow: install
+	$(PY) -m tasks.demo airflow
+
 bench: install
 	$(PY) bench/backbones.py
 	$(PY) bench/training.py

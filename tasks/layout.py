@@ -18,6 +18,7 @@ METRICS = ("eval", "metrics.json")
 REPORT = ("eval", "report")
 MODEL_CARD = ("eval", "model_card.md")
 PARAMS = ("params.json",)
+PUBLISHED = ("publish.json",)
 
 
 def split_records(split: str) -> tuple[str, str]:

@@ -79,3 +79,25 @@ def image_folder(tmp_path) -> Path:
     write_image_folder(tmp_path / "images", {"apple": 12, "banana": 12, "cherry": 12}, splits=("train",))
     write_image_folder(tmp_path / "images", {"apple": 4, "banana": 4, "cherry": 4}, splits=("test",), seed=1)
     return tmp_path / "images"
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A fresh SQLite metadata DB in this session's AIRFLOW_HOME (dag.test needs one)."""
+    from airflow.utils import db
+
+    db.initdb()
+
+
+@pytest.fixture
+def model_store_connection(s3, monkeypatch):
+    """The DAG's `model_store` Airflow connection, pointing at the SeaweedFS store."""
+    import json
+
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", json.dumps({
+        "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
+        "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"},
+    }))
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    return s3

@@ -1,0 +1,139 @@
+"""The local experience: `make demo` (one whole DAG run) and `make airflow` (the UI), on loopback only.
+
+Both start a SeaweedFS S3 store, prepare a project-local AIRFLOW_HOME (SQLite),
+and hand Airflow the `model_store` connection; the demo then runs the DAG in
+one process with `airflow dags test` and prints what a user wants to know.
+Airflow itself runs as a subprocess (its CLI), so this module imports no Airflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tasks import layout, seaweed
+from tasks.config import RunConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STATE_DIR = PROJECT_ROOT / ".demo"
+AIRFLOW_HOME = PROJECT_ROOT / ".airflow"
+RUN_ROOT = PROJECT_ROOT / ".runs"
+PUBLISH_URI = "s3://models"
+UI_PORT = int(os.environ.get("TLP_UI_PORT", "8080"))
+UI_USER, UI_PASSWORD = "admin", os.environ.get("TLP_UI_PASSWORD", "admin")
+
+
+def airflow_env(store: seaweed.SeaweedServer) -> dict[str, str]:
+    """Environment for every Airflow process: repo dags/plugins, local SQLite home, the model store."""
+    airflow_bin = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": f"{airflow_bin}:{os.environ.get('PATH', '')}",  # standalone launches `airflow` from PATH
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW_CONN_MODEL_STORE": json.dumps({
+            "conn_type": "aws", "login": store.access_key, "password": store.secret_key,
+            "extra": {"endpoint_url": store.endpoint, "region_name": "us-east-1"},
+        }),
+        "TLP_RUN_ROOT": str(RUN_ROOT),
+        "TLP_PUBLISH_URI": PUBLISH_URI,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+def start_store() -> seaweed.SeaweedServer:
+    """SeaweedFS with a persistent data dir, so published versions and the champion survive demo runs."""
+    store = seaweed.start(STATE_DIR / "weed")
+    print(f"S3 store (SeaweedFS) at {store.endpoint}, data in {store.data_dir}", flush=True)
+    return store
+
+
+def run_demo(conf: dict) -> int:
+    """One full DAG run on the offline defaults, then a summary of its results."""
+    store = start_store()
+    try:
+        env = airflow_env(store)
+        subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        started = time.time()
+        command = ["airflow", "dags", "test", "transfer_learning", "-c", json.dumps(conf)]
+        print("$ " + " ".join(command), flush=True)
+        result = subprocess.run(command, env=env)
+        print(summary(started, store), flush=True)
+        return result.returncode
+    finally:
+        store.stop()
+
+
+def summary(started: float, store: seaweed.SeaweedServer) -> str:
+    """What the run produced: accuracy, the fine-tune decision, the published version, the report."""
+    runs = [p for p in RUN_ROOT.glob("*") if p.is_dir() and p.stat().st_mtime >= started - 1]
+    if not runs:
+        return f"No run directory under {RUN_ROOT} was written: see the task logs above."
+    run_dir = max(runs, key=lambda p: p.stat().st_mtime)
+    lines = [f"Run artifacts: {run_dir}"]
+    metrics_path = run_dir.joinpath(*layout.METRICS)
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        lines.append(f"Test accuracy: {metrics['accuracy']:.4f} on {metrics.get('n_test', '?')} test images")
+    decision_path = run_dir.joinpath(*layout.DECISION)
+    if decision_path.exists():
+        decision = json.loads(decision_path.read_text())
+        lines.append(f"Fine-tuning {'ran' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
+    published_path = run_dir.joinpath(*layout.PUBLISHED)
+    if published_path.exists():
+        published = json.loads(published_path.read_text())
+        state = "promoted to champion" if published.get("promoted") else "not promoted"
+        lines.append(f"Published: {published['version_uri']} ({state}: {published.get('reason', '')})")
+    report = run_dir.joinpath(*layout.REPORT, "index.html")
+    if report.exists():
+        lines.append(f"Report: {report}")
+    return "\n".join(lines)
+
+
+def run_airflow() -> int:
+    """`airflow standalone` with this repo's DAGs and plugins; Ctrl-C stops everything."""
+    store = start_store()
+    env = airflow_env(store)
+    passwords = AIRFLOW_HOME / "simple_auth_manager_passwords.json"
+    AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+    passwords.write_text(json.dumps({UI_USER: UI_PASSWORD}))
+    env.update({
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{UI_USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__PORT": str(UI_PORT),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{UI_PORT}",
+    })
+    print(f"Airflow UI: http://127.0.0.1:{UI_PORT}  login: {UI_USER} / {UI_PASSWORD}", flush=True)
+    print("Trigger 'transfer_learning' with the ▶ button; the run's 'ML report' tab shows its report.", flush=True)
+    try:
+        return subprocess.run(["airflow", "standalone"], env=env).returncode
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        store.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("run", help="run the DAG once with `airflow dags test` and summarise")
+    demo.add_argument("--conf", default="{}", help="JSON params overriding the defaults")
+    sub.add_parser("airflow", help="start airflow standalone with the repo's DAGs and plugins")
+    args = parser.parse_args()
+    if args.command == "run":
+        conf = json.loads(args.conf)
+        RunConfig.from_params(conf)  # fail on bad params before starting anything
+        sys.exit(run_demo(conf))
+    sys.exit(run_airflow())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The whole DAG runs in-process (dag.test) on tiny data against a real S3 store, down both branches."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import storage
+from tests.conftest import ROOT, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
+
+
+def tiny_conf(tmp_path, fine_tune: str, run_root: str, publish_uri: str) -> dict:
+    source = write_image_folder(tmp_path / "images", {"dark": 16, "mid": 16, "light": 16}, splits=("train", "test"))
+    return {
+        "source": str(source), "train_percent": 100, "val_fraction": 0.25, "backbone": "efficientnet_lite0",
+        "image_size": 32, "batch_size": 16, "epochs": 2, "patience": 1, "fine_tune": fine_tune,
+        "fine_tune_layers": 5, "fine_tune_epochs": 1, "top_k_wrong": 5, "model_name": "tiny-model",
+        "run_root": run_root, "publish_uri": publish_uri,
+    }
+
+
+def run_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+
+
+def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, model_store_connection, s3_bucket, tmp_path):
+    conf = tiny_conf(tmp_path, "always", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
+    dag_run = dag.test(run_conf=conf)
+
+    states = run_states(dag_run)
+    assert dag_run.state == "success", states
+    assert states["fine_tune"] == "success" and states["skip_fine_tune"] == "skipped"
+    champion = json.loads(storage_read(model_store_connection, f"{s3_bucket}/models/tiny-model/champion.json"))
+    version_files = storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/versions/")
+    assert any(path.endswith(f"{champion['version']}/checksums.json") for path in version_files)
+    run_files = storage_list(model_store_connection, f"{s3_bucket}/runs/")
+    assert any(path.endswith("eval/report/index.html") for path in run_files)
+
+
+def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, model_store_connection, s3_bucket, tmp_path):
+    conf = tiny_conf(tmp_path, "never", run_root=str(tmp_path / "runs"), publish_uri=f"{s3_bucket}/models")
+    dag_run = dag.test(run_conf=conf)
+
+    states = run_states(dag_run)
+    assert dag_run.state == "success", states
+    assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
+    assert states["evaluate"] == states["publish"] == "success"
+    decision = json.loads((next((tmp_path / "runs").glob("*/train/decision.json"))).read_text())
+    assert decision["fine_tune"] is False and "never" in decision["reason"]
+
+
+def storage_read(server, uri: str) -> str:
+    with _env(server):
+        return storage.read_text(uri)
+
+
+def storage_list(server, uri: str) -> list[str]:
+    with _env(server):
+        return storage.list_files(uri)
+
+
+def _env(server):
+    from unittest import mock
+
+    return mock.patch.dict("os.environ", server.env())
