@@ -139,6 +139,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp.write(data)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes 0600; readers (UI, other users) need 0644
     os.replace(tmp.name, path)
 
 

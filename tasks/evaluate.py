@@ -1,0 +1,209 @@
+"""Step 6: score the kept model on the held-out test split.
+
+The test split is used here and nowhere else, so these numbers are the honest
+estimate of how the model does on unseen images. metrics.json keeps the same
+keys every run (publish compares runs by it); the report and the model card
+are the human-readable views of the same numbers.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks import layout, model_card, report, storage
+from tasks.config import RunConfig
+from tasks.model_card import RunRecord
+from tasks.predict import predict_records
+
+log = logging.getLogger(__name__)
+
+MOST_CONFUSED_PAIRS = 10
+PROBABILITY_FLOOR = 1e-7  # Keras' epsilon: a confident wrong answer costs a large but finite loss
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run on this run root; the message names the input and the fix."""
+
+
+def evaluate(cfg: RunConfig) -> dict:
+    """Predict the test split with the run's final model and write metrics, report and model card.
+
+    Returns the headline numbers and where the three outputs are.
+    """
+    record = _load_record(cfg)
+    classes = list(record.manifest["classes"])
+    with tempfile.TemporaryDirectory(prefix="tlp-evaluate-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        model = _load_model(_stage_in(cfg.artifact(*layout.MODEL), scratch / "model.keras",
+                                      "run train (and fine-tune) for this run first"))
+        test_path = _stage_in(cfg.artifact(*layout.split_records("test")), scratch / "test.tfrecord",
+                              "run subsample for this run first")
+        probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
+
+        metrics = classification_metrics(probabilities, labels, classes, cfg.top_k)
+        confusion = np.asarray(metrics["confusion_matrix"])
+        pairs = confusion_pairs(confusion, classes, confusion.size)
+        metrics["most_confused_pairs"] = pairs[:MOST_CONFUSED_PAIRS]
+        metrics["manifest_hash"] = record.manifest["hash"]
+
+        predictions = predictions_table(probabilities, labels, paths, classes)
+        wrong = most_wrong(predictions, len(predictions))
+        card = model_card.render(cfg, metrics, record)
+        report_dir = report.write_report(scratch / "report", cfg, metrics, record, predictions=predictions,
+                                         wrong=wrong, pairs=pairs, test_records=test_path, model_card=card)
+        storage.upload(report_dir, cfg.artifact(*layout.REPORT))
+    storage.write_text(cfg.artifact(*layout.MODEL_CARD), card)
+    storage.write_json(cfg.artifact(*layout.METRICS), metrics)
+
+    result = {
+        "accuracy": metrics["accuracy"],
+        "top_k": metrics["top_k_accuracy"]["k"],
+        "top_k_accuracy": metrics["top_k_accuracy"]["value"],
+        "macro_f1": metrics["macro_avg"]["f1"],
+        "n_test": metrics["n_test"],
+        "n_wrong": len(wrong),
+        "worst_class": model_card.worst_classes(metrics, 1)[0],
+        "metrics_uri": cfg.artifact(*layout.METRICS),
+        "report_uri": cfg.artifact(*layout.REPORT, report.INDEX),
+        "model_card_uri": cfg.artifact(*layout.MODEL_CARD),
+    }
+    log.info("evaluate: accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d test images (%d wrong, worst class %s); "
+             "wrote %s", result["accuracy"], result["top_k"], result["top_k_accuracy"], result["macro_f1"],
+             result["n_test"], result["n_wrong"], result["worst_class"], cfg.artifact("eval"))
+    return result
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],
+                           top_k: int) -> dict:
+    """Accuracy, top-k, loss, per-class and averaged precision/recall/F1 and the confusion matrix.
+
+    `top_k_accuracy` is {"k", "value"} with k capped at the number of classes, so
+    runs with different class counts are never compared on different k unawares.
+    A class that is never predicted (or never present) scores 0, not NaN, so the
+    JSON stays valid and the averages stay defined.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n, n_classes = probabilities.shape
+    if n_classes != len(classes):
+        raise EvaluationError(f"the model outputs {n_classes} class probabilities but the manifest lists "
+                              f"{len(classes)} classes {classes}; evaluate the model trained on this run's data")
+    if labels.shape != (n,) or n == 0 or labels.min() < 0 or labels.max() >= n_classes:
+        raise EvaluationError(f"test labels must be {n} integers in [0, {n_classes}); got shape {labels.shape}; "
+                              "re-run subsample to rewrite the test records")
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+
+    true_positives = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    precision = _ratio(true_positives, confusion.sum(axis=0))
+    recall = _ratio(true_positives, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+
+    k = min(top_k, n_classes)
+    top_k_hits = (np.argsort(-probabilities, axis=1, kind="stable")[:, :k] == labels[:, None]).any(axis=1)
+    true_probability = probabilities[np.arange(n), labels]
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "top_k_accuracy": {"k": k, "value": float(np.mean(top_k_hits))},
+        "loss": float(-np.mean(np.log(np.clip(true_probability, PROBABILITY_FLOOR, 1.0)))),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(classes)
+        },
+        "macro_avg": _average(precision, recall, f1, np.ones(n_classes), n),
+        "weighted_avg": _average(precision, recall, f1, support, n),
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+        "n_test": int(n),
+    }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
+def _average(precision: np.ndarray, recall: np.ndarray, f1: np.ndarray, weights: np.ndarray, n: int) -> dict:
+    return {"precision": float(np.average(precision, weights=weights)),
+            "recall": float(np.average(recall, weights=weights)),
+            "f1": float(np.average(f1, weights=weights)), "support": int(n)}
+
+
+def predictions_table(probabilities: np.ndarray, labels: np.ndarray, paths: list[str],
+                      classes: list[str]) -> pd.DataFrame:
+    """One row per test image, indexed by its position in the test records."""
+    rows = np.arange(len(labels))
+    predicted = probabilities.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)
+    return pd.DataFrame({
+        "path": list(paths),
+        "true": names[labels],
+        "predicted": names[predicted],
+        "predicted_probability": probabilities[rows, predicted].astype(np.float64),
+        "true_probability": probabilities[rows, labels].astype(np.float64),
+        "correct": predicted == labels,
+    })
+
+
+def most_wrong(predictions: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k wrong predictions the model was surest of, surest first (ties by path).
+
+    These are the first rows to look at: label noise, look-alike classes, or a
+    shortcut the model learned.
+    """
+    wrong = predictions[~predictions["correct"].astype(bool)]
+    ordered = wrong.sort_values(["predicted_probability", "path"], ascending=[False, True], kind="stable")
+    return ordered.head(k)
+
+
+def confusion_pairs(confusion: np.ndarray, classes: list[str], top: int) -> list[dict]:
+    """The `top` most frequent (true -> predicted) mistakes, most frequent first.
+
+    `share` is the fraction of the true class's test images that went to the
+    predicted class. Ties keep class order, so the list is the same every run.
+    """
+    confusion = np.asarray(confusion)
+    support = confusion.sum(axis=1)
+    pairs = [
+        {"true": classes[t], "predicted": classes[p], "count": int(count), "share": float(count / support[t])}
+        for (t, p), count in np.ndenumerate(confusion) if t != p and count > 0
+    ]
+    pairs.sort(key=lambda pair: -pair["count"])
+    return pairs[:top]
+
+
+def _load_record(cfg: RunConfig) -> RunRecord:
+    manifest_uri = cfg.artifact(*layout.MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise EvaluationError(f"{manifest_uri}: no data manifest; run subsample for this run first")
+    return RunRecord(
+        manifest=storage.read_json(manifest_uri),
+        history=_read_optional(cfg.artifact(*layout.HISTORY)),
+        decision=_read_optional(cfg.artifact(*layout.DECISION)),
+        summary=_read_optional(cfg.artifact(*layout.TRAIN_SUMMARY)),
+    )
+
+
+def _read_optional(uri: str) -> dict | None:
+    if storage.exists(uri):
+        return storage.read_json(uri)
+    log.info("evaluate: %s not found; the report and model card will say it was not recorded", uri)
+    return None
+
+
+def _stage_in(uri: str, local: Path, fix: str) -> Path:
+    if not storage.exists(uri):
+        raise EvaluationError(f"{uri}: not found; {fix}")
+    return storage.download(uri, local)
+
+
+def _load_model(path: Path):
+    import keras
+
+    return keras.saving.load_model(path, compile=False)

