@@ -1,0 +1,277 @@
+"""The ML reports plugin, mounted in Airflow's own api-server app: report pages behind Airflow's
+auth (Bearer header and the UI's `_token` cookie), path safety, the registry page, plugin loading."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import jwt
+import pytest
+
+from tasks import layout, storage
+from tasks.config import safe_name
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "transfer_learning"
+RUN_ID = "manual__2026-01-02T03:04:05+00:00"
+REPORT_HTML = "<!doctype html><html><body><h1>fashion-mnist-classifier</h1><a href='../model_card.md'>card</a>"
+MODEL_CARD = "# Model card\n\n| metric | value |\n|---|---|\n| accuracy | 0.91 |\n\n- <script>alert(1)</script>\n"
+AIRFLOW_ENV = {
+    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+    "AIRFLOW__API_AUTH__JWT_SECRET": "plugin-test-secret-" + "s" * 64,
+}
+
+
+@pytest.fixture(scope="module")
+def api():
+    """Airflow's api-server app (core apps: plugins, auth, middlewares) on a fresh metadata DB."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in AIRFLOW_ENV.items():
+            patch.setenv(key, value)
+        from airflow.api_fastapi.app import create_app, purge_cached_app
+        from airflow.utils import db
+        from fastapi.testclient import TestClient
+
+        db.initdb()
+        with TestClient(create_app(apps="core")) as client:
+            yield client
+        purge_cached_app()  # the auth manager singleton was built with this module's settings
+
+
+@pytest.fixture
+def token(api) -> str:
+    return _token("viewer", "viewer")
+
+
+def _token(username: str, role: str | None, **options) -> str:
+    """A JWT minted by the configured auth manager, exactly as /auth/token would."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role), **options)
+
+
+def _add_run(run_id: str, conf: dict) -> None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.add(DagRun(dag_id=DAG_ID, run_id=run_id, conf=conf, run_type="manual", state="success"))
+
+
+def _write_evaluation(run_root: str, run_id: str) -> None:
+    """What the evaluate step leaves under a run root, in miniature."""
+    run = storage.join(run_root, safe_name(run_id))
+    storage.write_text(storage.join(run, *layout.REPORT, "index.html"), REPORT_HTML)
+    storage.write_text(storage.join(run, *layout.REPORT, "most_wrong.csv"), "path,true,predicted\na.png,1,2\n")
+    storage.write_text(storage.join(run, *layout.MODEL_CARD), MODEL_CARD)
+    storage.write_json(storage.join(run, *layout.METRICS), {"accuracy": 0.91})
+    storage.write_text(storage.join(run, "params.json"), "{}")
+
+
+def _report_url(run_id: str) -> str:
+    """The URL the UI's run tab opens: the plugin's `dag_run` view with the ids filled in."""
+    return f"/ml-reports/runs/{DAG_ID}/{run_id}/{'/'.join(layout.REPORT)}/"
+
+
+@pytest.fixture
+def run_id(api, tmp_path) -> str:
+    """A finished run (run_root in its conf, as the trigger form sends it) with its evaluation written."""
+    run_id = f"{RUN_ID}-{tmp_path.name}"
+    _write_evaluation(str(tmp_path / "runs"), run_id)
+    _add_run(run_id, {"run_root": str(tmp_path / "runs"), "epochs": 2})
+    return run_id
+
+
+def test_report_is_served_with_a_bearer_token(api, run_id, token):
+    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.text == REPORT_HTML
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+
+
+def test_report_is_served_with_the_ui_session_cookie(api, run_id, token):
+    """The UI's iframe sends the `_token` cookie, not a header."""
+    api.cookies.set("_token", token)
+    try:
+        response = api.get(_report_url(run_id))
+    finally:
+        api.cookies.clear()
+    assert response.status_code == 200, response.text
+    assert "fashion-mnist-classifier" in response.text
+
+
+@pytest.mark.parametrize("credentials, status", [
+    ({}, 401),
+    ({"Authorization": "Bearer not-a-jwt"}, 403),
+    ({"cookie": "_token=not-a-jwt"}, 403),
+])
+def test_report_refuses_anonymous_and_malformed_credentials(api, run_id, credentials, status):
+    response = api.get(_report_url(run_id), headers=credentials)
+    assert response.status_code == status
+    assert "fashion-mnist-classifier" not in response.text
+
+
+def test_report_refuses_forged_expired_and_roleless_tokens(api, run_id):
+    valid = _token("viewer", "viewer")
+    forged = jwt.encode(jwt.decode(valid, options={"verify_signature": False}), "not-the-secret-" + "x" * 64,
+                        algorithm="HS512")
+    expired = _token("viewer", "viewer", expiration_time_in_seconds=-3600)
+    for bad, status in ((forged, 403), (expired, 401), (_token("nobody", None), 403)):
+        response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {bad}"})
+        assert response.status_code == status, bad
+        assert "fashion-mnist-classifier" not in response.text
+
+
+def test_report_siblings_are_served_with_their_content_types(api, run_id, token):
+    base = _report_url(run_id)
+    auth = {"Authorization": f"Bearer {token}"}
+    csv = api.get(base + "most_wrong.csv", headers=auth)
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    metrics = api.get(base + "../metrics.json", headers=auth)
+    assert metrics.status_code == 200 and metrics.json() == {"accuracy": 0.91}
+    card = api.get(base + "../model_card.md", headers=auth)
+    assert card.status_code == 200 and card.headers["content-type"].startswith("text/html")
+    assert "<table>" in card.text and "<h1>Model card</h1>" in card.text
+    assert "<script>" not in card.text and "&lt;script&gt;" in card.text
+
+
+def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_id, token):
+    url = _report_url(run_id).rstrip("/")
+    response = api.get(url, headers={"Authorization": f"Bearer {token}"}, follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"] == f"{layout.REPORT[-1]}/"
+
+
+@pytest.mark.parametrize("path, status", [
+    ("eval/report/%2e%2e/%2e%2e/params.json", 400),
+    ("eval/report/%2E%2E%2F%2E%2E%2Fparams.json", 400),
+    ("%2Fetc%2Fpasswd", 400),
+    ("eval//report/index.html", 400),
+    ("eval/report/..%5C..%5Cparams.json", 400),
+    ("params.json", 404),
+    ("model/model.keras", 404),
+    ("eval/report/missing.png", 404),
+])
+def test_paths_outside_the_evaluation_are_refused(api, run_id, token, path, status):
+    response = api.get(f"/ml-reports/runs/{DAG_ID}/{run_id}/{path}",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == status, response.text
+
+
+def test_run_without_run_root_in_conf_uses_the_project_default(api, token, tmp_path, monkeypatch):
+    """Scheduled runs have an empty conf: the run root is TLP_RUN_ROOT, relative to TLP_PROJECT_ROOT."""
+    monkeypatch.setenv("TLP_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("TLP_RUN_ROOT", "shared-runs")
+    run_id = "scheduled__" + tmp_path.name
+    _write_evaluation(str(tmp_path / "shared-runs"), run_id)
+    _add_run(run_id, {})
+    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+
+
+def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token, s3, s3_bucket, monkeypatch):
+    """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
+    run_id = "manual__s3-run"
+    _write_evaluation(f"{s3_bucket}/runs", run_id)
+    _add_run(run_id, {"run_root": f"{s3_bucket}/runs"})
+    for key in s3.env():
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", json.dumps({
+        "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
+        "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}))
+    auth = {"Authorization": f"Bearer {token}"}
+    assert api.get(_report_url(run_id), headers=auth).text == REPORT_HTML
+    assert api.get(_report_url(run_id) + "nothing.png", headers=auth).status_code == 404
+
+
+def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
+    auth = {"Authorization": f"Bearer {token}"}
+    no_run = api.get(_report_url("no-such-run"), headers=auth)
+    assert no_run.status_code == 404 and "has no run" in no_run.text
+    run_id = "running__" + tmp_path.name
+    _add_run(run_id, {"run_root": str(tmp_path)})
+    no_report = api.get(_report_url(run_id), headers=auth)
+    assert no_report.status_code == 404 and "evaluate task has succeeded" in no_report.text
+
+
+def _write_registry(publish: Path, model: str) -> tuple[str, str]:
+    """Two complete versions (the second the champion), one interrupted upload, two decisions."""
+    from tasks.publish import VERSION_TIME
+
+    old, new, interrupted = (f"{datetime(2026, 1, day):{VERSION_TIME}}-{hex_digit * 12}"
+                             for day, hex_digit in ((1, "a"), (2, "b"), (3, "c")))
+    for version, accuracy in ((old, 0.81), (new, 0.88), (interrupted, 0.99)):
+        storage.write_json(str(publish / model / "versions" / version / "metrics.json"), {"accuracy": accuracy})
+    for version in (old, new):
+        storage.write_json(str(publish / model / "versions" / version / "checksums.json"), {})
+    for n, version in enumerate((old, new)):
+        storage.write_json(str(publish / model / "promotions" / f"2026010{n + 1}T000001000000Z-{version}.json"),
+                           {"version": version, "promoted": True, "kind": "publish", "decided_at": f"2026-01-0{n + 1}",
+                            "new_accuracy": [0.81, 0.88][n], "champion_accuracy": [None, 0.80][n],
+                            "reason": ["no champion yet", "beats <b>champion</b>"][n]})
+    storage.write_json(str(publish / model / "champion.json"),
+                       {"version": new, "accuracy": 0.88, "metric": "accuracy", "run_id": "manual__2",
+                        "promoted_at": "2026-01-02T00:00:01"})
+    return old, new
+
+
+def test_registry_lists_versions_and_the_champion(api, token, tmp_path):
+    old, new = _write_registry(tmp_path / "models", "fmnist")
+    response = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path / "models"),
+                                                        "model_name": "fmnist"},
+                       headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    page = response.text
+    assert f"Champion: <b>{new}</b>" in page and "0.8800" in page
+    assert page.index(new) < page.index(old)  # newest first
+    assert f"<tr class='champion'><td>{new}</td>" in page
+    assert "cccccccccccc" not in page  # no checksums.json: an interrupted upload is not a version
+    assert "beats &lt;b&gt;champion&lt;/b&gt;" in page
+
+
+def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monkeypatch):
+    _write_registry(tmp_path / "models", "env-model")
+    monkeypatch.setenv("TLP_PUBLISH_URI", str(tmp_path / "models"))
+    monkeypatch.setenv("TLP_MODEL_NAME", "env-model")
+    response = api.get("/ml-reports/registry", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200 and "bbbbbbbbbbbb" in response.text
+
+
+def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path):
+    assert api.get("/ml-reports/registry").status_code == 401
+    bad = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path), "model_name": "../etc"},
+                  headers={"Authorization": f"Bearer {token}"})
+    assert bad.status_code == 400 and "model_name" in bad.text
+
+
+def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
+    response = api.get("/api/v2/plugins", headers={"Authorization": f"Bearer {token}"})
+    plugin = next(p for p in response.json()["plugins"] if p["name"] == "ml_reports")
+    views = {view["destination"]: view for view in plugin["external_views"]}
+    assert views["dag_run"]["href"] == "/ml-reports/runs/{DAG_ID}/{RUN_ID}/" + "/".join(layout.REPORT) + "/"
+    assert views["dag_run"]["url_route"] and views["nav"]["url_route"]
+    assert views["nav"]["href"] == "/ml-reports/registry"
+    assert plugin["fastapi_apps"][0]["url_prefix"] == "/ml-reports"
+
+
+def test_plugins_manager_loads_the_plugin_without_heavy_imports():
+    """What `airflow plugins` does, in a fresh interpreter: no import error, no TensorFlow or boto3."""
+    script = ("import json, sys\nfrom airflow import plugins_manager\n"
+              "info = {p['name']: p for p in plugins_manager.get_plugin_info()}\n"
+              "print(json.dumps({'views': [v['href'] for v in info['ml_reports']['external_views']],"
+              " 'errors': plugins_manager.get_import_errors(),"
+              " 'heavy': [m for m in ('tensorflow', 'keras', 'boto3') if m in sys.modules]}))\n")
+    env = {**os.environ, "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["errors"] == {}
+    assert loaded["heavy"] == []
+    assert "/ml-reports/registry" in loaded["views"]
