@@ -112,7 +112,7 @@ def run_airflow() -> int:
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{UI_PORT}",
     })
     print(f"Airflow UI: http://127.0.0.1:{UI_PORT}  login: {UI_USER} / {UI_PASSWORD}", flush=True)
-    print("Trigger 'transfer_learning' with the ▶ button; the run's 'ML report' tab shows its report.", flush=True)
+    print("Trigger 'transfer_learning' with the ▶ button; the run page's 'Evaluation report' tab shows its report.", flush=True)
     try:
         return subprocess.run(["airflow", "standalone"], env=env).returncode
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tasks import storage
-from tests.conftest import ROOT, write_image_folder
+from tests.conftest import ROOT, tiny_conf
 
 pytestmark = pytest.mark.slow
 
@@ -16,16 +16,6 @@ def dag():
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
-
-
-def tiny_conf(tmp_path, fine_tune: str, run_root: str, publish_uri: str) -> dict:
-    source = write_image_folder(tmp_path / "images", {"dark": 16, "mid": 16, "light": 16}, splits=("train", "test"))
-    return {
-        "source": str(source), "train_percent": 100, "val_fraction": 0.25, "backbone": "efficientnet_lite0",
-        "image_size": 32, "batch_size": 16, "epochs": 2, "patience": 1, "fine_tune": fine_tune,
-        "fine_tune_layers": 5, "fine_tune_epochs": 1, "top_k_wrong": 5, "model_name": "tiny-model",
-        "run_root": run_root, "publish_uri": publish_uri,
-    }
 
 
 def run_states(dag_run) -> dict[str, str]:

@@ -1,0 +1,135 @@
+"""Start real Airflow services (api-server, scheduler, dag-processor, triggerer) on loopback for a test."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tasks.seaweed import free_port
+from tests.conftest import ROOT
+
+COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
+USER, PASSWORD = "admin", "admin-e2e"
+
+
+class AirflowServices:
+    """An Airflow deployment as processes; `env` is shared by every component and CLI call."""
+
+    def __init__(self, home: Path, extra_env: dict[str, str], components=COMPONENTS):
+        self.home, self.components = home, components
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        home.mkdir(parents=True, exist_ok=True)
+        passwords = home / "passwords.json"
+        passwords.write_text(json.dumps({USER: PASSWORD}))
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(ROOT),
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": self.base_url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            **extra_env,
+        }
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        subprocess.run(["airflow", "db", "migrate"], env=self.env, check=True, capture_output=True)
+        for component in self.components:
+            log = open(self.home / f"{component[0]}.log", "ab")
+            self.processes.append(subprocess.Popen(["airflow", *component], env=self.env, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+        self._wait_for_api()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+
+    def logs(self) -> str:
+        """The tail of every component's log, for failure messages."""
+        parts = []
+        for log in sorted(self.home.glob("*.log")):
+            parts.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
+
+    def token(self) -> str:
+        response = self.request("POST", "/auth/token", {"username": USER, "password": PASSWORD}, auth=False)
+        return response["access_token"]
+
+    def request(self, method: str, path: str, body: dict | None = None, auth: bool = True):
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token()}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def wait_for_dag(self, dag_id: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.request("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except urllib.error.HTTPError:
+                time.sleep(2)
+        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout_s}s\n{self.logs()}")
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+        return run["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        quoted = urllib.request.quote(run_id, safe="")
+        while time.monotonic() < deadline:
+            state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(5)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n{self.logs()}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        quoted = urllib.request.quote(run_id, safe="")
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances")["task_instances"]
+
+    def _wait_for_api(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.base_url + "/api/v2/version", timeout=5)
+                return
+            except urllib.error.HTTPError:
+                return  # answering, even if it wants auth
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        raise TimeoutError(f"api-server did not answer within {timeout_s}s\n{self.logs()}")

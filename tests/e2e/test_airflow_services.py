@@ -1,0 +1,58 @@
+"""Real services: Airflow's scheduler, dag-processor, api-server and triggerer on loopback run the DAG
+triggered through the REST API; the result lands in SeaweedFS and the report shows in the Airflow UI."""
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from tasks import storage
+from tasks.config import safe_name
+from tests.conftest import ROOT, tiny_conf
+from tests.e2e.airflow_services import AirflowServices
+from tests.e2e.browser import chromium_binary, screenshot
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(os.environ.get("TLP_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
+
+
+@pytest.fixture
+def airflow(tmp_path, s3):
+    services = AirflowServices(tmp_path / "airflow", {
+        "AIRFLOW_CONN_MODEL_STORE": json.dumps({
+            "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
+            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}),
+    })
+    services.start()
+    yield services
+    services.stop()
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="needs Debian chromium (.ci/run installs it)")
+def test_triggered_run_publishes_and_its_report_shows_in_the_ui(airflow, s3_bucket, tmp_path):
+    conf = tiny_conf(tmp_path, "auto", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
+    airflow.wait_for_dag("transfer_learning")
+
+    run_id = airflow.trigger("transfer_learning", conf)
+    state = airflow.wait_for_run("transfer_learning", run_id, timeout_s=1200)
+
+    states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("transfer_learning", run_id)}
+    assert state == "success", f"{states}\n{airflow.logs()}"
+    assert {states["fine_tune"], states["skip_fine_tune"]} == {"success", "skipped"}
+    champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
+    assert champion["run_id"] == run_id
+    assert storage.exists(f"{champion['uri']}/checksums.json")
+    assert storage.exists(f"{s3_bucket}/runs/{safe_name(run_id)}/eval/report/index.html")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cookie = [{"name": "_token", "value": airflow.token(), "url": airflow.base_url}]
+    quoted = urllib.parse.quote(run_id, safe="")
+    report_text = screenshot(f"{airflow.base_url}/ml-reports/runs/transfer_learning/{quoted}/eval/report/",
+                             ARTIFACTS / "report_view.png", cookies=cookie)
+    assert "accuracy" in report_text.lower() and "tiny-model" in report_text
+    screenshot(f"{airflow.base_url}/dags/transfer_learning/runs/{quoted}/plugin/ml-report",
+               ARTIFACTS / "report_tab_in_airflow_ui.png", cookies=cookie)
+    assert (ARTIFACTS / "report_tab_in_airflow_ui.png").stat().st_size > 10_000
