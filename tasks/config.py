@@ -97,6 +97,7 @@ class RunConfig:
         _check(self.train_count >= 0, "train_count", self.train_count, "use 0 (use train_percent) or a positive count")
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "use a value in (0, 1)")
         _check(0 < self.test_percent <= 100, "test_percent", self.test_percent, "use a value in (0, 100]")
+        _check(self.seed >= 0, "seed", self.seed, "use a non-negative integer")
         _check(32 <= self.image_size <= 1024, "image_size", self.image_size, "use 32..1024 pixels")
         _check(bool(self.backbone_weights), "backbone_weights", self.backbone_weights,
                "use 'imagenet', 'none', or a path/s3:// URI of a weights file")

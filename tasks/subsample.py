@@ -1,0 +1,216 @@
+"""Subsample: choose the classes and images a run uses, and pin the choice in a manifest.
+
+Classes are all, the first N in the dataset's class order, or named ones (kept
+in the dataset's order, so "steak,pizza" and "pizza,steak" give the same
+labels). Per class, train_count images (when > 0) or train_percent of the
+class's train images are drawn; val_fraction of those become the validation
+split (at least one per class when the class has two or more); test_percent of
+the class's test images form the test split, which nothing uses for selection
+or training. Each class draws from its own generator seeded by (seed, split,
+class name), over sorted file lists: the same seed picks the same images
+whatever the filesystem order, and adding a class never changes another's.
+
+Every selected file is read, hashed and fully decoded (in parallel, by tf.data)
+with the decoder training uses; those that fail are listed in the manifest as
+skipped with the reason, never silently dropped. The manifest (every file with
+label, class, split and sha256; counts; seed; source; params; skipped; one hash
+of the whole selection) holds no paths or times of the machine that wrote it, so
+it is byte-identical for the same inputs and seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tasks import layout, records, storage
+from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
+from tasks.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+REQUIRED_SPLITS = ("train", "test")
+
+Selection = dict[str, list[tuple[str, int]]]
+
+
+def subsample(cfg: RunConfig) -> dict[str, Any]:
+    """Select, check and write the three split files and the manifest under the run root."""
+    root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
+    folder = scan(root)
+    labels = selected_labels(folder, cfg.classes, cfg.source)
+    classes = [folder.classes[label] for label in labels]
+    selection = select(folder, labels, cfg)
+    kept, skipped = _check_images(root, selection, classes)
+    tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
+    counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
+    _require_images(counts, skipped, cfg.source)
+
+    manifest = {
+        "source": cfg.source,
+        "source_sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
+        "seed": cfg.seed,
+        "params": {"classes": list(cfg.classes) if isinstance(cfg.classes, tuple) else cfg.classes,
+                   "train_percent": cfg.train_percent, "train_count": cfg.train_count,
+                   "val_fraction": cfg.val_fraction, "test_percent": cfg.test_percent},
+        "classes": classes,
+        "counts": counts,
+        "files": [file for split in records.SPLITS for file in kept[split]],
+        "skipped": skipped,
+        "hash": selection_hash(kept),
+    }
+    with tempfile.TemporaryDirectory(prefix="subsample-") as scratch:
+        for split in records.SPLITS:
+            local = Path(scratch, f"{split}.tfrecord")
+            records.write_records(local, (((root / f["path"]).read_bytes(), f["label"], f["path"])
+                                          for f in kept[split]))
+            storage.upload(local, cfg.artifact(*layout.split_records(split)))
+    uri = cfg.artifact(*layout.MANIFEST)
+    storage.write_json(uri, manifest)
+    totals = {split: len(kept[split]) for split in records.SPLITS}
+    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", cfg.source, len(classes),
+             " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped), uri, manifest["hash"][:12])
+    return {"manifest": uri, "hash": manifest["hash"], "counts": totals, "n_classes": len(classes),
+            "n_skipped": len(skipped)}
+
+
+def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, source: str) -> list[int]:
+    """The dataset labels of the requested classes, in the dataset's class order."""
+    if classes is None:
+        return list(range(len(folder.classes)))
+    if isinstance(classes, int):
+        if not 1 <= classes <= len(folder.classes):
+            raise DatasetError(f"classes={classes}, but {source} has {len(folder.classes)} classes; "
+                               f"use 1..{len(folder.classes)}")
+        return list(range(classes))
+    unknown = [name for name in classes if name not in folder.classes]
+    if unknown:
+        raise DatasetError(f"classes {unknown} are not in {source}; available: {list(folder.classes)}")
+    return sorted(folder.classes.index(name) for name in classes)
+
+
+def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
+    """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
+    missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
+    if missing:
+        raise DatasetError(f"{cfg.source} has no {missing} split (found {list(folder.files)}); "
+                           "the dataset needs train/ and test/ folders")
+    selection: Selection = {split: [] for split in records.SPLITS}
+    for new_label, label in enumerate(labels):
+        name = folder.classes[label]
+        train_files = folder.files["train"][label]
+        wanted = cfg.train_count or _share(len(train_files), cfg.train_percent)
+        if wanted > len(train_files):
+            log.warning("train_count=%d but class %r has %d train images; using all of them",
+                        wanted, name, len(train_files))
+        picked = _draw(train_files, wanted, cfg.seed, "train", name)
+        n_val = _val_count(len(picked), cfg.val_fraction)
+        selection["val"] += [(path, new_label) for path in picked[:n_val]]
+        selection["train"] += [(path, new_label) for path in picked[n_val:]]
+        test_files = folder.files["test"][label]
+        selection["test"] += [(path, new_label) for path in
+                              _draw(test_files, _share(len(test_files), cfg.test_percent), cfg.seed, "test", name)]
+    return {split: sorted(pairs) for split, pairs in selection.items()}
+
+
+def selection_hash(kept: dict[str, list[dict[str, Any]]]) -> str:
+    """One sha256 over the sorted (split, path, label, file sha256) lines of the whole selection."""
+    lines = sorted(f"{f['split']}\t{f['path']}\t{f['label']}\t{f['sha256']}\n"
+                   for files in kept.values() for f in files)
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def _draw(files: tuple[str, ...], count: int, seed: int, split: str, name: str) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng([seed, zlib.crc32(f"{split}/{name}".encode("utf-8"))])
+    order = rng.permutation(len(files))[:count]
+    return [files[index] for index in order]
+
+
+def _share(total: int, percent: float) -> int:
+    """percent of total, rounded half up, at least 1 when there is anything."""
+    return max(1, int(total * percent / 100 + 0.5)) if total else 0
+
+
+def _val_count(selected: int, fraction: float) -> int:
+    """Validation images of a class: at least 1 when it has 2+, and never all of them."""
+    if selected < 2:
+        return 0
+    return min(selected - 1, max(1, int(selected * fraction + 0.5)))
+
+
+def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple[dict, list[dict[str, Any]]]:
+    """Fully decode every selected file and hash it; split the selection into kept and skipped."""
+    items = [(split, path, label) for split in records.SPLITS for path, label in selection[split]]
+    decodable = _decodable([str(root / path) for _, path, _ in items])
+    kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
+    skipped = []
+    for index, (split, path, label) in enumerate(items):
+        entry = {"split": split, "path": path, "label": label, "class": classes[label]}
+        reason = "" if index in decodable else _failure(root / path)
+        if reason:
+            skipped.append({**entry, "reason": reason})
+        else:
+            kept[split].append({**entry, "sha256": hashlib.sha256((root / path).read_bytes()).hexdigest()})
+    if skipped:
+        log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
+                    skipped[0]["reason"])
+    return kept, skipped
+
+
+def _decode(data):
+    """The decode call of records.decode_image, which training uses: what it rejects, training would too."""
+    import tensorflow as tf
+
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def _decodable(paths: list[str]) -> set[int]:
+    """Indices of the files that read and decode, checked in parallel by tf.data (errors dropped)."""
+    import tensorflow as tf
+
+    def check(index, path):
+        return index, tf.shape(_decode(tf.io.read_file(path)))[0]
+
+    indices = tf.range(len(paths), dtype=tf.int64)
+    dataset = (tf.data.Dataset.from_tensor_slices((indices, tf.constant(paths, tf.string)))
+               .map(check, num_parallel_calls=tf.data.AUTOTUNE)
+               .ignore_errors()
+               .batch(1024))
+    return {int(index) for indices, _ in dataset.as_numpy_iterator() for index in indices}
+
+
+def _failure(path: Path) -> str:
+    """Why one file does not decode ("" if it does after all), from an eager decode."""
+    import tensorflow as tf
+
+    try:
+        _decode(path.read_bytes())
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    except tf.errors.OpError as error:
+        return "not a decodable image: " + _tf_message(error.message)
+    return ""
+
+
+def _tf_message(message: str) -> str:
+    """TF's error text without its graph-node prefix and op suffix."""
+    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", message).strip()
+
+
+def _require_images(counts: dict[str, dict[str, int]], skipped: list[dict[str, Any]], source: str) -> None:
+    """Every selected class needs at least one usable image in every split."""
+    for split, per_class in counts.items():
+        for name, count in per_class.items():
+            if count:
+                continue
+            reasons = [f"{s['path']}: {s['reason']}" for s in skipped if s["split"] == split and s["class"] == name]
+            detail = f" ({len(reasons)} skipped, e.g. {reasons[0]})" if reasons else ""
+            raise DatasetError(f"class {name!r} has no usable images in the {split} split of {source}{detail}; "
+                               "raise train_percent/train_count or test_percent, fix the images, or drop the class")

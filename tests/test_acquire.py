@@ -1,0 +1,284 @@
+"""Acquire: every source kind becomes the same cached image folder, safely and checked."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import acquire as acq
+from tasks import layout, storage
+from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
+from tasks.config import RunConfig
+from tasks.subsample import subsample
+from tests.datasets_fixtures import add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def files_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_local_folder_is_used_in_place_without_copying(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    assert local_dataset(str(image_folder), cache) == image_folder
+    assert local_dataset(f"file://{image_folder}", cache) == image_folder
+    assert not cache.exists()
+
+
+def test_folder_inside_one_top_level_directory_is_found(image_folder, tmp_path):
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    shutil.move(image_folder, wrapper / "10_food_classes")
+    assert local_dataset(str(wrapper), tmp_path / "cache") == wrapper / "10_food_classes"
+
+
+def test_folder_without_train_split_names_the_layout(tmp_path):
+    (tmp_path / "flat" / "pizza").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no train/ folder.*<split>/<class>/<image>"):
+        local_dataset(str(tmp_path / "flat"), tmp_path / "cache")
+
+
+def test_acquire_summarises_classes_splits_and_counts(image_folder, tmp_path):
+    cfg = RunConfig(source=str(image_folder), run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    result = acquire(cfg)
+    assert result == {"source": str(image_folder), "n_classes": 3, "counts": {"test": 12, "train": 36},
+                      "uri": cfg.artifact(*layout.ACQUIRED)}
+    summary = storage.read_json(result["uri"])
+    assert summary["classes"] == ["apple", "banana", "cherry"]
+    assert summary["splits"] == ["test", "train"]
+    assert summary["counts"]["train"] == {"apple": 12, "banana": 12, "cherry": 12}
+    assert summary["sha256"] == ""
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_http_archive_is_downloaded_checksummed_and_cached(kind, image_folder, tmp_path, caplog):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / f"10_food_classes.{kind}", top="10_food_classes")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    with serve(www) as server, caplog.at_level(logging.INFO, logger="tasks.acquire"):
+        source = server.url(archive.name)
+        cfg = RunConfig(source=source, source_sha256=digest, run_root=str(tmp_path / "runs"), cache_dir=str(cache))
+        first = acquire(cfg)
+        second = acquire(cfg)
+        assert server.requests == [f"/{archive.name}"]
+    assert first == second
+    assert first["counts"] == {"test": 12, "train": 36}
+    assert storage.read_json(first["uri"])["sha256"] == digest
+    assert any("100%" in message for message in caplog.messages)
+    root = local_dataset(source, cache)
+    assert root.is_relative_to(cache) and scan(root).classes == ("apple", "banana", "cherry")
+
+
+def test_archive_with_wrong_sha256_is_refused_and_not_cached(image_folder, tmp_path):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / "food.zip")
+    cache = tmp_path / "cache"
+    with serve(www) as server:
+        with pytest.raises(DatasetError, match="sha256 is [0-9a-f]{64}, expected 0{64}"):
+            local_dataset(server.url("food.zip"), cache, "0" * 64)
+        assert files_below(cache) == []
+        right = hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert scan(local_dataset(server.url("food.zip"), cache, right)).counts()["test"]["apple"] == 4
+        assert len(server.requests) == 2
+
+
+def test_missing_url_is_a_dataset_error(tmp_path):
+    with serve(tmp_path) as server, pytest.raises(DatasetError, match="HTTP 404"):
+        local_dataset(server.url("nothing.zip"), tmp_path / "cache")
+
+
+def _zip_with_parent_path(archive: Path) -> None:
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("data/train/a/1.jpg", b"fine")
+        bundle.writestr("../evil.txt", b"escaped")
+
+
+def _zip_with_symlink(archive: Path) -> None:
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("data/train/a/1.jpg", b"fine")
+        add_zip_symlink(bundle, "data/train/a/link", str(archive.parent / "evil.txt"))
+
+
+def _tar_with_absolute_path(archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as bundle:
+        add_tar_member(bundle, "data/train/a/1.jpg", b"fine")
+        add_tar_member(bundle, str(archive.parent / "evil.txt"), b"escaped")
+
+
+def _tar_with_symlink(archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as bundle:
+        add_tar_member(bundle, "data/train/a/1.jpg", b"fine")
+        add_tar_member(bundle, "data/train/a/link", kind=tarfile.SYMTYPE, linkname=str(archive.parent))
+        add_tar_member(bundle, "data/train/a/link/evil.txt", b"escaped")
+
+
+def _tar_with_hardlink(archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as bundle:
+        add_tar_member(bundle, "data/train/a/1.jpg", b"fine")
+        add_tar_member(bundle, "data/train/a/evil.txt", kind=tarfile.LNKTYPE, linkname="/etc/passwd")
+
+
+@pytest.mark.parametrize("name, write", [
+    ("parent.zip", _zip_with_parent_path),
+    ("symlink.zip", _zip_with_symlink),
+    ("absolute.tar.gz", _tar_with_absolute_path),
+    ("symlink.tar.gz", _tar_with_symlink),
+    ("hardlink.tgz", _tar_with_hardlink),
+])
+def test_archive_member_escaping_the_target_is_refused_and_nothing_is_written(name, write, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = outside / name
+    write(archive)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="refused and nothing was extracted"):
+        local_dataset(str(archive), cache)
+    assert files_below(cache) == []
+    assert files_below(outside) == [archive]
+    assert [p for p in tmp_path.rglob("evil.txt")] == []
+
+
+def test_s3_prefix_is_downloaded_once_into_the_cache(s3_bucket, image_folder, tmp_path):
+    source = f"{s3_bucket}/datasets/food/"
+    storage.upload(image_folder, source)
+    cache = tmp_path / "cache"
+    root = local_dataset(source, cache)
+    assert root.is_relative_to(cache)
+    assert scan(root).counts() == scan(image_folder).counts()
+    storage.delete(source)
+    assert local_dataset(source, cache) == root
+
+
+def test_s3_archive_is_fetched_and_extracted(s3_bucket, image_folder, tmp_path):
+    archive = archive_folder(image_folder, tmp_path / "food.tgz")
+    storage.upload(archive, f"{s3_bucket}/food.tgz")
+    root = local_dataset(f"{s3_bucket}/food.tgz", tmp_path / "cache")
+    assert scan(root).counts()["train"] == {"apple": 12, "banana": 12, "cherry": 12}
+
+
+def test_tfds_dataset_becomes_an_image_folder_in_its_class_order(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=9):
+        cfg = RunConfig(source="tfds://beans", run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+        result = acquire(cfg)
+    assert result["counts"] == {"test": 9, "train": 9}
+    summary = storage.read_json(result["uri"])
+    assert summary["classes"] == ["angular_leaf_spot", "bean_rust", "healthy"]
+    root = local_dataset("tfds://beans", tmp_path / "cache")
+    images = [root / path for paths in scan(root).files["train"] for path in paths]
+    assert all(path.suffix == ".png" and Image.open(path).size for path in images)
+
+
+def test_tfds_split_choice_prefers_test_then_validation():
+    assert acq.tfds_splits("tfds://x", ["train", "test", "validation"], "") == {"train": "train", "test": "test"}
+    assert acq.tfds_splits("tfds://x", ["train", "validation"], "") == {"train": "train", "test": "validation"}
+    assert acq.tfds_splits("tfds://x", ["train"], "train[:80%],train[80%:]") == {
+        "train": "train[:80%]", "test": "train[80%:]"}
+    with pytest.raises(DatasetError, match=r"split=TRAIN,TEST"):
+        acq.tfds_splits("tfds://x", ["train"], "")
+
+
+def _tiny_idx(folder: Path, n_train: int = 30, n_test: int = 10) -> dict[str, tuple[np.ndarray, str, str]]:
+    """Four IDX .gz files of 3 classes; returns name -> (array, content sha256, .gz sha256)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte.gz": np.arange(n_train, dtype=np.uint8) % 3,
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte.gz": np.arange(n_test, dtype=np.uint8) % 3,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for name, array in arrays.items():
+        data = idx_bytes(array)
+        (folder / name).write_bytes(data)
+        result[name] = (array, hashlib.sha256(gzip.decompress(data)).hexdigest(),
+                        hashlib.sha256(data).hexdigest())
+    return result
+
+
+def _tiny_spec(files: dict, local_dir: Path, base_url: str = "http://127.0.0.1:9/") -> IdxDataset:
+    entry = {name: IdxFile(name, download_sha, sha) for name, (_, sha, download_sha) in files.items()}
+    return IdxDataset(classes=("T-shirt/top", "Trouser", "Bag"), local_dir=str(local_dir), base_url=base_url,
+                      train_images=entry["train-images-idx3-ubyte.gz"],
+                      train_labels=entry["train-labels-idx1-ubyte.gz"],
+                      test_images=entry["t10k-images-idx3-ubyte.gz"],
+                      test_labels=entry["t10k-labels-idx1-ubyte.gz"])
+
+
+def test_idx_files_become_pngs_with_real_class_names(tmp_path, monkeypatch):
+    files = _tiny_idx(tmp_path / "idx")
+    monkeypatch.setitem(acq.IDX_DATASETS, "tiny", _tiny_spec(files, tmp_path / "idx"))
+    root = local_dataset("idx://tiny", tmp_path / "cache")
+    folder = scan(root)
+    assert folder.classes == ("T-shirt/top", "Trouser", "Bag")
+    assert folder.counts() == {"train": {"T-shirt/top": 10, "Trouser": 10, "Bag": 10},
+                               "test": {"T-shirt/top": 4, "Trouser": 3, "Bag": 3}}
+    assert (root / "train" / "T-shirt_top").is_dir()
+    images = files["train-images-idx3-ubyte.gz"][0]
+    assert np.array_equal(np.asarray(Image.open(root / "train" / "Trouser" / "00004.png")), images[4])
+
+
+def test_idx_files_are_downloaded_and_checked_when_not_installed(tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    files = _tiny_idx(www)
+    with serve(www) as server:
+        spec = _tiny_spec(files, tmp_path / "not-installed", base_url=server.url(""))
+        monkeypatch.setitem(acq.IDX_DATASETS, "tiny", spec)
+        root = local_dataset("idx://tiny", tmp_path / "cache")
+        assert len(server.requests) == 4
+    assert scan(root).counts()["train"]["Bag"] == 10
+
+
+def test_idx_file_with_wrong_checksum_is_refused(tmp_path):
+    _tiny_idx(tmp_path / "idx")
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz: sha256 of its content is .* expected c59f"):
+        local_dataset(f"idx://fashion_mnist?dir={tmp_path / 'idx'}", tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_unknown_scheme_lists_the_supported_sources(tmp_path):
+    with pytest.raises(DatasetError, match=r"unsupported dataset source 'ftp://x/y'.*tfds://.*s3://.*idx://"):
+        local_dataset("ftp://x/y", tmp_path)
+
+
+def test_checksum_for_a_folder_source_is_an_error(image_folder, tmp_path):
+    with pytest.raises(DatasetError, match="not an archive"):
+        local_dataset(str(image_folder), tmp_path, "ab" * 32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_has_its_classes_and_counts_and_subsamples_with_defaults(tmp_path):
+    cfg = RunConfig(run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    started = time.perf_counter()
+    result = acquire(cfg)
+    acquired_s = time.perf_counter() - started
+    assert result["counts"] == {"test": 10000, "train": 60000}
+    summary = storage.read_json(result["uri"])
+    assert summary["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                  "Sneaker", "Bag", "Ankle boot"]
+    assert set(summary["counts"]["train"].values()) == {6000}
+    assert set(summary["counts"]["test"].values()) == {1000}
+    root = local_dataset(cfg.source, cfg.cache_dir)
+    assert json.loads((root / "classes.json").read_text())["folders"][0] == "T-shirt_top"
+
+    started = time.perf_counter()
+    selected = subsample(cfg)
+    logging.getLogger(__name__).info("Fashion-MNIST: acquire %.1f s, subsample with defaults %.1f s",
+                                     acquired_s, time.perf_counter() - started)
+    assert selected["counts"] == {"train": 5400, "val": 600, "test": 10000}
+    assert selected["n_classes"] == 10 and selected["n_skipped"] == 0
+    assert storage.read_json(selected["manifest"])["counts"]["val"]["T-shirt/top"] == 60

@@ -1,0 +1,128 @@
+"""Subsample: a seeded, stratified, checked selection pinned by a byte-stable manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks import layout, records, storage
+from tasks.acquire import DatasetError
+from tasks.config import RunConfig
+from tasks.subsample import subsample
+
+
+def config(folder: Path, tmp_path: Path, **params) -> RunConfig:
+    """A run over a tiny folder: 50% of 12 train images per class unless told otherwise."""
+    return RunConfig(**{"source": str(folder), "run_root": str(tmp_path / "runs"),
+                        "cache_dir": str(tmp_path / "cache"), "train_percent": 50, **params})
+
+
+def manifest_of(cfg: RunConfig) -> dict:
+    return storage.read_json(cfg.artifact(*layout.MANIFEST))
+
+
+def test_counts_follow_percent_val_fraction_and_test_percent(image_folder, tmp_path):
+    cfg = config(image_folder, tmp_path, train_percent=50, val_fraction=0.34, test_percent=50)
+    result = subsample(cfg)
+    assert result["counts"] == {"train": 12, "val": 6, "test": 6}
+    assert result["n_classes"] == 3 and result["n_skipped"] == 0
+    manifest = manifest_of(cfg)
+    assert manifest["classes"] == ["apple", "banana", "cherry"]
+    assert manifest["counts"]["val"] == {"apple": 2, "banana": 2, "cherry": 2}
+    assert manifest["hash"] == result["hash"]
+    assert manifest["params"] == {"classes": None, "train_percent": 50, "train_count": 0, "val_fraction": 0.34,
+                                  "test_percent": 50}
+    splits_of_paths = {f["path"]: f["split"] for f in manifest["files"]}
+    assert all(splits_of_paths[p].startswith(("train", "val")) for p in splits_of_paths if p.startswith("train/"))
+    assert all(splits_of_paths[p] == "test" for p in splits_of_paths if p.startswith("test/"))
+
+
+def test_train_count_is_absolute_per_class_and_val_keeps_one_per_class(image_folder, tmp_path):
+    result = subsample(config(image_folder, tmp_path, train_count=3, val_fraction=0.1))
+    assert result["counts"] == {"train": 6, "val": 3, "test": 12}
+
+
+def test_same_inputs_and_seed_give_a_byte_identical_manifest(image_folder, tmp_path):
+    first = config(image_folder, tmp_path, run_id="first", seed=7)
+    second = config(image_folder, tmp_path, run_id="second", seed=7)
+    subsample(first)
+    subsample(second)
+    assert storage.read_bytes(first.artifact(*layout.MANIFEST)) == storage.read_bytes(
+        second.artifact(*layout.MANIFEST))
+
+
+def test_another_seed_selects_other_images(image_folder, tmp_path):
+    one = subsample(config(image_folder, tmp_path, run_id="one", seed=1))
+    two = subsample(config(image_folder, tmp_path, run_id="two", seed=2))
+    assert one["counts"] == two["counts"]
+    assert one["hash"] != two["hash"]
+
+
+def test_first_n_classes_and_named_classes_keep_dataset_order(image_folder, tmp_path):
+    first_two = subsample(config(image_folder, tmp_path, run_id="n", classes=2))
+    named = subsample(config(image_folder, tmp_path, run_id="names", classes="cherry, apple"))
+    assert manifest_of(config(image_folder, tmp_path, run_id="n"))["classes"] == ["apple", "banana"]
+    assert manifest_of(config(image_folder, tmp_path, run_id="names"))["classes"] == ["apple", "cherry"]
+    assert first_two["n_classes"] == named["n_classes"] == 2
+
+
+def test_unknown_class_is_an_error_listing_the_available_ones(image_folder, tmp_path):
+    with pytest.raises(DatasetError, match=r"\['durian'\] are not in .*available: \['apple', 'banana', 'cherry'\]"):
+        subsample(config(image_folder, tmp_path, classes="apple,durian"))
+
+
+def test_corrupt_truncated_and_non_image_files_are_skipped_with_reasons(image_folder, tmp_path):
+    apples = image_folder / "train" / "apple"
+    good = (apples / "0000.jpg").read_bytes()
+    (apples / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (apples / "notes.jpg").write_text("not an image")
+    (apples / "empty.png").write_bytes(b"")
+    cfg = config(image_folder, tmp_path, train_percent=100)
+    result = subsample(cfg)
+    manifest = manifest_of(cfg)
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"train/apple/truncated.jpg", "train/apple/notes.jpg", "train/apple/empty.png"}
+    assert all(reason.startswith("not a decodable image: ") for reason in reasons.values())
+    assert "Unknown image file format" in reasons["train/apple/notes.jpg"]
+    assert result["n_skipped"] == 3
+    assert result["counts"]["train"] + result["counts"]["val"] == 36
+    assert not set(reasons) & {f["path"] for f in manifest["files"]}
+
+
+def test_class_left_without_images_in_a_split_is_an_error_naming_it(image_folder, tmp_path):
+    for path in (image_folder / "test" / "banana").iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"class 'banana' has no usable images in the test split.*4 skipped"):
+        subsample(config(image_folder, tmp_path))
+
+
+def test_one_selected_image_cannot_feed_validation(image_folder, tmp_path):
+    with pytest.raises(DatasetError, match="class 'apple' has no usable images in the val split"):
+        subsample(config(image_folder, tmp_path, train_count=1))
+
+
+def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_path):
+    cfg = config(image_folder, tmp_path)
+    subsample(cfg)
+    manifest = manifest_of(cfg)
+    for split in records.SPLITS:
+        expected = {f["path"]: f["label"] for f in manifest["files"] if f["split"] == split}
+        dataset = records.image_dataset(cfg.artifact(*layout.split_records(split)), image_size=32, batch_size=8,
+                                        with_paths=True)
+        seen = {}
+        for images, labels, paths in dataset:
+            assert images.shape[1:] == (32, 32, 3)
+            seen.update({p.decode(): int(label) for p, label in zip(paths.numpy(), labels.numpy())})
+        assert seen == expected
+        classes = {f["class"] for f in manifest["files"] if f["split"] == split}
+        assert classes == {"apple", "banana", "cherry"}
+
+
+def test_outputs_go_to_an_s3_run_root(s3_bucket, image_folder, tmp_path):
+    cfg = RunConfig(source=str(image_folder), run_root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache"),
+                    train_percent=50)
+    result = subsample(cfg)
+    assert result["manifest"] == f"{s3_bucket}/runs/manual/data/manifest.json"
+    assert storage.read_json(result["manifest"])["hash"] == result["hash"]
+    local = storage.download(cfg.artifact(*layout.split_records("train")), tmp_path / "train.tfrecord")
+    assert len(list(records.iter_records(local))) == result["counts"]["train"]
