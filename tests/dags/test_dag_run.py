@@ -22,7 +22,7 @@ def run_states(dag_run) -> dict[str, str]:
     return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
 
 
-def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, model_store_connection, s3_bucket, tmp_path):
+def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, model_store_connection, tmp_path):
     conf = tiny_conf(tmp_path, "always", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
     dag_run = dag.test(run_conf=conf)
 
@@ -36,7 +36,7 @@ def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, model_store_
     assert any(path.endswith("eval/report/index.html") for path in run_files)
 
 
-def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, model_store_connection, s3_bucket, tmp_path):
+def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, model_store_connection, tmp_path):
     conf = tiny_conf(tmp_path, "never", run_root=str(tmp_path / "runs"), publish_uri=f"{s3_bucket}/models")
     dag_run = dag.test(run_conf=conf)
 
