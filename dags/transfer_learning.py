@@ -184,34 +184,25 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
     publish(cfg, evaluation)
 
 
-@dag(
-    dag_id="transfer_learning",
-    schedule=None,
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    dagrun_timeout=timedelta(hours=8),
-    default_args=DEFAULT_ARGS,
-    params=PARAMS,
-    tags=["ml", "transfer-learning"],
-    doc_md=__doc__,
-)
+# shared by both DAGs: one run at a time (runs share the champion), bounded, retried, documented
+DAG_SETTINGS = {
+    "start_date": datetime(2026, 1, 1),
+    "catchup": False,
+    "max_active_runs": 1,
+    "dagrun_timeout": timedelta(hours=8),
+    "default_args": DEFAULT_ARGS,
+    "params": PARAMS,
+    "doc_md": __doc__,
+}
+
+
+@dag(dag_id="transfer_learning", schedule=None, tags=["ml", "transfer-learning"], **DAG_SETTINGS)
 def transfer_learning() -> None:
     transfer_learning_pipeline()
 
 
-@dag(
-    dag_id="transfer_learning_retrain",
-    schedule=RETRAIN_SCHEDULE,
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    dagrun_timeout=timedelta(hours=8),
-    default_args=DEFAULT_ARGS,
-    params=PARAMS,
-    tags=["ml", "transfer-learning", "scheduled"],
-    doc_md=__doc__,
-)
+@dag(dag_id="transfer_learning_retrain", schedule=RETRAIN_SCHEDULE, tags=["ml", "transfer-learning", "scheduled"],
+     **DAG_SETTINGS)
 def transfer_learning_retrain() -> None:
     transfer_learning_pipeline(overrides_variable=RETRAIN_PARAMS_VARIABLE)
 
