@@ -25,6 +25,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.models.dagrun import DagRun
+from airflow.models.xcom import XComModel
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -125,16 +126,23 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
 
 
 def _run_uri(dag_id: str, run_id: str, session: Any) -> str:
-    """Where a DAG run keeps its artifacts: `run_root` from its conf, else TLP_RUN_ROOT, else `.runs`.
+    """Where a DAG run keeps its artifacts.
 
-    The DAGs' `run_root` param default takes the same fallback. A relative root is taken
-    relative to the project root (TLP_PROJECT_ROOT, default the folder above plugins/),
-    the folder Airflow is started from.
+    The `configure` task's result is the validated config the run actually used
+    (it includes Variable overrides of the scheduled DAG); before it exists, the
+    run's conf `run_root`, else TLP_RUN_ROOT, else `.runs` — the same fallback as
+    the DAGs' `run_root` default. A relative root is taken relative to the project
+    root (TLP_PROJECT_ROOT, default the folder above plugins/).
     """
     found = session.execute(select(DagRun.conf).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).first()
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"DAG {dag_id!r} has no run {run_id!r}")
-    root = str((found.conf or {}).get("run_root") or os.environ.get("TLP_RUN_ROOT") or RunConfig.run_root)
+    configured = session.scalars(select(XComModel).where(
+        XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "configure",
+        XComModel.key == "return_value")).first()
+    config = XComModel.deserialize_value(configured) if configured is not None else {}
+    root = str((config if isinstance(config, dict) else {}).get("run_root") or (found.conf or {}).get("run_root")
+               or os.environ.get("TLP_RUN_ROOT") or RunConfig.run_root)
     if not storage.is_s3(root) and not root.startswith("file://"):
         root = str(Path(os.environ.get("TLP_PROJECT_ROOT", PROJECT_ROOT), root))
     return storage.join(root, safe_name(run_id))

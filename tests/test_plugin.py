@@ -56,12 +56,29 @@ def _token(username: str, role: str | None, **options) -> str:
     return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role), **options)
 
 
-def _add_run(run_id: str, conf: dict) -> None:
+def _add_run(run_id: str, conf: dict, configured: dict | None = None) -> None:
+    """A DAG run row; `configured` is what its `configure` task returned (the resolved config)."""
     from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        session.add(DagRun(dag_id=DAG_ID, run_id=run_id, conf=conf, run_type="manual", state="success"))
+        run = DagRun(dag_id=DAG_ID, run_id=run_id, conf=conf, run_type="manual", state="success")
+        session.add(run)
+        session.flush()
+        run_pk = run.id
+    if configured is not None:
+        from airflow import settings
+        from sqlalchemy import insert
+
+        # no task-instance row exists for this hand-made run, so skip SQLite's foreign-key check
+        with settings.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.execute(insert(XComModel.__table__).values(
+                dag_run_id=run_pk, task_id="configure", map_index=-1, key="return_value", dag_id=DAG_ID,
+                run_id=run_id, value=XComModel.serialize_value(configured)))
+            connection.commit()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 def _write_evaluation(run_root: str, run_id: str) -> None:
@@ -172,6 +189,15 @@ def test_run_without_run_root_in_conf_uses_the_project_default(api, token, tmp_p
     run_id = "scheduled__" + tmp_path.name
     _write_evaluation(str(tmp_path / "shared-runs"), run_id)
     _add_run(run_id, {})
+    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+
+
+def test_run_root_resolved_by_the_configure_task_wins_over_the_conf(api, token, tmp_path):
+    """The scheduled DAG's Variable overrides reach the run only through `configure`'s result."""
+    run_id = "scheduled__override-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "configured-runs"), run_id)
+    _add_run(run_id, {"run_root": str(tmp_path / "not-here")}, configured={"run_root": str(tmp_path / "configured-runs")})
     response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
 
