@@ -132,8 +132,13 @@ class RunConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able params, e.g. for params.json and the model card."""
+        """Plain JSON-able params, e.g. for XCom, params.json and the model card.
+
+        `cache_dir` is left out: it is a path on the machine that runs a step, so a
+        config handed to another worker must use that worker's own cache.
+        """
         values = dataclasses.asdict(self)
+        del values["cache_dir"]
         if isinstance(self.classes, tuple):
             values["classes"] = list(self.classes)
         return values

@@ -14,11 +14,14 @@ def predict_records(model, records_path: str | Path, batch_size: int = 64) -> tu
     The image size is read from the model's input, so a champion trained at
     another resolution is scored on the same images.
     """
+    import tensorflow as tf
+
     image_size = int(model.input_shape[1])
     dataset = image_dataset(records_path, image_size, batch_size, with_paths=True)
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)  # ~2x eager
     probabilities, labels, paths = [], [], []
     for images, batch_labels, batch_paths in dataset:
-        probabilities.append(np.asarray(model(images, training=False)))
+        probabilities.append(forward(images).numpy())
         labels.append(batch_labels.numpy())
         paths.extend(p.decode("utf-8") for p in batch_paths.numpy())
     if not probabilities:

@@ -35,8 +35,11 @@ def test_artifacts_are_keyed_by_a_path_safe_run_id():
     assert safe_name("a/b:c") == "a_b_c"
 
 
-def test_to_dict_is_json_ready():
+def test_to_dict_is_json_ready_and_leaves_the_machine_local_cache_out():
     import json
 
-    cfg = RunConfig(classes="a,b")
-    assert json.loads(json.dumps(cfg.to_dict()))["classes"] == ["a", "b"]
+    cfg = RunConfig(classes="a,b", cache_dir="/worker-a/cache")
+    values = json.loads(json.dumps(cfg.to_dict()))
+    assert values["classes"] == ["a", "b"]
+    assert "cache_dir" not in values
+    assert RunConfig.from_params(values).cache_dir != "/worker-a/cache"

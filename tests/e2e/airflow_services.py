@@ -9,6 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.seaweed import free_port
@@ -18,11 +20,23 @@ COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
 
 
+@dataclass(frozen=True)
+class Component:
+    """One more process of the deployment (e.g. a Celery worker), with its own log name, environment and
+    working directory; `env` is laid over the shared one and a None value removes that variable."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str | None] = field(default_factory=dict)
+    cwd: Path | None = None
+
+
 class AirflowServices:
     """An Airflow deployment as processes; `env` is shared by every component and CLI call."""
 
-    def __init__(self, home: Path, extra_env: dict[str, str], components=COMPONENTS):
-        self.home, self.components = home, components
+    def __init__(self, home: Path, extra_env: dict[str, str], components=COMPONENTS,
+                 extra_components: Sequence[Component] = ()):
+        self.home, self.components, self.extra_components = home, components, extra_components
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
@@ -38,7 +52,8 @@ class AirflowServices:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "2",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # paused: the scheduled retrain DAG must not start a default (Fashion-MNIST) run in a test
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
@@ -57,12 +72,21 @@ class AirflowServices:
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        subprocess.run(["airflow", "db", "migrate"], env=self.env, check=True, capture_output=True)
+        migrate = subprocess.run(["airflow", "db", "migrate"], env=self.env, capture_output=True, text=True)
+        if migrate.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed ({migrate.returncode}):\n{migrate.stderr[-3000:]}")
         for component in self.components:
-            log = open(self.home / f"{component[0]}.log", "ab")
-            self.processes.append(subprocess.Popen(["airflow", *component], env=self.env, stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+            self._launch(Component(component[0], component))
+        for component in self.extra_components:
+            self._launch(component)
         self._wait_for_api()
+
+    def _launch(self, component: Component) -> None:
+        env = {**self.env, **component.env}
+        env = {key: value for key, value in env.items() if value is not None}
+        log = open(self.home / f"{component.name}.log", "ab")
+        self.processes.append(subprocess.Popen(["airflow", *component.args], env=env, cwd=component.cwd,
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def stop(self) -> None:
         for process in self.processes:
@@ -105,6 +129,8 @@ class AirflowServices:
         raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout_s}s\n{self.logs()}")
 
     def trigger(self, dag_id: str, conf: dict) -> str:
+        """Unpause the DAG and start a run with `conf`; returns the run id."""
+        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
         return run["dag_run_id"]
 
