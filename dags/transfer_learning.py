@@ -145,9 +145,12 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
 
     @task.branch
     def decide(cfg: dict, trained: dict) -> str:
+        """Branch on the plateau rule; the decision and its reason also go to XCom key `decision`."""
         from tasks.decide import decide_step
 
-        return "fine_tune" if decide_step(_config(cfg))["fine_tune"] else "skip_fine_tune"
+        decision = decide_step(_config(cfg))
+        get_current_context()["ti"].xcom_push(key="decision", value=decision)
+        return "fine_tune" if decision["fine_tune"] else "skip_fine_tune"
 
     @task(queue=TRAIN_QUEUE)
     def fine_tune(cfg: dict) -> dict:

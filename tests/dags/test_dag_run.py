@@ -34,6 +34,21 @@ def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, m
     assert any(path.endswith(f"{champion['version']}/checksums.json") for path in version_files)
     run_files = storage_list(model_store_connection, f"{s3_bucket}/runs/")
     assert any(path.endswith("eval/report/index.html") for path in run_files)
+    decision = dag_run.get_task_instance("decide").xcom_pull(task_ids="decide", key="decision")
+    assert decision["fine_tune"] is True and "always" in decision["reason"]
+    assert champion_events(champion["version"]), "a promotion must emit an asset event for downstream DAGs"
+
+
+def champion_events(version: str) -> list:
+    """Asset events of the champion alias whose extra names this version."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(select(AssetEvent.extra, AssetModel.name).join(
+            AssetModel, AssetEvent.asset_id == AssetModel.id)).all()
+    return [name for extra, name in rows if name == "champion-tiny-model" and extra.get("version") == version]
 
 
 def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, model_store_connection, tmp_path):
