@@ -1,0 +1,77 @@
+"""Step 4: should this run fine-tune? A pure rule on the feature-extraction validation curve.
+
+In `auto` mode, fine-tune exactly when the head has converged (validation
+accuracy gained at most `min_delta` over the last `patience` epochs) and is
+still below `target_accuracy`. A curve that is still rising does NOT fine-tune:
+more feature-extraction epochs are the cheaper fix, and fine-tuning on top of
+an unconverged head sends large gradients into the pretrained layers, which is
+exactly what the two-phase recipe exists to avoid. With `patience` or fewer
+epochs there is no plateau to see, so auto mode does not fine-tune either. The
+reason string says which case applied, so the branch in the DAG explains itself.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks import layout, storage
+from tasks.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class DecisionError(RuntimeError):
+    """The decision cannot be made for this run root; the message names the input and the fix."""
+
+
+FEATURE_EXTRACTION = "feature_extraction"
+
+
+def decide(history: list[dict[str, Any]] | dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """{fine_tune: bool, reason: str, ...} from the history (history.json or its "epochs" list) and cfg's rule.
+
+    Uses cfg.fine_tune (auto|always|never), cfg.patience, cfg.min_delta and
+    cfg.target_accuracy (None = no target); only feature-extraction epochs count.
+    """
+    epochs = history["epochs"] if isinstance(history, dict) else history
+    curve = [float(e["val_accuracy"]) for e in epochs if e.get("phase", FEATURE_EXTRACTION) == FEATURE_EXTRACTION]
+    best = max(curve, default=None)
+    fine_tune, reason = _rule(curve, best, cfg)
+    return {"fine_tune": fine_tune, "reason": reason, "mode": cfg.fine_tune, "patience": cfg.patience,
+            "min_delta": cfg.min_delta, "target_accuracy": cfg.target_accuracy, "epochs": len(curve),
+            "best_val_accuracy": best}
+
+
+def _rule(curve: list[float], best: float | None, cfg: RunConfig) -> tuple[bool, str]:
+    if cfg.fine_tune == "never":
+        return False, "fine_tune=never → skip fine-tuning"
+    if cfg.fine_tune == "always":
+        return True, "fine_tune=always → fine-tune" + (f" (best val_accuracy {best:.3f})" if curve else "")
+    target = cfg.target_accuracy
+    if target is not None and best is not None and best >= target:
+        return False, f"val_accuracy {best:.3f} ≥ target {target:g} → no fine-tune needed"
+    patience = cfg.patience
+    if len(curve) <= patience:
+        return False, (f"only {len(curve)} feature-extraction epoch(s), need more than patience={patience} to tell "
+                       "a plateau → no fine-tune (run more epochs, or set fine_tune=always)")
+    gain = max(curve[-patience:]) - max(curve[:-patience])
+    where = f"at {best:.3f} < target {target:g}" if target is not None else f"at {best:.3f} (no target)"
+    if gain <= cfg.min_delta:
+        return True, (f"val_accuracy improved {gain:.3f} over the last {patience} epochs (≤ {cfg.min_delta:g}): "
+                      f"plateau {where} → fine-tune")
+    return False, (f"val_accuracy still improving: +{gain:.3f} over the last {patience} epochs (> {cfg.min_delta:g}) "
+                   f"{where} → no fine-tune: the head has not converged, so more feature-extraction epochs are the "
+                   "cheaper gain and fine-tuning now would push large gradients into the pretrained layers "
+                   "(raise epochs, or set fine_tune=always)")
+
+
+def decide_step(cfg: RunConfig) -> dict[str, Any]:
+    """Read the run's history.json, apply the rule, write decision.json; returns the decision."""
+    history_uri = cfg.artifact(*layout.HISTORY)
+    if not storage.exists(history_uri):
+        raise DecisionError(f"no training history at {history_uri}; run the train step for run {cfg.run_id!r} first")
+    decision = decide(storage.read_json(history_uri), cfg)
+    storage.write_json(cfg.artifact(*layout.DECISION), decision)
+    log.info("decision: %s — %s -> %s", "fine-tune" if decision["fine_tune"] else "skip fine-tuning",
+             decision["reason"], cfg.artifact(*layout.DECISION))
+    return decision

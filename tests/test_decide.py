@@ -1,0 +1,75 @@
+"""The plateau rule: a pure function of the validation curve and the rule parameters."""
+from __future__ import annotations
+
+import pytest
+
+from tasks import layout, storage
+from tasks.config import RunConfig
+from tasks.decide import DecisionError, decide, decide_step
+
+
+def history(*val_accuracy: float, fine_tuned: tuple[float, ...] = ()) -> dict:
+    phases = ["feature_extraction"] * len(val_accuracy) + ["fine_tune"] * len(fine_tuned)
+    epochs = [{"epoch": i + 1, "phase": phase, "val_accuracy": v}
+              for i, (phase, v) in enumerate(zip(phases, val_accuracy + fine_tuned))]
+    return {"epochs": epochs, "fine_tune_start_epoch": len(val_accuracy) + 1 if fine_tuned else None}
+
+
+PLATEAU = history(0.70, 0.80, 0.850, 0.852, 0.853, 0.851)
+IMPROVING = history(0.70, 0.75, 0.80, 0.84, 0.87)
+CASES = [
+    # (name, history, rule, fine_tune?, words the reason must contain)
+    ("plateau below target", PLATEAU, {}, True,
+     ["improved 0.003 over the last 3 epochs", "plateau at 0.853 < target 0.95"]),
+    ("still improving", IMPROVING, {}, False, ["still improving: +0.120", "not converged", "raise epochs"]),
+    ("target reached", history(0.90, 0.96, 0.961, 0.96, 0.96), {}, False, ["0.961 ≥ target 0.95"]),
+    ("target reached while improving", IMPROVING, {"target_accuracy": 0.85}, False, ["≥ target 0.85"]),
+    ("too few epochs", history(0.5, 0.5), {}, False, ["only 2 feature-extraction epoch(s)", "patience=3"]),
+    ("no epochs", history(), {}, False, ["only 0"]),
+    ("plateau with no target", PLATEAU, {"target_accuracy": None}, True, ["plateau at 0.853 (no target)"]),
+    ("no gain with min_delta 0 is a plateau", history(0.80, 0.81, 0.81), {"patience": 1, "min_delta": 0.0}, True,
+     ["improved 0.000 over the last 1 epochs"]),
+    ("longer patience sees the earlier rise", PLATEAU, {"patience": 4}, False, ["+0.053 over the last 4 epochs"]),
+    ("larger min_delta sees a plateau", IMPROVING, {"min_delta": 0.15}, True,
+     ["improved 0.120", "≤ 0.15", "plateau"]),
+    ("always overrides improving", IMPROVING, {"fine_tune": "always"}, True, ["fine_tune=always", "0.870"]),
+    ("always with target reached", history(0.99, 0.99), {"fine_tune": "always"}, True, ["fine_tune=always"]),
+    ("never overrides plateau", PLATEAU, {"fine_tune": "never"}, False, ["fine_tune=never"]),
+    ("only feature-extraction epochs count",
+     history(0.70, 0.80, 0.85, 0.851, 0.852, 0.852, fine_tuned=(0.9, 0.95)),
+     {}, True, ["plateau at 0.852"]),
+]
+
+
+@pytest.mark.parametrize("name, curve, rule, expected, words", CASES, ids=[case[0] for case in CASES])
+def test_rule_decides_and_explains(name, curve, rule, expected, words):
+    cfg = RunConfig(**{"patience": 3, "min_delta": 0.005, "target_accuracy": 0.95, "fine_tune": "auto", **rule})
+
+    decision = decide(curve, cfg)
+
+    assert decision["fine_tune"] is expected
+    for word in words:
+        assert word in decision["reason"]
+    assert decide(curve["epochs"], cfg) == decision  # the epochs list alone gives the same answer
+
+
+def test_decision_records_the_rule_it_applied():
+    decision = decide(PLATEAU, RunConfig(patience=2, min_delta=0.01, target_accuracy=0.9))
+
+    assert decision == {**decision, "mode": "auto", "patience": 2, "min_delta": 0.01, "target_accuracy": 0.9,
+                        "epochs": 6, "best_val_accuracy": 0.853}
+
+
+def test_step_reads_history_and_writes_decision(tmp_path):
+    cfg = RunConfig(run_root=str(tmp_path))
+    storage.write_json(cfg.artifact(*layout.HISTORY), PLATEAU)
+
+    result = decide_step(cfg)
+
+    assert result["fine_tune"] is True
+    assert storage.read_json(cfg.artifact(*layout.DECISION)) == result
+
+
+def test_step_without_history_says_to_train_first(tmp_path):
+    with pytest.raises(DecisionError, match="run the train step"):
+        decide_step(RunConfig(run_root=str(tmp_path), run_id="r7"))

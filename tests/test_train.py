@@ -1,0 +1,254 @@
+"""Feature extraction: cached-feature and augmented paths, the composed model, checkpoints and resume."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import layout, records, storage
+from tasks.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _examples(per_class: int, seed: int) -> list[tuple[bytes, int, str]]:
+    """Noisy 16 px squares, one dominant colour per class: learnable from ImageNet features in a few epochs."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for label, (name, colour) in enumerate(COLOURS.items()):
+        for n in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (16, 16, 3)), 0, 255).astype(np.uint8)
+            examples.append((_png(pixels), label, f"{name}/{n}.png"))
+    return examples
+
+
+def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) -> RunConfig:
+    """A run root as subsample leaves it: train/val/test records and a manifest; returns its config.
+
+    EfficientNet-Lite0 (the offline ImageNet backbone) at 32 px keeps every step to seconds.
+    """
+    values = dict(run_root=run_root, run_id="run-1", backbone="efficientnet_lite0", backbone_weights="imagenet",
+                  image_size=32, batch_size=8, epochs=3, cache_dir=cache_dir)
+    cfg = RunConfig(**{**values, **overrides})
+    scratch = Path(cache_dir) / "records"
+    for split, count, seed in (("train", per_class, 0), ("val", max(per_class // 4, 2), 1), ("test", 4, 2)):
+        local = scratch / f"{split}.tfrecord"
+        records.write_records(local, _examples(count, seed))
+        storage.upload(local, cfg.artifact(*layout.split_records(split)))
+    storage.write_json(cfg.artifact(*layout.MANIFEST), {"classes": list(COLOURS), "hash": "tiny"})
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One backbone cache (converted Lite0 weights) for the whole session."""
+    return str(tmp_path_factory.mktemp("backbone-cache"))
+
+
+def metrics_of(history: dict) -> np.ndarray:
+    return np.array([[entry[key] for key in METRICS] for entry in history["epochs"]])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """One finished feature-extraction run (3 epochs, no early stop) and how many images went through the backbone."""
+    from tasks import train as train_module
+
+    cfg = tiny_run(str(tmp_path_factory.mktemp("trained")), cache_dir, epochs=3, patience=10)
+    with pytest.MonkeyPatch.context() as patch:
+        embedded = count_embedded(patch)
+        result = train_module.train(cfg)
+    return cfg, result, embedded
+
+
+def count_embedded(monkeypatch) -> list[list[int]]:
+    """Spy on the backbone pass: returns a list that gets the image count per split of each pass."""
+    from tasks import train as train_module
+
+    embedded: list[list[int]] = []
+    extract = train_module.extract_features
+
+    def counting(backbone, splits, image_size, batch_size):
+        extracted = extract(backbone, splits, image_size, batch_size)
+        embedded.append([len(labels) for _, labels in extracted])
+        return extracted
+
+    monkeypatch.setattr(train_module, "extract_features", counting)
+    return embedded
+
+
+def test_head_trains_on_cached_features_and_writes_every_output(trained):
+    cfg, result, _ = trained
+
+    history = storage.read_json(cfg.artifact(*layout.HISTORY))
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    assert {e["phase"] for e in history["epochs"]} == {"feature_extraction"}
+    assert history["fine_tune_start_epoch"] is None
+    assert result["epochs_run"] == 3 and result["resumed_from_epoch"] is None
+    assert result["val_accuracy"] > 0.6  # three colours: chance is 1/3
+    summary = storage.read_json(cfg.artifact(*layout.TRAIN_SUMMARY))
+    assert summary["kept"] == "feature_extraction" and summary["feature_dim"] == 1280
+    assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy"], "fine_tuned": None}
+    assert summary["phases"]["feature_extraction"]["best_val_accuracy"] == result["best_val_accuracy"]
+    with np.load(cfg.artifact(*layout.FEATURES, "train.npz")) as train_features:
+        assert train_features["features"].shape == (48, 1280)
+        assert list(train_features["labels"]) == [label for label in range(3) for _ in range(16)]
+    state = storage.read_json(cfg.artifact(*layout.CHECKPOINTS, "feature_extraction", "state.json"))
+    assert state["epoch"] == 3
+    assert storage.read_bytes(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL)) == storage.read_bytes(
+        cfg.artifact(*layout.MODEL))
+    assert _tensorboard_steps(cfg.artifact(*layout.TENSORBOARD, "feature_extraction", "validation"),
+                              "epoch_accuracy") == [1, 2, 3]
+
+
+def _tensorboard_steps(folder: str, tag: str) -> list[int]:
+    import tensorflow as tf
+
+    steps = []
+    for path in storage.list_files(folder):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+def test_composed_model_predicts_what_the_head_predicts_on_cached_features(trained):
+    import keras
+
+    from tasks.predict import predict_records
+
+    cfg, _, _ = trained
+    model = keras.models.load_model(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL))
+    composed, labels, _ = predict_records(model, cfg.artifact(*layout.split_records("val")), batch_size=5)
+    with np.load(cfg.artifact(*layout.FEATURES, "val.npz")) as cached:
+        on_features = np.asarray(model.get_layer("head")(cached["features"], training=False))
+        assert list(cached["labels"]) == list(labels)
+    np.testing.assert_allclose(composed, on_features, atol=1e-5)
+
+
+def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monkeypatch):
+    from tasks.train import train
+
+    cfg, first, embedded = trained
+    assert embedded == [[48, 12]]  # one pass over train and val: each image once for all 3 epochs
+
+    embedded_again = count_embedded(monkeypatch)
+    again = train(cfg)  # a retry of the finished step rewrites the same outputs
+
+    assert embedded_again == []
+    assert again["epochs_run"] == 3 and again["resumed_from_epoch"] is None
+    assert again["val_accuracy"] == first["val_accuracy"]
+
+
+def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, monkeypatch):
+    from tasks.train import train
+
+    cfg, _, _ = trained
+    shutil.copytree(cfg.run_root, tmp_path / "runs")
+    embedded = count_embedded(monkeypatch)
+    changed = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"), loss="categorical_crossentropy", epochs=2)
+    result = train(changed)  # the loss takes one-hot labels now
+
+    history = storage.read_json(changed.artifact(*layout.HISTORY))
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert result["resumed_from_epoch"] is None and result["val_accuracy"] > 0.6
+    assert embedded == []
+
+
+def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
+    from tasks.train import TrainingError, train
+
+    cfg = RunConfig(run_root=str(tmp_path), loss="hinge_of_fate", cache_dir=cache_dir)
+    with pytest.raises(TrainingError, match="hinge_of_fate"):
+        train(cfg)
+
+
+def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_dir):
+    import keras
+
+    from tasks.train import train
+
+    # seed 0: TensorFlow treats a (0, 0) seed pair specially; the epoch-keyed shuffles must not trip on it
+    cfg = tiny_run(str(tmp_path / "runs"), cache_dir, epochs=2, augment=True, seed=0)
+    result = train(cfg)
+
+    assert result["epochs_run"] == 2
+    assert not storage.exists(cfg.artifact(*layout.FEATURES))
+    model = keras.models.load_model(cfg.artifact(*layout.MODEL))
+    assert "augmentation" not in [layer.name for layer in model.layers]
+    assert model.output_shape == (None, 3)
+    summary = storage.read_json(cfg.artifact(*layout.TRAIN_SUMMARY))
+    assert summary["phases"]["feature_extraction"]["augment"] is True
+
+
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    from tasks import checkpoints
+    from tasks.config import RunConfig
+    from tasks.train import train
+
+    saved = checkpoints.Checkpointer.save
+
+    def save_then_die(self, *args, **kwargs):
+        saved(self, *args, **kwargs)
+        if args[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoints.Checkpointer.save = save_then_die
+    train(RunConfig(**json.loads(sys.argv[1])))
+""")
+
+
+@pytest.mark.slow
+def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_history(tmp_path, cache_dir, s3_bucket):
+    from tasks.train import train
+
+    # min_delta so large that only epoch 1 counts as an improvement: early stopping then ends
+    # the run after epoch 4 only if its wait counter survived the kill after epoch 2.
+    settings = dict(epochs=6, patience=3, min_delta=0.9, augment=True)
+    reference_cfg = tiny_run(str(tmp_path / "reference"), cache_dir, per_class=8, **settings)
+    reference = train(reference_cfg)
+
+    cfg = tiny_run(s3_bucket, cache_dir, per_class=8, **settings)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg.to_dict())], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = storage.read_json(cfg.artifact(*layout.CHECKPOINTS, "feature_extraction", "state.json"))
+    assert state["epoch"] == 2
+
+    resumed = train(cfg)
+
+    assert resumed["resumed_from_epoch"] == 3
+    history = storage.read_json(cfg.artifact(*layout.HISTORY))
+    expected = storage.read_json(reference_cfg.artifact(*layout.HISTORY))
+    assert [e["epoch"] for e in history["epochs"]] == [e["epoch"] for e in expected["epochs"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose(metrics_of(history), metrics_of(expected), rtol=1e-5, atol=1e-6)
+    assert resumed["val_accuracy"] == reference["val_accuracy"]
+
+
+def test_strategy_mirrors_only_across_several_gpus():
+    import tensorflow as tf
+
+    from tasks.train import strategy_for
+
+    assert strategy_for([]) is tf.distribute.get_strategy()
+    assert strategy_for(["/device:GPU:0"]) is tf.distribute.get_strategy()
+    mirrored = strategy_for(["/device:GPU:0", "/device:GPU:1"])
+    assert isinstance(mirrored, tf.distribute.MirroredStrategy) and mirrored.num_replicas_in_sync == 2
