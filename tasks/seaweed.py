@@ -104,7 +104,7 @@ def start(data_dir: str | Path, s3_port: int | None = None, log_path: str | Path
 
 
 def _wait_ready(server: SeaweedServer) -> None:
-    """S3 is ready when an authenticated request can create and list a bucket."""
+    """S3 is ready when an authenticated client can write and delete an object (the data dir may be reused)."""
     import boto3
     from botocore.config import Config
 
@@ -117,7 +117,8 @@ def _wait_ready(server: SeaweedServer) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"weed server exited with {server.process.returncode}; see {server.data_dir}/weed.log")
         try:
-            client.create_bucket(Bucket="tlpipe-ready-check")
+            if "tlpipe-ready-check" not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket="tlpipe-ready-check")
             client.put_object(Bucket="tlpipe-ready-check", Key="ping", Body=b"ok")
             client.delete_object(Bucket="tlpipe-ready-check", Key="ping")
             return

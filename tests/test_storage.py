@@ -96,3 +96,23 @@ def test_s3_env_from_connection_fields(extra, endpoint):
     env = storage.s3_env("key", "secret", extra)
     assert env["AWS_ACCESS_KEY_ID"] == "key" and env["AWS_SECRET_ACCESS_KEY"] == "secret"
     assert env.get("AWS_ENDPOINT_URL") == endpoint
+
+
+def test_seaweed_restarts_on_its_own_data_dir_and_keeps_objects(tmp_path):
+    first = seaweed.start(tmp_path / "weed")
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in first.env().items():
+                env.setenv(key, value)
+            storage.ensure_bucket("s3://kept")
+            storage.write_text("s3://kept/x.txt", "still here")
+    finally:
+        first.stop()
+    second = seaweed.start(tmp_path / "weed")
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in second.env().items():
+                env.setenv(key, value)
+            assert storage.read_text("s3://kept/x.txt") == "still here"
+    finally:
+        second.stop()
