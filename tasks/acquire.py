@@ -306,14 +306,6 @@ def download(url: str, target: Path) -> None:
         raise DatasetError(f"{url}: download ended after {done} of {total} bytes; try again")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Path], tuple[Path, dict]]) -> Path:
     """Return the cached folder of a source, building it first on a miss (or a changed checksum)."""
     entry = cache_entry(source, cache_dir)
@@ -354,7 +346,7 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
         archive = storage.local_path(source)
         if not archive.is_file():
             raise DatasetError(f"{source}: no such archive file")
-    digest = sha256_file(archive)
+    digest = storage.sha256_file(archive)
     if sha256 and digest != sha256.lower():
         raise DatasetError(f"{source}: sha256 is {digest}, expected {sha256}; the download is corrupt or the "
                            "archive changed: check the URL, or update source_sha256 if the change is intended")
@@ -437,7 +429,7 @@ def _idx_content(spec: IdxDataset, file: IdxFile, folder: str, work: Path) -> by
         url = spec.base_url + file.name
         path = work / file.name
         download(url, path)
-        digest = sha256_file(path)
+        digest = storage.sha256_file(path)
         if digest != file.download_sha256:
             raise DatasetError(f"{url}: sha256 is {digest}, expected {file.download_sha256}; the download is "
                                "corrupt, try again")

@@ -39,10 +39,7 @@ def airflow_env(store: seaweed.SeaweedServer) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        "AIRFLOW_CONN_MODEL_STORE": json.dumps({
-            "conn_type": "aws", "login": store.access_key, "password": store.secret_key,
-            "extra": {"endpoint_url": store.endpoint, "region_name": "us-east-1"},
-        }),
+        "AIRFLOW_CONN_MODEL_STORE": store.airflow_connection(),
         "TLP_RUN_ROOT": str(RUN_ROOT),
         "TLP_PUBLISH_URI": PUBLISH_URI,
         "TF_CPP_MIN_LOG_LEVEL": "2",

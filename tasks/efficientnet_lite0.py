@@ -21,7 +21,6 @@ original is left out: the pipeline always runs the backbone in inference mode.
 from __future__ import annotations
 
 import collections
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -38,6 +37,7 @@ from typing import Any, BinaryIO
 import keras
 import numpy as np
 
+from tasks import storage
 from tasks.backbones import BackboneError
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def load_imagenet_weights(model: keras.Model, cache_dir: Path) -> None:
     if not cached.is_file():
         source = packaged_weights_file()
         expected = WEIGHTS_FILE.split("-")[-1].split(".")[0]
-        if not hashlib.sha256(source.read_bytes()).hexdigest().startswith(expected):
+        if not storage.sha256_file(source).startswith(expected):
             raise BackboneError(f"{source}: sha256 does not start with {expected}; the packaged weights are "
                                 f"damaged, reinstall {PACKAGE}")
         _save_npz(cached, convert_state_dict(read_torch_state_dict(source)))

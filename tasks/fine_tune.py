@@ -22,9 +22,8 @@ from tasks.backbones import load_backbone, set_trainable_top
 from tasks.checkpoints import fit_resumable
 from tasks.config import RunConfig
 from tasks.head import HEAD_NAME, augmentation, compose
-from tasks.train import (FEATURE_SPLITS, PHASE as FEATURE_EXTRACTION, TrainingError, compile_model,
-                         distribution_strategy, fingerprint, image_epochs, read_manifest, resolve_loss, save_model,
-                         stage_records, validation_images)
+from tasks.train import (PHASE as FEATURE_EXTRACTION, TrainingError, compile_model, distribution_strategy,
+                         fingerprint, image_data, read_manifest, resolve_loss, save_model)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,7 @@ def fine_tune(cfg: RunConfig) -> dict[str, Any]:
         unfrozen = set_trainable_top(backbone, cfg.fine_tune_layers)
         model = compose(backbone, head, augmentation(cfg.seed) if cfg.augment else None)
         compile_model(model, cfg, loss, learning_rate, backbone)
-        train_path, val_path = (stage_records(cfg, split, scratch) for split in FEATURE_SPLITS)
-        train_epoch, steps = image_epochs(cfg, train_path, num_classes)
-        validation = validation_images(cfg, val_path, num_classes)
+        train_epoch, steps, validation = image_data(cfg, scratch, num_classes)
         result = fit_resumable(
             model, cfg, phase=PHASE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs,
             train_epoch=train_epoch, steps_per_epoch=steps, validation=validation, scratch=scratch,

@@ -90,7 +90,7 @@ def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
             storage.download(uri, stage / name)
         metrics = json.loads((stage / METRICS_FILE).read_text())
         _check_metrics(metrics, json.loads((stage / MANIFEST_FILE).read_text()), evaluation)
-        version, complete = _version_for(model_root, cfg.run_id, _sha256_file(stage / MODEL_FILE))
+        version, complete = _version_for(model_root, cfg.run_id, storage.sha256_file(stage / MODEL_FILE))
         version_uri = _version_uri(model_root, version)
         if complete:
             log.info("publish: %s is already published and verified; not uploading again", version_uri)
@@ -258,7 +258,7 @@ def _complete_stage(cfg: RunConfig, stage: Path) -> None:
 
 def _upload_verified(stage: Path, version_uri: str) -> None:
     """Hash, upload, read everything back, and only then write checksums.json: the mark of a complete version."""
-    checksums = {path.relative_to(stage).as_posix(): _sha256_file(path)
+    checksums = {path.relative_to(stage).as_posix(): storage.sha256_file(path)
                  for path in sorted(stage.rglob("*")) if path.is_file()}
     storage.upload(stage, version_uri)
     verify_version(version_uri, checksums)
@@ -403,14 +403,6 @@ def _version_uri(model_root: str, version: str) -> str:
 
 def _relative(item: str, base: str) -> str:
     return item[len(base.rstrip("/")) + 1:]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,13 @@ class SeaweedServer:
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+    def airflow_connection(self) -> str:
+        """This store as an Airflow `aws` connection JSON, for `AIRFLOW_CONN_MODEL_STORE`."""
+        return json.dumps({
+            "conn_type": "aws", "login": self.access_key, "password": self.secret_key,
+            "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        })
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -10,6 +10,7 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -286,6 +287,15 @@ def ensure_bucket(uri: str) -> bool:
     except Exception as error:
         raise _s3_error(uri, error) from error
     return False
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks (archives and models can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def s3_env(access_key: str | None, secret_key: str | None, extra: dict[str, Any]) -> dict[str, str]:

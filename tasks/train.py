@@ -58,9 +58,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         head = build_head(tuple(backbone.model.output_shape[1:]), num_classes, cfg.dropout)
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
-            train_path, val_path = (stage_records(cfg, split, scratch) for split in FEATURE_SPLITS)
-            train_epoch, steps = image_epochs(cfg, train_path, num_classes)
-            validation = validation_images(cfg, val_path, num_classes)
+            train_epoch, steps, validation = image_data(cfg, scratch, num_classes)
         else:
             model = head
             features = cached_features(cfg, backbone, manifest, scratch)
@@ -158,6 +156,14 @@ def targets(cfg: RunConfig, num_classes: int) -> Callable:
 def epoch_seed(cfg: RunConfig, epoch: int) -> int:
     """The shuffle seed of one epoch: the same epoch gets the same order in a resumed run."""
     return cfg.seed * 100_003 + epoch
+
+
+def image_data(cfg: RunConfig, scratch: Path, num_classes: int) -> tuple[Callable, int, Any]:
+    """Training on images (augmented feature extraction, fine-tuning): the train split's epochs, their
+    batch count, and the validation batches, staged in from the run root."""
+    train_path, val_path = (stage_records(cfg, split, scratch) for split in FEATURE_SPLITS)
+    train_epoch, steps = image_epochs(cfg, train_path, num_classes)
+    return train_epoch, steps, validation_images(cfg, val_path, num_classes)
 
 
 def image_epochs(cfg: RunConfig, records: Path, num_classes: int) -> tuple[Callable, int]:

@@ -82,6 +82,12 @@ def image_folder(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One backbone cache (converted Lite0 weights) for the whole session."""
+    return str(tmp_path_factory.mktemp("backbone-cache"))
+
+
+@pytest.fixture(scope="session")
 def airflow_db():
     """A fresh SQLite metadata DB in this session's AIRFLOW_HOME (dag.test needs one)."""
     from airflow.utils import db
@@ -92,12 +98,7 @@ def airflow_db():
 @pytest.fixture
 def model_store_connection(s3, monkeypatch):
     """The DAG's `model_store` Airflow connection, pointing at the SeaweedFS store."""
-    import json
-
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", json.dumps({
-        "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
-        "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"},
-    }))
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     return s3

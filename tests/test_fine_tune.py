@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from tests.test_train import cache_dir, metrics_of, tiny_run  # noqa: F401  (cache_dir is a fixture)
+from tests.test_train import metrics_of, tiny_run
 
 from tasks import checkpoints, layout, storage
 
@@ -14,7 +14,7 @@ BACKBONE = "efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
-def feature_extracted(tmp_path_factory, cache_dir):  # noqa: F811
+def feature_extracted(tmp_path_factory, cache_dir):
     """A run after a deliberately short feature extraction (1 epoch), so fine-tuning has room to improve."""
     from tasks.train import train
 

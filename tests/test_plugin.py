@@ -209,9 +209,7 @@ def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token,
     _add_run(run_id, {"run_root": f"{s3_bucket}/runs"})
     for key in s3.env():
         monkeypatch.delenv(key)
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", json.dumps({
-        "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
-        "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
     auth = {"Authorization": f"Bearer {token}"}
     assert api.get(_report_url(run_id), headers=auth).text == REPORT_HTML
     assert api.get(_report_url(run_id) + "nothing.png", headers=auth).status_code == 404

@@ -57,12 +57,6 @@ def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) ->
     return cfg
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    """One backbone cache (converted Lite0 weights) for the whole session."""
-    return str(tmp_path_factory.mktemp("backbone-cache"))
-
-
 def metrics_of(history: dict) -> np.ndarray:
     return np.array([[entry[key] for key in METRICS] for entry in history["epochs"]])
 

@@ -2,7 +2,6 @@
 triggered through the REST API; the result lands in SeaweedFS and the report shows in the Airflow UI."""
 from __future__ import annotations
 
-import json
 import os
 import urllib.parse
 from pathlib import Path
@@ -22,9 +21,7 @@ ARTIFACTS = Path(os.environ.get("TLP_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
 @pytest.fixture
 def airflow(tmp_path, s3):
     services = AirflowServices(tmp_path / "airflow", {
-        "AIRFLOW_CONN_MODEL_STORE": json.dumps({
-            "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
-            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
     })
     services.start()
     yield services

@@ -10,7 +10,6 @@ connection, so the only way data can cross from one worker to the other is objec
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -104,9 +103,7 @@ def airflow(tmp_path, s3, postgres, redis_broker, workers):
         "AIRFLOW__CELERY__BROKER_URL": redis_broker.url,
         "AIRFLOW__CELERY__RESULT_BACKEND": postgres.url("db+postgresql+psycopg2"),
         "TLP_TRAIN_QUEUE": TRAIN_QUEUE,  # read when the DAG file is parsed: every component needs it
-        "AIRFLOW_CONN_MODEL_STORE": json.dumps({
-            "conn_type": "aws", "login": s3.access_key, "password": s3.secret_key,
-            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
     }, extra_components=[worker.component() for worker in workers.values()])
     try:
         services.start()
