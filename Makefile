@@ -7,16 +7,16 @@ export AIRFLOW_HOME := $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
-export PYTHONPATH := $(CURDIR)
 
 .PHONY: install test test-fast demo airflow bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements.lock
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $@
 
@@ -27,10 +27,10 @@ test-fast: install
 	$(PY) -m pytest -ra -m "not slow" tests
 
 demo: install
-	$(PY) -m tasks.demo run
+	$(PY) -m devtools.demo run
 
 airflow: install
-	$(PY) -m tasks.demo airflow
+	$(PY) -m devtools.demo airflow
 
 bench: install
 	$(PY) bench/backbones.py

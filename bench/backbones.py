@@ -13,11 +13,9 @@ is a warm-up and not timed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.backbones import LITE0, available_backbones, load_backbone  # noqa: E402
 

@@ -23,12 +23,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks import layout, storage  # noqa: E402
 from tasks.config import RunConfig  # noqa: E402

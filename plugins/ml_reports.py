@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import mimetypes
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,13 +31,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tasks import layout, storage
+from tasks.config import ConfigError, RunConfig, safe_name
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.append(str(PROJECT_ROOT))  # the api-server puts plugins/ on sys.path, not the project root
-
-from tasks import layout, storage  # noqa: E402
-from tasks.config import ConfigError, RunConfig, safe_name  # noqa: E402
-
 URL_PREFIX = "/ml-reports"
 MODEL_STORE_CONN_ID = os.environ.get("TLP_MODEL_STORE_CONN_ID", "model_store")  # as in dags/transfer_learning.py
 REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry page asks for

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Airflow reads its settings at import time: set them before any test imports airflow.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tlp-airflow-")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -19,7 +17,8 @@ os.environ.setdefault("TLP_S3_RETRY_ATTEMPTS", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tasks import seaweed, storage  # noqa: E402
+from devtools import seaweed
+from tasks import storage  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, write_image_folder
-from tasks import layout, publish, seaweed, storage
+from devtools import seaweed
+from tasks import layout, publish, storage
 from tasks.config import RunConfig
 from tasks.publish import PublishError
 from tasks.records import write_records

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import seaweed, storage
+from devtools import seaweed
+from tasks import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.seaweed import free_port
+from devtools.seaweed import free_port
 
 START_TIMEOUT_S = 60
 DATABASE, USER = "airflow", "airflow"

@@ -19,7 +19,7 @@ import pytest
 
 from tasks import layout, storage
 from tasks.config import safe_name
-from tasks.seaweed import free_port
+from devtools.seaweed import free_port
 from tests.conftest import tiny_conf
 from tests.e2e.airflow_services import AirflowServices, Component
 from tests.e2e.local_services import missing_packages, start_postgres, start_redis

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import layout, seaweed
+from devtools import seaweed
+from tasks import layout
 from tasks.config import RunConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,6 @@ def airflow_env(store: seaweed.SeaweedServer) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": f"{airflow_bin}:{os.environ.get('PATH', '')}",  # standalone launches `airflow` from PATH
-        "PYTHONPATH": str(PROJECT_ROOT),
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),

@@ -4,7 +4,7 @@
 free ports, its own data directory and one access key, so tests exercise real
 S3 behaviour (auth, missing buckets, a dead endpoint) rather than a mock.
 Run as a module to start a store in the foreground:
-`python -m tasks.seaweed --dir .weed --port 8333`.
+`python -m devtools.seaweed --dir .weed --port 8333`.
 """
 from __future__ import annotations
 
