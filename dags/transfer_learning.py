@@ -30,9 +30,13 @@ DEFAULTS = RunConfig(
     publish_uri=os.environ.get("TLP_PUBLISH_URI", "s3://models"),
 )
 
-# Bad input (ConfigError, DatasetError, BackboneError are ValueErrors) fails at once; the rest retries.
+# Named in tasks/errors.py: bad input fails at once; an outside failure that may pass is retried (so is anything
+# unnamed, e.g. a lost worker).
 RETRY_POLICY = ExceptionRetryPolicy(rules=[
-    RetryRule(exception=ValueError, action=RetryAction.FAIL, reason="invalid input: fix the params and trigger again"),
+    RetryRule(exception="tasks.errors.PermanentError", action=RetryAction.FAIL,
+              reason="invalid input: fix what the error names and trigger again"),
+    RetryRule(exception="tasks.errors.TransientError", action=RetryAction.RETRY,
+              reason="a network or object-store failure that may pass"),
 ])
 DEFAULT_ARGS = {
     "retries": 2,

@@ -55,6 +55,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
+from tasks.errors import DatasetError
 from tasks import layout, storage
 from tasks.config import RunConfig
 
@@ -78,9 +79,6 @@ UNKNOWN_SIZE_LOG_BYTES = 10 << 20
 IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
                (b"RIFF", ".webp"))
 
-
-class DatasetError(ValueError):
-    """A dataset source or its content is unusable; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import keras
 
+from tasks.errors import BackboneError
 from tasks import storage
 from tasks.config import DEFAULT_CACHE_DIR
 
@@ -38,9 +39,6 @@ HUB_PREFIXES = ("https://tfhub.dev/", "https://www.kaggle.com/models/", "http://
 KERAS_WEIGHTS_SUFFIXES = (".weights.h5", ".h5", ".keras")
 RANDOM_WEIGHTS = "random initialisation (no pretrained weights)"
 
-
-class BackboneError(ValueError):
-    """A backbone spec or its weights cannot be used; the message names the input and the fix."""
 
 
 @dataclass

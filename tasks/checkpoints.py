@@ -25,6 +25,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from tasks.errors import CheckpointError
 from tasks import layout, storage
 from tasks.config import RunConfig
 
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be restored into this model; the message names it and the fix."""
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

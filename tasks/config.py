@@ -6,6 +6,8 @@ parameter and what to do about it.
 """
 from __future__ import annotations
 
+from tasks.errors import ConfigError
+
 import dataclasses
 import os
 import re
@@ -17,9 +19,6 @@ FineTuneMode = Literal["auto", "always", "never"]
 FINE_TUNE_MODES = ("auto", "always", "never")
 DEFAULT_CACHE_DIR = Path(os.environ.get("TLP_CACHE_DIR", Path.home() / ".cache" / "tlpipe"))
 
-
-class ConfigError(ValueError):
-    """A run parameter is invalid; the message names it and the fix."""
 
 
 def parse_classes(value: str | int | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | int | None:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tasks.errors import MissingInputError
 from tasks import layout, storage
 from tasks.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-
-class DecisionError(RuntimeError):
-    """The decision cannot be made for this run root; the message names the input and the fix."""
 
 
 FEATURE_EXTRACTION = "feature_extraction"
@@ -69,7 +67,7 @@ def decide_step(cfg: RunConfig) -> dict[str, Any]:
     """Read the run's history.json, apply the rule, write decision.json; returns the decision."""
     history_uri = cfg.artifact(*layout.HISTORY)
     if not storage.exists(history_uri):
-        raise DecisionError(f"no training history at {history_uri}; run the train step for run {cfg.run_id!r} first")
+        raise MissingInputError(f"no training history at {history_uri}; run the train step for run {cfg.run_id!r} first")
     decision = decide(storage.read_json(history_uri), cfg)
     storage.write_json(cfg.artifact(*layout.DECISION), decision)
     log.info("decision: %s — %s -> %s", "fine-tune" if decision["fine_tune"] else "skip fine-tuning",

@@ -37,8 +37,8 @@ from typing import Any, BinaryIO
 import keras
 import numpy as np
 
+from tasks.errors import BackboneError, UnsafePickleError
 from tasks import storage
-from tasks.backbones import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ DROPOUT = 0.2
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 
-
-class UnsafePickleError(BackboneError):
-    """A weights pickle asks for something other than plain tensors."""
 
 
 # --- model ---------------------------------------------------------------------------------------

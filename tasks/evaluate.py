@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.errors import EvaluationError
 from tasks import layout, model_card, report, storage
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord
@@ -24,9 +25,6 @@ log = logging.getLogger(__name__)
 MOST_CONFUSED_PAIRS = 10
 PROBABILITY_FLOOR = 1e-7  # Keras' epsilon: a confident wrong answer costs a large but finite loss
 
-
-class EvaluationError(RuntimeError):
-    """Evaluation cannot run on this run root; the message names the input and the fix."""
 
 
 def evaluate(cfg: RunConfig) -> dict:

@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import PublishError
 from tasks import layout, storage
 from tasks.config import RunConfig
 
@@ -64,9 +65,6 @@ VERSION_TIME = "%Y%m%dT%H%M%S.%fZ"  # %f as milliseconds
 RUN_HASH_CHARS = 12
 TOLERANCE = 1e-9  # accuracies are ratios of counts: absorb float error when comparing against the margin
 
-
-class PublishError(RuntimeError):
-    """Publishing or rolling back cannot go on; the message names the version or input and the fix."""
 
 
 def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:

@@ -9,6 +9,8 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 """
 from __future__ import annotations
 
+from tasks.errors import StorageError, StoreUnavailableError
+
 import functools
 import hashlib
 import json
@@ -22,9 +24,6 @@ from urllib.parse import urlparse
 S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
 S3_TIMEOUT_S = 10
 
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI and what to check."""
 
 
 def is_s3(uri: str) -> bool:
@@ -80,13 +79,18 @@ def _client(endpoint: str | None, access_key: str | None, secret_key: str | None
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
-def _s3_error(uri: str, error: Exception) -> StorageError:
-    """Translate botocore failures into one error that says what to fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+             "ServiceUnavailable", "InternalError", "503", "500", "502", "504")
+
+
+def _s3_error(uri: str, error: Exception) -> StorageError | StoreUnavailableError:
+    """Translate botocore failures into an error that says what to fix, of the kind that says whether to retry."""
+    from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, ReadTimeoutError)
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
-    if isinstance(error, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach S3 endpoint {endpoint} after {S3_RETRY_ATTEMPTS} attempts; "
+    if isinstance(error, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
+        return StoreUnavailableError(f"{uri}: cannot reach S3 endpoint {endpoint} after {S3_RETRY_ATTEMPTS} attempts; "
                             "check that the store is running and AWS_ENDPOINT_URL (or the Airflow connection) is right")
     if isinstance(error, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -99,6 +103,9 @@ def _s3_error(uri: str, error: Exception) -> StorageError:
             return StorageError(f"{uri}: bucket {split_s3(uri)[0]!r} does not exist at {endpoint}; create it first")
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageError(f"{uri}: no such object")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in THROTTLED or status >= 500 or status == 429:
+            return StoreUnavailableError(f"{uri}: {endpoint} is unavailable ({code or status}); retrying later")
         return StorageError(f"{uri}: S3 error {code}: {error}")
     return StorageError(f"{uri}: {error}")
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from tasks.errors import TrainingError
 from tasks import layout, storage
 from tasks.backbones import Backbone, load_backbone, make_optimizer
 from tasks.checkpoints import fit_resumable
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 PHASE = "feature_extraction"
 FEATURE_SPLITS = ("train", "val")
 
-
-class TrainingError(RuntimeError):
-    """Training cannot start from this run root or config; the message names the input and the fix."""
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@ import pytest
 
 from tasks import layout, storage
 from tasks.config import RunConfig
-from tasks.decide import DecisionError, decide, decide_step
+from tasks.decide import decide, decide_step
+from tasks.errors import MissingInputError
 
 
 def history(*val_accuracy: float, fine_tuned: tuple[float, ...] = ()) -> dict:
@@ -71,5 +72,5 @@ def test_step_reads_history_and_writes_decision(tmp_path):
 
 
 def test_step_without_history_says_to_train_first(tmp_path):
-    with pytest.raises(DecisionError, match="run the train step"):
+    with pytest.raises(MissingInputError, match="run the train step"):
         decide_step(RunConfig(run_root=str(tmp_path), run_id="r7"))

@@ -315,7 +315,7 @@ def test_unreachable_endpoint_fails_with_a_clear_error_in_bounded_time(s3, make_
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{seaweed.free_port()}")
 
     started = time.monotonic()
-    with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint"):
+    with pytest.raises(storage.StoreUnavailableError, match="cannot reach S3 endpoint"):
         publish.publish(cfg)
 
     assert time.monotonic() - started < 30

@@ -78,7 +78,7 @@ def test_endpoint_down_fails_after_retries(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{seaweed.free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint"):
+    with pytest.raises(storage.StoreUnavailableError, match="cannot reach S3 endpoint"):
         storage.read_bytes("s3://bucket/x")
 
 

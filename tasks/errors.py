@@ -1,0 +1,66 @@
+"""The two kinds of failure a step can raise, and the named errors of each.
+
+The DAG's retry policy names the two base classes: a `PermanentError` is bad
+input (a param, a dataset, a weights file, a missing upstream artifact) that
+no retry can fix, so the task fails at once with a message naming the input
+and the fix; a `TransientError` (a network timeout, an HTTP 5xx or throttling
+answer, an object store that is down) is retried with backoff. Anything else
+(out of memory, a lost worker) keeps Airflow's default: retried.
+"""
+from __future__ import annotations
+
+
+class PermanentError(Exception):
+    """Bad input: fix what the message names and trigger again; never retried."""
+
+
+class TransientError(Exception):
+    """A failure of something outside the pipeline that may pass: retried."""
+
+
+class ConfigError(PermanentError):
+    """A run parameter or trigger conf key is invalid."""
+
+
+class MissingInputError(PermanentError):
+    """A step's run-root input does not exist: its producer has not run for this run."""
+
+
+class DatasetError(PermanentError):
+    """A dataset source, archive, image folder or selection cannot be used."""
+
+
+class BackboneError(PermanentError):
+    """A backbone spec or its weights cannot be used."""
+
+
+class UnsafePickleError(BackboneError):
+    """A weights pickle asks for something other than plain tensors."""
+
+
+class TrainingError(PermanentError):
+    """Training cannot start from this run root or config."""
+
+
+class CheckpointError(PermanentError):
+    """A checkpoint cannot be restored into this model."""
+
+
+class EvaluationError(PermanentError):
+    """Evaluation cannot run on this run root."""
+
+
+class PublishError(PermanentError):
+    """Publishing or rolling back cannot go on."""
+
+
+class StorageError(PermanentError):
+    """An object store refuses a request for good: wrong keys, no such bucket, a key it will not take."""
+
+
+class StoreUnavailableError(TransientError):
+    """An object store cannot be reached or answers 5xx / throttling: retried."""
+
+
+class DownloadError(TransientError):
+    """A download failed on the way (timeout, connection reset, HTTP 5xx / 429): retried."""

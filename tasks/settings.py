@@ -1,0 +1,77 @@
+"""Deployment settings: what an operator sets once per Airflow deployment, not per run.
+
+Read from `TLP_*` environment variables in one place, used by the DAG, the UI
+plugin, the steps and the dev tools. Per-run choices are trigger-form params
+(tasks.config); these are the things a user triggering a run must not move:
+where runs and models live, which connection holds the store's keys, limits
+on untrusted input, and the promotion policy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "") or default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError as error:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from error
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError as error:
+        raise ValueError(f"environment variable {name}={value!r} is not a number") from error
+
+
+def _default_run_root() -> str:
+    return str(Path(_env("AIRFLOW_HOME", str(Path.home() / "airflow"))) / "tlpipe-runs")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on untrusted input, checked before the work they would cost is done."""
+
+    max_download_bytes: int = field(default_factory=lambda: _env_int("TLP_MAX_DOWNLOAD_BYTES", 20 * 2**30))
+    max_archive_bytes: int = field(default_factory=lambda: _env_int("TLP_MAX_ARCHIVE_BYTES", 50 * 2**30))
+    max_archive_members: int = field(default_factory=lambda: _env_int("TLP_MAX_ARCHIVE_MEMBERS", 2_000_000))
+    max_image_pixels: int = field(default_factory=lambda: _env_int("TLP_MAX_IMAGE_PIXELS", 64 * 2**20))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The deployment's settings, read from the environment when built."""
+
+    run_root: str = field(default_factory=lambda: _env("TLP_RUN_ROOT", _default_run_root()))
+    publish_uri: str = field(default_factory=lambda: _env("TLP_PUBLISH_URI", "s3://models"))
+    # publish locations the registry page may read (the default publish_uri is always one)
+    publish_locations: tuple[str, ...] = field(default_factory=lambda: tuple(
+        uri.strip() for uri in _env("TLP_PUBLISH_LOCATIONS", "").split(",") if uri.strip()))
+    model_store_conn_id: str = field(default_factory=lambda: _env("TLP_MODEL_STORE_CONN_ID", "model_store"))
+    cache_dir: str = field(default_factory=lambda: _env("TLP_CACHE_DIR", str(Path.home() / ".cache" / "tlpipe")))
+    retrain_schedule: str = field(default_factory=lambda: _env("TLP_RETRAIN_SCHEDULE", "0 3 * * 1"))
+    retrain_params_variable: str = "tlp_retrain_params"
+    # heavy steps can go to a GPU worker: `airflow celery worker -q gpu` and TLP_TRAIN_QUEUE=gpu
+    train_queue: str = field(default_factory=lambda: _env("TLP_TRAIN_QUEUE", "default"))
+    # promotion policy: a candidate replaces the champion only above the floor and by at least the gain
+    min_accuracy: float = field(default_factory=lambda: _env_float("TLP_MIN_ACCURACY", 0.0))
+    promotion_margin: float = field(default_factory=lambda: _env_float("TLP_PROMOTION_MARGIN", 0.0))
+    limits: Limits = field(default_factory=Limits)
+
+    def readable_publish_locations(self) -> tuple[str, ...]:
+        """Where published models may be read from by the UI: the configured ones plus the default."""
+        return tuple(dict.fromkeys((self.publish_uri, *self.publish_locations)))
+
+
+def load() -> Settings:
+    """The settings of this process's environment (read anew: tests and tools change it)."""
+    return Settings()
