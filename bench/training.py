@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 
-from tasks import layout, storage  # noqa: E402
+from tasks import artifacts, storage  # noqa: E402
 from tasks.config import RunConfig  # noqa: E402
 
-TRAINING_OUTPUTS = (layout.FEATURES, layout.CHECKPOINTS, layout.TENSORBOARD, ("model",), ("train",))
+TRAINING_OUTPUTS = (artifacts.FEATURES.parts, artifacts.CHECKPOINTS.parts, artifacts.TENSORBOARD.parts, ("model",), ("train",))
 
 
 @dataclasses.dataclass
@@ -72,8 +72,8 @@ def test_accuracy(cfg: RunConfig, model_parts: tuple[str, ...]) -> float:
     from tasks.predict import predict_records
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as scratch:
-        model = keras.models.load_model(storage.download(cfg.artifact(*model_parts), Path(scratch, "m.keras")))
-        test = storage.download(cfg.artifact(*layout.split_records("test")), Path(scratch, "test.tfrecord"))
+        model = keras.models.load_model(storage.download(cfg.artifact(model_parts), Path(scratch, "m.keras")))
+        test = storage.download(cfg.artifact(artifacts.split_records("test")), Path(scratch, "test.tfrecord"))
         probabilities, labels, _ = predict_records(model, test, cfg.batch_size)
     return float((probabilities.argmax(axis=1) == labels).mean())
 
@@ -81,7 +81,7 @@ def test_accuracy(cfg: RunConfig, model_parts: tuple[str, ...]) -> float:
 def fresh(cfg: RunConfig) -> None:
     """Remove an earlier bench's training outputs so nothing resumes from them (the data stays)."""
     for parts in TRAINING_OUTPUTS:
-        storage.delete(cfg.artifact(*parts))
+        storage.delete(storage.join(cfg.run_uri, *parts))
 
 
 def main() -> None:
@@ -102,9 +102,9 @@ def main() -> None:
     cfg = RunConfig(source="idx://fashion_mnist", train_percent=10, val_fraction=0.1, test_percent=100,
                     backbone="efficientnet_lite0", image_size=96, epochs=args.epochs, patience=args.epochs,
                     fine_tune_epochs=max(args.fine_tune_epochs, 1), run_root=args.run_root, run_id="bench-training")
-    if not storage.exists(cfg.artifact(*layout.MANIFEST)):
+    if not storage.exists(cfg.artifact(artifacts.MANIFEST)):
         subsample(cfg)
-    counts = storage.read_json(cfg.artifact(*layout.MANIFEST))["counts"]
+    counts = storage.read_json(cfg.artifact(artifacts.MANIFEST))["counts"]
     sizes = {split: sum(per_class.values()) for split, per_class in counts.items()}
     fresh(cfg)
 
@@ -118,8 +118,8 @@ def main() -> None:
         "feature_extraction": {"epochs": trained["epochs_run"], **train_time.as_dict(),
                                "ratio_to_forward": train_time.ratio(forward),
                                "val_accuracy": trained["val_accuracy"],
-                               "test_accuracy": test_accuracy(cfg, layout.FEATURE_EXTRACTION_MODEL)},
-        "decision_with_default_rule": decide(storage.read_json(cfg.artifact(*layout.HISTORY)),
+                               "test_accuracy": test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL)},
+        "decision_with_default_rule": decide(storage.read_json(cfg.artifact(artifacts.HISTORY)),
                                              RunConfig())["reason"],
     }
     if args.fine_tune_epochs:
@@ -127,19 +127,19 @@ def main() -> None:
         results["fine_tune"] = {"epochs": tuned["epochs_run"], **tune_time.as_dict(),
                                 "unfrozen_layers": len(tuned["unfrozen_layers"]),
                                 "val_accuracy": tuned["val_accuracy_after"], "kept": tuned["kept"],
-                                "test_accuracy": test_accuracy(cfg, layout.FINE_TUNED_MODEL)}
+                                "test_accuracy": test_accuracy(cfg, artifacts.FINE_TUNED_MODEL)}
     if args.augment_epochs:
         augmented = dataclasses.replace(cfg, run_id="bench-training-augment", augment=True,
                                         epochs=args.augment_epochs, patience=args.augment_epochs)
         fresh(augmented)
         with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-            storage.upload(storage.download(cfg.artifact("data"), Path(scratch)), augmented.artifact("data"))
+            storage.upload(storage.download(storage.join(cfg.run_uri, "data"), Path(scratch)), storage.join(augmented.run_uri, "data"))
         result, augment_time = timed(train, augmented)
         results["augmented_feature_extraction"] = {
             "epochs": result["epochs_run"], **augment_time.as_dict(),
             "ratio_to_forward": augment_time.ratio(forward),
             "val_accuracy": result["val_accuracy"],
-            "test_accuracy": test_accuracy(augmented, layout.FEATURE_EXTRACTION_MODEL)}
+            "test_accuracy": test_accuracy(augmented, artifacts.FEATURE_EXTRACTION_MODEL)}
     print(json.dumps(results, indent=2))
 
 

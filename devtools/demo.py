@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from devtools import seaweed
-from tasks import layout
+from tasks import artifacts
 from tasks.config import RunConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -76,20 +76,20 @@ def summary(started: float, store: seaweed.SeaweedServer) -> str:
         return f"No run directory under {RUN_ROOT} was written: see the task logs above."
     run_dir = max(runs, key=lambda p: p.stat().st_mtime)
     lines = [f"Run artifacts: {run_dir}"]
-    metrics_path = run_dir.joinpath(*layout.METRICS)
+    metrics_path = run_dir.joinpath(*artifacts.METRICS.parts)
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         lines.append(f"Test accuracy: {metrics['accuracy']:.4f} on {metrics.get('n_test', '?')} test images")
-    decision_path = run_dir.joinpath(*layout.DECISION)
+    decision_path = run_dir.joinpath(*artifacts.DECISION.parts)
     if decision_path.exists():
         decision = json.loads(decision_path.read_text())
         lines.append(f"Fine-tuning {'ran' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
-    published_path = run_dir.joinpath(*layout.PUBLISHED)
+    published_path = run_dir.joinpath(*artifacts.PUBLISHED.parts)
     if published_path.exists():
         published = json.loads(published_path.read_text())
         state = "promoted to champion" if published.get("promoted") else "not promoted"
         lines.append(f"Published: {published['version_uri']} ({state}: {published.get('reason', '')})")
-    report = run_dir.joinpath(*layout.REPORT, "index.html")
+    report = run_dir.joinpath(*artifacts.REPORT.parts, "index.html")
     if report.exists():
         lines.append(f"Report: {report}")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import ConfigError, RunConfig, safe_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ URL_PREFIX = "/ml-reports"
 MODEL_STORE_CONN_ID = os.environ.get("TLP_MODEL_STORE_CONN_ID", "model_store")  # as in dags/transfer_learning.py
 REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry page asks for
 # what a run page may serve from the run root: the report folder and its two linked siblings
-SERVED = (layout.REPORT, layout.MODEL_CARD, layout.METRICS)
+SERVED = (artifacts.REPORT.parts, artifacts.MODEL_CARD.parts, artifacts.METRICS.parts)
 REPORT_INDEX = "index.html"
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; form-action 'self'; "
        "frame-ancestors 'self'; base-uri 'none'")
@@ -71,7 +71,7 @@ async def _error_page(request: Request, error: StarletteHTTPException) -> HTMLRe
 def run_file(dag_id: str, run_id: str, path: str, session: SessionDep) -> Response:
     """A file of a run's evaluation, by its path under the run root (`eval/report/` = the report page)."""
     parts = _parts(path)
-    if parts == layout.REPORT and not path.endswith("/"):
+    if parts == artifacts.REPORT.parts and not path.endswith("/"):
         return RedirectResponse(f"{parts[-1]}/", status.HTTP_307_TEMPORARY_REDIRECT)
     if path.endswith("/"):
         parts += (REPORT_INDEX,)
@@ -81,7 +81,7 @@ def run_file(dag_id: str, run_id: str, path: str, session: SessionDep) -> Respon
     uri = storage.join(_run_uri(dag_id, run_id, session), *parts)
     data = _read(uri, f"run {run_id!r} of DAG {dag_id!r} has no {'/'.join(parts)} (looked for {uri}); "
                       "the report appears when the run's evaluate task has succeeded")
-    if parts == layout.MODEL_CARD:
+    if parts == artifacts.MODEL_CARD.parts:
         return _page(f"Model card: {run_id}", _markdown(data.decode("utf-8")))
     return Response(data, media_type=_media_type(parts[-1]), headers={"Content-Security-Policy": CSP,
                                                                        "X-Content-Type-Options": "nosniff"})
@@ -224,7 +224,7 @@ class MLReportsPlugin(AirflowPlugin):
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "ML reports"}]
     external_views = [
         {"name": "Evaluation report", "destination": "dag_run", "url_route": "ml-report",
-         "href": f"{URL_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}/{'/'.join(layout.REPORT)}/"},
+         "href": f"{URL_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}/{artifacts.REPORT.path}/"},
         {"name": "Model registry", "destination": "nav", "category": "browse", "url_route": "model-registry",
          "href": f"{URL_PREFIX}/registry"},
     ]

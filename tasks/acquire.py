@@ -55,9 +55,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from tasks.errors import DatasetError
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tasks.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
         "counts": folder.counts(),
         "sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
     }
-    uri = cfg.artifact(*layout.ACQUIRED)
+    uri = cfg.artifact(artifacts.ACQUIRED)
     storage.write_json(uri, summary)
     totals = {split: sum(per_class.values()) for split, per_class in summary["counts"].items()}
     log.info("acquired %s at %s: %d classes, %s -> %s", cfg.source, root, len(folder.classes),

@@ -29,9 +29,9 @@ from typing import Callable
 
 import keras
 
-from tasks.errors import BackboneError
 from tasks import storage
 from tasks.config import DEFAULT_CACHE_DIR
+from tasks.errors import BackboneError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks.errors import CheckpointError
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tasks.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def fit_resumable(model: keras.Model, cfg: RunConfig, *, phase: str, first_epoch
     whose order depends only on the epoch number); the epochs still to run are
     concatenated into one stream that fit() reads `steps_per_epoch` batches at a time.
     """
-    checkpointer = Checkpointer(cfg.artifact(*layout.CHECKPOINTS, phase), scratch / "checkpoint", fingerprint)
+    checkpointer = Checkpointer(cfg.artifact(artifacts.CHECKPOINTS, phase), scratch / "checkpoint", fingerprint)
     early_stopping = ResumableEarlyStopping(cfg.patience, cfg.min_delta)
-    tensorboard_uri = cfg.artifact(*layout.TENSORBOARD, phase)
+    tensorboard_uri = cfg.artifact(artifacts.TENSORBOARD, phase)
     resume = checkpointer.restore(model, early_stopping)
     start, history = (resume.epoch, resume.history) if resume else (first_epoch, [])
     finished = start >= last_epoch or early_stopping.stopped_epoch > 0

@@ -6,14 +6,17 @@ parameter and what to do about it.
 """
 from __future__ import annotations
 
-from tasks.errors import ConfigError
-
 import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tasks.artifacts import Artifact
 
 FineTuneMode = Literal["auto", "always", "never"]
 FINE_TUNE_MODES = ("auto", "always", "never")
@@ -149,11 +152,11 @@ class RunConfig:
 
         return storage.join(self.run_root, safe_name(self.run_id))
 
-    def artifact(self, *parts: str) -> str:
-        """URI of an artifact of this run, e.g. `cfg.artifact("data", "manifest.json")`."""
+    def artifact(self, artifact: "Artifact", *below: str) -> str:
+        """URI of a catalogued artifact of this run (or of a file below it), e.g. `cfg.artifact(artifacts.MANIFEST)`."""
         from tasks import storage
 
-        return storage.join(self.run_uri, *parts)
+        return storage.join(self.run_uri, *artifact.parts, *below)
 
 
 def safe_name(run_id: str) -> str:

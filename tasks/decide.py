@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.errors import MissingInputError
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tasks.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ def _rule(curve: list[float], best: float | None, cfg: RunConfig) -> tuple[bool,
 
 def decide_step(cfg: RunConfig) -> dict[str, Any]:
     """Read the run's history.json, apply the rule, write decision.json; returns the decision."""
-    history_uri = cfg.artifact(*layout.HISTORY)
+    history_uri = cfg.artifact(artifacts.HISTORY)
     if not storage.exists(history_uri):
         raise MissingInputError(f"no training history at {history_uri}; run the train step for run {cfg.run_id!r} first")
     decision = decide(storage.read_json(history_uri), cfg)
-    storage.write_json(cfg.artifact(*layout.DECISION), decision)
+    storage.write_json(cfg.artifact(artifacts.DECISION), decision)
     log.info("decision: %s — %s -> %s", "fine-tune" if decision["fine_tune"] else "skip fine-tuning",
-             decision["reason"], cfg.artifact(*layout.DECISION))
+             decision["reason"], cfg.artifact(artifacts.DECISION))
     return decision

@@ -37,8 +37,8 @@ from typing import Any, BinaryIO
 import keras
 import numpy as np
 
-from tasks.errors import BackboneError, UnsafePickleError
 from tasks import storage
+from tasks.errors import BackboneError, UnsafePickleError
 
 log = logging.getLogger(__name__)
 

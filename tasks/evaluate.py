@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.errors import EvaluationError
-from tasks import layout, model_card, report, storage
+from tasks import artifacts, model_card, report, storage
 from tasks.config import RunConfig
+from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
 from tasks.predict import predict_records
 
@@ -36,9 +36,9 @@ def evaluate(cfg: RunConfig) -> dict:
     classes = list(record.manifest["classes"])
     with tempfile.TemporaryDirectory(prefix="tlp-evaluate-") as scratch_dir:
         scratch = Path(scratch_dir)
-        model = _load_model(_stage_in(cfg.artifact(*layout.MODEL), scratch / "model.keras",
+        model = _load_model(_stage_in(cfg.artifact(artifacts.MODEL), scratch / "model.keras",
                                       "run train (and fine-tune) for this run first"))
-        test_path = _stage_in(cfg.artifact(*layout.split_records("test")), scratch / "test.tfrecord",
+        test_path = _stage_in(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord",
                               "run subsample for this run first")
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
 
@@ -53,9 +53,9 @@ def evaluate(cfg: RunConfig) -> dict:
         card = model_card.render(cfg, metrics, record)
         report_dir = report.write_report(scratch / "report", cfg, metrics, record, predictions=predictions,
                                          wrong=wrong, pairs=pairs, test_records=test_path, model_card=card)
-        storage.upload(report_dir, cfg.artifact(*layout.REPORT))
-    storage.write_text(cfg.artifact(*layout.MODEL_CARD), card)
-    storage.write_json(cfg.artifact(*layout.METRICS), metrics)
+        storage.upload(report_dir, cfg.artifact(artifacts.REPORT))
+    storage.write_text(cfg.artifact(artifacts.MODEL_CARD), card)
+    storage.write_json(cfg.artifact(artifacts.METRICS), metrics)
 
     result = {
         "accuracy": metrics["accuracy"],
@@ -65,13 +65,13 @@ def evaluate(cfg: RunConfig) -> dict:
         "n_test": metrics["n_test"],
         "n_wrong": len(wrong),
         "worst_class": model_card.worst_classes(metrics, 1)[0],
-        "metrics_uri": cfg.artifact(*layout.METRICS),
-        "report_uri": cfg.artifact(*layout.REPORT, report.INDEX),
-        "model_card_uri": cfg.artifact(*layout.MODEL_CARD),
+        "metrics_uri": cfg.artifact(artifacts.METRICS),
+        "report_uri": cfg.artifact(artifacts.REPORT, report.INDEX),
+        "model_card_uri": cfg.artifact(artifacts.MODEL_CARD),
     }
     log.info("evaluate: accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d test images (%d wrong, worst class %s); "
              "wrote %s", result["accuracy"], result["top_k"], result["top_k_accuracy"], result["macro_f1"],
-             result["n_test"], result["n_wrong"], result["worst_class"], cfg.artifact("eval"))
+             result["n_test"], result["n_wrong"], result["worst_class"], storage.join(cfg.run_uri, "eval"))
     return result
 
 
@@ -177,14 +177,14 @@ def confusion_pairs(confusion: np.ndarray, classes: list[str], top: int) -> list
 
 
 def _load_record(cfg: RunConfig) -> RunRecord:
-    manifest_uri = cfg.artifact(*layout.MANIFEST)
+    manifest_uri = cfg.artifact(artifacts.MANIFEST)
     if not storage.exists(manifest_uri):
         raise EvaluationError(f"{manifest_uri}: no data manifest; run subsample for this run first")
     return RunRecord(
         manifest=storage.read_json(manifest_uri),
-        history=_read_optional(cfg.artifact(*layout.HISTORY)),
-        decision=_read_optional(cfg.artifact(*layout.DECISION)),
-        summary=_read_optional(cfg.artifact(*layout.TRAIN_SUMMARY)),
+        history=_read_optional(cfg.artifact(artifacts.HISTORY)),
+        decision=_read_optional(cfg.artifact(artifacts.DECISION)),
+        summary=_read_optional(cfg.artifact(artifacts.TRAIN_SUMMARY)),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import keras
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.backbones import load_backbone, set_trainable_top
 from tasks.checkpoints import fit_resumable
 from tasks.config import RunConfig
@@ -47,7 +47,7 @@ def fine_tune(cfg: RunConfig) -> dict[str, Any]:
     strategy = distribution_strategy()
     with tempfile.TemporaryDirectory(prefix="tlp-fine-tune-") as scratch_dir, strategy.scope():
         scratch = Path(scratch_dir)
-        trained = keras.models.load_model(storage.download(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL),
+        trained = keras.models.load_model(storage.download(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
                                                            scratch / FEATURE_EXTRACTION_FILE), compile=False)
         backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
         backbone.model.set_weights(trained.get_layer(backbone.model.name).get_weights())
@@ -65,14 +65,14 @@ def fine_tune(cfg: RunConfig) -> dict[str, Any]:
         kept = KEPT_FINE_TUNED if after > before else FEATURE_EXTRACTION
         _save_models(cfg, compose(backbone, head), kept, scratch)
     seconds = round(time.monotonic() - started, 2)
-    storage.write_json(cfg.artifact(*layout.HISTORY),
+    storage.write_json(cfg.artifact(artifacts.HISTORY),
                        {"epochs": earlier + result.history, "fine_tune_start_epoch": start + 1})
     summary["kept"] = kept
     summary["val_accuracy"][KEPT_FINE_TUNED] = after
     summary["phases"][PHASE] = {**result.record(seconds), "learning_rate": learning_rate,
                                 "unfrozen_layers": unfrozen}
-    storage.write_json(cfg.artifact(*layout.TRAIN_SUMMARY), summary)
-    model_uri = cfg.artifact(*layout.MODEL)
+    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), summary)
+    model_uri = cfg.artifact(artifacts.MODEL)
     log.info("fine-tuning: %s in %.1f s, %d layers unfrozen, val_accuracy %.4f before -> kept %s -> %s",
              result.describe(), seconds, len(unfrozen), before, kept, model_uri)
     return {"model_uri": model_uri, "kept": kept, "val_accuracy_before": before, "val_accuracy_after": after,
@@ -82,18 +82,18 @@ def fine_tune(cfg: RunConfig) -> dict[str, Any]:
 
 def _save_models(cfg: RunConfig, fine_tuned: keras.Model, kept: str, scratch: Path) -> None:
     """fine_tuned.keras always; model.keras becomes whichever model was kept (a rerun may flip it back)."""
-    uris = [cfg.artifact(*layout.FINE_TUNED_MODEL)]
+    uris = [cfg.artifact(artifacts.FINE_TUNED_MODEL)]
     if kept == KEPT_FINE_TUNED:
-        uris.append(cfg.artifact(*layout.MODEL))
+        uris.append(cfg.artifact(artifacts.MODEL))
     save_model(fine_tuned, scratch, *uris)
     if kept == FEATURE_EXTRACTION:
-        storage.upload(scratch / FEATURE_EXTRACTION_FILE, cfg.artifact(*layout.MODEL))
+        storage.upload(scratch / FEATURE_EXTRACTION_FILE, cfg.artifact(artifacts.MODEL))
 
 
 def _read_feature_extraction(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The train step's summary and history; fine-tuning needs both."""
-    uris = [cfg.artifact(*layout.TRAIN_SUMMARY), cfg.artifact(*layout.HISTORY),
-            cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL)]
+    uris = [cfg.artifact(artifacts.TRAIN_SUMMARY), cfg.artifact(artifacts.HISTORY),
+            cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)]
     missing = [uri for uri in uris if not storage.exists(uri)]
     if missing:
         raise TrainingError(f"no feature-extraction result at {', '.join(missing)}; run the train step for run "

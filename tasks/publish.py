@@ -38,9 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PublishError
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tasks.errors import PublishError
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ PARAMS_FILE = "params.json"
 SAVED_MODEL_DIR = "saved_model"
 # what the run root must hold, and the name each input gets inside a version
 INPUTS = {
-    MODEL_FILE: (layout.MODEL, "run train (and fine-tune) for this run first"),
-    METRICS_FILE: (layout.METRICS, "run evaluate for this run first"),
-    "report": (layout.REPORT, "run evaluate for this run first"),
-    "model_card.md": (layout.MODEL_CARD, "run evaluate for this run first"),
-    MANIFEST_FILE: (layout.MANIFEST, "run subsample for this run first"),
+    MODEL_FILE: artifacts.MODEL,
+    METRICS_FILE: artifacts.METRICS,
+    "report": artifacts.REPORT,
+    "model_card.md": artifacts.MODEL_CARD,
+    MANIFEST_FILE: artifacts.MANIFEST,
 }
 TEST_SPLIT = "test"
 VERSION_TIME = "%Y%m%dT%H%M%S.%fZ"  # %f as milliseconds
@@ -97,7 +97,7 @@ def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
             _upload_verified(stage, version_uri)
         decision = _recorded_decision(model_root, version)
         if decision is None:
-            test_records = storage.download(cfg.artifact(*layout.split_records(TEST_SPLIT)),
+            test_records = storage.download(cfg.artifact(artifacts.split_records(TEST_SPLIT)),
                                             scratch / f"{TEST_SPLIT}.tfrecord")
             decision = _decide(cfg, model_root, version, metrics, test_records, scratch)
         else:
@@ -109,7 +109,7 @@ def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
              decision["reason"])
     result = {key: decision[key] for key in ("version", "version_uri", "promoted", "reason", "new_accuracy",
                                              "champion_accuracy", "champion_version")}
-    storage.write_json(cfg.artifact(*layout.PUBLISHED), result)
+    storage.write_json(cfg.artifact(artifacts.PUBLISHED), result)
     return result
 
 
@@ -204,14 +204,8 @@ def read_champion(publish_uri: str, model_name: str) -> dict | None:
 
 def _run_inputs(cfg: RunConfig) -> dict[str, str]:
     """The run-root URIs publish stages in, checked up front so a missing one fails before any upload."""
-    inputs = {name: cfg.artifact(*parts) for name, (parts, _) in INPUTS.items()}
-    missing = [f"{inputs[name]} ({fix})" for name, (_, fix) in INPUTS.items() if not storage.exists(inputs[name])]
-    test_records = cfg.artifact(*layout.split_records(TEST_SPLIT))
-    if not storage.exists(test_records):
-        missing.append(f"{test_records} (run subsample for this run first)")
-    if missing:
-        raise PublishError(f"cannot publish run {cfg.run_id!r}: missing {'; '.join(missing)}")
-    return inputs
+    uris = artifacts.require(cfg, *INPUTS.values(), artifacts.split_records(TEST_SPLIT))
+    return dict(zip(INPUTS, uris))
 
 
 def _check_metrics(metrics: dict, manifest: dict, evaluation: dict | None) -> None:

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tasks import layout, records, storage
+from tasks import artifacts, records, storage
 from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
 from tasks.config import RunConfig
 
@@ -69,8 +69,8 @@ def subsample(cfg: RunConfig) -> dict[str, Any]:
             local = Path(scratch, f"{split}.tfrecord")
             records.write_records(local, (((root / f["path"]).read_bytes(), f["label"], f["path"])
                                           for f in kept[split]))
-            storage.upload(local, cfg.artifact(*layout.split_records(split)))
-    uri = cfg.artifact(*layout.MANIFEST)
+            storage.upload(local, cfg.artifact(artifacts.split_records(split)))
+    uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
     log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", cfg.source, len(classes),

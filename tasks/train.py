@@ -26,11 +26,11 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks.errors import TrainingError
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.backbones import Backbone, load_backbone, make_optimizer
 from tasks.checkpoints import fit_resumable
 from tasks.config import RunConfig
+from tasks.errors import TrainingError
 from tasks.head import augmentation, build_head, compose
 from tasks.records import image_dataset
 
@@ -67,16 +67,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
                                fingerprint=fingerprint(cfg, backbone, manifest, PHASE), scratch=scratch)
         classifier = compose(backbone, head)
-        save_model(classifier, scratch, cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL), cfg.artifact(*layout.MODEL))
+        save_model(classifier, scratch, cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), cfg.artifact(artifacts.MODEL))
     seconds = round(time.monotonic() - started, 2)
-    storage.write_json(cfg.artifact(*layout.HISTORY), {"epochs": result.history, "fine_tune_start_epoch": None})
-    storage.write_json(cfg.artifact(*layout.TRAIN_SUMMARY), {
+    storage.write_json(cfg.artifact(artifacts.HISTORY), {"epochs": result.history, "fine_tune_start_epoch": None})
+    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
         "backbone": backbone.name, "weights_source": backbone.weights_source, "feature_dim": backbone.feature_dim,
         "kept": PHASE,
         "phases": {PHASE: {**result.record(seconds), "augment": cfg.augment}},
         "val_accuracy": {PHASE: result.best_val_accuracy, "fine_tuned": None},
     })
-    model_uri = cfg.artifact(*layout.MODEL)
+    model_uri = cfg.artifact(artifacts.MODEL)
     log.info("feature extraction: %s in %.1f s -> %s", result.describe(), seconds, model_uri)
     return {"model_uri": model_uri, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy, "val_accuracy": result.best_val_accuracy,
@@ -102,7 +102,7 @@ def distribution_strategy():
 
 def read_manifest(cfg: RunConfig) -> dict[str, Any]:
     """The subsample manifest, plus its sha256 (checkpoints and cached features are only valid for that data)."""
-    uri = cfg.artifact(*layout.MANIFEST)
+    uri = cfg.artifact(artifacts.MANIFEST)
     if not storage.exists(uri):
         raise TrainingError(f"no manifest at {uri}; run the subsample step for run {cfg.run_id!r} first")
     data = storage.read_bytes(uri)
@@ -127,7 +127,7 @@ def fingerprint(cfg: RunConfig, backbone: Backbone, manifest: dict[str, Any], ph
 
 def stage_records(cfg: RunConfig, split: str, scratch: Path) -> Path:
     """A local copy of one split's TFRecord file (TensorFlow reads local files)."""
-    uri = cfg.artifact(*layout.split_records(split))
+    uri = cfg.artifact(artifacts.split_records(split))
     if not storage.exists(uri):
         raise TrainingError(f"no {split} split at {uri}; run the subsample step for run {cfg.run_id!r} first")
     return storage.download(uri, scratch / "data" / f"{split}.tfrecord")
@@ -241,8 +241,8 @@ def cached_features(cfg: RunConfig, backbone: Backbone, manifest: dict[str, Any]
     """Train and validation features from the run root, computed (once) if missing or made by another backbone."""
     key = {"backbone": cfg.backbone, "weights": backbone.weights_source, "image_size": cfg.image_size,
            "data": manifest["sha256"]}
-    meta_uri = cfg.artifact(*layout.FEATURES, "meta.json")
-    uris = {split: cfg.artifact(*layout.FEATURES, f"{split}.npz") for split in FEATURE_SPLITS}
+    meta_uri = cfg.artifact(artifacts.FEATURES, "meta.json")
+    uris = {split: cfg.artifact(artifacts.FEATURES, f"{split}.npz") for split in FEATURE_SPLITS}
     local = {split: scratch / "features" / f"{split}.npz" for split in FEATURE_SPLITS}
     reuse = storage.exists(meta_uri) and storage.read_json(meta_uri) == key
     started = time.monotonic()
@@ -262,7 +262,7 @@ def cached_features(cfg: RunConfig, backbone: Backbone, manifest: dict[str, Any]
             features[split] = (stored["features"], stored["labels"])
     log.info("%s features of %d train + %d val images (%s) in %.1f s -> %s",
              "reused" if reuse else "computed", len(features["train"][1]), len(features["val"][1]),
-             backbone.name, time.monotonic() - started, cfg.artifact(*layout.FEATURES))
+             backbone.name, time.monotonic() - started, cfg.artifact(artifacts.FEATURES))
     return features
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import write_image_folder
-from tasks import layout, report, storage
+from tasks import artifacts, report, storage
 from tasks.config import RunConfig
 from tasks.records import write_records
 
@@ -101,10 +101,10 @@ def fine_tune_marker_pixels(curves_png: Path) -> int:
 def write_run(cfg: RunConfig, work: Path) -> None:
     """Everything evaluate reads, under cfg's run root (local or s3://)."""
     write_test_records(work / "test.tfrecord", work)
-    storage.upload(work / "test.tfrecord", cfg.artifact(*layout.split_records("test")))
+    storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("test")))
     colour_model().save(work / "model.keras")
-    storage.upload(work / "model.keras", cfg.artifact(*layout.MODEL))
-    storage.write_json(cfg.artifact(*layout.MANIFEST), manifest())
-    storage.write_json(cfg.artifact(*layout.HISTORY), history())
-    storage.write_json(cfg.artifact(*layout.DECISION), decision())
-    storage.write_json(cfg.artifact(*layout.TRAIN_SUMMARY), summary())
+    storage.upload(work / "model.keras", cfg.artifact(artifacts.MODEL))
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), manifest())
+    storage.write_json(cfg.artifact(artifacts.HISTORY), history())
+    storage.write_json(cfg.artifact(artifacts.DECISION), decision())
+    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), summary())

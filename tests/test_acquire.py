@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tasks import acquire as acq
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
 from tasks.subsample import subsample
@@ -53,7 +53,7 @@ def test_acquire_summarises_classes_splits_and_counts(image_folder, tmp_path):
     cfg = RunConfig(source=str(image_folder), run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
     result = acquire(cfg)
     assert result == {"source": str(image_folder), "n_classes": 3, "counts": {"test": 12, "train": 36},
-                      "uri": cfg.artifact(*layout.ACQUIRED)}
+                      "uri": cfg.artifact(artifacts.ACQUIRED)}
     summary = storage.read_json(result["uri"])
     assert summary["classes"] == ["apple", "banana", "cherry"]
     assert summary["splits"] == ["test", "train"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from tasks import artifacts
 from tasks.config import ConfigError, RunConfig, parse_classes, safe_name
 
 
@@ -30,7 +31,7 @@ def test_from_params_ignores_foreign_keys_and_maps_zero_target_to_none():
 
 def test_artifacts_are_keyed_by_a_path_safe_run_id():
     cfg = RunConfig(run_root="s3://bucket/runs", run_id="manual__2026-11-22T08:00:00+00:00")
-    assert cfg.artifact("data", "manifest.json") == (
+    assert cfg.artifact(artifacts.MANIFEST) == (
         "s3://bucket/runs/manual__2026-11-22T08_00_00_00_00/data/manifest.json")
     assert safe_name("a/b:c") == "a_b_c"
 

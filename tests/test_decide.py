@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import RunConfig
 from tasks.decide import decide, decide_step
 from tasks.errors import MissingInputError
@@ -63,12 +63,12 @@ def test_decision_records_the_rule_it_applied():
 
 def test_step_reads_history_and_writes_decision(tmp_path):
     cfg = RunConfig(run_root=str(tmp_path))
-    storage.write_json(cfg.artifact(*layout.HISTORY), PLATEAU)
+    storage.write_json(cfg.artifact(artifacts.HISTORY), PLATEAU)
 
     result = decide_step(cfg)
 
     assert result["fine_tune"] is True
-    assert storage.read_json(cfg.artifact(*layout.DECISION)) == result
+    assert storage.read_json(cfg.artifact(artifacts.DECISION)) == result
 
 
 def test_step_without_history_says_to_train_first(tmp_path):

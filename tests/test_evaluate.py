@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
                             predictions_table)
 from tests import evaluation_fixtures as fx
@@ -102,7 +102,7 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     assert result["n_test"] == 12 and result["n_wrong"] == 4
     assert result["accuracy"] == pytest.approx(8 / 12)
     assert result["worst_class"] == "cherry"
-    assert result["report_uri"] == cfg.artifact(*layout.REPORT, "index.html")
+    assert result["report_uri"] == cfg.artifact(artifacts.REPORT, "index.html")
     metrics = storage.read_json(result["metrics_uri"])
     assert set(metrics) == METRICS_KEYS
     assert metrics["top_k_accuracy"]["k"] == 2
@@ -110,7 +110,7 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     assert metrics["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [4, 0, 0]]
     assert metrics["most_confused_pairs"] == [{"true": "cherry", "predicted": "apple", "count": 4, "share": 1.0}]
 
-    report_dir = storage.local_path(cfg.artifact(*layout.REPORT))
+    report_dir = storage.local_path(cfg.artifact(artifacts.REPORT))
     assert {path.name for path in report_dir.iterdir()} == REPORT_FILES
     predictions = pd.read_csv(report_dir / "predictions.csv")
     assert len(predictions) == 12
@@ -153,21 +153,21 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
     result = evaluate(cfg)
 
     assert result["report_uri"].startswith(s3_bucket)
-    listed = storage.list_files(cfg.artifact("eval"))
+    listed = storage.list_files(storage.join(cfg.run_uri, "eval"))
     names = {uri.rsplit("/", 1)[1] for uri in listed}
     assert names == REPORT_FILES | {"metrics.json", "model_card.md"}
     assert set(storage.read_json(result["metrics_uri"])) == METRICS_KEYS
     assert storage.read_text(result["report_uri"]).count("<figure>") == cfg.top_k_wrong
-    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(cfg.artifact(*layout.REPORT, "predictions.csv"))))
+    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.REPORT, "predictions.csv"))))
     assert len(predictions) == 12
 
 
 def test_evaluate_without_decision_or_fine_tune(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
-    storage.delete(cfg.artifact(*layout.DECISION))
-    storage.delete(cfg.artifact(*layout.TRAIN_SUMMARY))
-    storage.write_json(cfg.artifact(*layout.HISTORY), fx.history(fine_tune_start=None))
+    storage.delete(cfg.artifact(artifacts.DECISION))
+    storage.delete(cfg.artifact(artifacts.TRAIN_SUMMARY))
+    storage.write_json(cfg.artifact(artifacts.HISTORY), fx.history(fine_tune_start=None))
 
     result = evaluate(cfg)
 
@@ -175,16 +175,16 @@ def test_evaluate_without_decision_or_fine_tune(tmp_path):
     assert "Plateau decision: not recorded" in card
     assert f"Backbone: {cfg.backbone}" in card
     assert "Plateau decision: not recorded" in storage.read_text(result["report_uri"])
-    assert fx.fine_tune_marker_pixels(storage.local_path(cfg.artifact(*layout.REPORT, "curves.png"))) == 0
+    assert fx.fine_tune_marker_pixels(storage.local_path(cfg.artifact(artifacts.REPORT, "curves.png"))) == 0
 
 
-@pytest.mark.parametrize("artifact", [layout.MODEL, layout.split_records("test"), layout.MANIFEST])
+@pytest.mark.parametrize("artifact", [artifacts.MODEL, artifacts.split_records("test"), artifacts.MANIFEST])
 def test_missing_input_error_names_its_uri(tmp_path, artifact):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
-    storage.delete(cfg.artifact(*artifact))
+    storage.delete(cfg.artifact(artifact))
 
-    with pytest.raises(EvaluationError, match=re.escape(cfg.artifact(*artifact)) + ".*run "):
+    with pytest.raises(EvaluationError, match=re.escape(cfg.artifact(artifact)) + ".*run "):
         evaluate(cfg)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tests.test_train import metrics_of, tiny_run
 
-from tasks import checkpoints, layout, storage
+from tasks import checkpoints, artifacts, storage
 
 BACKBONE = "efficientnet_lite0"
 
@@ -57,8 +57,8 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
     from tasks.backbones import load_backbone, set_trainable_top
 
     cfg, result = fine_tuned
-    before = backbone_weights(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL))
-    after = backbone_weights(cfg.artifact(*layout.FINE_TUNED_MODEL))
+    before = backbone_weights(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
+    after = backbone_weights(cfg.artifact(artifacts.FINE_TUNED_MODEL))
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     assert set_trainable_top(reference, cfg.fine_tune_layers) == result["unfrozen_layers"]
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
@@ -77,15 +77,15 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
 def test_history_continues_across_phases_and_the_better_model_is_kept(fine_tuned):
     cfg, result = fine_tuned
 
-    history = storage.read_json(cfg.artifact(*layout.HISTORY))
+    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
     assert [(e["epoch"], e["phase"]) for e in history["epochs"]] == [
         (1, "feature_extraction"), (2, "fine_tune"), (3, "fine_tune")]
     assert history["fine_tune_start_epoch"] == 2
     assert result["val_accuracy_after"] > result["val_accuracy_before"]  # 1 head epoch leaves room
     assert result["kept"] == "fine_tuned"
-    assert storage.read_bytes(cfg.artifact(*layout.MODEL)) == storage.read_bytes(
-        cfg.artifact(*layout.FINE_TUNED_MODEL))
-    summary = storage.read_json(cfg.artifact(*layout.TRAIN_SUMMARY))
+    assert storage.read_bytes(cfg.artifact(artifacts.MODEL)) == storage.read_bytes(
+        cfg.artifact(artifacts.FINE_TUNED_MODEL))
+    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
     assert summary["kept"] == "fine_tuned"
     assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy_before"],
                                        "fine_tuned": result["val_accuracy_after"]}
@@ -101,9 +101,9 @@ def test_feature_extraction_model_stays_when_fine_tuning_does_not_beat_it(featur
 
     assert result["val_accuracy_after"] == result["val_accuracy_before"]
     assert result["kept"] == "feature_extraction"
-    assert storage.read_bytes(cfg.artifact(*layout.MODEL)) == storage.read_bytes(
-        cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL))
-    assert storage.exists(cfg.artifact(*layout.FINE_TUNED_MODEL))
+    assert storage.read_bytes(cfg.artifact(artifacts.MODEL)) == storage.read_bytes(
+        cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
+    assert storage.exists(cfg.artifact(artifacts.FINE_TUNED_MODEL))
 
 
 class Crash(RuntimeError):
@@ -130,8 +130,8 @@ def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_ex
 
     reference_cfg, reference = fine_tuned
     assert result["resumed_from_epoch"] == 3
-    history = storage.read_json(cfg.artifact(*layout.HISTORY))
-    expected = storage.read_json(reference_cfg.artifact(*layout.HISTORY))
+    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
+    expected = storage.read_json(reference_cfg.artifact(artifacts.HISTORY))
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
     np.testing.assert_allclose(metrics_of(history), metrics_of(expected), rtol=1e-5, atol=1e-6)
     assert result["kept"] == reference["kept"]

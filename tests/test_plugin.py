@@ -12,7 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,16 +84,16 @@ def _add_run(run_id: str, conf: dict, configured: dict | None = None) -> None:
 def _write_evaluation(run_root: str, run_id: str) -> None:
     """What the evaluate step leaves under a run root, in miniature."""
     run = storage.join(run_root, safe_name(run_id))
-    storage.write_text(storage.join(run, *layout.REPORT, "index.html"), REPORT_HTML)
-    storage.write_text(storage.join(run, *layout.REPORT, "most_wrong.csv"), "path,true,predicted\na.png,1,2\n")
-    storage.write_text(storage.join(run, *layout.MODEL_CARD), MODEL_CARD)
-    storage.write_json(storage.join(run, *layout.METRICS), {"accuracy": 0.91})
+    storage.write_text(storage.join(run, *artifacts.REPORT.parts, "index.html"), REPORT_HTML)
+    storage.write_text(storage.join(run, *artifacts.REPORT.parts, "most_wrong.csv"), "path,true,predicted\na.png,1,2\n")
+    storage.write_text(storage.join(run, *artifacts.MODEL_CARD.parts), MODEL_CARD)
+    storage.write_json(storage.join(run, *artifacts.METRICS.parts), {"accuracy": 0.91})
     storage.write_text(storage.join(run, "params.json"), "{}")
 
 
 def _report_url(run_id: str) -> str:
     """The URL the UI's run tab opens: the plugin's `dag_run` view with the ids filled in."""
-    return f"/ml-reports/runs/{DAG_ID}/{run_id}/{'/'.join(layout.REPORT)}/"
+    return f"/ml-reports/runs/{DAG_ID}/{run_id}/{artifacts.REPORT.path}/"
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_i
     url = _report_url(run_id).rstrip("/")
     response = api.get(url, headers={"Authorization": f"Bearer {token}"}, follow_redirects=False)
     assert response.status_code == 307
-    assert response.headers["location"] == f"{layout.REPORT[-1]}/"
+    assert response.headers["location"] == f"{artifacts.REPORT.parts[-1]}/"
 
 
 @pytest.mark.parametrize("path, status", [
@@ -279,7 +279,7 @@ def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
     response = api.get("/api/v2/plugins", headers={"Authorization": f"Bearer {token}"})
     plugin = next(p for p in response.json()["plugins"] if p["name"] == "ml_reports")
     views = {view["destination"]: view for view in plugin["external_views"]}
-    assert views["dag_run"]["href"] == "/ml-reports/runs/{DAG_ID}/{RUN_ID}/" + "/".join(layout.REPORT) + "/"
+    assert views["dag_run"]["href"] == "/ml-reports/runs/{DAG_ID}/{RUN_ID}/" + artifacts.REPORT.path + "/"
     assert views["dag_run"]["url_route"] and views["nav"]["url_route"]
     assert views["nav"]["href"] == "/ml-reports/registry"
     assert plugin["fastapi_apps"][0]["url_prefix"] == "/ml-reports"

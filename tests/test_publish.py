@@ -20,8 +20,9 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import layout, publish, storage
+from tasks import artifacts, publish, storage
 from tasks.config import RunConfig
+from tasks.errors import MissingInputError
 from tasks.publish import PublishError
 from tasks.records import write_records
 
@@ -89,16 +90,16 @@ def make_run(tmp_path, test_records):
         metrics = {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)), "classes": list(classes),
                    "manifest_hash": manifest["hash"], "n_test": len(labels)}
         files = {
-            layout.MODEL: (local / "model.keras").read_bytes(),
-            layout.METRICS: json.dumps(metrics).encode(),
-            layout.MANIFEST: json.dumps(manifest).encode(),
-            layout.MODEL_CARD: f"# {MODEL_NAME}\naccuracy {metrics['accuracy']:.3f}\n".encode(),
-            (*layout.REPORT, "index.html"): b"<html><body>report</body></html>",
-            (*layout.REPORT, "wrong.csv"): b"file,true,predicted,confidence\n",
-            layout.split_records("test"): records.read_bytes(),
+            artifacts.MODEL.parts: (local / "model.keras").read_bytes(),
+            artifacts.METRICS.parts: json.dumps(metrics).encode(),
+            artifacts.MANIFEST.parts: json.dumps(manifest).encode(),
+            artifacts.MODEL_CARD.parts: f"# {MODEL_NAME}\naccuracy {metrics['accuracy']:.3f}\n".encode(),
+            (*artifacts.REPORT.parts, "index.html"): b"<html><body>report</body></html>",
+            (*artifacts.REPORT.parts, "wrong.csv"): b"file,true,predicted,confidence\n",
+            artifacts.split_records("test").parts: records.read_bytes(),
         }
         for parts, data in files.items():
-            storage.write_bytes(cfg.artifact(*parts), data)
+            storage.write_bytes(storage.join(cfg.run_uri, *parts), data)
         return cfg
 
     return make
@@ -134,7 +135,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     assert champion["version"] == result["version"] and champion["uri"] == result["version_uri"]
     assert champion["accuracy"] == 1.0 and champion["metric"] == "accuracy" and champion["classes"] == list(CLASSES)
     assert champion["run_id"] == "run-1"
-    assert storage.read_json(cfg.artifact(*layout.PUBLISHED)) == result
+    assert storage.read_json(cfg.artifact(artifacts.PUBLISHED)) == result
 
     served = tf.saved_model.load(str(storage.download(champion["saved_model_uri"], tmp_path / "served")))
     pixels = np.full((1, 32, 32, 3), class_colours(3)[1], dtype="float32")
@@ -277,10 +278,10 @@ def test_retried_publish_does_not_undo_a_later_rollback(s3_bucket, make_run):
 
 def test_missing_run_inputs_fail_before_anything_is_published(s3_bucket, make_run):
     cfg = make_run("run-1", s3_bucket)
-    storage.delete(cfg.artifact(*layout.METRICS))
-    storage.delete(cfg.artifact(*layout.split_records("test")))
+    storage.delete(cfg.artifact(artifacts.METRICS))
+    storage.delete(cfg.artifact(artifacts.split_records("test")))
 
-    with pytest.raises(PublishError, match=r"metrics.json \(run evaluate .*test.tfrecord \(run subsample"):
+    with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\).*test.tfrecord \(at .*; run subsample first\)"):
         publish.publish(cfg)
 
     assert storage.list_files(s3_bucket + "/") == []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import layout, records, storage
+from tasks import artifacts, records, storage
 from tasks.acquire import DatasetError
 from tasks.config import RunConfig
 from tasks.subsample import subsample
@@ -18,7 +18,7 @@ def config(folder: Path, tmp_path: Path, **params) -> RunConfig:
 
 
 def manifest_of(cfg: RunConfig) -> dict:
-    return storage.read_json(cfg.artifact(*layout.MANIFEST))
+    return storage.read_json(cfg.artifact(artifacts.MANIFEST))
 
 
 def test_counts_follow_percent_val_fraction_and_test_percent(image_folder, tmp_path):
@@ -47,8 +47,8 @@ def test_same_inputs_and_seed_give_a_byte_identical_manifest(image_folder, tmp_p
     second = config(image_folder, tmp_path, run_id="second", seed=7)
     subsample(first)
     subsample(second)
-    assert storage.read_bytes(first.artifact(*layout.MANIFEST)) == storage.read_bytes(
-        second.artifact(*layout.MANIFEST))
+    assert storage.read_bytes(first.artifact(artifacts.MANIFEST)) == storage.read_bytes(
+        second.artifact(artifacts.MANIFEST))
 
 
 def test_another_seed_selects_other_images(image_folder, tmp_path):
@@ -107,7 +107,7 @@ def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_pat
     manifest = manifest_of(cfg)
     for split in records.SPLITS:
         expected = {f["path"]: f["label"] for f in manifest["files"] if f["split"] == split}
-        dataset = records.image_dataset(cfg.artifact(*layout.split_records(split)), image_size=32, batch_size=8,
+        dataset = records.image_dataset(cfg.artifact(artifacts.split_records(split)), image_size=32, batch_size=8,
                                         with_paths=True)
         seen = {}
         for images, labels, paths in dataset:
@@ -124,5 +124,5 @@ def test_outputs_go_to_an_s3_run_root(s3_bucket, image_folder, tmp_path):
     result = subsample(cfg)
     assert result["manifest"] == f"{s3_bucket}/runs/manual/data/manifest.json"
     assert storage.read_json(result["manifest"])["hash"] == result["hash"]
-    local = storage.download(cfg.artifact(*layout.split_records("train")), tmp_path / "train.tfrecord")
+    local = storage.download(cfg.artifact(artifacts.split_records("train")), tmp_path / "train.tfrecord")
     assert len(list(records.iter_records(local))) == result["counts"]["train"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import layout, records, storage
+from tasks import artifacts, records, storage
 from tasks.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,8 @@ def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) ->
     for split, count, seed in (("train", per_class, 0), ("val", max(per_class // 4, 2), 1), ("test", 4, 2)):
         local = scratch / f"{split}.tfrecord"
         records.write_records(local, _examples(count, seed))
-        storage.upload(local, cfg.artifact(*layout.split_records(split)))
-    storage.write_json(cfg.artifact(*layout.MANIFEST), {"classes": list(COLOURS), "hash": "tiny"})
+        storage.upload(local, cfg.artifact(artifacts.split_records(split)))
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": list(COLOURS), "hash": "tiny"})
     return cfg
 
 
@@ -92,24 +92,24 @@ def count_embedded(monkeypatch) -> list[list[int]]:
 def test_head_trains_on_cached_features_and_writes_every_output(trained):
     cfg, result, _ = trained
 
-    history = storage.read_json(cfg.artifact(*layout.HISTORY))
+    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
     assert {e["phase"] for e in history["epochs"]} == {"feature_extraction"}
     assert history["fine_tune_start_epoch"] is None
     assert result["epochs_run"] == 3 and result["resumed_from_epoch"] is None
     assert result["val_accuracy"] > 0.6  # three colours: chance is 1/3
-    summary = storage.read_json(cfg.artifact(*layout.TRAIN_SUMMARY))
+    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
     assert summary["kept"] == "feature_extraction" and summary["feature_dim"] == 1280
     assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy"], "fine_tuned": None}
     assert summary["phases"]["feature_extraction"]["best_val_accuracy"] == result["best_val_accuracy"]
-    with np.load(cfg.artifact(*layout.FEATURES, "train.npz")) as train_features:
+    with np.load(cfg.artifact(artifacts.FEATURES, "train.npz")) as train_features:
         assert train_features["features"].shape == (48, 1280)
         assert list(train_features["labels"]) == [label for label in range(3) for _ in range(16)]
-    state = storage.read_json(cfg.artifact(*layout.CHECKPOINTS, "feature_extraction", "state.json"))
+    state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
     assert state["epoch"] == 3
-    assert storage.read_bytes(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL)) == storage.read_bytes(
-        cfg.artifact(*layout.MODEL))
-    assert _tensorboard_steps(cfg.artifact(*layout.TENSORBOARD, "feature_extraction", "validation"),
+    assert storage.read_bytes(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)) == storage.read_bytes(
+        cfg.artifact(artifacts.MODEL))
+    assert _tensorboard_steps(cfg.artifact(artifacts.TENSORBOARD, "feature_extraction", "validation"),
                               "epoch_accuracy") == [1, 2, 3]
 
 
@@ -129,9 +129,9 @@ def test_composed_model_predicts_what_the_head_predicts_on_cached_features(train
     from tasks.predict import predict_records
 
     cfg, _, _ = trained
-    model = keras.models.load_model(cfg.artifact(*layout.FEATURE_EXTRACTION_MODEL))
-    composed, labels, _ = predict_records(model, cfg.artifact(*layout.split_records("val")), batch_size=5)
-    with np.load(cfg.artifact(*layout.FEATURES, "val.npz")) as cached:
+    model = keras.models.load_model(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
+    composed, labels, _ = predict_records(model, cfg.artifact(artifacts.split_records("val")), batch_size=5)
+    with np.load(cfg.artifact(artifacts.FEATURES, "val.npz")) as cached:
         on_features = np.asarray(model.get_layer("head")(cached["features"], training=False))
         assert list(cached["labels"]) == list(labels)
     np.testing.assert_allclose(composed, on_features, atol=1e-5)
@@ -160,7 +160,7 @@ def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, m
     changed = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"), loss="categorical_crossentropy", epochs=2)
     result = train(changed)  # the loss takes one-hot labels now
 
-    history = storage.read_json(changed.artifact(*layout.HISTORY))
+    history = storage.read_json(changed.artifact(artifacts.HISTORY))
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     assert result["resumed_from_epoch"] is None and result["val_accuracy"] > 0.6
     assert embedded == []
@@ -184,11 +184,11 @@ def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_d
     result = train(cfg)
 
     assert result["epochs_run"] == 2
-    assert not storage.exists(cfg.artifact(*layout.FEATURES))
-    model = keras.models.load_model(cfg.artifact(*layout.MODEL))
+    assert not storage.exists(cfg.artifact(artifacts.FEATURES))
+    model = keras.models.load_model(cfg.artifact(artifacts.MODEL))
     assert "augmentation" not in [layer.name for layer in model.layers]
     assert model.output_shape == (None, 3)
-    summary = storage.read_json(cfg.artifact(*layout.TRAIN_SUMMARY))
+    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
     assert summary["phases"]["feature_extraction"]["augment"] is True
 
 
@@ -224,14 +224,14 @@ def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_histo
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg.to_dict())], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    state = storage.read_json(cfg.artifact(*layout.CHECKPOINTS, "feature_extraction", "state.json"))
+    state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
     assert state["epoch"] == 2
 
     resumed = train(cfg)
 
     assert resumed["resumed_from_epoch"] == 3
-    history = storage.read_json(cfg.artifact(*layout.HISTORY))
-    expected = storage.read_json(reference_cfg.artifact(*layout.HISTORY))
+    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
+    expected = storage.read_json(reference_cfg.artifact(artifacts.HISTORY))
     assert [e["epoch"] for e in history["epochs"]] == [e["epoch"] for e in expected["epochs"]] == [1, 2, 3, 4]
     np.testing.assert_allclose(metrics_of(history), metrics_of(expected), rtol=1e-5, atol=1e-6)
     assert resumed["val_accuracy"] == reference["val_accuracy"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import layout, storage
+from tasks import artifacts, storage
 from tasks.config import safe_name
 from devtools.seaweed import free_port
 from tests.conftest import tiny_conf
@@ -139,9 +139,9 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
 
     # every hand-over between the workers went through the run root on S3
     run_uri = storage.join(f"{s3_bucket}/runs", safe_name(run_id))
-    handed_over = {storage.join(run_uri, *parts) for parts in (
-        *(layout.split_records(split) for split in ("train", "val", "test")),
-        layout.HISTORY, layout.DECISION, layout.MODEL, layout.METRICS)}
+    handed_over = {storage.join(run_uri, *artifact.parts) for artifact in (
+        *(artifacts.split_records(split) for split in ("train", "val", "test")),
+        artifacts.HISTORY, artifacts.DECISION, artifacts.MODEL, artifacts.METRICS)}
     assert handed_over <= set(storage.list_files(run_uri + "/")), sorted(handed_over)
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id

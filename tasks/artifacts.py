@@ -1,0 +1,67 @@
+"""The artifact catalog: every file a run keeps under its run root, named once with the step that writes it.
+
+Steps hand each other these artifacts through the run root (never through
+XCom, which carries only their URIs and small results). A step that needs an
+upstream artifact asks `require`, which fails with "run <producer> first"
+naming the artifact, so a task run out of order says what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tasks import storage
+from tasks.errors import MissingInputError
+
+if TYPE_CHECKING:
+    from tasks.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One run-root artifact: where it lives, which step writes it, what it is."""
+
+    parts: tuple[str, ...]
+    producer: str
+    what: str
+
+    @property
+    def path(self) -> str:
+        """The path below the run root, e.g. "data/manifest.json"."""
+        return "/".join(self.parts)
+
+
+ACQUIRED = Artifact(("data", "acquired.json"), "acquire",
+                    "the acquired dataset: where it is, its classes and every image per split and class")
+MANIFEST = Artifact(("data", "manifest.json"), "subsample",
+                    "the selection: every file, label and split, seed, skipped files, one content hash")
+FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits")
+CHECKPOINTS = Artifact(("checkpoints",), "train", "per-epoch training state of each phase")
+TENSORBOARD = Artifact(("tensorboard",), "train", "TensorBoard scalars of each phase")
+HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of both phases")
+TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "backbone, phases, and which model was kept")
+DECISION = Artifact(("train", "decision.json"), "decide", "whether to fine-tune, and why")
+FEATURE_EXTRACTION_MODEL = Artifact(("model", "feature_extraction.keras"), "train",
+                                    "the classifier after feature extraction")
+FINE_TUNED_MODEL = Artifact(("model", "fine_tuned.keras"), "fine_tune", "the classifier after fine-tuning")
+MODEL = Artifact(("model", "model.keras"), "train",
+                 "the run's classifier: the better of the two phases on validation")
+METRICS = Artifact(("eval", "metrics.json"), "evaluate", "test-split metrics")
+REPORT = Artifact(("eval", "report"), "evaluate", "the HTML report with curves, confusion matrix, gallery")
+MODEL_CARD = Artifact(("eval", "model_card.md"), "evaluate", "the model card")
+PUBLISHED = Artifact(("publish.json",), "publish", "the published version and the promotion decision")
+
+
+def split_records(split: str) -> Artifact:
+    """The TFRecord file of one split ("train", "val" or "test")."""
+    return Artifact(("data", f"{split}.tfrecord"), "subsample", f"the {split} split's encoded images and labels")
+
+
+def require(cfg: RunConfig, *artifacts: Artifact) -> list[str]:
+    """The URIs of artifacts a step reads; MissingInputError naming each that is missing and its producer."""
+    uris = [cfg.artifact(artifact) for artifact in artifacts]
+    missing = [f"{artifact.path} (at {uri}; run {artifact.producer} first)"
+               for artifact, uri in zip(artifacts, uris) if not storage.exists(uri)]
+    if missing:
+        raise MissingInputError(f"run {cfg.run_id!r} lacks {'; '.join(missing)}")
+    return uris
