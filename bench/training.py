@@ -95,6 +95,7 @@ def main() -> None:
 
     from tasks.decide import decide
     from tasks.fine_tune import fine_tune
+    from tasks.acquire import acquire
     from tasks.subsample import subsample
     from tasks.train import train
 
@@ -103,7 +104,7 @@ def main() -> None:
                     backbone="efficientnet_lite0", image_size=96, epochs=args.epochs, patience=args.epochs,
                     fine_tune_epochs=max(args.fine_tune_epochs, 1), run_root=args.run_root, run_id="bench-training")
     if not storage.exists(cfg.artifact(artifacts.MANIFEST)):
-        subsample(cfg)
+        subsample(cfg, acquire(cfg))
     counts = storage.read_json(cfg.artifact(artifacts.MANIFEST))["counts"]
     sizes = {split: sum(per_class.values()) for split, per_class in counts.items()}
     fresh(cfg)

@@ -4,31 +4,23 @@ Two DAGs run the same pipeline:
 - `transfer_learning`: triggered by hand from the UI form (defaults = the offline demo);
 - `transfer_learning_retrain`: on a cron schedule (env `TLP_RETRAIN_SCHEDULE`), with production params
   from the Airflow Variable `tlp_retrain_params` (JSON) over the same defaults.
-Every task body is one call into `tasks/`; TensorFlow is only imported inside task bodies.
-Object storage credentials come from the Airflow connection `model_store` (conn type aws).
+Every task body is one call into `tasks/`; TensorFlow is only imported inside task bodies. Each edge
+carries the small dict (URIs, hashes, metrics, decisions) the next step reads; big artifacts stay under
+the run's run root. Object storage credentials come from the Airflow connection `model_store`.
 """
 from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, TriggerRule, dag,
                          get_current_context, task)
 
-from tasks.config import FINE_TUNE_MODES, RunConfig
+from tasks import settings
+from tasks.config import RunConfig, param_specs
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODEL_STORE_CONN_ID = os.environ.get("TLP_MODEL_STORE_CONN_ID", "model_store")
-RETRAIN_SCHEDULE = os.environ.get("TLP_RETRAIN_SCHEDULE", "0 3 * * 1")
-RETRAIN_PARAMS_VARIABLE = "tlp_retrain_params"
-# heavy steps can go to a GPU worker: `airflow celery worker -q gpu` and TLP_TRAIN_QUEUE=gpu
-TRAIN_QUEUE = os.environ.get("TLP_TRAIN_QUEUE", "default")
+SETTINGS = settings.load()
 CHAMPION_ALIAS = AssetAlias("tlpipe-champion")
-DEFAULTS = RunConfig(
-    run_root=os.environ.get("TLP_RUN_ROOT", str(PROJECT_ROOT / ".runs")),
-    publish_uri=os.environ.get("TLP_PUBLISH_URI", "s3://models"),
-)
 
 # Named in tasks/errors.py: bad input fails at once; an outside failure that may pass is retried (so is anything
 # unnamed, e.g. a lost worker).
@@ -46,59 +38,8 @@ DEFAULT_ARGS = {
     "execution_timeout": timedelta(hours=2),
     "retry_policy": RETRY_POLICY,
 }
-
-
-def _param(name: str, title: str, description: str, **schema) -> Param:
-    """A trigger-form field whose default is the RunConfig default, so both agree."""
-    return Param(getattr(DEFAULTS, name), title=title, description=description, **schema)
-
-
-PARAMS = {
-    "source": _param("source", "Dataset source", "tfds://<name>, http(s)://…zip|tar.gz, a local folder or "
-                     "file:// URI (<split>/<class>/<image>), s3://bucket/prefix/, or idx://fashion_mnist.",
-                     type="string", minLength=3),
-    "classes": Param("", title="Classes", description="Empty = all classes; a number N = the first N; or "
-                     "comma-separated class names.", type="string"),
-    "train_percent": _param("train_percent", "Train % per class", "Percent of each class's training images.",
-                            type="number", exclusiveMinimum=0, maximum=100),
-    "val_fraction": _param("val_fraction", "Validation fraction", "Stratified share of the selected training "
-                           "images held out for validation (the test split is never used for selection).",
-                           type="number", exclusiveMinimum=0, exclusiveMaximum=1),
-    "seed": _param("seed", "Seed", "Seeds the subsample, shuffles and initialisation.", type="integer", minimum=0),
-    "backbone": _param("backbone", "Backbone", "efficientnet_lite0 (offline ImageNet), efficientnet_b0, "
-                       "resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / s3:// prefix.",
-                       type="string", minLength=1),
-    "image_size": _param("image_size", "Image size (px)", "Square input size of the backbone.",
-                         type="integer", minimum=32, maximum=1024),
-    "batch_size": _param("batch_size", "Batch size", "", type="integer", minimum=1, maximum=1024),
-    "epochs": _param("epochs", "Feature-extraction epochs", "Maximum epochs; early stopping may end sooner.",
-                     type="integer", minimum=1, maximum=500),
-    "learning_rate": _param("learning_rate", "Learning rate", "Of the head in feature extraction.",
-                            type="number", exclusiveMinimum=0, maximum=1),
-    "augment": _param("augment", "Augment", "Random flips/rotations/zooms; the backbone then runs every epoch "
-                      "instead of once (slower).", type="boolean"),
-    "fine_tune": _param("fine_tune", "Fine-tune", "auto = only when validation accuracy plateaus below the "
-                        "target; always; never.", type="string", enum=list(FINE_TUNE_MODES)),
-    "fine_tune_layers": _param("fine_tune_layers", "Layers to unfreeze", "Top backbone layers made trainable "
-                               "(BatchNorm stays frozen).", type="integer", minimum=1),
-    "fine_tune_epochs": _param("fine_tune_epochs", "Fine-tune epochs", "", type="integer", minimum=1, maximum=500),
-    "fine_tune_lr_factor": _param("fine_tune_lr_factor", "Fine-tune LR factor", "Fine-tune learning rate = "
-                                  "learning rate × this.", type="number", exclusiveMinimum=0, maximum=1),
-    "patience": _param("patience", "Patience (epochs)", "Early stopping and plateau window.",
-                       type="integer", minimum=1),
-    "min_delta": _param("min_delta", "Min improvement", "Smaller val_accuracy gains count as no improvement.",
-                        type="number", minimum=0),
-    "target_accuracy": Param(DEFAULTS.target_accuracy or 0.0, title="Target accuracy", description="Fine-tune "
-                             "only below this validation accuracy (0 = no target).", type="number",
-                             minimum=0, maximum=1),
-    "top_k_wrong": _param("top_k_wrong", "Most-wrong gallery size", "", type="integer", minimum=1, maximum=1000),
-    "model_name": _param("model_name", "Model name", "Lowercase letters, digits, . _ -; names the published "
-                         "model.", type="string", pattern="^[a-z0-9][a-z0-9._-]{0,62}$"),
-    "publish_uri": _param("publish_uri", "Publish to", "Model registry root, e.g. s3://models (S3 settings from "
-                          f"the '{MODEL_STORE_CONN_ID}' connection).", type="string", minLength=1),
-    "run_root": _param("run_root", "Run root", "Where run artifacts go, one folder per run_id: a shared "
-                       "directory or s3:// URI (required with several workers).", type="string", minLength=1),
-}
+# The trigger form, generated from RunConfig's own field metadata (one place per rule).
+PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 
 
 def _config(cfg: dict) -> RunConfig:
@@ -109,7 +50,7 @@ def _config(cfg: dict) -> RunConfig:
     from tasks.storage import s3_env
 
     try:
-        conn = Connection.get(MODEL_STORE_CONN_ID)
+        conn = Connection.get(settings.load().model_store_conn_id)
         os.environ.update(s3_env(conn.login, conn.password, conn.extra_dejson))
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
@@ -120,14 +61,22 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
     """The task graph shared by the manual and the scheduled DAG."""
 
     @task
-    def configure(params: dict | None = None, run_id: str | None = None) -> dict:
-        """Validate the params once (Airflow fills in `params` and `run_id`); later tasks get this config."""
+    def configure(params: dict | None = None, dag_run=None) -> dict:
+        """Refuse undeclared conf keys, validate the params once; later tasks get this config."""
+        from tasks.config import check_conf, check_publish_location
+
+        check_conf(dag_run.conf or {})
         overrides = {}
         if overrides_variable:
             from airflow.sdk import Variable
 
             overrides = Variable.get(overrides_variable, default={}, deserialize_json=True)
-        return RunConfig.from_params({**params, **overrides}, run_id=run_id).to_dict()
+            check_conf(overrides, origin=f"Variable {overrides_variable}")
+        deployment = settings.load()
+        cfg = RunConfig.from_params({**params, **overrides}, run_id=dag_run.run_id, dag_id=dag_run.dag_id,
+                                    run_root=deployment.run_root)
+        check_publish_location(cfg, deployment.readable_publish_locations())
+        return cfg.to_dict()
 
     @task
     def acquire(cfg: dict) -> dict:
@@ -139,38 +88,39 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
     def subsample(cfg: dict, acquired: dict) -> dict:
         from tasks.subsample import subsample
 
-        return subsample(_config(cfg))
+        return subsample(_config(cfg), acquired)
 
-    @task(queue=TRAIN_QUEUE)
+    @task(queue=SETTINGS.train_queue)
     def train(cfg: dict, data: dict) -> dict:
         from tasks.train import train
 
-        return train(_config(cfg))
+        return train(_config(cfg), data)
 
     @task.branch
     def decide(cfg: dict, trained: dict) -> str:
         """Branch on the plateau rule; the decision and its reason also go to XCom key `decision`."""
         from tasks.decide import decide_step
 
-        decision = decide_step(_config(cfg))
+        decision = decide_step(_config(cfg), trained)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "fine_tune" if decision["fine_tune"] else "skip_fine_tune"
 
-    @task(queue=TRAIN_QUEUE)
-    def fine_tune(cfg: dict) -> dict:
+    @task(queue=SETTINGS.train_queue)
+    def fine_tune(cfg: dict, trained: dict) -> dict:
         from tasks.fine_tune import fine_tune
 
-        return fine_tune(_config(cfg))
+        return fine_tune(_config(cfg), trained)
 
     @task
     def skip_fine_tune() -> dict:
         return {"fine_tuned": False}
 
-    @task(queue=TRAIN_QUEUE, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def evaluate(cfg: dict) -> dict:
+    @task(queue=SETTINGS.train_queue, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def evaluate(cfg: dict, data: dict) -> dict:
+        """Evaluates the run's kept model (the better phase): runs after whichever branch ran."""
         from tasks.evaluate import evaluate
 
-        return evaluate(_config(cfg))
+        return evaluate(_config(cfg), data)
 
     @task(outlets=[CHAMPION_ALIAS])
     def publish(cfg: dict, evaluation: dict) -> dict:
@@ -185,9 +135,10 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
 
     cfg = configure()
     data = subsample(cfg, acquire(cfg))
-    branch = decide(cfg, train(cfg, data))
-    evaluation = evaluate(cfg)
-    branch >> [fine_tune(cfg), skip_fine_tune()] >> evaluation
+    trained = train(cfg, data)
+    branch = decide(cfg, trained)
+    evaluation = evaluate(cfg, data)
+    branch >> [fine_tune(cfg, trained), skip_fine_tune()] >> evaluation
     publish(cfg, evaluation)
 
 
@@ -208,10 +159,10 @@ def transfer_learning() -> None:
     transfer_learning_pipeline()
 
 
-@dag(dag_id="transfer_learning_retrain", schedule=RETRAIN_SCHEDULE, tags=["ml", "transfer-learning", "scheduled"],
-     **DAG_SETTINGS)
+@dag(dag_id="transfer_learning_retrain", schedule=SETTINGS.retrain_schedule,
+     tags=["ml", "transfer-learning", "scheduled"], **DAG_SETTINGS)
 def transfer_learning_retrain() -> None:
-    transfer_learning_pipeline(overrides_variable=RETRAIN_PARAMS_VARIABLE)
+    transfer_learning_pipeline(overrides_variable=SETTINGS.retrain_params_variable)
 
 
 transfer_learning()

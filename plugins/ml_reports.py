@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import mimetypes
 import os
-from pathlib import Path
 from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
@@ -31,12 +30,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tasks import artifacts, storage
-from tasks.config import ConfigError, RunConfig, safe_name
+from tasks import artifacts, settings, storage
+from tasks.config import RunConfig, check_publish_location
+from tasks.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 URL_PREFIX = "/ml-reports"
-MODEL_STORE_CONN_ID = os.environ.get("TLP_MODEL_STORE_CONN_ID", "model_store")  # as in dags/transfer_learning.py
 REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry page asks for
 # what a run page may serve from the run root: the report folder and its two linked siblings
 SERVED = (artifacts.REPORT.parts, artifacts.MODEL_CARD.parts, artifacts.METRICS.parts)
@@ -93,10 +91,12 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
     """Published versions of a model (champion highlighted) and every promotion decision, newest first."""
     from tasks.publish import list_decisions, list_versions, read_champion
 
-    publish_uri = publish_uri or os.environ.get("TLP_PUBLISH_URI", RunConfig.publish_uri)
+    deployment = settings.load()
+    publish_uri = publish_uri or deployment.publish_uri
     model_name = model_name or os.environ.get("TLP_MODEL_NAME", RunConfig.model_name)
     try:
-        RunConfig(publish_uri=publish_uri, model_name=model_name)
+        check_publish_location(RunConfig(publish_uri=publish_uri, model_name=model_name),
+                               deployment.readable_publish_locations())
         _use_model_store(publish_uri)
         versions = list_versions(publish_uri, model_name)
         champion = read_champion(publish_uri, model_name)
@@ -124,11 +124,9 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
 def _run_uri(dag_id: str, run_id: str, session: Any) -> str:
     """Where a DAG run keeps its artifacts.
 
-    The `configure` task's result is the validated config the run actually used
-    (it includes Variable overrides of the scheduled DAG); before it exists, the
-    run's conf `run_root`, else TLP_RUN_ROOT, else `.runs` — the same fallback as
-    the DAGs' `run_root` default. A relative root is taken relative to the project
-    root (TLP_PROJECT_ROOT, default the folder above plugins/).
+    The run root is the one the run's `configure` task recorded (the config the
+    run actually used), else the deployment's TLP_RUN_ROOT; below it the folder
+    is `<dag_id>/<run id>` exactly as the steps name it (tasks.config).
     """
     found = session.execute(select(DagRun.conf).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).first()
     if found is None:
@@ -137,11 +135,8 @@ def _run_uri(dag_id: str, run_id: str, session: Any) -> str:
         XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "configure",
         XComModel.key == "return_value")).first()
     config = XComModel.deserialize_value(configured) if configured is not None else {}
-    root = str((config if isinstance(config, dict) else {}).get("run_root") or (found.conf or {}).get("run_root")
-               or os.environ.get("TLP_RUN_ROOT") or RunConfig.run_root)
-    if not storage.is_s3(root) and not root.startswith("file://"):
-        root = str(Path(os.environ.get("TLP_PROJECT_ROOT", PROJECT_ROOT), root))
-    return storage.join(root, safe_name(run_id))
+    root = str((config if isinstance(config, dict) else {}).get("run_root") or settings.load().run_root)
+    return RunConfig(run_root=root, dag_id=dag_id, run_id=run_id).run_uri
 
 
 def _parts(path: str) -> tuple[str, ...]:
@@ -175,7 +170,7 @@ def _use_model_store(uri: str) -> None:
     from airflow.models.connection import Connection
 
     try:
-        conn = Connection.get_connection_from_secrets(MODEL_STORE_CONN_ID)
+        conn = Connection.get_connection_from_secrets(settings.load().model_store_conn_id)
     except AirflowNotFoundException:
         return  # no connection: the api-server's own AWS_* environment applies
     os.environ.update(storage.s3_env(conn.login, conn.password, conn.extra_dejson))

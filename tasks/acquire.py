@@ -169,22 +169,48 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
 
 
 def acquire(cfg: RunConfig) -> dict[str, Any]:
-    """Fetch the source and record what it holds: classes, splits, counts, checksum."""
+    """Fetch the source into this worker's cache and write its index (`data/acquired.json`) for subsample.
+
+    The index holds where the images are, the classes in label order and every
+    file per split and class, so subsample selects from it without scanning or
+    fetching the source again.
+    """
     root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
     folder = scan(root)
-    summary = {
+    index = {
         "source": cfg.source,
+        "root": str(root),
         "classes": list(folder.classes),
-        "splits": list(folder.files),
+        "files": {split: [list(paths) for paths in per_class] for split, per_class in folder.files.items()},
         "counts": folder.counts(),
         "sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
     }
     uri = cfg.artifact(artifacts.ACQUIRED)
-    storage.write_json(uri, summary)
-    totals = {split: sum(per_class.values()) for split, per_class in summary["counts"].items()}
+    storage.write_json(uri, index)
+    totals = {split: sum(per_class.values()) for split, per_class in index["counts"].items()}
     log.info("acquired %s at %s: %d classes, %s -> %s", cfg.source, root, len(folder.classes),
              " ".join(f"{split}={n}" for split, n in totals.items()), uri)
     return {"source": cfg.source, "n_classes": len(folder.classes), "counts": totals, "uri": uri}
+
+
+def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
+    """The dataset acquire indexed, as an ImageFolder whose root is readable on this worker.
+
+    On the worker that ran acquire the root is its cache entry. A worker that
+    does not share that disk (Celery, Kubernetes) materialises the same source
+    into its own cache once; the index, not a new scan, still decides the files.
+    """
+    (uri,) = artifacts.require(cfg, artifacts.ACQUIRED)
+    if acquired.get("uri") not in (None, uri):
+        raise DatasetError(f"acquire wrote its index to {acquired['uri']}, but this run's index is {uri}; "
+                           "re-run acquire for this run")
+    index = storage.read_json(uri)
+    root = Path(index["root"])
+    if not root.is_dir():
+        log.info("dataset root %s is not on this worker; materialising %s into its cache", root, index["source"])
+        root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
+    files = {split: tuple(tuple(paths) for paths in per_class) for split, per_class in index["files"].items()}
+    return ImageFolder(root=root, classes=tuple(index["classes"]), files=files)
 
 
 def scan(root: Path) -> ImageFolder:

@@ -41,11 +41,11 @@ TENSORBOARD = Artifact(("tensorboard",), "train", "TensorBoard scalars of each p
 HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of both phases")
 TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "backbone, phases, and which model was kept")
 DECISION = Artifact(("train", "decision.json"), "decide", "whether to fine-tune, and why")
-FEATURE_EXTRACTION_MODEL = Artifact(("model", "feature_extraction.keras"), "train",
-                                    "the classifier after feature extraction")
-FINE_TUNED_MODEL = Artifact(("model", "fine_tuned.keras"), "fine_tune", "the classifier after fine-tuning")
-MODEL = Artifact(("model", "model.keras"), "train",
-                 "the run's classifier: the better of the two phases on validation")
+FEATURE_EXTRACTION_MODEL = Artifact(("model", "feature_extraction"), "train",
+                                    "the classifier after feature extraction (tasks.classifier folder)")
+FINE_TUNED_MODEL = Artifact(("model", "fine_tuned"), "fine_tune", "the classifier after fine-tuning")
+MODEL = Artifact(("model", "kept"), "train",
+                 "the run's classifier: the better of the two phases on validation (fine_tune may replace it)")
 METRICS = Artifact(("eval", "metrics.json"), "evaluate", "test-split metrics")
 REPORT = Artifact(("eval", "report"), "evaluate", "the HTML report with curves, confusion matrix, gallery")
 MODEL_CARD = Artifact(("eval", "model_card.md"), "evaluate", "the model card")

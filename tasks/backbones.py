@@ -29,8 +29,7 @@ from typing import Callable
 
 import keras
 
-from tasks import storage
-from tasks.config import DEFAULT_CACHE_DIR
+from tasks import settings, storage
 from tasks.errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
     `cache_dir` holds downloaded SavedModels and converted Lite0 weights
     (default: $TLP_CACHE_DIR or ~/.cache/tlpipe).
     """
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache = Path(cache_dir if cache_dir is not None else settings.load().cache_dir)
     name = spec.strip()
     if name.lower() in APPLICATIONS:
         return _load_application(name.lower(), image_size, weights)
@@ -112,6 +111,12 @@ def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
     raise BackboneError(f"unknown backbone {spec!r}; use one of {available_backbones()}, a TF Hub handle "
                         "(https://tfhub.dev/... or https://www.kaggle.com/models/...), or a SavedModel "
                         "directory (local path or s3:// prefix)")
+
+
+def carries_own_weights(spec: str) -> bool:
+    """True for TF Hub handles and SavedModels: their weights come with the graph, not from `weights`."""
+    name = spec.strip()
+    return name.lower() not in APPLICATIONS and name.lower() != LITE0 and _is_saved_model_spec(name)
 
 
 def _is_saved_model_spec(spec: str) -> bool:

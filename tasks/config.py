@@ -1,18 +1,25 @@
-"""The one run configuration every step takes.
+"""The one run configuration every step takes, and the one place each param rule is written.
 
-Built and validated once (from DAG params, a CLI, or a test) so that steps never
-re-parse loose dicts and a bad value fails before any work starts, naming the
-parameter and what to do about it.
+Every per-run setting is a `RunConfig` field declared with `param(...)`: its
+default, title, description and JSON-schema bounds. The DAG's trigger form is
+generated from that metadata (`param_specs`) and the same metadata validates a
+config built anywhere else (a CLI, a test, the retrain Variable), so the form
+and the validation cannot drift. A trigger conf may only name declared params
+(`check_conf`): a misspelt or undeclared key is refused before work starts.
+
+Fields that are not params (`run_id`, `dag_id`, `run_root`, `cache_dir`) are
+filled in by the DAG from the run's context and the deployment settings.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
+import difflib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
+from tasks import settings
 from tasks.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,8 +27,13 @@ if TYPE_CHECKING:
 
 FineTuneMode = Literal["auto", "always", "never"]
 FINE_TUNE_MODES = ("auto", "always", "never")
-DEFAULT_CACHE_DIR = Path(os.environ.get("TLP_CACHE_DIR", Path.home() / ".cache" / "tlpipe"))
+MODEL_NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,62}$"
+SCHEMA_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
 
+
+def param(default: Any, title: str, description: str, **schema: Any) -> Any:
+    """A RunConfig field that is a trigger-form param: its default plus the JSON schema the form and checks use."""
+    return field(default=default, metadata={"param": {"title": title, "description": description, **schema}})
 
 
 def parse_classes(value: str | int | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | int | None:
@@ -53,85 +65,98 @@ class RunConfig:
     """Everything a pipeline run needs to know, with the offline demo as defaults."""
 
     # data
-    source: str = "idx://fashion_mnist"
-    source_sha256: str = ""
-    classes: tuple[str, ...] | int | None = None
-    train_percent: float = 10.0
-    train_count: int = 0
-    val_fraction: float = 0.1
-    test_percent: float = 100.0
-    seed: int = 42
+    source: str = param("idx://fashion_mnist", "Dataset source",
+                        "tfds://<name>, http(s)://…zip|tar.gz, a local folder or file:// URI "
+                        "(<split>/<class>/<image>), s3://bucket/prefix/, or idx://fashion_mnist.",
+                        type="string", minLength=3)
+    source_sha256: str = param("", "Source sha256", "Expected sha256 of a downloaded archive (empty = "
+                               "record it on first download and check it on every later one).",
+                               type="string", pattern="^([0-9a-f]{64})?$")
+    classes: tuple[str, ...] | int | None = param("", "Classes", "Empty = all classes; a number N = the first N; "
+                                                  "or comma-separated class names.", type="string")
+    train_percent: float = param(10.0, "Train % per class", "Percent of each class's training images.",
+                                 type="number", exclusiveMinimum=0, maximum=100)
+    train_count: int = param(0, "Train images per class", "A fixed number of training images per class "
+                             "instead of a percentage (0 = use Train %).", type="integer", minimum=0)
+    val_fraction: float = param(0.1, "Validation fraction", "Stratified share of the selected training images "
+                                "held out for validation (the test split is never used for selection).",
+                                type="number", exclusiveMinimum=0, exclusiveMaximum=1)
+    test_percent: float = param(100.0, "Test % per class", "Percent of each class's test images (100 for any "
+                                "result you compare; less only for quick trials).",
+                                type="number", exclusiveMinimum=0, maximum=100)
+    seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", type="integer", minimum=0)
     # model
-    backbone: str = "efficientnet_lite0"
-    backbone_weights: str = "imagenet"
-    image_size: int = 96
-    batch_size: int = 64
-    dropout: float = 0.2
+    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0 (offline ImageNet), "
+                          "efficientnet_b0, resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / "
+                          "s3:// prefix.", type="string", minLength=1)
+    backbone_weights: str = param("imagenet", "Backbone weights", "imagenet, none (random init), or a local / "
+                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0).",
+                                  type="string", minLength=1)
+    image_size: int = param(96, "Image size (px)", "Square input size of the backbone.",
+                            type="integer", minimum=32, maximum=1024)
+    batch_size: int = param(64, "Batch size", "Images per training step.", type="integer", minimum=1, maximum=1024)
+    dropout: float = param(0.2, "Head dropout", "Dropout before the new dense head.",
+                           type="number", minimum=0, exclusiveMaximum=1)
     # feature extraction
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    loss: str = "sparse_categorical_crossentropy"
-    augment: bool = False
-    patience: int = 3
-    min_delta: float = 0.005
+    epochs: int = param(10, "Feature-extraction epochs", "Maximum epochs; early stopping may end sooner.",
+                        type="integer", minimum=1, maximum=500)
+    learning_rate: float = param(1e-3, "Learning rate", "Of the head in feature extraction.",
+                                 type="number", exclusiveMinimum=0, maximum=1)
+    optimizer: str = param("adam", "Optimizer", "Keras optimizer of both phases.", type="string",
+                           enum=["adam", "adamw", "sgd", "rmsprop"])
+    loss: str = param("sparse_categorical_crossentropy", "Loss", "Keras loss of both phases.", type="string",
+                      enum=["sparse_categorical_crossentropy", "categorical_crossentropy"])
+    augment: bool = param(False, "Augment", "Random flips/rotations/zooms; the backbone then runs every epoch "
+                          "instead of once (slower).", type="boolean")
+    patience: int = param(3, "Patience (epochs)", "Early stopping and plateau window.",
+                          type="integer", minimum=1, maximum=100)
+    min_delta: float = param(0.005, "Min improvement", "Smaller val_accuracy gains count as no improvement "
+                             "(the plateau rule also allows for the validation set's sampling noise).",
+                             type="number", minimum=0, maximum=1)
     # fine-tuning
-    fine_tune: FineTuneMode = "auto"
-    target_accuracy: float | None = 0.95
-    fine_tune_layers: int = 20
-    fine_tune_epochs: int = 5
-    fine_tune_lr_factor: float = 0.1
+    fine_tune: FineTuneMode = param("auto", "Fine-tune", "auto = only when validation accuracy plateaus below "
+                                    "the target; always; never.", type="string", enum=list(FINE_TUNE_MODES))
+    target_accuracy: float | None = param(0.95, "Target accuracy", "Fine-tune only below this validation "
+                                          "accuracy (0 = no target).", type="number", minimum=0, maximum=1)
+    fine_tune_layers: int = param(20, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
+                                  "stays frozen); rounded to whole blocks.", type="integer", minimum=1, maximum=1000)
+    fine_tune_epochs: int = param(5, "Fine-tune epochs", "Extra epochs after feature extraction.",
+                                  type="integer", minimum=1, maximum=500)
+    fine_tune_lr_factor: float = param(0.1, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
+                                       "this.", type="number", exclusiveMinimum=0, maximum=1)
     # evaluation and publishing
-    top_k: int = 5
-    top_k_wrong: int = 50
-    model_name: str = "fashion-mnist-classifier"
-    publish_uri: str = "s3://models"
-    promotion_margin: float = 0.0
-    force_promote: bool = False
-    # where artifacts go
-    run_root: str = ".runs"
+    top_k: int = param(5, "Top-k", "k of the top-k accuracy.", type="integer", minimum=1, maximum=100)
+    top_k_wrong: int = param(50, "Most-wrong gallery size", "Most confidently wrong test images shown.",
+                             type="integer", minimum=1, maximum=1000)
+    model_name: str = param("fashion-mnist-classifier", "Model name", "Lowercase letters, digits, . _ -; names "
+                            "the published model.", type="string", pattern=MODEL_NAME_PATTERN)
+    publish_uri: str = param(settings.load().publish_uri, "Publish to", "Model registry root; one of the "
+                             "deployment's publish locations (TLP_PUBLISH_URI, TLP_PUBLISH_LOCATIONS).",
+                             type="string", minLength=1)
+    # filled in by the DAG, not params
+    run_root: str = field(default_factory=lambda: settings.load().run_root)
+    dag_id: str = "transfer_learning"
     run_id: str = "manual"
-    cache_dir: str = field(default_factory=lambda: str(DEFAULT_CACHE_DIR))
+    cache_dir: str = field(default_factory=lambda: settings.load().cache_dir)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", parse_classes(self.classes))
-        _check(0 < self.train_percent <= 100, "train_percent", self.train_percent, "use a value in (0, 100]")
-        _check(self.train_count >= 0, "train_count", self.train_count, "use 0 (use train_percent) or a positive count")
-        _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "use a value in (0, 1)")
-        _check(0 < self.test_percent <= 100, "test_percent", self.test_percent, "use a value in (0, 100]")
-        _check(self.seed >= 0, "seed", self.seed, "use a non-negative integer")
-        _check(32 <= self.image_size <= 1024, "image_size", self.image_size, "use 32..1024 pixels")
-        _check(bool(self.backbone_weights), "backbone_weights", self.backbone_weights,
-               "use 'imagenet', 'none', or a path/s3:// URI of a weights file")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "use a positive batch size")
-        _check(0 <= self.dropout < 1, "dropout", self.dropout, "use a value in [0, 1)")
-        _check(self.epochs >= 1, "epochs", self.epochs, "use at least 1 epoch")
-        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "use a positive learning rate")
-        _check(self.patience >= 1, "patience", self.patience, "use at least 1 epoch")
-        _check(self.min_delta >= 0, "min_delta", self.min_delta, "use a non-negative improvement threshold")
-        _check(self.fine_tune in FINE_TUNE_MODES, "fine_tune", self.fine_tune, f"use one of {FINE_TUNE_MODES}")
-        _check(self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target_accuracy",
-               self.target_accuracy, "use a value in (0, 1], or None for no target")
-        _check(self.fine_tune_layers >= 1, "fine_tune_layers", self.fine_tune_layers, "unfreeze at least 1 layer")
-        _check(self.fine_tune_epochs >= 1, "fine_tune_epochs", self.fine_tune_epochs, "use at least 1 epoch")
-        _check(0 < self.fine_tune_lr_factor <= 1, "fine_tune_lr_factor", self.fine_tune_lr_factor,
-               "use a factor in (0, 1]: fine-tuning must not raise the learning rate")
-        _check(self.top_k >= 1, "top_k", self.top_k, "use at least 1")
-        _check(self.top_k_wrong >= 1, "top_k_wrong", self.top_k_wrong, "use at least 1")
-        _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.model_name)), "model_name", self.model_name,
-               "use lowercase letters, digits, '.', '_' or '-' (it becomes part of an S3 key)")
-        _check(self.promotion_margin >= 0, "promotion_margin", self.promotion_margin, "use a non-negative margin")
+        if self.target_accuracy in (0, 0.0):
+            object.__setattr__(self, "target_accuracy", None)
+        for spec in dataclasses.fields(self):
+            if "param" in spec.metadata and spec.name != "classes":
+                value = getattr(self, spec.name)
+                if not (spec.name == "target_accuracy" and value is None):
+                    check_value(spec.name, value, spec.metadata["param"])
         _check(bool(self.run_root), "run_root", self.run_root, "give a local directory or an s3:// URI")
         _check(bool(self.run_id), "run_id", self.run_id, "give the Airflow run_id or any non-empty name")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.dag_id)), "dag_id", self.dag_id, "give the Airflow dag_id")
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "RunConfig":
-        """Build from DAG params, ignoring keys that are not config fields (e.g. Airflow's own)."""
+        """Build from DAG params (Airflow passes its own keys too: only config fields are taken)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in {**params, **overrides}.items() if k in names}
-        if values.get("target_accuracy") in (0, 0.0):
-            values["target_accuracy"] = None
-        return cls(**values)
+        return cls(**{k: v for k, v in {**params, **overrides}.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able params, e.g. for XCom, params.json and the model card.
@@ -147,10 +172,10 @@ class RunConfig:
 
     @property
     def run_uri(self) -> str:
-        """The run root of this run: every artifact of the run lives below it."""
+        """The run root of this run, `<run_root>/<dag_id>/<run id as one safe segment>`."""
         from tasks import storage
 
-        return storage.join(self.run_root, safe_name(self.run_id))
+        return storage.join(self.run_root, self.dag_id, safe_name(self.run_id))
 
     def artifact(self, artifact: "Artifact", *below: str) -> str:
         """URI of a catalogued artifact of this run (or of a file below it), e.g. `cfg.artifact(artifacts.MANIFEST)`."""
@@ -159,9 +184,66 @@ class RunConfig:
         return storage.join(self.run_uri, *artifact.parts, *below)
 
 
+def param_specs(defaults: RunConfig) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """{param name: (default, JSON schema with title and description)}: what the trigger form is built from."""
+    specs = {}
+    for spec in dataclasses.fields(RunConfig):
+        if "param" in spec.metadata:
+            default = getattr(defaults, spec.name)
+            if spec.name == "classes":
+                default = ",".join(default) if isinstance(default, tuple) else ("" if default is None else str(default))
+            if spec.name == "target_accuracy" and default is None:
+                default = 0.0
+            specs[spec.name] = (default, dict(spec.metadata["param"]))
+    return specs
+
+
+def check_conf(conf: dict[str, Any], origin: str = "trigger conf") -> None:
+    """Refuse keys that are not declared params, naming each and the closest param (a misspelling)."""
+    declared = sorted(param_specs(RunConfig()))
+    unknown = sorted(set(conf) - set(declared))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, declared, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{origin}: {', '.join(hints)} {'is not a param' if len(unknown) == 1 else 'are not params'}"
+                          f" of this DAG; use only the params of the trigger form: {', '.join(declared)}")
+
+
+def check_value(name: str, value: Any, schema: dict[str, Any]) -> None:
+    """One param value against its JSON schema (type, bounds, enum, pattern, length), naming the param and fix."""
+    kind = schema.get("type")
+    if kind and (not isinstance(value, SCHEMA_TYPES[kind]) or (kind != "boolean" and isinstance(value, bool))):
+        raise ConfigError(f"{name}={value!r} is invalid: expected a {kind}")
+    bounds = (("minimum", lambda v, b: v >= b, ">="), ("maximum", lambda v, b: v <= b, "<="),
+              ("exclusiveMinimum", lambda v, b: v > b, ">"), ("exclusiveMaximum", lambda v, b: v < b, "<"))
+    for key, ok, sign in bounds:
+        if key in schema:
+            _check(ok(value, schema[key]), name, value, f"use a value {sign} {schema[key]}")
+    if "enum" in schema:
+        _check(value in schema["enum"], name, value, f"use one of {schema['enum']}")
+    if "pattern" in schema:
+        _check(re.search(schema["pattern"], value) is not None, name, value,
+               f"it must match {schema['pattern']} ({schema['description']})")
+    if "minLength" in schema:
+        _check(len(value) >= schema["minLength"], name, value, f"give at least {schema['minLength']} characters")
+
+
+def check_publish_location(cfg: RunConfig, allowed: tuple[str, ...]) -> None:
+    """publish_uri must be one of the deployment's publish locations: the champion of a model lives there."""
+    if cfg.publish_uri.rstrip("/") not in {uri.rstrip("/") for uri in allowed}:
+        raise ConfigError(f"publish_uri={cfg.publish_uri!r} is not a publish location of this deployment; use one "
+                          f"of {list(allowed)} (an operator adds locations with TLP_PUBLISH_LOCATIONS)")
+
+
 def safe_name(run_id: str) -> str:
-    """A run_id as one path/key segment: Airflow run ids contain ':' and '+'."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    """A run id as one path/key segment, injectively: distinct run ids never share a folder.
+
+    Percent-encoding keeps letters, digits, '-' and '_' and encodes everything
+    else ('/', ':', '+', '.', '%' itself), so '.', '..' and 'a:b' vs 'a_b' stay apart.
+    """
+    return quote(run_id, safe="-_").replace(".", "%2E").replace("~", "%7E")
 
 
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:

@@ -16,13 +16,12 @@ from typing import Any
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tasks.errors import MissingInputError
+from tasks.training import FEATURE_EXTRACTION
 
 log = logging.getLogger(__name__)
 
 
 
-FEATURE_EXTRACTION = "feature_extraction"
 
 
 def decide(history: list[dict[str, Any]] | dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
@@ -63,12 +62,10 @@ def _rule(curve: list[float], best: float | None, cfg: RunConfig) -> tuple[bool,
                    "(raise epochs, or set fine_tune=always)")
 
 
-def decide_step(cfg: RunConfig) -> dict[str, Any]:
-    """Read the run's history.json, apply the rule, write decision.json; returns the decision."""
-    history_uri = cfg.artifact(artifacts.HISTORY)
-    if not storage.exists(history_uri):
-        raise MissingInputError(f"no training history at {history_uri}; run the train step for run {cfg.run_id!r} first")
-    decision = decide(storage.read_json(history_uri), cfg)
+def decide_step(cfg: RunConfig, trained: dict[str, Any]) -> dict[str, Any]:
+    """Apply the rule to the history train handed over, write decision.json; returns the decision."""
+    (history_uri,) = artifacts.require(cfg, artifacts.HISTORY)
+    decision = decide(storage.read_json(trained.get("history_uri") or history_uri), cfg)
     storage.write_json(cfg.artifact(artifacts.DECISION), decision)
     log.info("decision: %s — %s -> %s", "fine-tune" if decision["fine_tune"] else "skip fine-tuning",
              decision["reason"], cfg.artifact(artifacts.DECISION))

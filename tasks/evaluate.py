@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks import artifacts, model_card, report, storage
+from tasks import artifacts, classifier, model_card, report, storage
 from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
@@ -27,19 +28,19 @@ PROBABILITY_FLOOR = 1e-7  # Keras' epsilon: a confident wrong answer costs a lar
 
 
 
-def evaluate(cfg: RunConfig) -> dict:
-    """Predict the test split with the run's final model and write metrics, report and model card.
+def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
+    """Predict the test split subsample handed over (`data`) with the run's kept model; write metrics, report
+    and model card.
 
     Returns the headline numbers and where the three outputs are.
     """
-    record = _load_record(cfg)
+    model_uri, test_uri = artifacts.require(cfg, artifacts.MODEL, artifacts.split_records("test"))
+    record = _load_record(cfg, data)
     classes = list(record.manifest["classes"])
     with tempfile.TemporaryDirectory(prefix="tlp-evaluate-") as scratch_dir:
         scratch = Path(scratch_dir)
-        model = _load_model(_stage_in(cfg.artifact(artifacts.MODEL), scratch / "model.keras",
-                                      "run train (and fine-tune) for this run first"))
-        test_path = _stage_in(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord",
-                              "run subsample for this run first")
+        model = classifier.fetch(model_uri, scratch, cfg.cache_dir).model
+        test_path = storage.download(test_uri, scratch / "test.tfrecord")
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
 
         metrics = classification_metrics(probabilities, labels, classes, cfg.top_k)
@@ -176,12 +177,14 @@ def confusion_pairs(confusion: np.ndarray, classes: list[str], top: int) -> list
     return pairs[:top]
 
 
-def _load_record(cfg: RunConfig) -> RunRecord:
-    manifest_uri = cfg.artifact(artifacts.MANIFEST)
-    if not storage.exists(manifest_uri):
-        raise EvaluationError(f"{manifest_uri}: no data manifest; run subsample for this run first")
+def _load_record(cfg: RunConfig, data: dict[str, Any]) -> RunRecord:
+    (manifest_uri,) = artifacts.require(cfg, artifacts.MANIFEST)
+    manifest = storage.read_json(manifest_uri)
+    if data.get("hash") not in (None, manifest["hash"]):
+        raise EvaluationError(f"{manifest_uri} holds selection {manifest['hash']!r}, but subsample handed over "
+                              f"{data['hash']!r}; re-run subsample and the steps after it for run {cfg.run_id!r}")
     return RunRecord(
-        manifest=storage.read_json(manifest_uri),
+        manifest=manifest,
         history=_read_optional(cfg.artifact(artifacts.HISTORY)),
         decision=_read_optional(cfg.artifact(artifacts.DECISION)),
         summary=_read_optional(cfg.artifact(artifacts.TRAIN_SUMMARY)),
@@ -193,15 +196,3 @@ def _read_optional(uri: str) -> dict | None:
         return storage.read_json(uri)
     log.info("evaluate: %s not found; the report and model card will say it was not recorded", uri)
     return None
-
-
-def _stage_in(uri: str, local: Path, fix: str) -> Path:
-    if not storage.exists(uri):
-        raise EvaluationError(f"{uri}: not found; {fix}")
-    return storage.download(uri, local)
-
-
-def _load_model(path: Path):
-    import keras
-
-    return keras.saving.load_model(path, compile=False)

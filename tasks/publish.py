@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, storage
+from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 
@@ -74,7 +74,7 @@ def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     run root's metrics.json (a stale metrics file would otherwise be published). The
     champion is re-evaluated on this run's test split, so both scores come from the
     same images; it is replaced only when the new model is better by at least
-    `cfg.promotion_margin` (a tie never promotes), or when `cfg.force_promote` is set.
+    `settings.load().promotion_margin` (a tie never promotes), or when `False` is set.
     """
     inputs = _run_inputs(cfg)
     model_root = storage.join(cfg.publish_uri, cfg.model_name)
@@ -269,19 +269,19 @@ def _decide(cfg: RunConfig, model_root: str, version: str, metrics: dict, test_r
     if champion is None:
         promoted, reason = True, "no champion yet"
     elif list(champion["classes"]) != classes:
-        promoted = cfg.force_promote
+        promoted = False
         reason = (f"no comparison possible: champion {champion['version']} predicts {champion['classes']}, "
                   f"this run {classes}; " + ("promoted because force_promote is set" if promoted
                                              else "not promoted (set force_promote to replace it)"))
     else:
         champion_accuracy = _champion_accuracy(champion, test_records, cfg.batch_size, metrics["n_test"], scratch)
         gain = new_accuracy - champion_accuracy
-        beats = gain > TOLERANCE and gain >= cfg.promotion_margin - TOLERANCE
-        promoted = beats or cfg.force_promote
+        beats = gain > TOLERANCE and gain >= settings.load().promotion_margin - TOLERANCE
+        promoted = beats or False
         reason = (f"{new_accuracy:.4f} vs champion {champion['version']} {champion_accuracy:.4f} on this run's "
                   f"{metrics['n_test']} test images: gain {gain:+.4f} "
                   + ("beats the champion by at least" if beats else "does not beat the champion by")
-                  + f" the margin {cfg.promotion_margin}"
+                  + f" the margin {settings.load().promotion_margin}"
                   + ("; promoted because force_promote is set" if promoted and not beats else ""))
     return _record(model_root, {
         "kind": "publish",
@@ -292,8 +292,8 @@ def _decide(cfg: RunConfig, model_root: str, version: str, metrics: dict, test_r
         "reason": reason,
         "new_accuracy": new_accuracy,
         "champion_accuracy": champion_accuracy,
-        "margin": cfg.promotion_margin,
-        "force_promote": cfg.force_promote,
+        "margin": settings.load().promotion_margin,
+        "force_promote": False,
         **_champion_fields(champion),
     })
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import artifacts, records, storage
-from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
+from tasks.acquire import DatasetError, ImageFolder, read_acquired
 from tasks.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ REQUIRED_SPLITS = ("train", "test")
 Selection = dict[str, list[tuple[str, int]]]
 
 
-def subsample(cfg: RunConfig) -> dict[str, Any]:
-    """Select, check and write the three split files and the manifest under the run root."""
-    root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
-    folder = scan(root)
+def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
+    """Select from what acquire indexed, check and write the three split files and the manifest."""
+    folder = read_acquired(cfg, acquired)
+    root = folder.root
     labels = selected_labels(folder, cfg.classes, cfg.source)
     classes = [folder.classes[label] for label in labels]
     selection = select(folder, labels, cfg)
@@ -53,7 +53,7 @@ def subsample(cfg: RunConfig) -> dict[str, Any]:
 
     manifest = {
         "source": cfg.source,
-        "source_sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
+        "source_sha256": storage.read_json(cfg.artifact(artifacts.ACQUIRED))["sha256"],
         "seed": cfg.seed,
         "params": {"classes": list(cfg.classes) if isinstance(cfg.classes, tuple) else cfg.classes,
                    "train_percent": cfg.train_percent, "train_count": cfg.train_count,

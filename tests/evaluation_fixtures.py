@@ -7,6 +7,7 @@ decision and train summary JSON files.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -98,12 +99,20 @@ def fine_tune_marker_pixels(curves_png: Path) -> int:
     return int((np.abs(pixels - marker).max(axis=-1) < 40).sum())
 
 
+def fetch_colour_model(uri: str, scratch: Path, cache_dir: str) -> SimpleNamespace:
+    """Stands in for tasks.classifier.fetch: the colour model written by write_run, whose outputs are known."""
+    import keras
+
+    local = storage.download(storage.join(uri, "model.keras"), scratch / "colour.keras")
+    return SimpleNamespace(model=keras.saving.load_model(local))
+
+
 def write_run(cfg: RunConfig, work: Path) -> None:
     """Everything evaluate reads, under cfg's run root (local or s3://)."""
     write_test_records(work / "test.tfrecord", work)
     storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("test")))
     colour_model().save(work / "model.keras")
-    storage.upload(work / "model.keras", cfg.artifact(artifacts.MODEL))
+    storage.upload(work / "model.keras", cfg.artifact(artifacts.MODEL, "model.keras"))
     storage.write_json(cfg.artifact(artifacts.MANIFEST), manifest())
     storage.write_json(cfg.artifact(artifacts.HISTORY), history())
     storage.write_json(cfg.artifact(artifacts.DECISION), decision())

@@ -1,10 +1,14 @@
 """RunConfig validates params once and names the bad one."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tasks import artifacts
-from tasks.config import ConfigError, RunConfig, parse_classes, safe_name
+from tasks.config import (RunConfig, check_conf, check_publish_location, param_specs, parse_classes,
+                          safe_name)
+from tasks.errors import ConfigError
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -29,11 +33,54 @@ def test_from_params_ignores_foreign_keys_and_maps_zero_target_to_none():
     assert cfg.epochs == 2 and cfg.target_accuracy is None and cfg.run_id == "r"
 
 
-def test_artifacts_are_keyed_by_a_path_safe_run_id():
-    cfg = RunConfig(run_root="s3://bucket/runs", run_id="manual__2026-11-22T08:00:00+00:00")
+def test_run_folder_is_dag_id_then_the_run_id_as_one_encoded_segment():
+    cfg = RunConfig(run_root="s3://bucket/runs", dag_id="transfer_learning",
+                    run_id="manual__2026-11-22T08:00:00+00:00")
     assert cfg.artifact(artifacts.MANIFEST) == (
-        "s3://bucket/runs/manual__2026-11-22T08_00_00_00_00/data/manifest.json")
-    assert safe_name("a/b:c") == "a_b_c"
+        "s3://bucket/runs/transfer_learning/manual__2026-11-22T08%3A00%3A00%2B00%3A00/data/manifest.json")
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "../../etc", "a/../../b", "/abs", "~root"])
+def test_hostile_run_ids_stay_one_segment_inside_the_run_root(tmp_path, run_id):
+    cfg = RunConfig(run_root=str(tmp_path / "runs"), dag_id="d", run_id=run_id)
+    folder = Path(cfg.run_uri)
+    assert folder.parent == tmp_path / "runs" / "d"
+    assert folder.name not in (".", "..") and "/" not in safe_name(run_id)
+    assert folder.resolve().is_relative_to((tmp_path / "runs" / "d").resolve())
+
+
+def test_distinct_run_ids_and_dags_never_share_a_folder():
+    ids = ["a:b", "a+b", "a_b", "a.b", "a%3Ab", "a b", "a/b"]
+    assert len({safe_name(run_id) for run_id in ids}) == len(ids)
+    manual = RunConfig(run_root="/r", dag_id="transfer_learning", run_id="x")
+    retrain = RunConfig(run_root="/r", dag_id="transfer_learning_retrain", run_id="x")
+    assert manual.run_uri != retrain.run_uri
+
+
+def test_every_param_rule_comes_from_the_field_metadata():
+    specs = param_specs(RunConfig())
+    assert {"backbone_weights", "source_sha256", "train_count", "test_percent", "dropout"} <= set(specs)
+    assert not {"run_id", "run_root", "dag_id", "cache_dir", "force_promote", "promotion_margin"} & set(specs)
+    default, schema = specs["epochs"]
+    assert default == 10 and schema["maximum"] == 500 and schema["title"] and schema["description"]
+    with pytest.raises(ConfigError, match="epochs"):
+        RunConfig(epochs=501)  # the same bound the form shows
+    with pytest.raises(ConfigError, match="model_name"):
+        RunConfig(model_name="x" * 64)
+
+
+def test_undeclared_conf_keys_are_refused_naming_them_and_the_likely_param():
+    check_conf({"epochs": 3, "fine_tune": "never"})
+    with pytest.raises(ConfigError, match=r"'force_promote'.*not a param"):
+        check_conf({"force_promote": True})
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        check_conf({"epoch": 3})
+
+
+def test_publish_uri_must_be_a_configured_publish_location():
+    check_publish_location(RunConfig(publish_uri="s3://models/"), ("s3://models",))
+    with pytest.raises(ConfigError, match="publish_uri='s3://elsewhere'.*TLP_PUBLISH_LOCATIONS"):
+        check_publish_location(RunConfig(publish_uri="s3://elsewhere"), ("s3://models",))
 
 
 def test_to_dict_is_json_ready_and_leaves_the_machine_local_cache_out():

@@ -65,12 +65,12 @@ def test_step_reads_history_and_writes_decision(tmp_path):
     cfg = RunConfig(run_root=str(tmp_path))
     storage.write_json(cfg.artifact(artifacts.HISTORY), PLATEAU)
 
-    result = decide_step(cfg)
+    result = decide_step(cfg, {})
 
     assert result["fine_tune"] is True
     assert storage.read_json(cfg.artifact(artifacts.DECISION)) == result
 
 
 def test_step_without_history_says_to_train_first(tmp_path):
-    with pytest.raises(MissingInputError, match="run the train step"):
-        decide_step(RunConfig(run_root=str(tmp_path), run_id="r7"))
+    with pytest.raises(MissingInputError, match="run train first"):
+        decide_step(RunConfig(run_root=str(tmp_path), run_id="r7"), {})

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import artifacts, storage
+from tasks import artifacts, classifier, storage
+from tasks.errors import MissingInputError
 from tasks.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
                             predictions_table)
 from tests import evaluation_fixtures as fx
@@ -30,6 +31,15 @@ PROBABILITIES = np.array([
     [0.1, 0.2, 0.7],
 ])
 ABC = ["a", "b", "c"]
+
+
+SUBSAMPLED = {"hash": fx.MANIFEST_HASH}  # what subsample hands evaluate
+
+
+@pytest.fixture(autouse=True)
+def colour_classifier(monkeypatch):
+    """Evaluate the hand-checkable colour model instead of a rebuilt backbone classifier."""
+    monkeypatch.setattr(classifier, "fetch", fx.fetch_colour_model)
 
 
 def test_metrics_match_hand_computed_values():
@@ -97,7 +107,7 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg)
+    result = evaluate(cfg, SUBSAMPLED)
 
     assert result["n_test"] == 12 and result["n_wrong"] == 4
     assert result["accuracy"] == pytest.approx(8 / 12)
@@ -136,10 +146,10 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
 def test_evaluate_rerun_rewrites_identical_outputs(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
-    first = evaluate(cfg)
+    first = evaluate(cfg, SUBSAMPLED)
     metrics, page = storage.read_bytes(first["metrics_uri"]), storage.read_bytes(first["report_uri"])
 
-    second = evaluate(cfg)
+    second = evaluate(cfg, SUBSAMPLED)
 
     assert second == first
     assert storage.read_bytes(second["metrics_uri"]) == metrics
@@ -150,7 +160,7 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
     cfg = fx.config(s3_bucket + "/runs")
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg)
+    result = evaluate(cfg, SUBSAMPLED)
 
     assert result["report_uri"].startswith(s3_bucket)
     listed = storage.list_files(storage.join(cfg.run_uri, "eval"))
@@ -169,7 +179,7 @@ def test_evaluate_without_decision_or_fine_tune(tmp_path):
     storage.delete(cfg.artifact(artifacts.TRAIN_SUMMARY))
     storage.write_json(cfg.artifact(artifacts.HISTORY), fx.history(fine_tune_start=None))
 
-    result = evaluate(cfg)
+    result = evaluate(cfg, SUBSAMPLED)
 
     card = storage.read_text(result["model_card_uri"])
     assert "Plateau decision: not recorded" in card
@@ -184,8 +194,8 @@ def test_missing_input_error_names_its_uri(tmp_path, artifact):
     fx.write_run(cfg, tmp_path / "work")
     storage.delete(cfg.artifact(artifact))
 
-    with pytest.raises(EvaluationError, match=re.escape(cfg.artifact(artifact)) + ".*run "):
-        evaluate(cfg)
+    with pytest.raises(MissingInputError, match=re.escape(cfg.artifact(artifact)) + ".*run "):
+        evaluate(cfg, SUBSAMPLED)
 
 
 def _links(page: str) -> set[str]:

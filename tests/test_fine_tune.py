@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.test_train import metrics_of, tiny_run
+from tests.test_train import SUBSAMPLED, metrics_of, tiny_run
 
-from tasks import checkpoints, artifacts, storage
+from tasks import artifacts, checkpoints, classifier, storage
 
 BACKBONE = "efficientnet_lite0"
+TRAINED = {"manifest_hash": SUBSAMPLED["hash"]}  # what train hands fine_tune
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def feature_extracted(tmp_path_factory, cache_dir):
 
     cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=2,
                    fine_tune_epochs=2, patience=10)
-    train(cfg)
+    train(cfg, SUBSAMPLED)
     return cfg
 
 
@@ -34,7 +36,11 @@ def fine_tuned(feature_extracted, tmp_path_factory):
     from tasks.fine_tune import fine_tune
 
     cfg = copy_run(feature_extracted, tmp_path_factory.mktemp("fine-tuned"))
-    return cfg, fine_tune(cfg)
+    return cfg, fine_tune(cfg, TRAINED)
+
+
+def weights_file(cfg, artifact) -> bytes:
+    return storage.read_bytes(cfg.artifact(artifact, classifier.WEIGHTS_FILE))
 
 
 def leaves(layer) -> list:
@@ -45,10 +51,9 @@ def leaves(layer) -> list:
     return [layer] if layer.weights else []
 
 
-def backbone_weights(path: str) -> list[list[np.ndarray]]:
-    import keras
-
-    return [[np.array(w) for w in leaf.weights] for leaf in leaves(keras.models.load_model(path).get_layer(BACKBONE))]
+def backbone_weights(cfg, artifact) -> list[list[np.ndarray]]:
+    model = classifier.load(Path(cfg.artifact(artifact)), cfg.cache_dir).model
+    return [[np.array(w) for w in leaf.weights] for leaf in leaves(model.get_layer(BACKBONE))]
 
 
 def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical(fine_tuned):
@@ -57,8 +62,8 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
     from tasks.backbones import load_backbone, set_trainable_top
 
     cfg, result = fine_tuned
-    before = backbone_weights(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
-    after = backbone_weights(cfg.artifact(artifacts.FINE_TUNED_MODEL))
+    before = backbone_weights(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
+    after = backbone_weights(cfg, artifacts.FINE_TUNED_MODEL)
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     assert set_trainable_top(reference, cfg.fine_tune_layers) == result["unfrozen_layers"]
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
@@ -83,8 +88,7 @@ def test_history_continues_across_phases_and_the_better_model_is_kept(fine_tuned
     assert history["fine_tune_start_epoch"] == 2
     assert result["val_accuracy_after"] > result["val_accuracy_before"]  # 1 head epoch leaves room
     assert result["kept"] == "fine_tuned"
-    assert storage.read_bytes(cfg.artifact(artifacts.MODEL)) == storage.read_bytes(
-        cfg.artifact(artifacts.FINE_TUNED_MODEL))
+    assert weights_file(cfg, artifacts.MODEL) == weights_file(cfg, artifacts.FINE_TUNED_MODEL)
     summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
     assert summary["kept"] == "fine_tuned"
     assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy_before"],
@@ -97,12 +101,11 @@ def test_feature_extraction_model_stays_when_fine_tuning_does_not_beat_it(featur
     from tasks.fine_tune import fine_tune
 
     cfg = copy_run(feature_extracted, tmp_path, fine_tune_epochs=1, fine_tune_lr_factor=1e-9)
-    result = fine_tune(cfg)
+    result = fine_tune(cfg, TRAINED)
 
     assert result["val_accuracy_after"] == result["val_accuracy_before"]
     assert result["kept"] == "feature_extraction"
-    assert storage.read_bytes(cfg.artifact(artifacts.MODEL)) == storage.read_bytes(
-        cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
+    assert weights_file(cfg, artifacts.MODEL) == weights_file(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
     assert storage.exists(cfg.artifact(artifacts.FINE_TUNED_MODEL))
 
 
@@ -123,10 +126,10 @@ def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_ex
 
     monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_crash)
     with pytest.raises(Crash):
-        fine_tune(cfg)
+        fine_tune(cfg, TRAINED)
     monkeypatch.setattr(checkpoints.Checkpointer, "save", saved)
 
-    result = fine_tune(cfg)
+    result = fine_tune(cfg, TRAINED)
 
     reference_cfg, reference = fine_tuned
     assert result["resumed_from_epoch"] == 3

@@ -13,7 +13,7 @@ import jwt
 import pytest
 
 from tasks import artifacts, storage
-from tasks.config import safe_name
+from tasks.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "transfer_learning"
@@ -83,7 +83,7 @@ def _add_run(run_id: str, conf: dict, configured: dict | None = None) -> None:
 
 def _write_evaluation(run_root: str, run_id: str) -> None:
     """What the evaluate step leaves under a run root, in miniature."""
-    run = storage.join(run_root, safe_name(run_id))
+    run = RunConfig(run_root=run_root, dag_id=DAG_ID, run_id=run_id).run_uri
     storage.write_text(storage.join(run, *artifacts.REPORT.parts, "index.html"), REPORT_HTML)
     storage.write_text(storage.join(run, *artifacts.REPORT.parts, "most_wrong.csv"), "path,true,predicted\na.png,1,2\n")
     storage.write_text(storage.join(run, *artifacts.MODEL_CARD.parts), MODEL_CARD)
@@ -98,10 +98,10 @@ def _report_url(run_id: str) -> str:
 
 @pytest.fixture
 def run_id(api, tmp_path) -> str:
-    """A finished run (run_root in its conf, as the trigger form sends it) with its evaluation written."""
+    """A finished run (its `configure` task recorded the run root) with its evaluation written."""
     run_id = f"{RUN_ID}-{tmp_path.name}"
     _write_evaluation(str(tmp_path / "runs"), run_id)
-    _add_run(run_id, {"run_root": str(tmp_path / "runs"), "epochs": 2})
+    _add_run(run_id, {"epochs": 2}, configured={"run_root": str(tmp_path / "runs")})
     return run_id
 
 
@@ -182,10 +182,9 @@ def test_paths_outside_the_evaluation_are_refused(api, run_id, token, path, stat
     assert response.status_code == status, response.text
 
 
-def test_run_without_run_root_in_conf_uses_the_project_default(api, token, tmp_path, monkeypatch):
-    """Scheduled runs have an empty conf: the run root is TLP_RUN_ROOT, relative to TLP_PROJECT_ROOT."""
-    monkeypatch.setenv("TLP_PROJECT_ROOT", str(tmp_path))
-    monkeypatch.setenv("TLP_RUN_ROOT", "shared-runs")
+def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path, monkeypatch):
+    """A run whose configure task has not finished: the run root is the deployment's TLP_RUN_ROOT."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "shared-runs"))
     run_id = "scheduled__" + tmp_path.name
     _write_evaluation(str(tmp_path / "shared-runs"), run_id)
     _add_run(run_id, {})
@@ -193,11 +192,12 @@ def test_run_without_run_root_in_conf_uses_the_project_default(api, token, tmp_p
     assert response.status_code == 200, response.text
 
 
-def test_run_root_resolved_by_the_configure_task_wins_over_the_conf(api, token, tmp_path):
-    """The scheduled DAG's Variable overrides reach the run only through `configure`'s result."""
+def test_run_root_recorded_by_the_configure_task_wins_over_the_environment(api, token, tmp_path, monkeypatch):
+    """The run root the run really used is the one its `configure` task recorded."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "not-here"))
     run_id = "scheduled__override-" + tmp_path.name
     _write_evaluation(str(tmp_path / "configured-runs"), run_id)
-    _add_run(run_id, {"run_root": str(tmp_path / "not-here")}, configured={"run_root": str(tmp_path / "configured-runs")})
+    _add_run(run_id, {}, configured={"run_root": str(tmp_path / "configured-runs")})
     response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
 
@@ -206,7 +206,7 @@ def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token,
     """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
     run_id = "manual__s3-run"
     _write_evaluation(f"{s3_bucket}/runs", run_id)
-    _add_run(run_id, {"run_root": f"{s3_bucket}/runs"})
+    _add_run(run_id, {}, configured={"run_root": f"{s3_bucket}/runs"})
     for key in s3.env():
         monkeypatch.delenv(key)
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
@@ -220,7 +220,7 @@ def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
     no_run = api.get(_report_url("no-such-run"), headers=auth)
     assert no_run.status_code == 404 and "has no run" in no_run.text
     run_id = "running__" + tmp_path.name
-    _add_run(run_id, {"run_root": str(tmp_path)})
+    _add_run(run_id, {}, configured={"run_root": str(tmp_path)})
     no_report = api.get(_report_url(run_id), headers=auth)
     assert no_report.status_code == 404 and "evaluate task has succeeded" in no_report.text
 
@@ -246,7 +246,8 @@ def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     return old, new
 
 
-def test_registry_lists_versions_and_the_champion(api, token, tmp_path):
+def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     old, new = _write_registry(tmp_path / "models", "fmnist")
     response = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path / "models"),
                                                         "model_name": "fmnist"},
@@ -268,7 +269,18 @@ def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monke
     assert response.status_code == 200 and "bbbbbbbbbbbb" in response.text
 
 
-def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path):
+def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
+    _write_registry(tmp_path / "elsewhere", "fmnist")
+    response = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path / "elsewhere"),
+                                                        "model_name": "fmnist"},
+                       headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 400 and "not a publish location" in response.text
+    assert "bbbbbbbbbbbb" not in response.text
+
+
+def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path))
     assert api.get("/ml-reports/registry").status_code == 401
     bad = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path), "model_name": "../etc"},
                   headers={"Authorization": f"Bearer {token}"})

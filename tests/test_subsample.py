@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tasks import artifacts, records, storage
-from tasks.acquire import DatasetError
+from tasks.acquire import DatasetError, acquire
 from tasks.config import RunConfig
 from tasks.subsample import subsample
 
@@ -17,13 +17,18 @@ def config(folder: Path, tmp_path: Path, **params) -> RunConfig:
                         "cache_dir": str(tmp_path / "cache"), "train_percent": 50, **params})
 
 
+def acquired_subsample(cfg: RunConfig) -> dict:
+    """Subsample as the DAG runs it: on what acquire indexed."""
+    return subsample(cfg, acquire(cfg))
+
+
 def manifest_of(cfg: RunConfig) -> dict:
     return storage.read_json(cfg.artifact(artifacts.MANIFEST))
 
 
 def test_counts_follow_percent_val_fraction_and_test_percent(image_folder, tmp_path):
     cfg = config(image_folder, tmp_path, train_percent=50, val_fraction=0.34, test_percent=50)
-    result = subsample(cfg)
+    result = acquired_subsample(cfg)
     assert result["counts"] == {"train": 12, "val": 6, "test": 6}
     assert result["n_classes"] == 3 and result["n_skipped"] == 0
     manifest = manifest_of(cfg)
@@ -38,29 +43,29 @@ def test_counts_follow_percent_val_fraction_and_test_percent(image_folder, tmp_p
 
 
 def test_train_count_is_absolute_per_class_and_val_keeps_one_per_class(image_folder, tmp_path):
-    result = subsample(config(image_folder, tmp_path, train_count=3, val_fraction=0.1))
+    result = acquired_subsample(config(image_folder, tmp_path, train_count=3, val_fraction=0.1))
     assert result["counts"] == {"train": 6, "val": 3, "test": 12}
 
 
 def test_same_inputs_and_seed_give_a_byte_identical_manifest(image_folder, tmp_path):
     first = config(image_folder, tmp_path, run_id="first", seed=7)
     second = config(image_folder, tmp_path, run_id="second", seed=7)
-    subsample(first)
-    subsample(second)
+    acquired_subsample(first)
+    acquired_subsample(second)
     assert storage.read_bytes(first.artifact(artifacts.MANIFEST)) == storage.read_bytes(
         second.artifact(artifacts.MANIFEST))
 
 
 def test_another_seed_selects_other_images(image_folder, tmp_path):
-    one = subsample(config(image_folder, tmp_path, run_id="one", seed=1))
-    two = subsample(config(image_folder, tmp_path, run_id="two", seed=2))
+    one = acquired_subsample(config(image_folder, tmp_path, run_id="one", seed=1))
+    two = acquired_subsample(config(image_folder, tmp_path, run_id="two", seed=2))
     assert one["counts"] == two["counts"]
     assert one["hash"] != two["hash"]
 
 
 def test_first_n_classes_and_named_classes_keep_dataset_order(image_folder, tmp_path):
-    first_two = subsample(config(image_folder, tmp_path, run_id="n", classes=2))
-    named = subsample(config(image_folder, tmp_path, run_id="names", classes="cherry, apple"))
+    first_two = acquired_subsample(config(image_folder, tmp_path, run_id="n", classes=2))
+    named = acquired_subsample(config(image_folder, tmp_path, run_id="names", classes="cherry, apple"))
     assert manifest_of(config(image_folder, tmp_path, run_id="n"))["classes"] == ["apple", "banana"]
     assert manifest_of(config(image_folder, tmp_path, run_id="names"))["classes"] == ["apple", "cherry"]
     assert first_two["n_classes"] == named["n_classes"] == 2
@@ -68,7 +73,7 @@ def test_first_n_classes_and_named_classes_keep_dataset_order(image_folder, tmp_
 
 def test_unknown_class_is_an_error_listing_the_available_ones(image_folder, tmp_path):
     with pytest.raises(DatasetError, match=r"\['durian'\] are not in .*available: \['apple', 'banana', 'cherry'\]"):
-        subsample(config(image_folder, tmp_path, classes="apple,durian"))
+        acquired_subsample(config(image_folder, tmp_path, classes="apple,durian"))
 
 
 def test_corrupt_truncated_and_non_image_files_are_skipped_with_reasons(image_folder, tmp_path):
@@ -78,7 +83,7 @@ def test_corrupt_truncated_and_non_image_files_are_skipped_with_reasons(image_fo
     (apples / "notes.jpg").write_text("not an image")
     (apples / "empty.png").write_bytes(b"")
     cfg = config(image_folder, tmp_path, train_percent=100)
-    result = subsample(cfg)
+    result = acquired_subsample(cfg)
     manifest = manifest_of(cfg)
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {"train/apple/truncated.jpg", "train/apple/notes.jpg", "train/apple/empty.png"}
@@ -93,17 +98,17 @@ def test_class_left_without_images_in_a_split_is_an_error_naming_it(image_folder
     for path in (image_folder / "test" / "banana").iterdir():
         path.write_bytes(b"garbage")
     with pytest.raises(DatasetError, match=r"class 'banana' has no usable images in the test split.*4 skipped"):
-        subsample(config(image_folder, tmp_path))
+        acquired_subsample(config(image_folder, tmp_path))
 
 
 def test_one_selected_image_cannot_feed_validation(image_folder, tmp_path):
     with pytest.raises(DatasetError, match="class 'apple' has no usable images in the val split"):
-        subsample(config(image_folder, tmp_path, train_count=1))
+        acquired_subsample(config(image_folder, tmp_path, train_count=1))
 
 
 def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_path):
     cfg = config(image_folder, tmp_path)
-    subsample(cfg)
+    acquired_subsample(cfg)
     manifest = manifest_of(cfg)
     for split in records.SPLITS:
         expected = {f["path"]: f["label"] for f in manifest["files"] if f["split"] == split}
@@ -121,8 +126,8 @@ def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_pat
 def test_outputs_go_to_an_s3_run_root(s3_bucket, image_folder, tmp_path):
     cfg = RunConfig(source=str(image_folder), run_root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache"),
                     train_percent=50)
-    result = subsample(cfg)
-    assert result["manifest"] == f"{s3_bucket}/runs/manual/data/manifest.json"
+    result = acquired_subsample(cfg)
+    assert result["manifest"] == f"{s3_bucket}/runs/transfer_learning/manual/data/manifest.json"
     assert storage.read_json(result["manifest"])["hash"] == result["hash"]
     local = storage.download(cfg.artifact(artifacts.split_records("train")), tmp_path / "train.tfrecord")
     assert len(list(records.iter_records(local))) == result["counts"]["train"]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import artifacts, records, storage
+from tasks import artifacts, classifier, records, storage
 from tasks.config import RunConfig
+from tasks.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
@@ -57,6 +58,9 @@ def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) ->
     return cfg
 
 
+SUBSAMPLED = {"hash": "tiny"}  # what subsample hands train for a tiny_run
+
+
 def metrics_of(history: dict) -> np.ndarray:
     return np.array([[entry[key] for key in METRICS] for entry in history["epochs"]])
 
@@ -69,7 +73,7 @@ def trained(tmp_path_factory, cache_dir):
     cfg = tiny_run(str(tmp_path_factory.mktemp("trained")), cache_dir, epochs=3, patience=10)
     with pytest.MonkeyPatch.context() as patch:
         embedded = count_embedded(patch)
-        result = train_module.train(cfg)
+        result = train_module.train(cfg, SUBSAMPLED)
     return cfg, result, embedded
 
 
@@ -107,8 +111,8 @@ def test_head_trains_on_cached_features_and_writes_every_output(trained):
         assert list(train_features["labels"]) == [label for label in range(3) for _ in range(16)]
     state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
     assert state["epoch"] == 3
-    assert storage.read_bytes(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)) == storage.read_bytes(
-        cfg.artifact(artifacts.MODEL))
+    assert storage.read_bytes(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL, classifier.WEIGHTS_FILE)) == \
+        storage.read_bytes(cfg.artifact(artifacts.MODEL, classifier.WEIGHTS_FILE))
     assert _tensorboard_steps(cfg.artifact(artifacts.TENSORBOARD, "feature_extraction", "validation"),
                               "epoch_accuracy") == [1, 2, 3]
 
@@ -129,7 +133,7 @@ def test_composed_model_predicts_what_the_head_predicts_on_cached_features(train
     from tasks.predict import predict_records
 
     cfg, _, _ = trained
-    model = keras.models.load_model(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
+    model = classifier.load(Path(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)), cfg.cache_dir).model
     composed, labels, _ = predict_records(model, cfg.artifact(artifacts.split_records("val")), batch_size=5)
     with np.load(cfg.artifact(artifacts.FEATURES, "val.npz")) as cached:
         on_features = np.asarray(model.get_layer("head")(cached["features"], training=False))
@@ -144,7 +148,7 @@ def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monk
     assert embedded == [[48, 12]]  # one pass over train and val: each image once for all 3 epochs
 
     embedded_again = count_embedded(monkeypatch)
-    again = train(cfg)  # a retry of the finished step rewrites the same outputs
+    again = train(cfg, SUBSAMPLED)  # a retry of the finished step rewrites the same outputs
 
     assert embedded_again == []
     assert again["epochs_run"] == 3 and again["resumed_from_epoch"] is None
@@ -158,7 +162,7 @@ def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, m
     shutil.copytree(cfg.run_root, tmp_path / "runs")
     embedded = count_embedded(monkeypatch)
     changed = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"), loss="categorical_crossentropy", epochs=2)
-    result = train(changed)  # the loss takes one-hot labels now
+    result = train(changed, SUBSAMPLED)  # the loss takes one-hot labels now
 
     history = storage.read_json(changed.artifact(artifacts.HISTORY))
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
@@ -167,11 +171,8 @@ def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, m
 
 
 def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
-    from tasks.train import TrainingError, train
-
-    cfg = RunConfig(run_root=str(tmp_path), loss="hinge_of_fate", cache_dir=cache_dir)
-    with pytest.raises(TrainingError, match="hinge_of_fate"):
-        train(cfg)
+    with pytest.raises(ConfigError, match="hinge_of_fate"):
+        RunConfig(run_root=str(tmp_path), loss="hinge_of_fate", cache_dir=cache_dir)
 
 
 def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_dir):
@@ -181,11 +182,11 @@ def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_d
 
     # seed 0: TensorFlow treats a (0, 0) seed pair specially; the epoch-keyed shuffles must not trip on it
     cfg = tiny_run(str(tmp_path / "runs"), cache_dir, epochs=2, augment=True, seed=0)
-    result = train(cfg)
+    result = train(cfg, SUBSAMPLED)
 
     assert result["epochs_run"] == 2
     assert not storage.exists(cfg.artifact(artifacts.FEATURES))
-    model = keras.models.load_model(cfg.artifact(artifacts.MODEL))
+    model = classifier.load(Path(cfg.artifact(artifacts.MODEL)), cfg.cache_dir).model
     assert "augmentation" not in [layer.name for layer in model.layers]
     assert model.output_shape == (None, 3)
     summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
@@ -206,7 +207,7 @@ KILLED_RUN = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.Checkpointer.save = save_then_die
-    train(RunConfig(**json.loads(sys.argv[1])))
+    train(RunConfig(**json.loads(sys.argv[1])), {})
 """)
 
 
@@ -218,7 +219,7 @@ def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_histo
     # the run after epoch 4 only if its wait counter survived the kill after epoch 2.
     settings = dict(epochs=6, patience=3, min_delta=0.9, augment=True)
     reference_cfg = tiny_run(str(tmp_path / "reference"), cache_dir, per_class=8, **settings)
-    reference = train(reference_cfg)
+    reference = train(reference_cfg, SUBSAMPLED)
 
     cfg = tiny_run(s3_bucket, cache_dir, per_class=8, **settings)
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg.to_dict())], cwd=ROOT,
@@ -227,7 +228,7 @@ def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_histo
     state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
     assert state["epoch"] == 2
 
-    resumed = train(cfg)
+    resumed = train(cfg, SUBSAMPLED)
 
     assert resumed["resumed_from_epoch"] == 3
     history = storage.read_json(cfg.artifact(artifacts.HISTORY))
@@ -240,7 +241,7 @@ def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_histo
 def test_strategy_mirrors_only_across_several_gpus():
     import tensorflow as tf
 
-    from tasks.train import strategy_for
+    from tasks.training import strategy_for
 
     assert strategy_for([]) is tf.distribute.get_strategy()
     assert strategy_for(["/device:GPU:0"]) is tf.distribute.get_strategy()

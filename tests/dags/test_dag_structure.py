@@ -66,8 +66,8 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
     assert downstream["acquire"] == {"subsample"}
-    assert downstream["subsample"] == {"train"}
-    assert downstream["train"] == {"decide"}
+    assert downstream["subsample"] == {"train", "evaluate"}  # the splits train on and evaluate tests
+    assert downstream["train"] == {"decide", "fine_tune"}  # fine_tune continues from train's model
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
     assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
     assert downstream["evaluate"] == {"publish"}
@@ -102,15 +102,27 @@ def test_retrain_schedule_comes_from_the_environment():
 REQUIRED_PARAMS = ("source", "classes", "train_percent", "val_fraction", "seed", "backbone", "image_size",
                    "batch_size", "epochs", "learning_rate", "augment", "fine_tune", "fine_tune_layers",
                    "fine_tune_epochs", "fine_tune_lr_factor", "patience", "min_delta", "target_accuracy",
-                   "top_k_wrong", "model_name", "publish_uri", "run_root")
+                   "top_k_wrong", "model_name", "publish_uri", "backbone_weights", "source_sha256",
+                   "train_count", "test_percent", "dropout")
 
 
 def test_every_param_documents_itself(dagbag):
     params = dagbag.dags["transfer_learning"].params
     for name in REQUIRED_PARAMS:
         param = params.get_param(name)
-        assert param.schema.get("title"), name
+        assert param.schema.get("title") and param.description, name
         assert "type" in param.schema, name
+
+
+def test_form_params_are_exactly_the_config_params(dagbag):
+    from tasks.config import RunConfig, param_specs
+
+    specs = param_specs(RunConfig())
+    params = dagbag.dags["transfer_learning"].params
+    assert set(params.keys()) == set(specs)
+    for name, (default, schema) in specs.items():
+        param = params.get_param(name)
+        assert param.value == default and {**param.schema, "description": param.description} == schema, name
 
 
 def test_defaults_form_a_valid_run_config(dagbag):
