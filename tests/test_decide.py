@@ -42,6 +42,34 @@ CASES = [
 ]
 
 
+# Feature extraction on the offline default (Fashion-MNIST 10 %: 600 validation images, Lite0 at 96 px):
+# the head is flat by epoch 5 and what follows is sampling noise of about ±0.014.
+DEFAULT_RUN = history(0.788, 0.823, 0.838, 0.847, 0.850, 0.845, 0.849, 0.848, 0.860, 0.857)
+RISING_600 = history(0.62, 0.69, 0.74, 0.78, 0.81, 0.835)
+NOISY_CASES = [
+    # (name, history, validation images, fine_tune?, words)
+    ("default run: a +0.010 wobble on 600 images is noise", DEFAULT_RUN, 600, True,
+     ["improved 0.010 over the last 3 epochs", "noise of accuracy on 600 validation images, ±0.014", "plateau"]),
+    ("same wobble, noise unknown: min_delta alone reads it as a rise", DEFAULT_RUN, None, False,
+     ["still improving: +0.010", "min_delta 0.005"]),
+    ("a curve really rising on 600 images does not fine-tune", RISING_600, 600, False,
+     ["still improving: +0.095", "±0.015"]),
+    ("60000 validation images: the noise is below min_delta, which decides", DEFAULT_RUN, 60000, False,
+     ["min_delta 0.005"]),
+]
+
+
+@pytest.mark.parametrize("name, curve, n_val, expected, words", NOISY_CASES, ids=[case[0] for case in NOISY_CASES])
+def test_rule_reads_validation_noise_as_noise(name, curve, n_val, expected, words):
+    cfg = RunConfig(patience=3, min_delta=0.005, target_accuracy=0.95, fine_tune="auto")
+
+    decision = decide(curve, cfg, n_val)
+
+    assert decision["fine_tune"] is expected, decision["reason"]
+    for word in words:
+        assert word in decision["reason"], decision["reason"]
+
+
 @pytest.mark.parametrize("name, curve, rule, expected, words", CASES, ids=[case[0] for case in CASES])
 def test_rule_decides_and_explains(name, curve, rule, expected, words):
     cfg = RunConfig(**{"patience": 3, "min_delta": 0.005, "target_accuracy": 0.95, "fine_tune": "auto", **rule})
@@ -64,6 +92,7 @@ def test_decision_records_the_rule_it_applied():
 def test_step_reads_history_and_writes_decision(tmp_path):
     cfg = RunConfig(run_root=str(tmp_path))
     storage.write_json(cfg.artifact(artifacts.HISTORY), PLATEAU)
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"counts": {"val": {"a": 300, "b": 300}}})
 
     result = decide_step(cfg, {})
 
