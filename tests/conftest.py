@@ -103,12 +103,17 @@ def model_store_connection(s3, monkeypatch):
     return s3
 
 
-def tiny_conf(tmp_path: Path, fine_tune: str, run_root: str, publish_uri: str) -> dict:
+def deployment_env(run_root: str, publish_uri: str) -> dict[str, str]:
+    """The deployment settings a test run needs: where runs live and the publish location it may use."""
+    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri}
+
+
+def tiny_conf(tmp_path: Path, fine_tune: str, publish_uri: str) -> dict:
     """DAG params for a whole run in about a minute: 3 easy classes, 32 px, the real Lite0 backbone."""
     source = write_image_folder(tmp_path / "images", {"dark": 16, "mid": 16, "light": 16}, splits=("train", "test"))
     return {
         "source": str(source), "train_percent": 100, "val_fraction": 0.25, "backbone": "efficientnet_lite0",
         "image_size": 32, "batch_size": 16, "epochs": 2, "patience": 1, "fine_tune": fine_tune,
         "fine_tune_layers": 5, "fine_tune_epochs": 1, "top_k_wrong": 5, "model_name": "tiny-model",
-        "run_root": run_root, "publish_uri": publish_uri,
+        "publish_uri": publish_uri,
     }

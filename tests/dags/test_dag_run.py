@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tasks import storage
-from tests.conftest import ROOT, tiny_conf
+from tests.conftest import ROOT, deployment_env, tiny_conf
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,15 @@ def run_states(dag_run) -> dict[str, str]:
     return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
 
 
-def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, model_store_connection, tmp_path):
-    conf = tiny_conf(tmp_path, "always", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
+def deploy(monkeypatch, run_root: str, publish_uri: str) -> None:
+    for key, value in deployment_env(run_root, publish_uri).items():
+        monkeypatch.setenv(key, value)
+
+
+def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, model_store_connection, tmp_path,
+                                                   monkeypatch):
+    deploy(monkeypatch, f"{s3_bucket}/runs", f"{s3_bucket}/models")
+    conf = tiny_conf(tmp_path, "always", publish_uri=f"{s3_bucket}/models")
     dag_run = dag.test(run_conf=conf)
 
     states = run_states(dag_run)
@@ -51,15 +58,17 @@ def champion_events(version: str) -> list:
     return [name for extra, name in rows if name == "champion-tiny-model" and extra.get("version") == version]
 
 
-def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, model_store_connection, tmp_path):
-    conf = tiny_conf(tmp_path, "never", run_root=str(tmp_path / "runs"), publish_uri=f"{s3_bucket}/models")
+def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, model_store_connection, tmp_path,
+                                                  monkeypatch):
+    deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
+    conf = tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models")
     dag_run = dag.test(run_conf=conf)
 
     states = run_states(dag_run)
     assert dag_run.state == "success", states
     assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
     assert states["evaluate"] == states["publish"] == "success"
-    decision = json.loads((next((tmp_path / "runs").glob("*/train/decision.json"))).read_text())
+    decision = json.loads((next((tmp_path / "runs").glob("transfer_learning/*/train/decision.json"))).read_text())
     assert decision["fine_tune"] is False and "never" in decision["reason"]
 
 
@@ -77,3 +86,14 @@ def _env(server):
     from unittest import mock
 
     return mock.patch.dict("os.environ", server.env())
+
+
+def test_undeclared_conf_key_fails_the_run_before_any_work(dag, airflow_db, s3_bucket, model_store_connection,
+                                                          tmp_path, monkeypatch):
+    deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
+    conf = {**tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"), "force_promote": True}
+    dag_run = dag.test(run_conf=conf)
+
+    states = run_states(dag_run)
+    assert dag_run.state == "failed" and states["configure"] == "failed", states
+    assert states["acquire"] != "success" and not (tmp_path / "runs").exists()

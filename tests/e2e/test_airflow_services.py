@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
-from tasks.config import safe_name
-from tests.conftest import ROOT, tiny_conf
+from tasks import artifacts, storage
+from tasks.config import RunConfig
+from tests.conftest import ROOT, deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices
 from tests.e2e.browser import chromium_binary, screenshot
 
@@ -19,9 +19,10 @@ ARTIFACTS = Path(os.environ.get("TLP_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
 
 
 @pytest.fixture
-def airflow(tmp_path, s3):
+def airflow(tmp_path, s3, s3_bucket):
     services = AirflowServices(tmp_path / "airflow", {
         "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
+        **deployment_env(f"{s3_bucket}/runs", f"{s3_bucket}/models"),
     })
     services.start()
     yield services
@@ -30,7 +31,7 @@ def airflow(tmp_path, s3):
 
 @pytest.mark.skipif(chromium_binary() is None, reason="needs Debian chromium (.ci/run installs it)")
 def test_triggered_run_publishes_and_its_report_shows_in_the_ui(airflow, s3_bucket, tmp_path):
-    conf = tiny_conf(tmp_path, "auto", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
+    conf = tiny_conf(tmp_path, "auto", publish_uri=f"{s3_bucket}/models")
     airflow.wait_for_dag("transfer_learning")
 
     run_id = airflow.trigger("transfer_learning", conf)
@@ -42,7 +43,8 @@ def test_triggered_run_publishes_and_its_report_shows_in_the_ui(airflow, s3_buck
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id
     assert storage.exists(f"{champion['uri']}/checksums.json")
-    assert storage.exists(f"{s3_bucket}/runs/{safe_name(run_id)}/eval/report/index.html")
+    run = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
+    assert storage.exists(run.artifact(artifacts.REPORT, "index.html"))
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cookie = [{"name": "_token", "value": airflow.token(), "url": airflow.base_url}]

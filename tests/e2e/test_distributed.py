@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tasks import artifacts, storage
-from tasks.config import safe_name
+from tasks.config import RunConfig
 from devtools.seaweed import free_port
-from tests.conftest import tiny_conf
+from tests.conftest import deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices, Component
 from tests.e2e.local_services import missing_packages, start_postgres, start_redis
 
@@ -96,7 +96,7 @@ def workers(tmp_path) -> dict[str, Worker]:
 
 
 @pytest.fixture
-def airflow(tmp_path, s3, postgres, redis_broker, workers):
+def airflow(tmp_path, s3, s3_bucket, postgres, redis_broker, workers):
     services = AirflowServices(tmp_path / "airflow", {
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.url(),
@@ -104,6 +104,7 @@ def airflow(tmp_path, s3, postgres, redis_broker, workers):
         "AIRFLOW__CELERY__RESULT_BACKEND": postgres.url("db+postgresql+psycopg2"),
         "TLP_TRAIN_QUEUE": TRAIN_QUEUE,  # read when the DAG file is parsed: every component needs it
         "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
+        **deployment_env(f"{s3_bucket}/runs", f"{s3_bucket}/models"),
     }, extra_components=[worker.component() for worker in workers.values()])
     try:
         services.start()
@@ -113,7 +114,7 @@ def airflow(tmp_path, s3, postgres, redis_broker, workers):
 
 
 def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airflow, workers, s3_bucket, tmp_path):
-    conf = tiny_conf(tmp_path, "auto", run_root=f"{s3_bucket}/runs", publish_uri=f"{s3_bucket}/models")
+    conf = tiny_conf(tmp_path, "auto", publish_uri=f"{s3_bucket}/models")
     source = f"{s3_bucket}/source/"
     storage.upload(conf["source"], source)
     shutil.rmtree(conf["source"])  # no worker can read the images from a local folder
@@ -138,7 +139,7 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
     assert {ti["hostname"] for ti in ran.values()} == {"worker-a", "worker-b"}
 
     # every hand-over between the workers went through the run root on S3
-    run_uri = storage.join(f"{s3_bucket}/runs", safe_name(run_id))
+    run_uri = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id).run_uri
     handed_over = {storage.join(run_uri, *artifact.parts) for artifact in (
         *(artifacts.split_records(split) for split in ("train", "val", "test")),
         artifacts.HISTORY, artifacts.DECISION, artifacts.MODEL, artifacts.METRICS)}
