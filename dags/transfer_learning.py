@@ -1,4 +1,5 @@
-"""Transfer learning on Airflow: acquire → subsample → train → decide → fine-tune? → evaluate → publish.
+"""Transfer learning on Airflow: acquire → subsample → train (per candidate) → select → decide → fine-tune? →
+evaluate → publish.
 
 Two DAGs run the same pipeline:
 - `transfer_learning`: triggered by hand from the UI form (defaults = the offline demo);
@@ -42,8 +43,11 @@ DEFAULT_ARGS = {
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 
 
-def _config(cfg: dict) -> RunConfig:
-    """Rebuild the validated config in this task's process and point storage at the model store."""
+def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
+    """Rebuild the validated config in this task's process and point storage at the model store.
+
+    Steps after `select` get the winning candidate's config: its backbone, image size and artifacts.
+    """
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -54,7 +58,12 @@ def _config(cfg: dict) -> RunConfig:
         os.environ.update(s3_env(conn.login, conn.password, conn.extra_dejson))
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
-    return RunConfig.from_params(cfg)
+    config = RunConfig.from_params(cfg)
+    if winner is None:
+        return config
+    from tasks.config import Candidate
+
+    return config.for_candidate(Candidate(winner["backbone"], winner["image_size"], winner["candidate"]))
 
 
 def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
@@ -90,37 +99,53 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
 
         return subsample(_config(cfg), acquired)
 
-    @task(queue=SETTINGS.train_queue)
-    def train(cfg: dict, data: dict) -> dict:
-        from tasks.train import train
+    @task
+    def candidates(cfg: dict) -> list[dict]:
+        """The backbones to compare (one unless the `candidates` param lists several): train maps over them."""
+        from dataclasses import asdict
 
-        return train(_config(cfg), data)
+        from tasks.config import candidate_list
+
+        return [asdict(candidate) for candidate in candidate_list(_config(cfg))]
+
+    @task(queue=SETTINGS.train_queue)
+    def train(cfg: dict, data: dict, candidate: dict) -> dict:
+        from tasks.train import train_candidate
+
+        return train_candidate(_config(cfg), data, candidate)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def select(cfg: dict, trained: list) -> dict:
+        """Rank the candidates on validation accuracy (a failed one is listed with its error); the winner goes on."""
+        from tasks.select import select
+
+        return select(_config(cfg), list(trained))
 
     @task.branch
-    def decide(cfg: dict, trained: dict) -> str:
+    def decide(cfg: dict, best: dict) -> str:
         """Branch on the plateau rule; the decision and its reason also go to XCom key `decision`."""
         from tasks.decide import decide_step
 
-        decision = decide_step(_config(cfg), trained)
+        decision = decide_step(_config(cfg, best), best)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "fine_tune" if decision["fine_tune"] else "skip_fine_tune"
 
     @task(queue=SETTINGS.train_queue)
-    def fine_tune(cfg: dict, trained: dict) -> dict:
+    def fine_tune(cfg: dict, best: dict) -> dict:
         from tasks.fine_tune import fine_tune
 
-        return fine_tune(_config(cfg), trained)
+        return fine_tune(_config(cfg, best), best)
 
     @task
     def skip_fine_tune() -> dict:
         return {"fine_tuned": False}
 
     @task(queue=SETTINGS.train_queue, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def evaluate(cfg: dict, data: dict) -> dict:
-        """Evaluates the run's kept model (the better phase): runs after whichever branch ran."""
+    def evaluate(cfg: dict, data: dict, best: dict) -> dict:
+        """Evaluates the winner's kept model (the better phase): runs after whichever branch ran."""
         from tasks.evaluate import evaluate
 
-        return evaluate(_config(cfg), data)
+        return evaluate(_config(cfg, best), data)
 
     @task(outlets=[CHAMPION_ALIAS])
     def publish(cfg: dict, evaluation: dict) -> dict:
@@ -135,10 +160,11 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
 
     cfg = configure()
     data = subsample(cfg, acquire(cfg))
-    trained = train(cfg, data)
-    branch = decide(cfg, trained)
-    evaluation = evaluate(cfg, data)
-    branch >> [fine_tune(cfg, trained), skip_fine_tune()] >> evaluation
+    trained = train.partial(cfg=cfg, data=data).expand(candidate=candidates(cfg))
+    best = select(cfg, trained)
+    branch = decide(cfg, best)
+    evaluation = evaluate(cfg, data, best)
+    branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
     publish(cfg, evaluation)
 
 

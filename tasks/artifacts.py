@@ -24,6 +24,7 @@ class Artifact:
     parts: tuple[str, ...]
     producer: str
     what: str
+    per_candidate: bool = False  # lives under candidates/<slug>/: one per candidate backbone
 
     @property
     def path(self) -> str:
@@ -35,17 +36,25 @@ ACQUIRED = Artifact(("data", "acquired.json"), "acquire",
                     "the acquired dataset: where it is, its classes and every image per split and class")
 MANIFEST = Artifact(("data", "manifest.json"), "subsample",
                     "the selection: every file, label and split, seed, skipped files, one content hash")
-FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits")
-CHECKPOINTS = Artifact(("checkpoints",), "train", "per-epoch training state of each phase")
-TENSORBOARD = Artifact(("tensorboard",), "train", "TensorBoard scalars of each phase")
-HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of both phases")
-TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "backbone, phases, and which model was kept")
-DECISION = Artifact(("train", "decision.json"), "decide", "whether to fine-tune, and why")
+FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits",
+                    per_candidate=True)
+CHECKPOINTS = Artifact(("checkpoints",), "train", "per-epoch training state of each phase", per_candidate=True)
+TENSORBOARD = Artifact(("tensorboard",), "train", "TensorBoard scalars of each phase", per_candidate=True)
+HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of both phases", per_candidate=True)
+TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "backbone, phases, and which model was kept",
+                         per_candidate=True)
+DECISION = Artifact(("train", "decision.json"), "decide", "whether to fine-tune, and why", per_candidate=True)
 FEATURE_EXTRACTION_MODEL = Artifact(("model", "feature_extraction"), "train",
-                                    "the classifier after feature extraction (tasks.classifier folder)")
-FINE_TUNED_MODEL = Artifact(("model", "fine_tuned"), "fine_tune", "the classifier after fine-tuning")
+                                    "the classifier after feature extraction (tasks.classifier folder)",
+                                    per_candidate=True)
+FINE_TUNED_MODEL = Artifact(("model", "fine_tuned"), "fine_tune", "the classifier after fine-tuning",
+                            per_candidate=True)
 MODEL = Artifact(("model", "kept"), "train",
-                 "the run's classifier: the better of the two phases on validation (fine_tune may replace it)")
+                 "the run's classifier: the better of the two phases on validation (fine_tune may replace it)",
+                 per_candidate=True)
+TRAINING_ERROR = Artifact(("train", "error.json"), "train", "why this candidate's training failed",
+                          per_candidate=True)
+LEADERBOARD = Artifact(("leaderboard.json",), "select", "every candidate ranked on validation accuracy, with errors")
 METRICS = Artifact(("eval", "metrics.json"), "evaluate", "test-split metrics")
 REPORT = Artifact(("eval", "report"), "evaluate", "the HTML report with curves, confusion matrix, gallery")
 MODEL_CARD = Artifact(("eval", "model_card.md"), "evaluate", "the model card")

@@ -52,7 +52,7 @@ class Classifier:
 
 
 def build(spec: ClassifierSpec, weights: str, cache_dir: str) -> Classifier:
-    """Backbone (with `weights`: "imagenet", "none" or a file) + a new head, composed raw-pixels-in/probabilities-out."""
+    """Backbone (`weights`: "imagenet", "none" or a file) + a new head: raw pixels in, probabilities out."""
     backbone = load_backbone(spec.backbone, spec.image_size, weights, cache_dir)
     head = build_head(tuple(backbone.model.output_shape[1:]), len(spec.classes), spec.dropout)
     return Classifier(spec, backbone, head, compose(backbone, head))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -89,6 +90,10 @@ class RunConfig:
     backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0 (offline ImageNet), "
                           "efficientnet_b0, resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / "
                           "s3:// prefix.", type="string", minLength=1)
+    candidates: str = param("", "Candidate backbones", "Compare several backbones in one run: comma-separated "
+                            "specs, each optionally @size (e.g. efficientnet_lite0@96, efficientnet_lite0@160, a TF "
+                            "Hub handle, s3://models/encoder@224). Each trains as its own mapped task; the best on "
+                            "validation continues. Empty = the one Backbone at Image size.", type="string")
     backbone_weights: str = param("imagenet", "Backbone weights", "imagenet, none (random init), or a local / "
                                   "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0).",
                                   type="string", minLength=1)
@@ -137,6 +142,7 @@ class RunConfig:
     run_root: str = field(default_factory=lambda: settings.load().run_root)
     dag_id: str = "transfer_learning"
     run_id: str = "manual"
+    candidate: str = ""  # the slug of the candidate whose training artifacts a step reads and writes
     cache_dir: str = field(default_factory=lambda: settings.load().cache_dir)
 
     def __post_init__(self) -> None:
@@ -151,6 +157,9 @@ class RunConfig:
         _check(bool(self.run_root), "run_root", self.run_root, "give a local directory or an s3:// URI")
         _check(bool(self.run_id), "run_id", self.run_id, "give the Airflow run_id or any non-empty name")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.dag_id)), "dag_id", self.dag_id, "give the Airflow dag_id")
+        _check(self.candidate == "" or bool(re.fullmatch(r"[a-z0-9_.-]+", self.candidate)), "candidate",
+               self.candidate, "give a slug made by candidate_list")
+        candidate_list(self)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "RunConfig":
@@ -178,10 +187,54 @@ class RunConfig:
         return storage.join(self.run_root, self.dag_id, safe_name(self.run_id))
 
     def artifact(self, artifact: "Artifact", *below: str) -> str:
-        """URI of a catalogued artifact of this run (or of a file below it), e.g. `cfg.artifact(artifacts.MANIFEST)`."""
+        """URI of a catalogued artifact of this run (or of a file below it), e.g. `cfg.artifact(artifacts.MANIFEST)`.
+
+        Training artifacts belong to one candidate backbone and live under
+        `candidates/<slug>/` of the candidate this config is for.
+        """
         from tasks import storage
 
-        return storage.join(self.run_uri, *artifact.parts, *below)
+        scope = ("candidates", self.candidate) if artifact.per_candidate and self.candidate else ()
+        return storage.join(self.run_uri, *scope, *artifact.parts, *below)
+
+    def for_candidate(self, candidate: "Candidate") -> "RunConfig":
+        """This config for one candidate: its backbone, image size, and its own training artifacts."""
+        return dataclasses.replace(self, backbone=candidate.backbone, image_size=candidate.image_size,
+                                   candidate=candidate.slug)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backbone to try: a spec, the image size it runs at, and a folder-safe slug naming both."""
+
+    backbone: str
+    image_size: int
+    slug: str
+
+
+def candidate_list(cfg: RunConfig) -> list[Candidate]:
+    """The run's candidates: the `candidates` param, or the one `backbone` at `image_size`.
+
+    A spec may end in `@<size>`; the slug is readable plus a hash, so distinct
+    specs never share a folder.
+    """
+    specs = [part.strip() for part in re.split(r"[,\n]", cfg.candidates) if part.strip()] or [cfg.backbone]
+    found = []
+    for spec in specs:
+        backbone, size = spec, cfg.image_size
+        head, sep, tail = spec.rpartition("@")
+        if sep and tail.isdigit():
+            backbone, size = head.strip(), int(tail)
+        bounds = next(f for f in dataclasses.fields(RunConfig) if f.name == "image_size").metadata["param"]
+        _check(bounds["minimum"] <= size <= bounds["maximum"], "candidates", spec,
+               f"the image size of a candidate must be {bounds['minimum']}..{bounds['maximum']} px, as for image_size")
+        _check(bool(backbone), "candidates", spec, "give a backbone spec before '@<size>'")
+        stem = re.sub(r"[^a-z0-9]+", "_", backbone.lower().rstrip("/").rsplit("/", 1)[-1]).strip("_")[:32] or "backbone"
+        digest = hashlib.sha256(f"{backbone}@{size}".encode()).hexdigest()[:8]
+        found.append(Candidate(backbone, size, f"{stem}-{size}-{digest}"))
+    slugs = [candidate.slug for candidate in found]
+    _check(len(set(slugs)) == len(slugs), "candidates", cfg.candidates, "list each backbone@size once")
+    return found
 
 
 def param_specs(defaults: RunConfig) -> dict[str, tuple[Any, dict[str, Any]]]:

@@ -24,14 +24,25 @@ import numpy as np
 from tasks import artifacts, classifier, storage
 from tasks.backbones import Backbone
 from tasks.checkpoints import fit_resumable
-from tasks.config import RunConfig
+from tasks.config import Candidate, RunConfig
 from tasks.errors import TrainingError
 from tasks.head import augmentation, compose
 from tasks.records import image_dataset
+from tasks.select import record_failure
 from tasks.training import (FEATURE_EXTRACTION, TRAINING_SPLITS, compile_model, distribution_strategy, epoch_seed,
                             fingerprint, image_data, read_manifest, resolve_loss, stage_records, targets)
 
 log = logging.getLogger(__name__)
+
+
+def train_candidate(cfg: RunConfig, data: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Feature extraction for one candidate backbone (a mapped task); a failure is left for select to list."""
+    run = cfg.for_candidate(Candidate(**candidate))
+    try:
+        return {**train(run, data), "candidate": run.candidate}
+    except Exception as error:
+        record_failure(run, error)
+        raise
 
 
 def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
@@ -61,15 +72,17 @@ def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
         result = fit_resumable(model, cfg, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
                                fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION), scratch=scratch)
-        classifier.upload(built, scratch, cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), cfg.artifact(artifacts.MODEL))
+        classifier.upload(built, scratch, cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
+                          cfg.artifact(artifacts.MODEL))
     seconds = round(time.monotonic() - started, 2)
     storage.write_json(cfg.artifact(artifacts.HISTORY), {"epochs": result.history, "fine_tune_start_epoch": None})
     storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
         "backbone": backbone.name, "weights_source": backbone.weights_source, "feature_dim": backbone.feature_dim,
-        "kept": FEATURE_EXTRACTION,
+        "kept": FEATURE_EXTRACTION, "manifest_hash": manifest["hash"],
         "phases": {FEATURE_EXTRACTION: {**result.record(seconds), "augment": cfg.augment}},
         "val_accuracy": {FEATURE_EXTRACTION: result.best_val_accuracy, "fine_tuned": None},
     })
+    storage.delete(cfg.artifact(artifacts.TRAINING_ERROR))
     model_uri = cfg.artifact(artifacts.MODEL)
     log.info("feature extraction: %s in %.1f s -> %s", result.describe(), seconds, model_uri)
     return {"model_uri": model_uri, "history_uri": cfg.artifact(artifacts.HISTORY), "manifest_hash": manifest["hash"],

@@ -67,12 +67,16 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
     assert downstream["acquire"] == {"subsample"}
     assert downstream["subsample"] == {"train", "evaluate"}  # the splits train on and evaluate tests
-    assert downstream["train"] == {"decide", "fine_tune"}  # fine_tune continues from train's model
+    assert downstream["candidates"] == {"train"}
+    assert downstream["train"] == {"select"}
+    assert downstream["select"] == {"decide", "fine_tune", "evaluate"}  # the winner goes on
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
     assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
     assert downstream["evaluate"] == {"publish"}
     assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
+    assert dag.task_dict["select"].trigger_rule == "all_done"  # lists failed candidates, fails if all failed
+    assert type(dag.task_dict["train"]).__name__.endswith("MappedOperator")  # one task instance per candidate
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)

@@ -1,0 +1,82 @@
+"""Step 3b: rank the candidate backbones on validation accuracy; the winner continues.
+
+Each candidate trained as its own mapped task and left its summary (or the
+error that stopped it) under `candidates/<slug>/`. The ranking uses validation
+accuracy only — the test split is never used to choose — and a tie goes to the
+candidate that trained faster, then to the one listed first. A failed candidate
+is listed with its error and the rest go on; when every candidate failed the
+step fails with every reason. The leaderboard is written at the run level for
+the report and the model card; TensorBoard shows the candidates side by side
+when pointed at `<run root>/candidates/`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks import artifacts, storage
+from tasks.config import RunConfig, candidate_list
+from tasks.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Rank every planned candidate, write the leaderboard, return the winner (what later steps continue from).
+
+    `trained` is what the mapped train tasks returned (a failed one returns
+    nothing); the run root, not the list, says how each candidate ended.
+    """
+    rows = [_row(cfg.for_candidate(candidate), order) for order, candidate in enumerate(candidate_list(cfg))]
+    finished = sorted((row for row in rows if row["val_accuracy"] is not None),
+                      key=lambda row: (-row["val_accuracy"], row["seconds"], row["order"]))
+    for rank, row in enumerate(finished, start=1):
+        row["rank"] = rank
+    failed = [row for row in rows if row["val_accuracy"] is None]
+    if not finished:
+        raise TrainingError("every candidate failed: " + "; ".join(f"{row['spec']}: {row['error']}" for row in failed)
+                            + " — fix the named inputs and trigger again")
+    winner = finished[0]
+    reason = _reason(winner, finished[1:], failed)
+    storage.write_json(cfg.artifact(artifacts.LEADERBOARD),
+                       {"winner": winner["candidate"], "reason": reason, "candidates": finished + failed})
+    log.info("select: %s (%d trained, %d failed; %d results handed over) -> %s", reason, len(finished), len(failed),
+             sum(result is not None for result in trained), cfg.artifact(artifacts.LEADERBOARD))
+    return {key: winner[key] for key in ("candidate", "backbone", "image_size", "val_accuracy")} | {
+        "reason": reason, "history_uri": winner["history_uri"], "manifest_hash": winner["manifest_hash"]}
+
+
+def _row(cfg: RunConfig, order: int) -> dict[str, Any]:
+    """How one candidate ended: its best validation accuracy and time, or its error."""
+    row = {"candidate": cfg.candidate, "spec": f"{cfg.backbone}@{cfg.image_size}", "backbone": cfg.backbone,
+           "image_size": cfg.image_size, "order": order, "val_accuracy": None, "seconds": None, "error": None,
+           "history_uri": cfg.artifact(artifacts.HISTORY), "manifest_hash": None}
+    summary_uri, error_uri = cfg.artifact(artifacts.TRAIN_SUMMARY), cfg.artifact(artifacts.TRAINING_ERROR)
+    if storage.exists(summary_uri):
+        summary = storage.read_json(summary_uri)
+        phase = summary["phases"]["feature_extraction"]
+        return {**row, "val_accuracy": float(summary["val_accuracy"]["feature_extraction"]),
+                "seconds": float(phase["seconds"]), "manifest_hash": summary.get("manifest_hash")}
+    if storage.exists(error_uri):
+        return {**row, "error": storage.read_json(error_uri)["error"]}
+    return {**row, "error": f"no result at {summary_uri}: its train task did not finish"}
+
+
+def _reason(winner: dict[str, Any], others: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
+    """Why the winner won, in words for the log, the report and the model card."""
+    text = f"{winner['spec']} has the best validation accuracy, {winner['val_accuracy']:.4f}"
+    if others:
+        runner = others[0]
+        gap = winner["val_accuracy"] - runner["val_accuracy"]
+        text += (f" (next: {runner['spec']} at {runner['val_accuracy']:.4f}, "
+                 + (f"{gap:+.4f})" if gap > 0 else "a tie, broken by training time)"))
+    else:
+        text += " (the only candidate that trained)"
+    if failed:
+        text += "; failed: " + ", ".join(row["spec"] for row in failed)
+    return text
+
+
+def record_failure(cfg: RunConfig, error: Exception) -> None:
+    """Leave a candidate's error where select looks for it (the task still fails, so Airflow shows it)."""
+    storage.write_json(cfg.artifact(artifacts.TRAINING_ERROR), {"error": f"{type(error).__name__}: {error}"})

@@ -1,0 +1,81 @@
+"""Select: candidates ranked on validation accuracy; failures listed; all failing fails with every reason."""
+from __future__ import annotations
+
+import pytest
+
+from tasks import artifacts, storage
+from tasks.config import RunConfig, candidate_list
+from tasks.errors import ConfigError, TrainingError
+from tasks.select import record_failure, select
+
+SPECS = "efficientnet_lite0@96, efficientnet_lite0@160, mobilenet_v2@128"
+
+
+def finished(cfg: RunConfig, val_accuracy: float, seconds: float) -> None:
+    """What train leaves for one candidate."""
+    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
+        "val_accuracy": {"feature_extraction": val_accuracy, "fine_tuned": None}, "manifest_hash": "h",
+        "phases": {"feature_extraction": {"seconds": seconds}}})
+
+
+def runs(tmp_path, specs: str = SPECS) -> tuple[RunConfig, list[RunConfig]]:
+    cfg = RunConfig(run_root=str(tmp_path), candidates=specs)
+    return cfg, [cfg.for_candidate(candidate) for candidate in candidate_list(cfg)]
+
+
+def test_best_validation_accuracy_wins_and_every_candidate_is_on_the_leaderboard(tmp_path):
+    cfg, (small, large, mobile) = runs(tmp_path)
+    finished(small, 0.86, 20)
+    finished(large, 0.89, 60)
+    record_failure(mobile, ValueError("weights file missing"))
+
+    winner = select(cfg, [{}, {}, None])
+
+    assert (winner["backbone"], winner["image_size"], winner["val_accuracy"]) == ("efficientnet_lite0", 160, 0.89)
+    assert "efficientnet_lite0@160 has the best validation accuracy, 0.8900" in winner["reason"]
+    assert "next: efficientnet_lite0@96 at 0.8600, +0.0300" in winner["reason"]
+    assert "failed: mobilenet_v2@128" in winner["reason"]
+    board = storage.read_json(cfg.artifact(artifacts.LEADERBOARD))
+    assert [row["spec"] for row in board["candidates"]] == ["efficientnet_lite0@160", "efficientnet_lite0@96",
+                                                            "mobilenet_v2@128"]
+    assert board["candidates"][2]["error"] == "ValueError: weights file missing"
+    assert winner["history_uri"] == large.artifact(artifacts.HISTORY)
+
+
+def test_a_tie_goes_to_the_faster_candidate(tmp_path):
+    cfg, (small, large, mobile) = runs(tmp_path)
+    for run, seconds in ((small, 30), (large, 90), (mobile, 12)):
+        finished(run, 0.875, seconds)
+
+    winner = select(cfg, [{}, {}, {}])
+
+    assert winner["backbone"] == "mobilenet_v2" and "a tie, broken by training time" in winner["reason"]
+
+
+def test_all_candidates_failing_fails_with_every_reason(tmp_path):
+    cfg, (small, large, mobile) = runs(tmp_path)
+    record_failure(small, ValueError("bad weights"))
+    record_failure(large, OSError("disk full"))
+
+    with pytest.raises(TrainingError, match=r"every candidate failed: efficientnet_lite0@96: ValueError: bad "
+                                            r"weights; efficientnet_lite0@160: OSError: disk full; "
+                                            r"mobilenet_v2@128: no result at .*did not finish"):
+        select(cfg, [None, None, None])
+
+
+def test_one_backbone_is_the_one_candidate_case():
+    (only,) = candidate_list(RunConfig(backbone="mobilenet_v2", image_size=128))
+    assert (only.backbone, only.image_size) == ("mobilenet_v2", 128)
+    cfg = RunConfig(run_root="/r", run_id="x").for_candidate(only)
+    assert cfg.artifact(artifacts.HISTORY) == f"/r/transfer_learning/x/candidates/{only.slug}/train/history.json"
+    assert cfg.artifact(artifacts.MANIFEST) == "/r/transfer_learning/x/data/manifest.json"  # shared by all
+
+
+@pytest.mark.parametrize("specs, words", [
+    ("efficientnet_lite0@96, efficientnet_lite0@96", "list each backbone@size once"),
+    ("efficientnet_lite0@8", "image size of a candidate must be 32..1024"),
+    ("@96", "give a backbone spec"),
+])
+def test_bad_candidate_lists_are_refused_naming_the_candidate(specs, words):
+    with pytest.raises(ConfigError, match=words):
+        RunConfig(candidates=specs)
