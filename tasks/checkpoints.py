@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,7 @@ import numpy as np
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tasks.errors import CheckpointError
+from tasks.errors import CheckpointError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,19 @@ class Checkpointer:
         state_uri = storage.join(self.uri, STATE)
         if not storage.exists(state_uri):
             return None
-        state = storage.read_json(state_uri)
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning("checkpoint %s was made with other settings or data; starting this phase over", self.uri)
+        try:
+            state = storage.read_json(state_uri)
+            if state.get("fingerprint") != self.fingerprint:
+                log.warning("checkpoint %s was made with other settings or data; starting this phase over", self.uri)
+                return None
+            weights_uri = storage.join(self.uri, state["weights"])
+            with np.load(storage.download(weights_uri, self.scratch / state["weights"])) as stored:
+                arrays = {key: stored[key] for key in stored.files}
+        except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, StorageError) as error:
+            log.warning("checkpoint %s is corrupt (%s: %s); deleting it and starting this phase over", self.uri,
+                        type(error).__name__, error)
+            storage.delete(self.uri.rstrip("/") + "/")
             return None
-        weights_uri = storage.join(self.uri, state["weights"])
-        with np.load(storage.download(weights_uri, self.scratch / state["weights"])) as stored:
-            arrays = {key: stored[key] for key in stored.files}
         model.optimizer.build(model.trainable_variables)
         _assign(weights_uri, "model", model.variables, arrays)
         _assign(weights_uri, "optimizer", model.optimizer.variables, arrays)

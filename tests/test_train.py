@@ -170,6 +170,24 @@ def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, m
     assert embedded == []
 
 
+def test_corrupt_checkpoint_is_reported_and_the_phase_restarts_cleanly(trained, tmp_path, caplog):
+    from tasks.train import train
+
+    cfg, first, _ = trained
+    shutil.copytree(cfg.run_root, tmp_path / "runs")
+    corrupt = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"))
+    folder = corrupt.artifact(artifacts.CHECKPOINTS, "feature_extraction")
+    state = storage.read_json(storage.join(folder, "state.json"))
+    storage.write_bytes(storage.join(folder, state["weights"]), b"PK\x03\x04 not a zip")
+
+    with caplog.at_level("WARNING"):
+        result = train(corrupt, SUBSAMPLED)
+
+    assert f"checkpoint {folder} is corrupt" in caplog.text and "starting this phase over" in caplog.text
+    assert result["resumed_from_epoch"] is None and result["epochs_run"] == 3
+    assert result["val_accuracy"] == first["val_accuracy"]  # the same seeded run, from the start
+
+
 def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="hinge_of_fate"):
         RunConfig(run_root=str(tmp_path), loss="hinge_of_fate", cache_dir=cache_dir)
