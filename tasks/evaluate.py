@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import artifacts, model_card, report, storage
+from tasks import artifacts, model_card, report, serving_check, storage
 from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
@@ -41,6 +41,8 @@ def evaluate(cfg: RunConfig) -> dict:
         test_path = _stage_in(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord",
                               "run subsample for this run first")
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
+        storage.write_bytes(cfg.artifact(artifacts.GOLDEN),
+                            serving_check.golden_batch(probabilities, paths, int(model.input_shape[1])))
 
         metrics = classification_metrics(probabilities, labels, classes, cfg.top_k)
         confusion = np.asarray(metrics["confusion_matrix"])
