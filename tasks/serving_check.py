@@ -30,6 +30,9 @@ GOLDEN_SIZE = 32
 TOLERANCE = 1e-4  # float32 round-off between graph and eager runs stays far below this
 SERVING_SIGNATURE = "serving_default"
 CHILD_TIMEOUT_S = 600
+MESSAGE_CHARS = 500
+KERAS_CAUSE = "Exception encountered: "
+KERAS_CONFIG_DUMP = " Full object config"
 KERAS_ARTIFACT = "model.keras"
 SAVED_MODEL_ARTIFACT = "saved_model"
 FIXES = {
@@ -119,10 +122,16 @@ def _answer(run, path: Path, images: np.ndarray, expected: np.ndarray) -> dict:
     try:
         probabilities = run(path, images)
     except Exception as error:  # any load or call failure is the finding, reported by the parent
-        return {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+        return {"error": _cause(error)}
     if probabilities.shape != expected.shape:
         return {"error": f"output shape {probabilities.shape}, evaluated {expected.shape}"}
     return {"max_abs_diff": float(np.max(np.abs(probabilities - expected)))}
+
+
+def _cause(error: Exception) -> str:
+    """The error in a line: Keras wraps the real cause ("Could not locate class ...") after a config dump."""
+    cause = str(error).rpartition(KERAS_CAUSE)[2].partition(KERAS_CONFIG_DUMP)[0]
+    return f"{type(error).__name__}: {cause.strip()[:MESSAGE_CHARS]}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ reported as not convertible: the Keras model and SavedModel still publish.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +29,7 @@ LATENCY_IMAGES = 50
 LATENCY_WARMUP = 5
 LATENCY_THREADS = 1  # one core: comparable across workers, and what a small device gives one model
 INTERPRETER = "ai-edge-litert"
+MLIR_LOCATION = re.compile(r"<unknown>:0: error: loc\(.*\)\): ")
 
 
 def export_variants(saved_model: Path, test_records: Path, keras_accuracy: float, out_dir: Path) -> dict:
@@ -140,5 +142,6 @@ def _invoke(interpreter, images: np.ndarray) -> np.ndarray:
 
 
 def _first_line(error: Exception) -> str:
+    """The converter's first message line, without MLIR's source locations (which hide the op's name)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:300] if lines else "no message"
+    return MLIR_LOCATION.sub(" ", lines[0])[:300] if lines else "no message"
