@@ -134,9 +134,8 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
         else:
             log.info("publish: decision for %s already recorded at %s; not judging again", version,
                      recorded["decision"])
-            judged = {key: recorded[key] for key in ("reason", "new_accuracy", "champion_accuracy", "min_accuracy",
-                                                     "margin", "champion_version", "champion_decision")}
-            judged["eligible"] = recorded["eligible"]
+            judged = {key: recorded[key] for key in ("eligible", "reason", "new_accuracy", "champion_accuracy",
+                                                     "min_accuracy", "margin", "champion_version", "champion_decision")}
     published = {
         **judged,
         "version": version,
