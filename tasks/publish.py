@@ -455,7 +455,7 @@ def _move_champion(cfg: RunConfig, model_root: str, published: dict, review: dic
                 judged = {**published, **_judge_again(cfg, published, champion, Path(scratch_dir))}
                 if not judged["eligible"]:
                     return _record(model_root, _decision(cfg, judged, review, False, (
-                        f"the champion moved to {champion['version']} after this candidate was judged; "
+                        f"the champion moved to {judged['champion_version']} after this candidate was judged; "
                         f"judged again: {judged['reason']}")))
             decision = _decision(cfg, judged, review, True, judged["reason"]
                                  + (f"; {_verdict(review)}" if review else ""))
