@@ -58,6 +58,9 @@ LEADERBOARD = Artifact(("leaderboard.json",), "select", "every candidate ranked 
 METRICS = Artifact(("eval", "metrics.json"), "evaluate", "test-split metrics")
 REPORT = Artifact(("eval", "report"), "evaluate", "the HTML report with curves, confusion matrix, gallery")
 MODEL_CARD = Artifact(("eval", "model_card.md"), "evaluate", "the model card")
+GOLDEN = Artifact(("golden", "batch.npz"), "evaluate",
+                  "the golden batch: the first test images' paths and the evaluated model's probabilities for them, "
+                  "which the published artifacts must reproduce")
 PUBLISHED = Artifact(("publish.json",), "publish", "the published version and the promotion decision")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import artifacts, classifier, model_card, report, storage
+from tasks import artifacts, classifier, model_card, report, serving_check, storage
 from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
@@ -42,6 +42,8 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
         model = classifier.fetch(model_uri, scratch, cfg.cache_dir).model
         test_path = storage.download(test_uri, scratch / "test.tfrecord")
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
+        storage.write_bytes(cfg.artifact(artifacts.GOLDEN),
+                            serving_check.golden_batch(probabilities, paths, int(model.input_shape[1])))
 
         metrics = classification_metrics(probabilities, labels, classes, cfg.top_k)
         confusion = np.asarray(metrics["confusion_matrix"])

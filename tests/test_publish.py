@@ -1,17 +1,21 @@
-"""Publish against a real SeaweedFS: verified versions, champion promotion, rollback, store failures.
+"""Publish against a real SeaweedFS: verified versions, champion promotion, approval, races, rollback, failures.
 
 Models are nearest-colour classifiers (mean pixel -> closest class colour) built by hand,
 so a test chooses how many classes a model gets right and thus its exact accuracy.
+The serving check and the TFLite export run for real where a test is about them (and in
+the first test); elsewhere `quick_checks` stands in for them to keep each test fast.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, publish, storage
+from tasks import artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError
 from tasks.publish import PublishError
@@ -38,17 +42,31 @@ def class_colours(count: int) -> np.ndarray:
     return np.array([[(i * 80) % 256, (i * 150) % 256, (i * 40) % 256] for i in range(count)], dtype="float32")
 
 
-def colour_model(n_classes: int, correct: int, image_size: int):
-    """A model that gets the first `correct` classes right and never predicts the others."""
-    import keras
+@pytest.fixture(scope="module")
+def mean_colour_backbone(tmp_path_factory) -> str:
+    """A SavedModel backbone whose features are an image's mean colour (scaled to [0, 1] by the registry)."""
+    import tensorflow as tf
 
-    colours = class_colours(n_classes)
+    class MeanColour(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            return tf.reduce_mean(images, axis=[1, 2])
+
+    path = tmp_path_factory.mktemp("backbone") / "mean_colour"
+    module = MeanColour()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.__call__})
+    return str(path)
+
+
+def colour_classifier(backbone: str, classes: tuple[str, ...], correct: int, image_size: int, cache_dir: str):
+    """A classifier (as train saves it) that gets the first `correct` classes right and never predicts the others."""
+    colours = class_colours(len(classes))
     colours[correct:] = FAR_AWAY
-    inputs = keras.Input((image_size, image_size, 3))
-    dense = keras.layers.Dense(n_classes, activation="softmax")
-    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
-    dense.set_weights([colours.T * LOGIT_SCALE, -(colours ** 2).sum(axis=1) / 2 * LOGIT_SCALE])
-    return model
+    built = classifier.build(classifier.ClassifierSpec(backbone, image_size, classes, 0.2), "imagenet", cache_dir)
+    scale = LOGIT_SCALE * 255  # the backbone's features are colours / 255
+    built.head.get_layer("probabilities").set_weights([colours.T * scale,
+                                                        -(colours ** 2).sum(axis=1) / 2 * LOGIT_SCALE])
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +89,7 @@ def test_records(tmp_path_factory):
 
 
 @pytest.fixture
-def make_run(tmp_path, test_records):
+def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
     """Writes what evaluate leaves under a run root, for a model that gets `correct` classes right."""
 
     def make(run_id: str, publish_uri: str, *, correct: int = 3, classes: tuple[str, ...] = CLASSES,
@@ -81,28 +99,66 @@ def make_run(tmp_path, test_records):
         cfg = RunConfig(run_id=run_id, run_root=run_root or str(tmp_path / "runs"), publish_uri=publish_uri,
                         model_name=MODEL_NAME, classes=list(classes), image_size=image_size, **params)
         local = tmp_path / "build" / run_id
-        model = colour_model(len(classes), correct, image_size)
-        local.mkdir(parents=True)
-        model.save(local / "model.keras")
+        built = colour_classifier(mean_colour_backbone, tuple(classes), correct, image_size, cache_dir)
+        storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.MODEL))
         records = test_records(classes)
-        probabilities, labels, _ = predict_records(model, records)
+        probabilities, labels, paths = predict_records(built.model, records)
         manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode()).hexdigest()}
         metrics = {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)), "classes": list(classes),
                    "manifest_hash": manifest["hash"], "n_test": len(labels)}
         files = {
-            artifacts.MODEL.parts: (local / "model.keras").read_bytes(),
             artifacts.METRICS.parts: json.dumps(metrics).encode(),
             artifacts.MANIFEST.parts: json.dumps(manifest).encode(),
             artifacts.MODEL_CARD.parts: f"# {MODEL_NAME}\naccuracy {metrics['accuracy']:.3f}\n".encode(),
             (*artifacts.REPORT.parts, "index.html"): b"<html><body>report</body></html>",
             (*artifacts.REPORT.parts, "wrong.csv"): b"file,true,predicted,confidence\n",
             artifacts.split_records("test").parts: records.read_bytes(),
+            artifacts.GOLDEN.parts: serving_check.golden_batch(probabilities, paths, image_size),
         }
         for parts, data in files.items():
             storage.write_bytes(storage.join(cfg.run_uri, *parts), data)
         return cfg
 
     return make
+
+
+REAL_CHECK_SERVING = serving_check.check_serving
+REAL_EXPORT_VARIANTS = tflite_export.export_variants
+
+
+@pytest.fixture(autouse=True)
+def quick_checks(monkeypatch):
+    """Stand-ins for the serving check and the TFLite export, which cost seconds per publish."""
+    monkeypatch.setattr(serving_check, "check_serving", lambda *args: {
+        "max_abs_diff": {"model": 0.0, "saved_model": 0.0}, "n_images": PER_CLASS, "tolerance": 1e-4})
+    monkeypatch.setattr(tflite_export, "export_variants", lambda *args: {
+        "status": "not convertible: skipped in this test", "variants": {}})
+
+
+@pytest.fixture
+def real_checks(monkeypatch):
+    """The real serving check (fresh process) and TFLite export, for the tests about them."""
+    monkeypatch.setattr(serving_check, "check_serving", REAL_CHECK_SERVING)
+    monkeypatch.setattr(tflite_export, "export_variants", REAL_EXPORT_VARIANTS)
+
+
+@pytest.fixture(autouse=True)
+def policy(monkeypatch):
+    """Sets the deployment's promotion policy (floor, margin) for this test."""
+
+    def set_policy(*, margin: float = 0.0, floor: float = 0.0) -> None:
+        monkeypatch.setenv("TLP_PROMOTION_MARGIN", str(margin))
+        monkeypatch.setenv("TLP_MIN_ACCURACY", str(floor))
+
+    set_policy()
+    return set_policy
+
+
+def approval(option: str, comment: str = "", user: str | None = "ana") -> dict:
+    """What Airflow's ApprovalOperator returns once a human answered (or, with user=None, nobody did)."""
+    return {"chosen_options": [option], "params_input": {"comment": comment},
+            "responded_by_user": {"id": f"{user}-id", "name": user} if user else None,
+            "responded_at": "2026-11-22T08:15:00+00:00", "timedout": user is None}
 
 
 def version_objects(result: dict) -> dict[str, bytes]:
@@ -115,7 +171,8 @@ def decisions_for(publish_uri: str) -> list[dict]:
     return publish.list_decisions(publish_uri, MODEL_NAME)
 
 
-def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_bucket, make_run, tmp_path):
+def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_bucket, make_run, tmp_path,
+                                                                             real_checks):
     import tensorflow as tf
 
     cfg = make_run("run-1", s3_bucket + "/registry", run_root=s3_bucket + "/runs")
@@ -128,8 +185,13 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     objects = version_objects(result)
     checksums = json.loads(objects.pop("checksums.json"))
     assert {name: hashlib.sha256(data).hexdigest() for name, data in objects.items()} == checksums
-    assert {"model.keras", "metrics.json", "report/index.html", "report/wrong.csv", "model_card.md",
-            "manifest.json", "params.json", "saved_model/saved_model.pb"} <= set(objects)
+    assert {"model/classifier.json", "model/model.weights.h5", "metrics.json", "report/index.html", "report/wrong.csv", "model_card.md",
+            "manifest.json", "params.json", "saved_model/saved_model.pb", "tflite/float32.tflite"} <= set(objects)
+    metrics = json.loads(objects["metrics.json"])
+    assert metrics["serving_check"]["n_images"] == len(CLASSES) * PER_CLASS
+    assert max(metrics["serving_check"]["max_abs_diff"].values()) <= serving_check.TOLERANCE
+    kept = {f"tflite/{name}.tflite" for name, entry in metrics["tflite"]["variants"].items() if entry["kept"]}
+    assert metrics["tflite"]["status"] == "converted" and kept == {name for name in objects if name.endswith(".tflite")}
     assert json.loads(objects["params.json"]) == cfg.to_dict()
     champion = publish.read_champion(cfg.publish_uri, MODEL_NAME)
     assert champion["version"] == result["version"] and champion["uri"] == result["version_uri"]
@@ -171,11 +233,12 @@ def test_republishing_redoes_an_interrupted_upload_under_the_same_version(s3_buc
     publish.verify_version(again["version_uri"])
 
 
-def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_split(s3_bucket, make_run):
+def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_split(s3_bucket, make_run, policy):
     champion_cfg = make_run("run-old", s3_bucket, correct=2, image_size=48)
     old = publish.publish(champion_cfg)
+    policy(margin=0.2)
 
-    new = publish.publish(make_run("run-new", s3_bucket, correct=3, promotion_margin=0.2))
+    new = publish.publish(make_run("run-new", s3_bucket, correct=3))
 
     assert new["promoted"] and new["champion_version"] == old["version"]
     assert new["champion_accuracy"] == pytest.approx(2 / 3) and new["new_accuracy"] == 1.0
@@ -185,12 +248,14 @@ def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_spli
 
 
 @pytest.mark.parametrize("correct, margin", [(2, 0.0), (3, 0.0), (3, 0.5)], ids=["worse", "tie", "within-margin"])
-def test_model_that_does_not_beat_champion_by_the_margin_is_not_promoted(s3_bucket, make_run, correct, margin):
+def test_model_that_does_not_beat_champion_by_the_margin_is_not_promoted(s3_bucket, make_run, policy, correct,
+                                                                         margin):
     old = publish.publish(make_run("run-old", s3_bucket, correct=3 if margin == 0 else 2))
+    policy(margin=margin)
 
-    new = publish.publish(make_run("run-new", s3_bucket, correct=correct, promotion_margin=margin))
+    new = publish.publish(make_run("run-new", s3_bucket, correct=correct))
 
-    assert not new["promoted"] and "does not beat" in new["reason"]
+    assert not new["promoted"] and not new["eligible"] and "does not beat" in new["reason"]
     assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
     decision = decisions_for(s3_bucket)[-1]
     assert decision["kind"] == "publish" and decision["promoted"] is False
@@ -200,18 +265,29 @@ def test_model_that_does_not_beat_champion_by_the_margin_is_not_promoted(s3_buck
     assert decision["reason"] == new["reason"]
 
 
-def test_class_set_mismatch_is_not_compared_and_promotes_only_when_forced(s3_bucket, make_run):
+def test_class_set_mismatch_is_not_compared_and_is_promoted_only_by_hand(s3_bucket, make_run):
     old = publish.publish(make_run("run-3-classes", s3_bucket))
     two = ("apple", "banana")
 
     kept = publish.publish(make_run("run-2-classes", s3_bucket, classes=two))
-    forced = publish.publish(make_run("run-2-forced", s3_bucket, classes=two, correct=1, force_promote=True))
+    by_hand = publish.rollback(s3_bucket, MODEL_NAME, kept["version"], "class change: banana and apple only")
 
     assert not kept["promoted"] and kept["champion_accuracy"] is None and "no comparison" in kept["reason"]
-    assert forced["promoted"] and forced["champion_version"] == old["version"] and "force_promote" in forced["reason"]
+    assert "by hand" in kept["reason"] and by_hand["previous_version"] == old["version"]
     assert publish.read_champion(s3_bucket, MODEL_NAME)["classes"] == list(two)
-    assert [(d["version"], d["promoted"]) for d in decisions_for(s3_bucket)] == [
-        (old["version"], True), (kept["version"], False), (forced["version"], True)]
+    assert [(d["version"], d["kind"], d["promoted"]) for d in decisions_for(s3_bucket)] == [
+        (old["version"], "publish", True), (kept["version"], "publish", False), (kept["version"], "rollback", True)]
+
+
+def test_model_below_the_deployment_floor_is_not_eligible_even_without_a_champion(s3_bucket, make_run, policy):
+    policy(floor=0.9)
+
+    result = publish.publish(make_run("run-1", s3_bucket, correct=2))
+
+    assert not result["eligible"] and not result["promoted"] and "below the deployment's floor 0.9" in result["reason"]
+    assert publish.read_champion(s3_bucket, MODEL_NAME) is None
+    [decision] = decisions_for(s3_bucket)
+    assert decision["promoted"] is False and decision["min_accuracy"] == 0.9
 
 
 def test_verify_version_names_tampered_and_missing_objects(s3_bucket, make_run):
@@ -337,3 +413,204 @@ def test_credentials_never_appear_in_logs_results_or_published_objects(s3, s3_bu
     ours = [record.getMessage() for record in caplog.records if record.name.startswith("tasks")]
     assert ours and not [line for line in ours if s3.access_key in line or s3.secret_key in line]
     assert not [record for record in caplog.records if s3.secret_key in record.getMessage()]
+
+
+def test_publish_version_alone_never_moves_the_champion(s3_bucket, make_run):
+    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    cfg = make_run("run-new", s3_bucket)
+
+    published = publish.publish_version(cfg)
+
+    assert published["eligible"] and published["champion_version"] == old["version"]
+    assert published["report_uri"] == f"{published['version_uri']}/report/index.html"
+    assert "promoted" not in published and storage.read_json(cfg.artifact(artifacts.PUBLISHED)) == published
+    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
+    assert [d["version"] for d in decisions_for(s3_bucket)] == [old["version"]]
+
+
+def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorded(s3_bucket, make_run):
+    cfg = make_run("run-1", s3_bucket)
+    published = publish.publish_version(cfg)
+
+    result = publish.promote(cfg, published, approval("Approve", "looks good on the gallery"))
+
+    assert result["promoted"] and "approved by ana (ana-id): 'looks good on the gallery'" in result["reason"]
+    [decision] = decisions_for(s3_bucket)
+    assert decision["approval"]["approved"] and decision["approval"]["by"] == "ana (ana-id)"
+    assert decision["approval"]["comment"] == "looks good on the gallery" and decision["promoted"]
+    assert publish.read_champion(s3_bucket, MODEL_NAME)["decision"] == decision["decision"] == result["decision"]
+
+
+@pytest.mark.parametrize("answer, said", [
+    (approval("Reject", "confuses apples and cherries"), "rejected by ana (ana-id): 'confuses apples and cherries'"),
+    (approval("Reject", user=None), "nobody answered the approval request before it timed out"),
+], ids=["rejected", "timed-out"])
+def test_rejected_or_unanswered_candidate_is_not_promoted_and_who_said_no_is_recorded(s3_bucket, make_run, answer,
+                                                                                       said):
+    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    cfg = make_run("run-new", s3_bucket)
+    published = publish.publish_version(cfg)
+
+    result = publish.promote(cfg, published, answer)
+
+    assert published["eligible"] and not result["promoted"] and said in result["reason"]
+    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
+    decision = decisions_for(s3_bucket)[-1]
+    assert decision["version"] == published["version"] and decision["promoted"] is False
+    assert decision["approval"]["approved"] is False and decision["approval"] == result["approval"]
+    assert storage.read_json(cfg.artifact(artifacts.PUBLISHED)) == result
+
+
+def test_approval_request_shows_champion_against_candidate_and_links_the_report(s3_bucket, make_run):
+    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    published = publish.publish_version(make_run("run-new", s3_bucket))
+
+    request = publish.approval_request(published)
+
+    assert request["subject"] == f"Promote {MODEL_NAME} {published['version']} (1.0000 vs 0.6667)?"
+    body = request["body"]
+    assert f"| candidate | `{published['version']}` | 1.0000 |" in body
+    assert f"| champion | `{old['version']}` | 0.6667 |" in body
+    assert "**Eligible**" in body and published["reason"] in body
+    assert f"Report: {published['report_uri']}" in body and published["model_card_uri"] in body
+
+
+def racing_promotions(monkeypatch, first_writer: str) -> None:
+    """Make two promote threads both read the champion before either writes, and `first_writer` write first."""
+    both_read, first_written = threading.Barrier(2), threading.Event()
+    waiting = {"worse", "better"}
+    real_read, real_write = pointer.read, pointer.write_if
+
+    def read(uri):
+        found = real_read(uri)
+        name = threading.current_thread().name
+        if uri.endswith(publish.CHAMPION) and name in waiting:
+            waiting.discard(name)
+            both_read.wait(timeout=60)
+        return found
+
+    def write_if(uri, value, tag):
+        name = threading.current_thread().name
+        if uri.endswith(publish.CHAMPION) and name != first_writer:
+            first_written.wait(timeout=60)
+        written = real_write(uri, value, tag)
+        if name == first_writer:
+            first_written.set()
+        return written
+
+    monkeypatch.setattr(pointer, "read", read)
+    monkeypatch.setattr(pointer, "write_if", write_if)
+
+
+@pytest.mark.parametrize("first_writer", ["worse", "better"])
+def test_racing_promotions_end_with_the_better_model_and_report_only_real_promotions(s3_bucket, make_run,
+                                                                                      monkeypatch, first_writer):
+    first = publish.publish(make_run("run-first", s3_bucket, correct=1))
+    cfgs = {"worse": make_run("run-worse", s3_bucket, correct=2), "better": make_run("run-better", s3_bucket)}
+    published = {name: publish.publish_version(cfg) for name, cfg in cfgs.items()}
+    assert all(p["eligible"] and p["champion_version"] == first["version"] for p in published.values())
+    racing_promotions(monkeypatch, first_writer)
+    results = {}
+    threads = [threading.Thread(name=name, target=lambda name=name: results.__setitem__(
+        name, publish.promote(cfgs[name], published[name]))) for name in cfgs]
+
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    champion = publish.read_champion(s3_bucket, MODEL_NAME)
+    assert champion["version"] == published["better"]["version"]
+    assert results["better"]["promoted"] and results["worse"]["promoted"] == (first_writer == "worse")
+    if first_writer == "better":
+        assert f"the champion moved to {published['better']['version']}" in results["worse"]["reason"]
+    records = {d["decision"]: d for d in decisions_for(s3_bucket)}
+    chain, key = [], champion["decision"]
+    while key is not None:
+        chain.append(records[key]["version"])
+        key = records[key]["champion_decision"]
+    promoted = {d["version"] for d in records.values() if d["promoted"]}
+    assert chain[-1] == first["version"] and len(chain) == len(promoted) and set(chain) == promoted
+    for name, result in results.items():
+        assert storage.read_json(cfgs[name].artifact(artifacts.PUBLISHED)) == result
+        assert records[result["decision"]]["promoted"] == result["promoted"]
+
+
+class IgnoresConditions:
+    """An S3 client for a store that drops If-Match / If-None-Match and writes anyway."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def put_object(self, **request):
+        request.pop("IfMatch", None)
+        request.pop("IfNoneMatch", None)
+        return self._client.put_object(**request)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_store_that_ignores_conditional_writes_is_refused_before_the_champion_moves(s3_bucket, make_run,
+                                                                                     monkeypatch):
+    real_client = storage.s3_client
+    monkeypatch.setattr(storage, "s3_client", lambda: IgnoresConditions(real_client()))
+    cfg = make_run("run-1", s3_bucket)
+
+    with pytest.raises(PublishError, match="ignores conditional writes"):
+        publish.publish(cfg)
+
+    assert publish.read_champion(s3_bucket, MODEL_NAME) is None and decisions_for(s3_bucket) == []
+    assert "promoted" not in storage.read_json(cfg.artifact(artifacts.PUBLISHED))
+
+
+def test_pointer_overwritten_right_after_the_write_is_reported_as_no_promotion(s3_bucket, make_run, monkeypatch):
+    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    real_write = pointer.write_if
+
+    def write_then_overwritten(uri, value, tag):
+        written = real_write(uri, value, tag)
+        storage.write_json(uri, {**value, "version": old["version"], "decision": old["decision"], "replaces": None})
+        return written
+
+    monkeypatch.setattr(pointer, "write_if", write_then_overwritten)
+
+    result = publish.publish(make_run("run-new", s3_bucket))
+
+    assert not result["promoted"] and "another writer overwrote it" in result["reason"]
+    assert decisions_for(s3_bucket)[-1]["promoted"] is False
+
+
+def test_retry_after_a_crash_between_pointer_and_record_records_the_promotion_once(s3_bucket, make_run,
+                                                                                    monkeypatch):
+    cfg = make_run("run-1", s3_bucket)
+    real_record = publish._record
+
+    def crash(model_root, decision):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(publish, "_record", crash)
+    with pytest.raises(RuntimeError):
+        publish.publish(cfg)
+    monkeypatch.setattr(publish, "_record", real_record)
+    assert publish.read_champion(s3_bucket, MODEL_NAME) is not None and decisions_for(s3_bucket) == []
+
+    result = publish.publish(cfg)
+
+    [decision] = decisions_for(s3_bucket)
+    assert result["promoted"] and decision["promoted"]
+    assert decision["decision"] == publish.read_champion(s3_bucket, MODEL_NAME)["decision"] == result["decision"]
+
+
+def test_serving_check_failure_blocks_publishing_and_names_the_artifacts(s3_bucket, make_run, real_checks):
+    cfg = make_run("run-1", s3_bucket)
+    with np.load(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.GOLDEN)))) as golden:
+        paths, probabilities = list(golden["paths"]), golden["probabilities"]
+    storage.write_bytes(cfg.artifact(artifacts.GOLDEN),
+                        serving_check.golden_batch(probabilities[:, ::-1], paths, cfg.image_size))
+
+    with pytest.raises(PublishError, match=r"serving check of .* failed, so it is not published: model answers"
+                                           r".*; saved_model answers"):
+        publish.publish(cfg)
+
+    assert publish.list_versions(s3_bucket, MODEL_NAME) == [] and publish.read_champion(s3_bucket, MODEL_NAME) is None

@@ -1,0 +1,155 @@
+"""Serving check: the artifacts about to be published answer like the model that was evaluated.
+
+Evaluate keeps a golden batch: the first GOLDEN_SIZE test records (their paths)
+and the probabilities the evaluated model gave them. Before a version is
+published, a fresh Python process, which has seen neither training nor
+evaluation (no traced functions, no cached layers), rebuilds the Keras
+classifier from its folder (spec + weights: nothing is deserialised as code, see
+tasks/classifier.py) and loads the SavedModel through its serving signature, runs the golden batch through both, and reports how far
+each lands from the stored probabilities. A load failure or a difference above
+TOLERANCE blocks publishing: what would be served is not what was measured.
+
+Run as `python -m tasks.serving_check --model ... --saved-model ... --golden
+... --records ... --out result.json`; `check_serving` does that and judges.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import PublishError
+
+GOLDEN_SIZE = 32
+TOLERANCE = 1e-4  # float32 round-off between graph and eager runs stays far below this
+SERVING_SIGNATURE = "serving_default"
+CHILD_TIMEOUT_S = 600
+MESSAGE_CHARS = 500
+KERAS_CAUSE = "Exception encountered: "
+KERAS_CONFIG_DUMP = " Full object config"
+KERAS_ARTIFACT = "model"
+SAVED_MODEL_ARTIFACT = "saved_model"
+FIXES = {
+    KERAS_ARTIFACT: "the classifier folder must rebuild from its classifier.json with the weights it holds: "
+                    "re-run the train (and fine_tune) step for this run",
+    SAVED_MODEL_ARTIFACT: "the SavedModel export does not serve what was evaluated: re-run evaluate and publish "
+                          "for this run, and check that the model has no training-only behaviour at inference",
+}
+
+
+def golden_batch(probabilities: np.ndarray, paths: list[str], image_size: int) -> bytes:
+    """The golden batch as evaluate stores it: the first test records' paths and their probability rows.
+
+    Images are not stored: the check decodes them from the test split again, the
+    same way evaluate did, and the paths prove it picked the same records.
+    """
+    count = min(GOLDEN_SIZE, len(paths))
+    buffer = io.BytesIO()
+    np.savez(buffer, indices=np.arange(count), paths=np.asarray(paths[:count], dtype=str),
+             probabilities=np.asarray(probabilities[:count], dtype=np.float32), image_size=np.int64(image_size))
+    return buffer.getvalue()
+
+
+def check_serving(model: Path, saved_model: Path, golden: Path, test_records: Path, where: str) -> dict:
+    """Run the golden batch through both artifacts in a fresh process; PublishError on a failure or mismatch.
+
+    `where` names the version in messages. Returns {artifact: max abs difference},
+    the batch size and the tolerance, for metrics.json and the approval request.
+    """
+    with tempfile.TemporaryDirectory(prefix="tlp-serving-check-") as scratch:
+        out = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", "tasks.serving_check", "--model", str(model), "--saved-model",
+                   str(saved_model), "--golden", str(golden), "--records", str(test_records), "--out", str(out)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            raise PublishError(f"serving check of {where}: the fresh process did not finish in {CHILD_TIMEOUT_S}s; "
+                               "check the worker's load and memory, then re-run publish") from error
+        if done.returncode != 0 or not out.exists():
+            raise PublishError(f"serving check of {where}: the fresh process failed (exit {done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        answers = json.loads(out.read_text())
+    problems = []
+    for artifact, answer in answers["artifacts"].items():
+        if "error" in answer:
+            problems.append(f"{artifact} cannot be loaded and run ({answer['error']}); {FIXES[artifact]}")
+        elif not answer["max_abs_diff"] <= TOLERANCE:
+            problems.append(f"{artifact} answers the golden batch up to {answer['max_abs_diff']:.3g} away from the "
+                            f"evaluated probabilities (tolerance {TOLERANCE:g}); {FIXES[artifact]}")
+    if problems:
+        raise PublishError(f"serving check of {where} failed, so it is not published: {'; '.join(problems)}")
+    return {"max_abs_diff": {artifact: answer["max_abs_diff"] for artifact, answer in answers["artifacts"].items()},
+            "n_images": answers["n_images"], "tolerance": TOLERANCE}
+
+
+def _golden_images(golden: dict, test_records: Path) -> np.ndarray:
+    """The golden batch's images, decoded from the test split; refuses a split whose first records differ."""
+    from tasks.records import image_dataset
+
+    count = len(golden["paths"])
+    images, _, paths = next(iter(image_dataset(test_records, int(golden["image_size"]), count, with_paths=True)))
+    found = [path.decode("utf-8") for path in paths.numpy()]
+    if found != list(golden["paths"]):
+        raise PublishError(f"{test_records}: the first {count} test records are not the golden batch evaluate "
+                           "stored; re-run evaluate for this run")
+    return images.numpy()
+
+
+def _keras_probabilities(model: Path, images: np.ndarray) -> np.ndarray:
+    from tasks import classifier, settings
+
+    loaded = classifier.load(model, settings.load().cache_dir).model
+    return np.asarray(loaded(images, training=False))
+
+
+def _saved_model_probabilities(saved_model: Path, images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(saved_model)).signatures[SERVING_SIGNATURE]
+    [name] = serve.structured_input_signature[1]
+    [output] = serve(**{name: tf.constant(images)}).values()
+    return output.numpy()
+
+
+def _answer(run, path: Path, images: np.ndarray, expected: np.ndarray) -> dict:
+    """One artifact's verdict: its largest difference from the evaluation, or why it could not answer."""
+    try:
+        probabilities = run(path, images)
+    except Exception as error:  # any load or call failure is the finding, reported by the parent
+        return {"error": _cause(error)}
+    if probabilities.shape != expected.shape:
+        return {"error": f"output shape {probabilities.shape}, evaluated {expected.shape}"}
+    return {"max_abs_diff": float(np.max(np.abs(probabilities - expected)))}
+
+
+def _cause(error: Exception) -> str:
+    """The error in a line: Keras wraps the real cause ("Could not locate class ...") after a config dump."""
+    cause = str(error).rpartition(KERAS_CAUSE)[2].partition(KERAS_CONFIG_DUMP)[0]
+    return f"{type(error).__name__}: {cause.strip()[:MESSAGE_CHARS]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The fresh-process side: load both artifacts, run the golden batch, write what each answered."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.serving_check", description=main.__doc__)
+    for flag in ("--model", "--saved-model", "--golden", "--records", "--out"):
+        parser.add_argument(flag, required=True, type=Path)
+    args = parser.parse_args(argv)
+    with np.load(args.golden) as stored:
+        golden = {key: stored[key] for key in stored.files}
+    images = _golden_images(golden, args.records)
+    expected = golden["probabilities"]
+    answers = {
+        KERAS_ARTIFACT: _answer(_keras_probabilities, args.model, images, expected),
+        SAVED_MODEL_ARTIFACT: _answer(_saved_model_probabilities, args.saved_model, images, expected),
+    }
+    args.out.write_text(json.dumps({"artifacts": answers, "n_images": len(images)}))
+
+
+if __name__ == "__main__":
+    main()

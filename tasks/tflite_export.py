@@ -1,0 +1,147 @@
+"""TFLite variants of a model about to be published, each measured with the LiteRT interpreter.
+
+Phones and edge boxes run TFLite, not SavedModels, and quantisation can cost
+accuracy silently. So the SavedModel export is converted to float32,
+dynamic-range (int8 weights) and float16 variants; each is scored on the whole
+test split with the LiteRT interpreter (`ai-edge-litert`; `tf.lite.Interpreter`
+is deprecated), its file size and single-image latency are measured, and it is
+kept (published beside the model) only when its accuracy stays within
+MAX_ACCURACY_CHANGE of the Keras model's. A model the converter refuses is
+reported as not convertible: the Keras model and SavedModel still publish.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("float32", "dynamic_range", "float16")
+MAX_ACCURACY_CHANGE = 0.005  # 0.5 accuracy points either way
+TOLERANCE = 1e-9  # accuracies are ratios of counts: absorb float error at the boundary
+ACCURACY_BATCH = 64
+LATENCY_IMAGES = 50
+LATENCY_WARMUP = 5
+LATENCY_THREADS = 1  # one core: comparable across workers, and what a small device gives one model
+INTERPRETER = "ai-edge-litert"
+MLIR_LOCATION = re.compile(r"<unknown>:0: error: loc\(.*\)\): ")
+
+
+def export_variants(saved_model: Path, test_records: Path, keras_accuracy: float, out_dir: Path) -> dict:
+    """Convert, score and keep; kept variants are written to `out_dir/<variant>.tflite`.
+
+    Returns the `tflite` section of metrics.json: the status ("converted" or
+    "not convertible: <reason>"), the interpreter, the Keras accuracy and the
+    allowed change, and per variant its accuracy, size, latency and whether it was
+    kept (with `file`, relative to the version) or why not.
+    """
+    section = {"status": "converted", "interpreter": f"{INTERPRETER} {version(INTERPRETER)}",
+               "keras_accuracy": keras_accuracy, "max_accuracy_change": MAX_ACCURACY_CHANGE,
+               "latency": {"batch": 1, "threads": LATENCY_THREADS, "images": LATENCY_IMAGES,
+                           "statistic": "median"}, "variants": {}}
+    for variant in VARIANTS:
+        started = time.monotonic()
+        try:
+            flatbuffer = convert(saved_model, variant)
+        except Exception as error:  # the converter raises ConverterError, ValueError, RuntimeError, ...
+            reason = f"not convertible: {type(error).__name__}: {_first_line(error)}"
+            if variant == VARIANTS[0]:
+                section["status"] = reason
+                log.warning("tflite: %s is %s", saved_model, reason)
+                return section
+            section["variants"][variant] = {"kept": False, "reason": reason}
+            continue
+        convert_s = time.monotonic() - started
+        section["variants"][variant] = _measure(variant, flatbuffer, test_records, keras_accuracy, out_dir, convert_s)
+    return section
+
+
+def convert(saved_model: Path, variant: str) -> bytes:
+    """One TFLite flatbuffer of the SavedModel's serving signature."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if variant != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def accuracy(flatbuffer: bytes, test_records: Path) -> tuple[float, int]:
+    """(accuracy, number of images) of a TFLite model on a split file, batched through the LiteRT interpreter."""
+    from tasks.records import image_dataset
+
+    interpreter, image_size = _interpreter(flatbuffer)
+    hits = total = 0
+    for images, labels in image_dataset(test_records, image_size, ACCURACY_BATCH):
+        probabilities = _invoke(interpreter, images.numpy())
+        hits += int(np.sum(probabilities.argmax(axis=1) == labels.numpy()))
+        total += len(labels)
+    return hits / total, total
+
+
+def latency_ms(flatbuffer: bytes, test_records: Path) -> float:
+    """Median milliseconds per single-image invocation on one thread, after a few warm-up calls."""
+    from tasks.records import image_dataset
+
+    interpreter, image_size = _interpreter(flatbuffer, LATENCY_THREADS)
+    images = [image.numpy() for image, _ in image_dataset(test_records, image_size, 1).take(LATENCY_IMAGES)]
+    for image in images[:LATENCY_WARMUP]:
+        _invoke(interpreter, image)
+    timings = []
+    for image in images:
+        started = time.perf_counter()
+        _invoke(interpreter, image)
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings))
+
+
+def _measure(variant: str, flatbuffer: bytes, test_records: Path, keras_accuracy: float, out_dir: Path,
+             convert_s: float) -> dict:
+    score, n_images = accuracy(flatbuffer, test_records)
+    change = score - keras_accuracy
+    kept = abs(change) <= MAX_ACCURACY_CHANGE + TOLERANCE
+    entry = {"accuracy": score, "n_images": n_images, "accuracy_change": change, "size_bytes": len(flatbuffer),
+             "latency_ms": latency_ms(flatbuffer, test_records), "convert_s": round(convert_s, 2), "kept": kept}
+    if kept:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{variant}.tflite").write_bytes(flatbuffer)
+        entry["file"] = f"{out_dir.name}/{variant}.tflite"
+    else:
+        entry["reason"] = (f"accuracy {score:.4f} is {change:+.4f} from the Keras model's {keras_accuracy:.4f}, "
+                           f"beyond ±{MAX_ACCURACY_CHANGE}")
+    log.info("tflite: %s %s, accuracy %.4f (%+.4f), %.2f MB, %.2f ms/image", variant,
+             "kept" if kept else "dropped", score, change, len(flatbuffer) / 1e6, entry["latency_ms"])
+    return entry
+
+
+def _interpreter(flatbuffer: bytes, threads: int | None = None):
+    """A LiteRT interpreter for the model (its default threads unless given), and the image size it takes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter, int(interpreter.get_input_details()[0]["shape"][1])
+
+
+def _invoke(interpreter, images: np.ndarray) -> np.ndarray:
+    """Probabilities for a batch; the input is resized when the batch size changes."""
+    [given] = interpreter.get_input_details()
+    if tuple(given["shape"]) != images.shape:
+        interpreter.resize_tensor_input(given["index"], images.shape)
+        interpreter.allocate_tensors()
+    interpreter.set_tensor(given["index"], images.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def _first_line(error: Exception) -> str:
+    """The converter's first message line, without MLIR's source locations (which hide the op's name)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return MLIR_LOCATION.sub(" ", lines[0])[:300] if lines else "no message"

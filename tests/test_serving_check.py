@@ -1,0 +1,92 @@
+"""The serving check: golden batch through the rebuilt classifier and the SavedModel signature, in a fresh process."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tests import evaluation_fixtures as fx
+from tasks import artifacts, classifier, serving_check, storage
+from tasks.errors import PublishError
+from tasks.evaluate import evaluate
+from tasks.predict import predict_records
+
+
+def tiny_classifier(cache_dir: str) -> classifier.Classifier:
+    """A real classifier as train saves it: Lite0 at 32 px (random weights, fast) and a head for the 3 classes."""
+    spec = classifier.ClassifierSpec("efficientnet_lite0", fx.IMAGE_SIZE, tuple(fx.CLASSES), 0.2)
+    return classifier.build(spec, "none", cache_dir)
+
+
+def staged(work: Path, built: classifier.Classifier) -> tuple[Path, Path, Path, np.ndarray, list[str]]:
+    """(classifier folder, SavedModel, test records, probabilities, paths) as publish stages them."""
+    records = work / "test.tfrecord"
+    fx.write_test_records(records, work)
+    folder = classifier.save(built, work / "model")
+    built.model.export(str(work / "saved_model"), verbose=False)
+    probabilities, _, paths = predict_records(built.model, records)
+    return folder, work / "saved_model", records, probabilities, paths
+
+
+def write_golden(path: Path, probabilities: np.ndarray, paths: list[str]) -> Path:
+    path.write_bytes(serving_check.golden_batch(probabilities, paths, fx.IMAGE_SIZE))
+    return path
+
+
+def test_evaluate_keeps_the_first_test_records_and_their_probabilities_as_the_golden_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(classifier, "fetch", fx.fetch_colour_model)
+    cfg = fx.config(str(tmp_path / "runs"))
+    fx.write_run(cfg, tmp_path / "work")
+
+    evaluate(cfg, {"hash": fx.MANIFEST_HASH})
+
+    with np.load(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.GOLDEN)))) as golden:
+        paths, probabilities = list(golden["paths"]), golden["probabilities"]
+    expected, _, expected_paths = predict_records(fx.colour_model(), tmp_path / "work" / "test.tfrecord")
+    assert paths == expected_paths[:serving_check.GOLDEN_SIZE] and len(paths) == len(fx.CLASSES) * fx.TEST_PER_CLASS
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+
+
+def test_model_that_serves_what_was_evaluated_passes(tmp_path, cache_dir):
+    model, saved_model, records, probabilities, paths = staged(tmp_path, tiny_classifier(cache_dir))
+
+    checked = serving_check.check_serving(model, saved_model, write_golden(tmp_path / "golden.npz", probabilities,
+                                                                           paths), records, "s3://m/v1")
+
+    assert checked["n_images"] == len(paths) and checked["tolerance"] == serving_check.TOLERANCE
+    assert set(checked["max_abs_diff"]) == {"model", "saved_model"}
+    assert max(checked["max_abs_diff"].values()) <= serving_check.TOLERANCE
+
+
+def test_answers_off_by_more_than_the_tolerance_block_publishing_naming_both_artifacts(tmp_path, cache_dir):
+    model, saved_model, records, probabilities, paths = staged(tmp_path, tiny_classifier(cache_dir))
+    golden = write_golden(tmp_path / "golden.npz", probabilities + 1e-3, paths)
+
+    with pytest.raises(PublishError, match=r"serving check of s3://m/v1 failed, so it is not published: model "
+                                           r"answers the golden batch up to 0\.001 away .*; saved_model answers"):
+        serving_check.check_serving(model, saved_model, golden, records, "s3://m/v1")
+
+
+def test_classifier_whose_weights_do_not_fit_its_spec_fails_the_fresh_process(tmp_path, cache_dir):
+    model, saved_model, records, probabilities, paths = staged(tmp_path, tiny_classifier(cache_dir))
+    spec = json.loads((model / classifier.SPEC_FILE).read_text())
+    (model / classifier.SPEC_FILE).write_text(json.dumps({**spec, "classes": [*spec["classes"], "durian"]}))
+
+    with pytest.raises(PublishError, match=r"(?s)model cannot be loaded and run .*does not fit the classifier .*re-run "
+                                           r"the train \(and fine_tune\) step") as failure:
+        serving_check.check_serving(model, saved_model, write_golden(tmp_path / "golden.npz", probabilities,
+                                                                     paths), records, "s3://m/v1")
+
+    assert "saved_model cannot" not in str(failure.value)
+
+
+def test_golden_batch_of_other_test_records_is_refused(tmp_path, cache_dir):
+    model, saved_model, records, probabilities, paths = staged(tmp_path, tiny_classifier(cache_dir))
+    golden = write_golden(tmp_path / "golden.npz", probabilities, paths[::-1])
+
+    with pytest.raises(PublishError, match="are not the golden batch evaluate stored; re-run evaluate"):
+        serving_check.check_serving(model, saved_model, golden, records, "s3://m/v1")
