@@ -17,7 +17,9 @@ from datetime import datetime, timedelta
 from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, TriggerRule, dag,
                          get_current_context, task)
 
-from tasks import settings
+from airflow.providers.standard.operators.hitl import HITLOperator
+
+from tasks import approval, settings
 from tasks.config import RunConfig, param_specs
 
 SETTINGS = settings.load()
@@ -39,6 +41,8 @@ DEFAULT_ARGS = {
     "execution_timeout": timedelta(hours=2),
     "retry_policy": RETRY_POLICY,
 }
+APPROVAL_PARAMS = {approval.COMMENT: Param("", type="string", title="Comment",
+                                           description="Why (kept with the promotion decision)")}
 # The trigger form, generated from RunConfig's own field metadata (one place per rule).
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 
@@ -66,8 +70,9 @@ def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
     return config.for_candidate(Candidate(winner["backbone"], winner["image_size"], winner["candidate"]))
 
 
-def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
-    """The task graph shared by the manual and the scheduled DAG."""
+def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = None) -> None:
+    """The task graph shared by the manual and the scheduled DAG (with an approval step where the deployment
+    asks for one: TLP_APPROVAL_DAGS)."""
 
     @task
     def configure(params: dict | None = None, dag_run=None) -> dict:
@@ -147,11 +152,29 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
 
         return evaluate(_config(cfg, best), data)
 
-    @task(outlets=[CHAMPION_ALIAS])
-    def publish(cfg: dict, evaluation: dict) -> dict:
-        from tasks.publish import publish
+    @task
+    def publish_version(cfg: dict, evaluation: dict) -> dict:
+        """Serving check, TFLite variants, a verified version; judges whether it may replace the champion."""
+        from tasks.publish import publish_version
 
-        result = publish(_config(cfg), evaluation)
+        return publish_version(_config(cfg), evaluation)
+
+    @task.branch
+    def approval_gate(published: dict) -> str:
+        """Only a candidate the rule would promote waits for a human; the others go straight to promote."""
+        return "approval_request" if published["eligible"] else "promote"
+
+    @task(multiple_outputs=True)
+    def approval_request(published: dict) -> dict:
+        """What the approver reads: champion vs candidate on the same test images, links to the report."""
+        return approval.approval_request(published)
+
+    @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
+        """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
+        from tasks.publish import promote
+
+        result = promote(_config(cfg), published, approval)
         if result["promoted"]:
             champion = Asset(name=f"champion-{cfg['model_name']}",
                              uri=f"{cfg['publish_uri'].rstrip('/')}/{cfg['model_name']}/champion.json")
@@ -165,7 +188,16 @@ def transfer_learning_pipeline(overrides_variable: str | None = None) -> None:
     branch = decide(cfg, best)
     evaluation = evaluate(cfg, data, best)
     branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
-    publish(cfg, evaluation)
+    published = publish_version(cfg, evaluation)
+    if dag_id not in settings.load().approval_dags:
+        promote(cfg, published, None)
+        return
+    request = approval_request(published)
+    approve = HITLOperator(task_id="approve", subject=request["subject"], body=request["body"],
+                           options=approval.OPTIONS, defaults=[approval.REJECT], params=APPROVAL_PARAMS,
+                           response_timeout=timedelta(hours=settings.load().approval_timeout_hours))
+    approval_gate(published) >> [request, promote(cfg, published, approve.output)]
+    request >> approve
 
 
 # shared by both DAGs: one run at a time (runs share the champion), bounded, retried, documented
@@ -182,13 +214,13 @@ DAG_SETTINGS = {
 
 @dag(dag_id="transfer_learning", schedule=None, tags=["ml", "transfer-learning"], **DAG_SETTINGS)
 def transfer_learning() -> None:
-    transfer_learning_pipeline()
+    transfer_learning_pipeline("transfer_learning")
 
 
 @dag(dag_id="transfer_learning_retrain", schedule=SETTINGS.retrain_schedule,
      tags=["ml", "transfer-learning", "scheduled"], **DAG_SETTINGS)
 def transfer_learning_retrain() -> None:
-    transfer_learning_pipeline(overrides_variable=SETTINGS.retrain_params_variable)
+    transfer_learning_pipeline("transfer_learning_retrain", overrides_variable=SETTINGS.retrain_params_variable)
 
 
 transfer_learning()

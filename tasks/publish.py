@@ -55,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, classifier, pointer, serving_check, settings, storage, tflite_export
+from tasks import approval, artifacts, classifier, pointer, serving_check, settings, storage, tflite_export
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 
@@ -85,9 +85,6 @@ VERSION_TIME = "%Y%m%dT%H%M%S.%fZ"  # %f as milliseconds
 RUN_HASH_CHARS = 12
 TOLERANCE = 1e-9  # accuracies are ratios of counts: absorb float error when comparing against the margin
 PROMOTE_ATTEMPTS = 5  # pointer writes lost to other promotions before giving up
-# what Airflow's ApprovalOperator / HITLOperator offers and returns
-APPROVE = "Approve"
-COMMENT = "comment"
 RESULT_KEYS = ("version", "version_uri", "promoted", "reason", "eligible", "new_accuracy", "champion_accuracy",
                "champion_version", "approval", "decision")
 
@@ -142,6 +139,8 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
         "version": version,
         "version_uri": version_uri,
         "model_name": cfg.model_name,
+        "dag_id": cfg.dag_id,
+        "run_id": cfg.run_id,
         "classes": list(metrics["classes"]),
         "n_test": metrics["n_test"],
         "report_uri": storage.join(version_uri, REPORT_DIR, "index.html"),
@@ -171,7 +170,7 @@ def promote(cfg: RunConfig, published: dict, approval: dict | None = None) -> di
         log.info("promote: decision for %s already recorded at %s; not deciding again", published["version"],
                  recorded["decision"])
         return _finish(cfg, recorded)
-    review = _review(approval)
+    review = approval.review(approval)
     champion = _champion(model_root)
     if _unrecorded_promotion_of(model_root, champion, published["version"]):
         log.info("promote: the champion already is %s; recording the decision a crash left out", published["version"])
@@ -184,7 +183,7 @@ def promote(cfg: RunConfig, published: dict, approval: dict | None = None) -> di
         decision = _record(model_root, _decision(cfg, published, review, False, published["reason"]))
     elif review is not None and not review["approved"]:
         decision = _record(model_root, _decision(cfg, published, review, False,
-                                                 f"{published['reason']}; {_verdict(review)}"))
+                                                 f"{published['reason']}; {approval.verdict(review)}"))
     else:
         decision = _move_champion(cfg, model_root, published, review)
     return _finish(cfg, decision)
@@ -212,43 +211,6 @@ def promotion_rule(new_accuracy: float, champion: dict | None, champion_accuracy
                    f"{n_test} test images: gain {gain:+.4f} "
                    + ("beats the champion by at least" if beats else "does not beat the champion by")
                    + f" the margin {margin}")
-
-
-def approval_request(published: dict) -> dict[str, str]:
-    """Subject and Markdown body of the human approval asked before promoting (HITL operator fields).
-
-    The reviewer sees champion against candidate on the same test images, what the
-    rule decided, the serving check, the TFLite variants, and where the candidate's
-    report and model card are. The operator's form should offer a `comment` field.
-    """
-    champion = published["champion_version"]
-    champion_score = ("not comparable" if published["champion_accuracy"] is None
-                      else f"{published['champion_accuracy']:.4f}")
-    rows = [
-        "| | version | accuracy |", "|---|---|---|",
-        f"| candidate | `{published['version']}` | {published['new_accuracy']:.4f} |",
-        f"| champion | `{champion}` | {champion_score} |" if champion else "| champion | none yet | |",
-    ]
-    serving = published["serving_check"]
-    tflite = published["tflite"]
-    kept = [f"{name} {entry['accuracy']:.4f}, {entry['size_bytes'] / 1e6:.1f} MB, {entry['latency_ms']:.1f} ms"
-            for name, entry in tflite["variants"].items() if entry.get("kept")]
-    body = "\n".join([
-        f"Promote **{published['model_name']}** version `{published['version']}` to champion?", "",
-        *rows, "",
-        f"Scored on this run's {published['n_test']} test images. Rule: at least {published['min_accuracy']} and "
-        f"a gain of at least {published['margin']} over the champion.",
-        f"**{'Eligible' if published['eligible'] else 'Not eligible'}**: {published['reason']}."
-        + ("" if published["eligible"] else " Approving will not promote it."), "",
-        f"Serving check: {serving['n_images']} golden images, largest difference "
-        + ", ".join(f"{name} {diff:.1e}" for name, diff in serving["max_abs_diff"].items())
-        + f" (tolerance {serving['tolerance']:g}).",
-        f"TFLite: {tflite['status']}" + (f"; kept {'; '.join(kept)}" if kept else "") + ".", "",
-        f"Report: {published['report_uri']}", f"Model card: {published['model_card_uri']}",
-        f"Version: {published['version_uri']}",
-    ])
-    return {"subject": f"Promote {published['model_name']} {published['version']} "
-                       f"({published['new_accuracy']:.4f} vs {champion_score})?", "body": body}
 
 
 def tflite_summary(section: dict) -> dict:
@@ -457,7 +419,7 @@ def _move_champion(cfg: RunConfig, model_root: str, published: dict, review: dic
                         f"the champion moved to {judged['champion_version']} after this candidate was judged; "
                         f"judged again: {judged['reason']}")))
             decision = _decision(cfg, judged, review, True, judged["reason"]
-                                 + (f"; {_verdict(review)}" if review else ""))
+                                 + (f"; {approval.verdict(review)}" if review else ""))
             if pointer.write_if(champion_uri, _pointer(decision, published["classes"]), tag):
                 return _record(model_root, _confirmed(champion_uri, decision))
             log.info("promote: %s moved while promoting %s; judging again", champion_uri, published["version"])
@@ -491,27 +453,6 @@ def _unrecorded_promotion_of(model_root: str, champion: dict | None, version: st
     """The pointer names this version through a decision whose record is missing (a crash came in between)."""
     return (champion is not None and champion["version"] == version
             and not storage.exists(storage.join(model_root, champion["decision"])))
-
-
-def _review(approval: dict | None) -> dict | None:
-    """What a human said, from the HITL operator's result: approved?, by whom, their comment, when."""
-    if approval is None:
-        return None
-    user = approval.get("responded_by_user")
-    timed_out = bool(approval.get("timedout")) or not user
-    return {"approved": not timed_out and list(approval.get("chosen_options") or []) == [APPROVE],
-            "by": None if timed_out else f"{user['name']} ({user['id']})",
-            "comment": str((approval.get("params_input") or {}).get(COMMENT) or ""),
-            "responded_at": str(approval.get("responded_at") or ""),
-            "timed_out": timed_out}
-
-
-def _verdict(review: dict) -> str:
-    """The review in words, for decision reasons."""
-    if review["timed_out"]:
-        return "nobody answered the approval request before it timed out, which rejects"
-    said = f": {review['comment']!r}" if review["comment"] else ""
-    return f"{'approved' if review['approved'] else 'rejected'} by {review['by']}{said}"
 
 
 def _champion_accuracy(champion: dict, test_records: Path, batch_size: int, n_test: int, scratch: Path) -> float:

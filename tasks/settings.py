@@ -65,6 +65,10 @@ class Settings:
     # promotion policy: a candidate replaces the champion only above the floor and by at least the gain
     min_accuracy: float = field(default_factory=lambda: _env_float("TLP_MIN_ACCURACY", 0.0))
     promotion_margin: float = field(default_factory=lambda: _env_float("TLP_PROMOTION_MARGIN", 0.0))
+    # human approval before promotion, per DAG: e.g. TLP_APPROVAL_DAGS=transfer_learning_retrain
+    approval_dags: tuple[str, ...] = field(default_factory=lambda: tuple(
+        dag.strip() for dag in _env("TLP_APPROVAL_DAGS", "").split(",") if dag.strip()))
+    approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
     limits: Limits = field(default_factory=Limits)
 
     def readable_publish_locations(self) -> tuple[str, ...]:

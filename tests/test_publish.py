@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
+from tasks import approval, artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError
 from tasks.publish import PublishError
@@ -465,7 +465,7 @@ def test_approval_request_shows_champion_against_candidate_and_links_the_report(
     old = publish.publish(make_run("run-old", s3_bucket, correct=2))
     published = publish.publish_version(make_run("run-new", s3_bucket))
 
-    request = publish.approval_request(published)
+    request = approval.approval_request(published)
 
     assert request["subject"] == f"Promote {MODEL_NAME} {published['version']} (1.0000 vs 0.6667)?"
     body = request["body"]
@@ -473,6 +473,7 @@ def test_approval_request_shows_champion_against_candidate_and_links_the_report(
     assert f"| champion | `{old['version']}` | 0.6667 |" in body
     assert "**Eligible**" in body and published["reason"] in body
     assert f"Report: {published['report_uri']}" in body and published["model_card_uri"] in body
+    assert "(/ml-reports/runs/transfer_learning/run-new/eval/report/)" in body  # the report inside Airflow
 
 
 def racing_promotions(monkeypatch, first_writer: str) -> None:

@@ -1,6 +1,7 @@
 """The DAG files parse fast and cleanly, and their graph, params and defaults are what users rely on."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from unittest import mock
@@ -72,11 +73,27 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert downstream["select"] == {"decide", "fine_tune", "evaluate"}  # the winner goes on
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
     assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
-    assert downstream["evaluate"] == {"publish"}
+    assert downstream["evaluate"] == {"publish_version"}
+    assert downstream["publish_version"] == {"promote"}  # no approval asked by default
     assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
     assert dag.task_dict["select"].trigger_rule == "all_done"  # lists failed candidates, fails if all failed
     assert type(dag.task_dict["train"]).__name__.endswith("MappedOperator")  # one task instance per candidate
+
+
+def test_a_deployment_can_ask_for_human_approval_before_promotion():
+    code = ("from airflow.dag_processing.dagbag import DagBag; import sys, json; "
+            "dags = DagBag(dag_folder=sys.argv[1]).dags; "
+            "print(json.dumps({d: {t.task_id: sorted(t.downstream_task_ids) for t in dags[d].tasks} for d in dags}))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**__import__("os").environ,
+                                                    "TLP_APPROVAL_DAGS": "transfer_learning_retrain"})
+    graphs = json.loads(out.stdout.strip().splitlines()[-1])
+    retrain, manual = graphs["transfer_learning_retrain"], graphs["transfer_learning"]
+    assert retrain["publish_version"] == ["approval_gate", "approval_request", "promote"]
+    assert retrain["approval_gate"] == ["approval_request", "promote"]  # only an eligible candidate waits
+    assert retrain["approval_request"] == ["approve"] and retrain["approve"] == ["promote"]
+    assert "approve" not in manual and manual["publish_version"] == ["promote"]
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)
