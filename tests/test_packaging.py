@@ -118,7 +118,8 @@ def test_everything_installed_runs_no_apt_and_prints_nothing(fake_debian, capsys
 def test_root_without_apt_prints_the_command_instead_of_installing(fake_debian, capsys):
     fake_debian(installed=(), root=True, apt=False)
     assert system_packages.main(["demo"]) == 1
-    assert "  apt-get update && apt-get install -y --no-install-recommends dataset-fashion-mnist" in capsys.readouterr().err
+    command = "  apt-get update && apt-get install -y --no-install-recommends dataset-fashion-mnist"
+    assert command in capsys.readouterr().err
 
 
 def test_failed_apt_stops_make_with_apts_exit_status(fake_debian, capsys):
