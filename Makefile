@@ -8,7 +8,13 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install test test-fast demo airflow bench clean
+.PHONY: install system-demo system-test test test-fast demo airflow bench clean
+
+# Python 3.11 and the Debian packages a target needs: missing ones are installed with apt when
+# root, otherwise make stops with the command to run (devtools/system_packages.py).
+system-demo system-test: system-%:
+	@command -v $(PYTHON) >/dev/null || { echo "tlpipe needs Python 3.11; $(PYTHON) is not on PATH: install python3.11 or run make with PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -m devtools.system_packages $*
 
 install: $(VENV)/.installed
 
@@ -20,19 +26,19 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-test: install
+test: system-test install
 	$(PY) -m pytest -ra tests
 
-test-fast: install
+test-fast: system-test install
 	$(PY) -m pytest -ra -m "not slow" tests
 
-demo: install
+demo: system-demo install
 	$(PY) -m devtools.demo run
 
-airflow: install
+airflow: system-demo install
 	$(PY) -m devtools.demo airflow
 
-bench: install
+bench: system-demo install
 	$(PY) bench/backbones.py
 	$(PY) bench/training.py
 

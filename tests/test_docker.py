@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,9 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 
 def pip_install(dockerfile: Path) -> list[str]:
-    [line] = [args for keyword, args in instructions(dockerfile) if keyword == "RUN" and "pip install" in args]
+    """The words of the RUN line that installs the pinned requirements."""
+    [line] = [args for keyword, args in instructions(dockerfile)
+              if keyword == "RUN" and "pip install" in args and " -r " in args]
     return line.split()
 
 
@@ -152,6 +155,12 @@ def test_pipeline_settings_put_runs_and_models_on_s3_and_route_training_by_env(c
     assert "storage.ensure_bucket" in init["command"][-1]
     assert services["airflow-worker"]["depends_on"]["model-store-init"] == {
         "condition": "service_completed_successfully"}
+
+
+def test_seaweedfs_gets_the_time_to_close_its_stores_when_stopped(services):
+    store = services["seaweedfs"]
+    assert "-volume.preStopSeconds=0" in store["command"], "one node: nothing to drain before stopping"
+    assert int(store["stop_grace_period"].removesuffix("s")) >= 20, "the filer needs 15 s; Docker's default is 10"
 
 
 def test_dags_and_plugins_are_mounted_from_the_repository(services):
@@ -263,10 +272,24 @@ def test_gpu_image_differs_only_by_cuda_tensorflow_of_the_pinned_version():
     assert rest == [step for step in instructions(DOCKER / "Dockerfile") if "pip install" not in step[1]]
 
 
-def test_image_puts_tasks_on_the_python_path():
-    steps = instructions(DOCKER / "Dockerfile")
-    workdir = [arg for keyword, arg in steps[:steps.index(("COPY", "tasks/ tasks/"))] if keyword == "WORKDIR"][-1]
-    assert ("ENV", f"PYTHONPATH={workdir}") in steps
+def test_image_installs_the_project_as_a_package_and_imports_it_from_outside_the_sources():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for dockerfile in (DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"):
+        steps = instructions(dockerfile)
+        install = steps.index(("RUN", "pip install --no-cache-dir --no-deps ."))
+        before = steps[:install]
+        assert ("COPY", "pyproject.toml README.md ./") in before  # pyproject's readme is part of the build
+        assert all(("COPY", f"{package}/ {package}/") in before for package in packages)
+        [check] = [i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "import tasks" in args]
+        project = [args for keyword, args in before if keyword == "WORKDIR"][-1]
+        check_dir = [args for keyword, args in steps[:check] if keyword == "WORKDIR"][-1]
+        assert check > install and not f"{check_dir}/".startswith(f"{project}/"), \
+            "run the import check outside the sources, or it passes on the copied folder"
+
+
+def test_nothing_relies_on_pythonpath():
+    for path in (COMPOSE_FILE, DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"):
+        assert "PYTHONPATH" not in path.read_text(), f"{path.name}: install the package instead"
 
 
 def test_build_context_sends_only_what_the_dockerfiles_copy():

@@ -1,6 +1,8 @@
 """Storage behaves the same for local paths and a real S3 store (SeaweedFS)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from devtools import seaweed
@@ -99,7 +101,9 @@ def test_s3_env_from_connection_fields(extra, endpoint):
     assert env.get("AWS_ENDPOINT_URL") == endpoint
 
 
-def test_seaweed_restarts_on_its_own_data_dir_and_keeps_objects(tmp_path):
+def test_seaweed_stops_within_3s_and_restarts_on_its_data_dir_with_every_object(tmp_path):
+    """The demo keeps its store across runs: a quick stop must still close it cleanly."""
+    model = bytes(range(256)) * 4096  # 1 MiB, a published model's worth of volume data
     first = seaweed.start(tmp_path / "weed")
     try:
         with pytest.MonkeyPatch.context() as env:
@@ -107,13 +111,21 @@ def test_seaweed_restarts_on_its_own_data_dir_and_keeps_objects(tmp_path):
                 env.setenv(key, value)
             storage.ensure_bucket("s3://kept")
             storage.write_text("s3://kept/x.txt", "still here")
+            storage.write_bytes("s3://kept/models/v1/model.bin", model)
+            storage.write_json("s3://kept/champion.json", {"version": "v1"})
     finally:
+        started = time.monotonic()
         first.stop()
+        stop_seconds = time.monotonic() - started
+    assert stop_seconds < 3, f"weed took {stop_seconds:.1f}s to stop; see {first.data_dir / 'weed.log'}"
+    assert first.process.returncode == 0, "weed was killed instead of closing its stores"
     second = seaweed.start(tmp_path / "weed")
     try:
         with pytest.MonkeyPatch.context() as env:
             for key, value in second.env().items():
                 env.setenv(key, value)
             assert storage.read_text("s3://kept/x.txt") == "still here"
+            assert storage.read_bytes("s3://kept/models/v1/model.bin") == model
+            assert storage.read_json("s3://kept/champion.json") == {"version": "v1"}
     finally:
         second.stop()
