@@ -2,7 +2,7 @@
 
 Kept free of heavy imports: the DAG file builds Airflow's HITL operator from
 these names at parse time, and tasks.publish reads the operator's answer with
-`review`. No answer before the timeout selects the default, Reject.
+`read_review`. No answer before the timeout selects the default, Reject.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def approval_request(published: dict) -> dict[str, str]:
                        f"({published['new_accuracy']:.4f} vs {champion_score})?", "body": body}
 
 
-def review(approval: dict | None) -> dict | None:
+def read_review(approval: dict | None) -> dict | None:
     """What a human said, from the HITL operator's result: approved?, by whom, their comment, when."""
     if approval is None:
         return None

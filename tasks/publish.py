@@ -55,7 +55,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks import approval, artifacts, classifier, pointer, serving_check, settings, storage, tflite_export
+from tasks import artifacts, classifier, pointer, serving_check, settings, storage, tflite_export
+from tasks.approval import read_review, verdict
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 
@@ -170,7 +171,7 @@ def promote(cfg: RunConfig, published: dict, approval: dict | None = None) -> di
         log.info("promote: decision for %s already recorded at %s; not deciding again", published["version"],
                  recorded["decision"])
         return _finish(cfg, recorded)
-    review = approval.review(approval)
+    review = read_review(approval)
     champion = _champion(model_root)
     if _unrecorded_promotion_of(model_root, champion, published["version"]):
         log.info("promote: the champion already is %s; recording the decision a crash left out", published["version"])
@@ -183,7 +184,7 @@ def promote(cfg: RunConfig, published: dict, approval: dict | None = None) -> di
         decision = _record(model_root, _decision(cfg, published, review, False, published["reason"]))
     elif review is not None and not review["approved"]:
         decision = _record(model_root, _decision(cfg, published, review, False,
-                                                 f"{published['reason']}; {approval.verdict(review)}"))
+                                                 f"{published['reason']}; {verdict(review)}"))
     else:
         decision = _move_champion(cfg, model_root, published, review)
     return _finish(cfg, decision)
@@ -419,7 +420,7 @@ def _move_champion(cfg: RunConfig, model_root: str, published: dict, review: dic
                         f"the champion moved to {judged['champion_version']} after this candidate was judged; "
                         f"judged again: {judged['reason']}")))
             decision = _decision(cfg, judged, review, True, judged["reason"]
-                                 + (f"; {approval.verdict(review)}" if review else ""))
+                                 + (f"; {verdict(review)}" if review else ""))
             if pointer.write_if(champion_uri, _pointer(decision, published["classes"]), tag):
                 return _record(model_root, _confirmed(champion_uri, decision))
             log.info("promote: %s moved while promoting %s; judging again", champion_uri, published["version"])

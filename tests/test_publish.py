@@ -24,7 +24,8 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import approval, artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
+from tasks import artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
+from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError
 from tasks.publish import PublishError
@@ -465,7 +466,7 @@ def test_approval_request_shows_champion_against_candidate_and_links_the_report(
     old = publish.publish(make_run("run-old", s3_bucket, correct=2))
     published = publish.publish_version(make_run("run-new", s3_bucket))
 
-    request = approval.approval_request(published)
+    request = approval_request(published)
 
     assert request["subject"] == f"Promote {MODEL_NAME} {published['version']} (1.0000 vs 0.6667)?"
     body = request["body"]
