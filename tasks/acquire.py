@@ -479,9 +479,16 @@ def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple
         classes, folders = tuple(listed["classes"]), tuple(listed["folders"])
     except (ValueError, KeyError, TypeError) as error:
         raise DatasetError(f"{path}: expected {{\"classes\": [...], \"folders\": [...]}} ({error})") from error
+    if not all(isinstance(name, str) for name in classes + folders):
+        raise DatasetError(f"{path}: class and folder names must be strings; write them in quotes")
     if len(classes) != len(folders) or len(set(classes)) != len(classes) or len(set(folders)) != len(folders):
         raise DatasetError(f"{path}: {len(classes)} classes and {len(folders)} folders; list each class once, "
                            "with one folder of its own")
+    for folder in folders:
+        reason = storage.escape_reason(folder) or ("has a '/'" if "/" in folder else "")
+        if reason:
+            raise DatasetError(f"{path}: folder {folder!r} {reason}, so it could point outside {root}; list the "
+                               "plain name of each class folder directly below <split>/ (e.g. \"T-shirt_top\")")
     return classes, folders
 
 

@@ -282,3 +282,14 @@ def test_real_fashion_mnist_has_its_classes_and_counts_and_subsamples_with_defau
     assert selected["counts"] == {"train": 5400, "val": 600, "test": 10000}
     assert selected["n_classes"] == 10 and selected["n_skipped"] == 0
     assert storage.read_json(selected["manifest"])["counts"]["val"]["T-shirt/top"] == 60
+
+
+@pytest.mark.parametrize("folder", ["../../elsewhere", "/tmp", "a/b", "..", ""])
+def test_classes_json_folder_outside_the_split_is_refused(folder, image_folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(image_folder / "train" / "apple" / "0000.jpg", elsewhere / "stolen.jpg")
+    (image_folder / "classes.json").write_text(json.dumps(
+        {"classes": ["apple", "banana", "cherry", "other"], "folders": ["apple", "banana", "cherry", folder]}))
+    with pytest.raises(DatasetError, match=r"classes.json: folder .* could point outside .*plain name"):
+        scan(image_folder)
