@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -50,12 +51,13 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from tasks import artifacts, storage
+from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
 from tasks.errors import DatasetError
 
@@ -257,39 +259,68 @@ def tfds_splits(source: str, available: list[str], requested: str) -> dict[str, 
 
 
 def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a zip or tar archive, refusing it whole when any member could write outside `target`."""
+    """Extract a zip or tar archive, refusing it whole when any member could write outside `target`.
+
+    Refused before anything is written, too: more members or more uncompressed
+    bytes than the deployment's limits, and a tar that ends without its
+    end-of-archive marker (a truncated download would otherwise look complete).
+    """
+    limits = settings.load().limits
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
-                for info in bundle.infolist():
+                infos = bundle.infolist()
+                _check_archive_size(archive, len(infos), sum(info.file_size for info in infos), limits)
+                for info in infos:
                     _check_member(archive, info.filename)
                     if stat.S_ISLNK(info.external_attr >> 16):
                         _refuse(archive, info.filename, "is a symbolic link")
                 bundle.extractall(target)
             return
         with tarfile.open(archive, "r:*") as bundle:
-            members = bundle.getmembers()
-            for member in members:
+            members, size = [], 0
+            for member in bundle:
+                members.append(member)
+                size += member.size
+                _check_archive_size(archive, len(members), size, limits)
                 _check_member(archive, member.name)
                 if member.issym() or member.islnk():
                     _refuse(archive, member.name, f"is a link to {member.linkname!r}")
                 if not (member.isfile() or member.isdir()):
                     _refuse(archive, member.name, "is a device, FIFO or other special file")
+            # the loop ends at the zero block that closes a tar, or at a short read where the file was cut
+            if bundle.fileobj.tell() < bundle.offset + tarfile.BLOCKSIZE:
+                raise DatasetError(f"{archive.name}: the tar archive ends without its end-of-archive marker after "
+                                   f"{len(members)} members: it is truncated; download it again")
             bundle.extractall(target, members=members, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
-        raise DatasetError(f"{archive}: not a readable archive ({error}); check the URL or the file") from error
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
+        raise DatasetError(f"{archive}: not a readable archive ({error}); it may be truncated or damaged: check the "
+                           "URL or the file, and download it again") from error
+
+
+def _check_archive_size(archive: Path, members: int, size: int, limits: settings.Limits) -> None:
+    """Refuse an archive whose member count or uncompressed size is above the limits, before extracting it."""
+    too_many = limits.exceeded("max_archive_members", members)
+    if too_many:
+        raise DatasetError(f"{archive.name}: {members:,}+ members, {too_many}; nothing was extracted")
+    too_large = limits.exceeded("max_archive_bytes", size)
+    if too_large:
+        raise DatasetError(f"{archive.name}: {size:,}+ bytes uncompressed, {too_large}; nothing was extracted")
 
 
 def download(url: str, target: Path) -> None:
     """Stream a URL to a file, logging progress about every 10%."""
+    limits = settings.load().limits
     request = urllib.request.Request(url, headers={"User-Agent": "tlpipe"})
     try:
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
+            _check_download_size(url, total, limits)
             done, next_mark = 0, 10
             while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                out.write(chunk)
                 done += len(chunk)
+                _check_download_size(url, done, limits)
+                out.write(chunk)
                 percent = done * 100 // total if total else 0
                 if total and percent >= next_mark:
                     log.info("downloading %s: %d%% (%.1f of %.1f MB)", url, percent, done / 1e6, total / 1e6)
@@ -302,6 +333,20 @@ def download(url: str, target: Path) -> None:
         raise DatasetError(f"{url}: cannot download ({error}); check the URL and the network") from error
     if total and done != total:
         raise DatasetError(f"{url}: download ended after {done} of {total} bytes; try again")
+
+
+def _check_download_size(source: str, size: int, limits: settings.Limits) -> None:
+    too_large = limits.exceeded("max_download_bytes", size)
+    if too_large:
+        raise DatasetError(f"{source}: {size:,}+ bytes to download, {too_large}")
+
+
+def _download_s3(source: str, local: Path) -> Path:
+    """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
+    listed = storage.list_stored(source)
+    _check_download_size(source, sum(item.size for item in listed if source.endswith("/") or item.uri == source),
+                         settings.load().limits)
+    return storage.download(source, local)
 
 
 def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Path], tuple[Path, dict]]) -> Path:
@@ -339,7 +384,7 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
         archive = work / PurePosixPath(urlparse(source).path).name
         download(source, archive)
     elif scheme == "s3":
-        archive = storage.download(source, work / PurePosixPath(urlparse(source).path).name)
+        archive = _download_s3(source, work / PurePosixPath(urlparse(source).path).name)
     else:
         archive = storage.local_path(source)
         if not archive.is_file():
@@ -354,7 +399,7 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
 
 
 def _s3_folder(source: str, work: Path) -> tuple[Path, dict]:
-    download_dir = storage.download(source.rstrip("/") + "/", work / "download")
+    download_dir = _download_s3(source.rstrip("/") + "/", work / "download")
     return find_root(download_dir), {}
 
 

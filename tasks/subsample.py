@@ -23,12 +23,13 @@ import hashlib
 import logging
 import re
 import tempfile
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, records, storage
+from tasks import artifacts, records, settings, storage
 from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
 from tasks.config import RunConfig
 
@@ -148,12 +149,15 @@ def _val_count(selected: int, fraction: float) -> int:
 def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple[dict, list[dict[str, Any]]]:
     """Fully decode every selected file and hash it; split the selection into kept and skipped."""
     items = [(split, path, label) for split in records.SPLITS for path, label in selection[split]]
-    decodable = _decodable([str(root / path) for _, path, _ in items])
+    limits = settings.load().limits
+    too_large = [_too_many_pixels(root / path, limits) for _, path, _ in items]
+    checked = [index for index, reason in enumerate(too_large) if not reason]
+    decodable = {checked[position] for position in _decodable([str(root / items[index][1]) for index in checked])}
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
     for index, (split, path, label) in enumerate(items):
         entry = {"split": split, "path": path, "label": label, "class": classes[label]}
-        reason = "" if index in decodable else _failure(root / path)
+        reason = too_large[index] or ("" if index in decodable else _failure(root / path))
         if reason:
             skipped.append({**entry, "reason": reason})
         else:
@@ -162,6 +166,30 @@ def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
+
+
+def _too_many_pixels(path: Path, limits: settings.Limits) -> str:
+    """Why a file must not be decoded, read from its header alone: "" when within the pixel limit.
+
+    A few kilobytes of PNG can declare 100,000 x 100,000 pixels (a decompression
+    bomb); decoding it would take tens of gigabytes. A header Pillow cannot
+    read is left to the decoder, which refuses it with its own reason.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                frames = image.n_frames if getattr(image, "is_animated", False) else 1
+    except Image.DecompressionBombError as error:
+        return f"decompression bomb: {error}"
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse is for the decoder to judge
+        return ""
+    over = limits.exceeded("max_image_pixels", width * height * frames)
+    shape = f"{width}x{height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+    return f"decompression bomb: {shape}, {over}" if over else ""
 
 
 def _decode(data):

@@ -20,7 +20,8 @@ from tasks import artifacts, storage
 from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
 from tasks.subsample import subsample
-from tests.datasets_fixtures import add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve
+from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
+                                     truncated_copy)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -293,3 +294,66 @@ def test_classes_json_folder_outside_the_split_is_refused(folder, image_folder, 
         {"classes": ["apple", "banana", "cherry", "other"], "folders": ["apple", "banana", "cherry", folder]}))
     with pytest.raises(DatasetError, match=r"classes.json: folder .* could point outside .*plain name"):
         scan(image_folder)
+
+
+def test_download_above_the_limit_is_refused_from_its_content_length(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", str(archive.stat().st_size - 1))
+    with serve(www) as server, pytest.raises(DatasetError, match="bytes to download, above the limit of .*"
+                                                                  "TLP_MAX_DOWNLOAD_BYTES"):
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_download_without_content_length_stops_at_the_limit(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", "30000")
+    with serve(www, send_length=False) as server, pytest.raises(DatasetError, match="limit of 30,000 .*TLP_MAX_DOWNLOAD"):
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_s3_prefix_above_the_download_limit_is_refused_before_downloading(s3_bucket, image_folder, tmp_path,
+                                                                           monkeypatch):
+    storage.upload(image_folder, f"{s3_bucket}/food")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", "1000")
+    with pytest.raises(DatasetError, match="bytes to download, above the limit"):
+        local_dataset(f"{s3_bucket}/food/", tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+@pytest.mark.parametrize("env, value, what", [("TLP_MAX_ARCHIVE_MEMBERS", "47", "members"),
+                                              ("TLP_MAX_ARCHIVE_BYTES", "20000", "bytes uncompressed")])
+def test_archive_above_the_limits_is_refused_before_extracting(kind, env, value, what, image_folder, tmp_path,
+                                                                monkeypatch):
+    archive = archive_folder(image_folder, tmp_path / "in" / f"food.{kind}")  # 48 images
+    monkeypatch.setenv(env, value)
+    with pytest.raises(DatasetError, match=f"{what}, above the limit .*{env}.*nothing was extracted"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def _cut_at_a_member_header(archive: Path) -> int:
+    with tarfile.open(archive) as bundle:
+        return bundle.getmembers()[-1].offset
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_truncated_archive_is_an_error_and_never_cached(kind, image_folder, tmp_path):
+    whole = tmp_path / "whole" / f"food.{kind}"
+    if kind == "tar":
+        whole.parent.mkdir()
+        with tarfile.open(whole, "w") as bundle:
+            bundle.add(image_folder, "food")
+        size = _cut_at_a_member_header(whole)  # a cut on a block boundary reads like a smaller, complete tar
+    else:
+        archive_folder(image_folder, whole)
+        size = whole.stat().st_size * 2 // 3
+    archive = truncated_copy(whole, tmp_path / f"food.{kind}", size)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="(it is|may be) truncated"):
+        local_dataset(str(archive), cache)
+    assert files_below(cache) == [] and acq.cache_record(str(archive), cache) == {}

@@ -1,11 +1,16 @@
 """Subsample: a seeded, stratified, checked selection pinned by a byte-stable manifest."""
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tasks import artifacts, records, storage
+from tasks import subsample as subsample_module
 from tasks.acquire import DatasetError
 from tasks.config import RunConfig
 from tasks.subsample import subsample
@@ -126,3 +131,30 @@ def test_outputs_go_to_an_s3_run_root(s3_bucket, image_folder, tmp_path):
     assert storage.read_json(result["manifest"])["hash"] == result["hash"]
     local = storage.download(cfg.artifact(artifacts.split_records("train")), tmp_path / "train.tfrecord")
     assert len(list(records.iter_records(local))) == result["counts"]["train"]
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels: a decompression bomb's calling card."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def test_images_above_the_pixel_limit_are_skipped_before_decoding(image_folder, tmp_path, monkeypatch):
+    apples = image_folder / "train" / "apple"
+    (apples / "bomb.png").write_bytes(_png_declaring(100_000, 100_000))
+    Image.new("RGB", (64, 64)).save(apples / "large.png")
+    monkeypatch.setenv("TLP_MAX_IMAGE_PIXELS", str(48 * 48))
+    decoded = []
+    monkeypatch.setattr(subsample_module, "_decodable", lambda paths: decoded.extend(paths) or set(range(len(paths))))
+    cfg = config(image_folder, tmp_path, train_percent=100)
+    subsample(cfg)
+    reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}
+    assert set(reasons) == {"train/apple/bomb.png", "train/apple/large.png"}
+    assert reasons["train/apple/large.png"].startswith("decompression bomb: 64x64 pixels, above the limit of 2,304")
+    assert reasons["train/apple/bomb.png"].startswith("decompression bomb: ")
+    assert not any(path.endswith(("bomb.png", "large.png")) for path in decoded)
