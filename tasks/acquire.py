@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -59,7 +60,7 @@ from urllib.parse import parse_qs, urlparse
 
 from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
-from tasks.errors import DatasetError
+from tasks.errors import DatasetError, DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -309,30 +310,55 @@ def _check_archive_size(archive: Path, members: int, size: int, limits: settings
 
 
 def download(url: str, target: Path) -> None:
-    """Stream a URL to a file, logging progress about every 10%."""
+    """Stream a URL to a file, logging progress about every 10%.
+
+    A failure on the way (timeout, connection reset, HTTP 5xx or 429, a body
+    cut short) is a DownloadError, which the DAG retries; an answer that will
+    not change (any other HTTP 4xx, a bad URL, a file above the download limit)
+    is a DatasetError.
+    """
     limits = settings.load().limits
     request = urllib.request.Request(url, headers={"User-Agent": "tlpipe"})
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            _check_download_size(url, total, limits)
-            done, next_mark = 0, 10
-            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                done += len(chunk)
-                _check_download_size(url, done, limits)
-                out.write(chunk)
-                percent = done * 100 // total if total else 0
-                if total and percent >= next_mark:
-                    log.info("downloading %s: %d%% (%.1f of %.1f MB)", url, percent, done / 1e6, total / 1e6)
-                    next_mark = percent // 10 * 10 + 10
-                elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
-                    log.info("downloading %s: %.1f MB", url, done / 1e6)
-    except urllib.error.HTTPError as error:
-        raise DatasetError(f"{url}: HTTP {error.code} {error.reason}; check the URL") from error
-    except (urllib.error.URLError, TimeoutError) as error:
-        raise DatasetError(f"{url}: cannot download ({error}); check the URL and the network") from error
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+    except (OSError, http.client.HTTPException) as error:  # urllib's URLError and HTTPError are OSErrors
+        raise _download_error(url, error) from error
+    with response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        _check_download_size(url, total, limits)
+        done, next_mark = 0, 10
+        while chunk := _read_chunk(url, response):
+            done += len(chunk)
+            _check_download_size(url, done, limits)
+            out.write(chunk)
+            percent = done * 100 // total if total else 0
+            if total and percent >= next_mark:
+                log.info("downloading %s: %d%% (%.1f of %.1f MB)", url, percent, done / 1e6, total / 1e6)
+                next_mark = percent // 10 * 10 + 10
+            elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
+                log.info("downloading %s: %.1f MB", url, done / 1e6)
     if total and done != total:
-        raise DatasetError(f"{url}: download ended after {done} of {total} bytes; try again")
+        raise DownloadError(f"{url}: the connection closed after {done:,} of {total:,} bytes; retrying")
+
+
+def _read_chunk(url: str, response: http.client.HTTPResponse) -> bytes:
+    try:
+        return response.read(DOWNLOAD_CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as error:
+        raise _download_error(url, error) from error
+
+
+def _download_error(url: str, error: Exception) -> DatasetError | DownloadError:
+    """The failure's kind: retried when the server or the network may recover, permanent when the URL is wrong."""
+    if isinstance(error, urllib.error.HTTPError):
+        if error.code >= 500 or error.code == 429:
+            return DownloadError(f"{url}: HTTP {error.code} {error.reason}: the server is failing or throttling; "
+                                 "retrying")
+        return DatasetError(f"{url}: HTTP {error.code} {error.reason}; check the URL")
+    if isinstance(error, urllib.error.URLError) and not isinstance(error.reason, OSError):
+        return DatasetError(f"{url}: cannot download ({error.reason}); check the URL")
+    return DownloadError(f"{url}: download failed on the way ({error}); retrying: if it keeps failing, check the "
+                         "network and that the host is up")
 
 
 def _check_download_size(source: str, size: int, limits: settings.Limits) -> None:

@@ -1,15 +1,20 @@
 """Acquire: every source kind becomes the same cached image folder, safely and checked."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import shutil
+import socket
+import struct
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from tasks import acquire as acq
 from tasks import artifacts, storage
 from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
+from tasks.errors import DownloadError
 from tasks.subsample import subsample
 from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
                                      truncated_copy)
@@ -357,3 +363,59 @@ def test_truncated_archive_is_an_error_and_never_cached(kind, image_folder, tmp_
     with pytest.raises(DatasetError, match="(it is|may be) truncated"):
         local_dataset(str(archive), cache)
     assert files_below(cache) == [] and acq.cache_record(str(archive), cache) == {}
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_server_failure_is_retried_and_leaves_nothing_cached(status, image_folder, tmp_path):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    cache = tmp_path / "cache"
+    with serve(www, failures=(status,)) as server:
+        with pytest.raises(DownloadError, match=f"HTTP {status}.*retrying"):
+            local_dataset(server.url("food.zip"), cache)
+        assert files_below(cache) == []
+        assert scan(local_dataset(server.url("food.zip"), cache)).counts()["train"]["apple"] == 12
+        assert len(server.requests) == 2
+
+
+def test_client_error_other_than_throttling_is_permanent(tmp_path):
+    with serve(tmp_path, failures=(403,)) as server, pytest.raises(DatasetError, match="HTTP 403.*check the URL"):
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+
+
+@contextlib.contextmanager
+def _broken_server(answer: bytes | None) -> Iterator[str]:
+    """A loopback HTTP 'server' that sends `answer` then resets the connection, or (None) never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        if answer is None:
+            done.wait(10)
+        else:
+            connection.sendall(answer)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/food.zip"
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", [
+    None,                                                                        # timeout
+    b"",                                                                         # reset before any answer
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"PK" * 1000,         # reset halfway
+])
+def test_network_failures_are_retried_and_leave_nothing_cached(answer, tmp_path, monkeypatch):
+    monkeypatch.setattr(acq, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with _broken_server(answer) as url, pytest.raises(DownloadError, match="retrying"):
+        local_dataset(url, tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
