@@ -61,6 +61,7 @@ from urllib.parse import parse_qs, urlparse
 from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
 from tasks.errors import DatasetError, DownloadError
+from tasks.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
     if _is_archive(source):
         return _cached(source, cache_dir, sha256, lambda work: _archive_folder(source, sha256, work))
     if sha256:
-        raise DatasetError(f"source_sha256 is given but {source} is not an archive; checksums are checked for "
+        raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are checked for "
                            "archive sources only, so leave source_sha256 empty")
     if scheme in ("", "file"):
         return find_root(storage.local_path(source))
@@ -168,15 +169,16 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
         return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
         return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
-    raise DatasetError(f"unsupported dataset source {source!r}; use one of: " + "; ".join(SUPPORTED_SOURCES))
+    raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: " + "; ".join(SUPPORTED_SOURCES))
 
 
 def acquire(cfg: RunConfig) -> dict[str, Any]:
     """Fetch the source and record what it holds: classes, splits, counts, checksum."""
     root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
     folder = scan(root)
+    source = redact_uri(cfg.source)
     summary = {
-        "source": cfg.source,
+        "source": source,
         "classes": list(folder.classes),
         "splits": list(folder.files),
         "counts": folder.counts(),
@@ -185,9 +187,9 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
     uri = cfg.artifact(artifacts.ACQUIRED)
     storage.write_json(uri, summary)
     totals = {split: sum(per_class.values()) for split, per_class in summary["counts"].items()}
-    log.info("acquired %s at %s: %d classes, %s -> %s", cfg.source, root, len(folder.classes),
+    log.info("acquired %s at %s: %d classes, %s -> %s", source, root, len(folder.classes),
              " ".join(f"{split}={n}" for split, n in totals.items()), uri)
-    return {"source": cfg.source, "n_classes": len(folder.classes), "counts": totals, "uri": uri}
+    return {"source": source, "n_classes": len(folder.classes), "counts": totals, "uri": uri}
 
 
 def scan(root: Path) -> ImageFolder:
@@ -318,59 +320,60 @@ def download(url: str, target: Path) -> None:
     is a DatasetError.
     """
     limits = settings.load().limits
+    shown = redact_uri(url)
     request = urllib.request.Request(url, headers={"User-Agent": "tlpipe"})
     try:
         response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as error:  # urllib's URLError and HTTPError are OSErrors
-        raise _download_error(url, error) from error
+        raise _download_error(shown, error) from error
     with response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
-        _check_download_size(url, total, limits)
+        _check_download_size(shown, total, limits)
         done, next_mark = 0, 10
-        while chunk := _read_chunk(url, response):
+        while chunk := _read_chunk(shown, response):
             done += len(chunk)
-            _check_download_size(url, done, limits)
+            _check_download_size(shown, done, limits)
             out.write(chunk)
             percent = done * 100 // total if total else 0
             if total and percent >= next_mark:
-                log.info("downloading %s: %d%% (%.1f of %.1f MB)", url, percent, done / 1e6, total / 1e6)
+                log.info("downloading %s: %d%% (%.1f of %.1f MB)", shown, percent, done / 1e6, total / 1e6)
                 next_mark = percent // 10 * 10 + 10
             elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
-                log.info("downloading %s: %.1f MB", url, done / 1e6)
+                log.info("downloading %s: %.1f MB", shown, done / 1e6)
     if total and done != total:
-        raise DownloadError(f"{url}: the connection closed after {done:,} of {total:,} bytes; retrying")
+        raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
 
 
-def _read_chunk(url: str, response: http.client.HTTPResponse) -> bytes:
+def _read_chunk(shown: str, response: http.client.HTTPResponse) -> bytes:
     try:
         return response.read(DOWNLOAD_CHUNK_BYTES)
     except (OSError, http.client.HTTPException) as error:
-        raise _download_error(url, error) from error
+        raise _download_error(shown, error) from error
 
 
-def _download_error(url: str, error: Exception) -> DatasetError | DownloadError:
+def _download_error(shown: str, error: Exception) -> DatasetError | DownloadError:
     """The failure's kind: retried when the server or the network may recover, permanent when the URL is wrong."""
     if isinstance(error, urllib.error.HTTPError):
         if error.code >= 500 or error.code == 429:
-            return DownloadError(f"{url}: HTTP {error.code} {error.reason}: the server is failing or throttling; "
+            return DownloadError(f"{shown}: HTTP {error.code} {error.reason}: the server is failing or throttling; "
                                  "retrying")
-        return DatasetError(f"{url}: HTTP {error.code} {error.reason}; check the URL")
+        return DatasetError(f"{shown}: HTTP {error.code} {error.reason}; check the URL")
     if isinstance(error, urllib.error.URLError) and not isinstance(error.reason, OSError):
-        return DatasetError(f"{url}: cannot download ({error.reason}); check the URL")
-    return DownloadError(f"{url}: download failed on the way ({error}); retrying: if it keeps failing, check the "
+        return DatasetError(f"{shown}: cannot download ({error.reason}); check the URL")
+    return DownloadError(f"{shown}: download failed on the way ({error}); retrying: if it keeps failing, check the "
                          "network and that the host is up")
 
 
-def _check_download_size(source: str, size: int, limits: settings.Limits) -> None:
+def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None:
     too_large = limits.exceeded("max_download_bytes", size)
     if too_large:
-        raise DatasetError(f"{source}: {size:,}+ bytes to download, {too_large}")
+        raise DatasetError(f"{shown}: {size:,}+ bytes to download, {too_large}")
 
 
 def _download_s3(source: str, local: Path) -> Path:
     """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
     listed = storage.list_stored(source)
-    _check_download_size(source, sum(item.size for item in listed if source.endswith("/") or item.uri == source),
+    _check_download_size(redact_uri(source), sum(item.size for item in listed if source.endswith("/") or item.uri == source),
                          settings.load().limits)
     return storage.download(source, local)
 
@@ -379,8 +382,9 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
     """Return the cached folder of a source, building it first on a miss (or a changed checksum)."""
     entry = cache_entry(source, cache_dir)
     record = cache_record(source, cache_dir)
+    shown = redact_uri(source)
     if record and (not sha256 or record.get("sha256") == sha256):
-        log.info("dataset cache hit for %s: %s", source, entry / IMAGES_DIR)
+        log.info("dataset cache hit for %s: %s", shown, entry / IMAGES_DIR)
         return entry / IMAGES_DIR
     entry.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
@@ -389,7 +393,7 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
         staged = work / "entry"
         staged.mkdir()
         root.rename(staged / IMAGES_DIR)
-        (staged / RECORD_FILE).write_text(json.dumps({"source": source, **info}, indent=2, sort_keys=True))
+        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, **info}, indent=2, sort_keys=True))
         if entry.exists():
             shutil.rmtree(entry)
         try:
@@ -397,10 +401,10 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
         except OSError:
             if not (entry / RECORD_FILE).is_file():
                 raise
-            log.info("another process cached %s first; using its copy", source)
+            log.info("another process cached %s first; using its copy", shown)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("cached %s at %s", source, entry / IMAGES_DIR)
+    log.info("cached %s at %s", shown, entry / IMAGES_DIR)
     return entry / IMAGES_DIR
 
 
@@ -417,10 +421,10 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
             raise DatasetError(f"{source}: no such archive file")
     digest = storage.sha256_file(archive)
     if sha256 and digest != sha256.lower():
-        raise DatasetError(f"{source}: sha256 is {digest}, expected {sha256}; the download is corrupt or the "
+        raise DatasetError(f"{redact_uri(source)}: sha256 is {digest}, expected {sha256}; the download is corrupt or the "
                            "archive changed: check the URL, or update source_sha256 if the change is intended")
     extract_archive(archive, work / "extracted")
-    log.info("extracted %s (sha256 %s)", source, digest)
+    log.info("extracted %s (sha256 %s)", redact_uri(source), digest)
     return find_root(work / "extracted"), {"sha256": digest}
 
 

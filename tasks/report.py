@@ -26,6 +26,7 @@ from tasks import model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
 from tasks.records import iter_records
+from tasks.redact import redact_text, redact_uri
 
 INDEX = "index.html"
 CURVES = "curves.png"
@@ -42,6 +43,7 @@ FINE_TUNE_COLOR = "#d62728"
 THUMBNAIL_PX = 128
 ANNOTATED_CLASSES = 25  # above this the confusion matrix cells get too small for numbers
 CONFUSED_PAIRS = 10
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunRecord, *, predictions: pd.DataFrame,
                  wrong: pd.DataFrame, pairs: list[dict], test_records: Path, model_card: str) -> Path:
@@ -53,13 +55,30 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
     directory.mkdir(parents=True, exist_ok=True)
     plot_curves(record.history, directory / CURVES)
     plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["classes"], directory / CONFUSION)
-    predictions.to_csv(directory / PREDICTIONS, index=False, float_format="%.6f")
-    wrong.to_csv(directory / MOST_WRONG, index=False, float_format="%.6f")
+    write_csv(predictions, directory / PREDICTIONS)
+    write_csv(wrong, directory / MOST_WRONG)
     gallery = wrong.head(cfg.top_k_wrong)
     thumbnails = {index: thumbnail_data_uri(encoded) for index, encoded in _encoded_images(test_records, gallery.index)}
     page = _page(cfg, metrics, record, directory, wrong, gallery, thumbnails, pairs, model_card)
     (directory / INDEX).write_text(page, encoding="utf-8")
     return directory
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write a table as CSV with every text cell a spreadsheet would run as a formula made inert.
+
+    Class names and file paths come from the dataset: a cell starting with =, +,
+    -, @, a tab or a carriage return is a formula to Excel and LibreOffice, so it
+    gets a leading ' (shown as text, not run).
+    """
+    inert = table.copy()
+    for column in inert.select_dtypes(exclude=["number", "bool"]).columns:
+        inert[column] = inert[column].map(_inert_cell)
+    inert.to_csv(path, index=False, float_format="%.6f")
+
+
+def _inert_cell(value):
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def plot_curves(history: dict | None, path: Path) -> None:
@@ -99,8 +118,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
     axes = figure.subplots()
     share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    axes.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(range(n), labels=classes)
+    # class names are data: drawn as typed, never parsed as $mathtext$
+    axes.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", parse_math=False)
+    axes.set_yticks(range(n), labels=classes, parse_math=False)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     if n <= ANNOTATED_CLASSES:
@@ -148,8 +168,8 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
     return _template().render(
         model_name=cfg.model_name,
         run_id=cfg.run_id,
-        backbone=record.backbone or cfg.backbone,
-        weights=record.weights_source or cfg.backbone_weights,
+        backbone=redact_text(record.backbone or cfg.backbone),
+        weights=redact_text(record.weights_source or cfg.backbone_weights),
         kept=(record.summary or {}).get("kept", "not recorded"),
         cards=[
             (percent(metrics["accuracy"]), "test accuracy"),
@@ -169,7 +189,7 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
                   "confidence": percent(row["predicted_probability"]), "p_true": percent(row["true_probability"])}
                  for index, row in gallery.iterrows()],
         n_wrong=len(wrong),
-        source=str(manifest.get("source", "")),
+        source=redact_uri(str(manifest.get("source", ""))),
         seed=manifest.get("seed"),
         manifest_hash=manifest["hash"],
         n_skipped=len(manifest.get("skipped", [])),
@@ -177,7 +197,8 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         data_rows=[[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
         + [["total", *(sum(counts[split].values()) for split in splits)]],
         data_numeric=tuple(range(1, len(splits) + 1)),
-        params=[[name, value if isinstance(value, str) else json.dumps(value)] for name, value in cfg.to_dict().items()],
+        params=[[name, redact_text(value if isinstance(value, str) else json.dumps(value))]
+                for name, value in cfg.to_dict().items()],
         predictions_csv=PREDICTIONS,
         most_wrong_csv=MOST_WRONG,
         metrics_link=METRICS_LINK,

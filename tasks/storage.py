@@ -10,6 +10,7 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 from __future__ import annotations
 
 from tasks.errors import StorageError, StoreUnavailableError
+from tasks.redact import redact_uri
 
 import functools
 import hashlib
@@ -90,6 +91,7 @@ def _s3_error(uri: str, error: Exception) -> StorageError | StoreUnavailableErro
                                      NoCredentialsError, ReadTimeoutError)
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    uri = redact_uri(uri)
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
         return StoreUnavailableError(f"{uri}: cannot reach S3 endpoint {endpoint} after {S3_RETRY_ATTEMPTS} attempts; "
                             "check that the store is running and AWS_ENDPOINT_URL (or the Airflow connection) is right")

@@ -32,6 +32,7 @@ from typing import Any
 from tasks import artifacts, records, settings, storage
 from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
 from tasks.config import RunConfig
+from tasks.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,17 @@ def subsample(cfg: RunConfig) -> dict[str, Any]:
     """Select, check and write the three split files and the manifest under the run root."""
     root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
     folder = scan(root)
-    labels = selected_labels(folder, cfg.classes, cfg.source)
+    source = redact_uri(cfg.source)
+    labels = selected_labels(folder, cfg.classes, source)
     classes = [folder.classes[label] for label in labels]
     selection = select(folder, labels, cfg)
     kept, skipped = _check_images(root, selection, classes)
     tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
     counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
-    _require_images(counts, skipped, cfg.source)
+    _require_images(counts, skipped, source)
 
     manifest = {
-        "source": cfg.source,
+        "source": source,
         "source_sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
         "seed": cfg.seed,
         "params": {"classes": list(cfg.classes) if isinstance(cfg.classes, tuple) else cfg.classes,
@@ -74,7 +76,7 @@ def subsample(cfg: RunConfig) -> dict[str, Any]:
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
-    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", cfg.source, len(classes),
+    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", source, len(classes),
              " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped), uri, manifest["hash"][:12])
     return {"manifest": uri, "hash": manifest["hash"], "counts": totals, "n_classes": len(classes),
             "n_skipped": len(skipped)}
@@ -99,7 +101,7 @@ def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
     missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
     if missing:
-        raise DatasetError(f"{cfg.source} has no {missing} split (found {list(folder.files)}); "
+        raise DatasetError(f"{redact_uri(cfg.source)} has no {missing} split (found {list(folder.files)}); "
                            "the dataset needs train/ and test/ folders")
     selection: Selection = {split: [] for split in records.SPLITS}
     for new_label, label in enumerate(labels):

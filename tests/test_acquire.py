@@ -419,3 +419,21 @@ def test_network_failures_are_retried_and_leave_nothing_cached(answer, tmp_path,
     with _broken_server(answer) as url, pytest.raises(DownloadError, match="retrying"):
         local_dataset(url, tmp_path / "cache")
     assert files_below(tmp_path / "cache") == []
+
+
+def test_presigned_source_is_written_and_logged_without_its_credentials(image_folder, tmp_path, caplog):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    secrets = ("AKIDSECRET", "f00dcafe")
+    with serve(www) as server, caplog.at_level(logging.INFO):
+        source = server.url("food.zip") + "?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=f00dcafe"
+        cfg = RunConfig(source=source, run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                        train_percent=50)
+        acquired = acquire(cfg)
+        selected = subsample(cfg)
+    written = [storage.read_text(acquired["uri"]), storage.read_text(selected["manifest"]), str(acquired),
+               *(path.read_text() for path in files_below(tmp_path / "cache") if path.suffix == ".json"),
+               caplog.text]
+    assert not [text for text in written for secret in secrets if secret in text]
+    assert storage.read_json(acquired["uri"])["source"] == server.url("food.zip") + (
+        "?X-Amz-Credential=***&X-Amz-Signature=***")
