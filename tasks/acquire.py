@@ -48,7 +48,6 @@ import shutil
 import stat
 import struct
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -62,6 +61,7 @@ from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
 from tasks.errors import DatasetError, DownloadError
 from tasks.redact import redact_uri
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -386,9 +386,7 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
     if record and (not sha256 or record.get("sha256") == sha256):
         log.info("dataset cache hit for %s: %s", shown, entry / IMAGES_DIR)
         return entry / IMAGES_DIR
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
+    with scratch_dir("acquire", entry.parent) as work:
         root, info = build(work)
         staged = work / "entry"
         staged.mkdir()
@@ -402,8 +400,6 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
             if not (entry / RECORD_FILE).is_file():
                 raise
             log.info("another process cached %s first; using its copy", shown)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("cached %s at %s", shown, entry / IMAGES_DIR)
     return entry / IMAGES_DIR
 

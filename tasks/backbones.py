@@ -16,13 +16,13 @@ backbone made them. Three families:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,7 @@ import keras
 from tasks import storage
 from tasks.config import DEFAULT_CACHE_DIR
 from tasks.errors import BackboneError
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ def _is_saved_model_spec(spec: str) -> bool:
 
 def _load_application(name: str, image_size: int, weights: str) -> Backbone:
     app = APPLICATIONS[name]
-    with tempfile.TemporaryDirectory(prefix="tlp-weights-") as scratch:
-        resolved, source = _resolve_weights(weights, Path(scratch))
+    with scratch_dir("weights") as scratch:
+        resolved, source = _resolve_weights(weights, scratch)
         try:
             base = app.constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
                                    pooling="avg")
@@ -150,8 +151,8 @@ def _load_lite0(image_size: int, weights: str, cache: Path) -> Backbone:
     elif _is_random(weights):
         source = RANDOM_WEIGHTS
     else:
-        with tempfile.TemporaryDirectory(prefix="tlp-weights-") as scratch:
-            local = _fetch_weights_file(weights, Path(scratch))
+        with scratch_dir("weights") as scratch:
+            local = _fetch_weights_file(weights, scratch)
             if local.suffix == ".pth":
                 lite0.load_torch_weights(model, local)
             else:
@@ -340,14 +341,16 @@ def _resolve_hub_handle(handle: str, default_cache: Path) -> Path:
 
 
 def _cached_s3_prefix(uri: str, cache: Path) -> Path:
-    """Download an S3 prefix once into the cache; re-download when its listing changes.
+    """Download an S3 prefix once into the cache; download it again when any file's name, size or ETag changes.
 
-    Each download goes to a scratch directory that is renamed into place, so
-    workers sharing the cache never see half a SavedModel.
+    Keyed by content, not names: a model re-exported to the same prefix has
+    the same file names and must not be served from the old copy. Each
+    download goes to a scratch directory and is renamed into place, so workers
+    sharing the cache never see half a SavedModel.
     """
     prefix = uri.rstrip("/") + "/"
     try:
-        listing = [item[len(prefix):] for item in storage.list_files(prefix)]
+        listing = [[item.uri[len(prefix):], item.size, item.version] for item in storage.list_stored(prefix)]
     except storage.StorageError as error:
         raise BackboneError(f"SavedModel {uri!r} cannot be listed: {error}") from error
     if not listing:
@@ -357,19 +360,16 @@ def _cached_s3_prefix(uri: str, cache: Path) -> Path:
     marker = target / ".tlp-listing.json"
     if marker.is_file() and json.loads(marker.read_text()) == listing:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-    try:
-        storage.download(prefix, scratch)
-    except storage.StorageError as error:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise BackboneError(f"SavedModel {uri!r} cannot be downloaded: {error}") from error
-    (scratch / marker.name).write_text(json.dumps(listing))
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        scratch.rename(target)
-    except OSError:  # another worker renamed its copy into place first
-        shutil.rmtree(scratch, ignore_errors=True)
+    with scratch_dir("download", cache) as scratch:
+        model = scratch / "model"
+        try:
+            storage.download(prefix, model)
+        except storage.StorageError as error:
+            raise BackboneError(f"SavedModel {uri!r} cannot be downloaded: {error}") from error
+        (model / marker.name).write_text(json.dumps(listing))
+        shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another worker renamed its copy into place first
+            model.rename(target)
     log.info("downloaded SavedModel %s to %s (%d files)", uri, target, len(listing))
     return target
 

@@ -8,7 +8,6 @@ are the human-readable views of the same numbers.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
 from tasks.predict import predict_records
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ def evaluate(cfg: RunConfig) -> dict:
     """
     record = _load_record(cfg)
     classes = list(record.manifest["classes"])
-    with tempfile.TemporaryDirectory(prefix="tlp-evaluate-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    with scratch_dir("evaluate") as scratch:
         model = _load_model(_stage_in(cfg.artifact(artifacts.MODEL), scratch / "model.keras",
                                       "run train (and fine-tune) for this run first"))
         test_path = _stage_in(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord",

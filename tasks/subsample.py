@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import tempfile
 import warnings
 import zlib
 from collections import Counter
@@ -33,6 +32,7 @@ from tasks import artifacts, records, settings, storage
 from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
 from tasks.config import RunConfig
 from tasks.redact import redact_uri
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def subsample(cfg: RunConfig) -> dict[str, Any]:
         "skipped": skipped,
         "hash": selection_hash(kept),
     }
-    with tempfile.TemporaryDirectory(prefix="subsample-") as scratch:
+    with scratch_dir("subsample") as scratch:
         for split in records.SPLITS:
-            local = Path(scratch, f"{split}.tfrecord")
+            local = scratch / f"{split}.tfrecord"
             records.write_records(local, (((root / f["path"]).read_bytes(), f["label"], f["path"])
                                           for f in kept[split]))
             storage.upload(local, cfg.artifact(artifacts.split_records(split)))

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tasks import acquire as acq
-from tasks import artifacts, storage
+from tasks import artifacts, scratch, storage
 from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
 from tasks.errors import DownloadError
@@ -437,3 +437,15 @@ def test_presigned_source_is_written_and_logged_without_its_credentials(image_fo
     assert not [text for text in written for secret in secrets if secret in text]
     assert storage.read_json(acquired["uri"])["source"] == server.url("food.zip") + (
         "?X-Amz-Credential=***&X-Amz-Signature=***")
+
+
+def test_a_killed_acquire_leaves_no_scratch_behind_for_ever(image_folder, tmp_path):
+    from tests.test_scratch import dead_pid, left_behind
+
+    datasets = tmp_path / "cache" / "datasets"
+    datasets.mkdir(parents=True)
+    killed = left_behind(datasets, "acquire-killed", scratch._owner(dead_pid()), scratch.STALE_AFTER_S + 60)
+    archive = archive_folder(image_folder, tmp_path / "food.zip")
+    root = local_dataset(str(archive), tmp_path / "cache")
+    assert not killed.exists()
+    assert sorted(p.name for p in datasets.iterdir()) == [root.parent.name]
