@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tasks import artifacts, records, settings, storage
 from tasks.acquire import DatasetError, ImageFolder, cache_record, local_dataset, scan
@@ -37,6 +38,7 @@ from tasks.scratch import scratch_dir
 log = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "test")
+MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
 
 Selection = dict[str, list[tuple[str, int]]]
 
@@ -112,6 +114,8 @@ def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
             log.warning("train_count=%d but class %r has %d train images; using all of them",
                         wanted, name, len(train_files))
         picked = _draw(train_files, wanted, cfg.seed, "train", name)
+        if len(picked) < MIN_SELECTED:
+            raise _too_few_to_split(name, len(train_files), len(picked), cfg)
         n_val = _val_count(len(picked), cfg.val_fraction)
         selection["val"] += [(path, new_label) for path in picked[:n_val]]
         selection["train"] += [(path, new_label) for path in picked[n_val:]]
@@ -134,6 +138,34 @@ def _draw(files: tuple[str, ...], count: int, seed: int, split: str, name: str) 
     rng = np.random.default_rng([seed, zlib.crc32(f"{split}/{name}".encode("utf-8"))])
     order = rng.permutation(len(files))[:count]
     return [files[index] for index in order]
+
+
+def _too_few_to_split(name: str, available: int, picked: int, cfg: RunConfig) -> DatasetError:
+    """The error for a class that cannot give one validation and one training image, with fixes that work."""
+    if cfg.train_count:
+        chosen = f"train_count={cfg.train_count}"
+        fixes = ([f"set train_count to at least {MIN_SELECTED}"] if available >= MIN_SELECTED
+                 else [f"add {MIN_SELECTED - available} more train images to it"])
+    else:
+        chosen = f"train_percent={cfg.train_percent:g}"
+        needed = _smallest(math.ceil(100 * (MIN_SELECTED - 0.5) / cfg.train_percent),
+                           lambda total: _share(total, cfg.train_percent) >= MIN_SELECTED)
+        fixes = [f"add {needed - available} more train images to it ({needed} at {chosen})"]
+        if available >= MIN_SELECTED:
+            percent = _smallest(math.ceil(100 * (MIN_SELECTED - 0.5) / available),
+                                lambda percent: _share(available, percent) >= MIN_SELECTED)
+            fixes.insert(0, f"set train_percent to at least {percent}")
+    return DatasetError(
+        f"class {name!r} has {available} train images and {chosen} selects {picked}, but a validation split needs "
+        f"at least {MIN_SELECTED} selected (at val_fraction={cfg.val_fraction:g}: 1 for validation, the rest for "
+        f"training): {', '.join(fixes)}, or drop the class")
+
+
+def _smallest(start: int, works: Callable[[int], bool]) -> int:
+    """The first whole number from `start` on that works (`start` is the exact bound, rounded up)."""
+    while not works(start):
+        start += 1
+    return start
 
 
 def _share(total: int, percent: float) -> int:

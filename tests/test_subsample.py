@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ from tasks import subsample as subsample_module
 from tasks.acquire import DatasetError
 from tasks.config import RunConfig
 from tasks.subsample import subsample
+from tests.conftest import write_image_folder
 
 
 def config(folder: Path, tmp_path: Path, **params) -> RunConfig:
@@ -102,8 +104,34 @@ def test_class_left_without_images_in_a_split_is_an_error_naming_it(image_folder
 
 
 def test_one_selected_image_cannot_feed_validation(image_folder, tmp_path):
-    with pytest.raises(DatasetError, match="class 'apple' has no usable images in the val split"):
+    with pytest.raises(DatasetError, match="class 'apple' has 12 train images and train_count=1 selects 1, but a "
+                                           "validation split needs at least 2 .*set train_count to at least 2"):
         subsample(config(image_folder, tmp_path, train_count=1))
+
+
+def test_too_small_a_share_for_validation_says_how_many_images_would_do_and_that_works(image_folder, tmp_path):
+    with pytest.raises(DatasetError) as refused:
+        subsample(config(image_folder, tmp_path, train_percent=10, val_fraction=0.2))
+    message = str(refused.value)
+    assert message.startswith("class 'apple' has 12 train images and train_percent=10 selects 1, but a validation "
+                              "split needs at least 2 selected (at val_fraction=0.2: 1 for validation")
+    assert "set train_percent to at least 13, add 3 more train images to it (15 at train_percent=10)" in message
+
+    result = subsample(config(image_folder, tmp_path, train_percent=13, val_fraction=0.2))
+    assert result["counts"] == {"train": 3, "val": 3, "test": 12}
+
+    apples = image_folder / "train" / "apple"
+    for n in range(3):
+        shutil.copy(apples / "0000.jpg", apples / f"extra{n}.jpg")
+    with pytest.raises(DatasetError, match="class 'banana' has 12"):
+        subsample(config(image_folder, tmp_path, train_percent=10, val_fraction=0.2))
+
+
+def test_a_class_with_one_image_is_told_to_get_more(tmp_path):
+    folder = write_image_folder(tmp_path / "images", {"apple": 4, "lonely": 1})
+    with pytest.raises(DatasetError, match="class 'lonely' has 1 train images and train_percent=50 selects 1, .*: "
+                                           r"add 2 more train images to it \(3 at train_percent=50\), or drop"):
+        subsample(config(folder, tmp_path))
 
 
 def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_path):
