@@ -12,8 +12,9 @@ so subsample has one thing to read whatever the source was:
   local path, `file://` or `s3://` URI: an image folder, possibly inside one
   top-level directory. Its sha256 is computed, recorded and checked against
   `sha256` when given. Members that could land outside the extraction folder
-  (`..`, absolute paths, links, devices) make the whole archive refused before
-  anything is extracted.
+  (`..`, absolute paths, links, devices), more members or uncompressed bytes
+  than the deployment's limits (tasks.settings.Limits), or a truncated tar make
+  the whole archive refused before anything is extracted.
 - a local folder or `file://` URI: used in place, nothing is copied.
 - `s3://<bucket>/<prefix>/`: the folder below the prefix, downloaded.
 - `idx://fashion_mnist[?dir=DIR]`: the IDX files from DIR, else from the Debian
@@ -25,6 +26,11 @@ derived from the source URI: a second call with the same source is a cache hit
 and fetches nothing (so a changed object behind the same URI needs a new URI,
 a checksum, or a cleared cache). Each cache entry is built in a scratch folder
 and renamed into place, so a failed or refused fetch leaves nothing behind.
+Downloads stop at the deployment's download limit. A failure that may pass (a
+timeout, a reset connection, HTTP 5xx or 429) raises DownloadError, which the
+DAG retries; one that will not (another 4xx, a bad archive or checksum) raises
+DatasetError. What is written or logged about a source has its credentials
+redacted (tasks.redact).
 
 A `classes.json` at the dataset root (`{"classes": [...], "folders": [...]}`)
 fixes the label order and the real class names when folder names cannot carry
@@ -159,8 +165,8 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
     if _is_archive(source):
         return _cached(source, cache_dir, sha256, lambda work: _archive_folder(source, sha256, work))
     if sha256:
-        raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are checked for "
-                           "archive sources only, so leave source_sha256 empty")
+        raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are "
+                           "checked for archive sources only, so leave source_sha256 empty")
     if scheme in ("", "file"):
         return find_root(storage.local_path(source))
     if scheme == "s3":
@@ -169,7 +175,8 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
         return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
         return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
-    raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: " + "; ".join(SUPPORTED_SOURCES))
+    raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: "
+                       + "; ".join(SUPPORTED_SOURCES))
 
 
 def acquire(cfg: RunConfig) -> dict[str, Any]:
@@ -372,9 +379,8 @@ def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None
 
 def _download_s3(source: str, local: Path) -> Path:
     """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
-    listed = storage.list_stored(source)
-    _check_download_size(redact_uri(source), sum(item.size for item in listed if source.endswith("/") or item.uri == source),
-                         settings.load().limits)
+    size = sum(item.size for item in storage.list_stored(source) if source.endswith("/") or item.uri == source)
+    _check_download_size(redact_uri(source), size, settings.load().limits)
     return storage.download(source, local)
 
 
@@ -417,8 +423,8 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
             raise DatasetError(f"{source}: no such archive file")
     digest = storage.sha256_file(archive)
     if sha256 and digest != sha256.lower():
-        raise DatasetError(f"{redact_uri(source)}: sha256 is {digest}, expected {sha256}; the download is corrupt or the "
-                           "archive changed: check the URL, or update source_sha256 if the change is intended")
+        raise DatasetError(f"{redact_uri(source)}: sha256 is {digest}, expected {sha256}; the download is corrupt "
+                           "or the archive changed: check the URL, or update source_sha256 if the change is intended")
     extract_archive(archive, work / "extracted")
     log.info("extracted %s (sha256 %s)", redact_uri(source), digest)
     return find_root(work / "extracted"), {"sha256": digest}

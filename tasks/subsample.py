@@ -4,18 +4,22 @@ Classes are all, the first N in the dataset's class order, or named ones (kept
 in the dataset's order, so "steak,pizza" and "pizza,steak" give the same
 labels). Per class, train_count images (when > 0) or train_percent of the
 class's train images are drawn; val_fraction of those become the validation
-split (at least one per class when the class has two or more); test_percent of
-the class's test images form the test split, which nothing uses for selection
-or training. Each class draws from its own generator seeded by (seed, split,
-class name), over sorted file lists: the same seed picks the same images
-whatever the filesystem order, and adding a class never changes another's.
+split (at least one per class and never all of them: a class with fewer than
+two drawn is refused, naming the setting or image count that would do);
+test_percent of the class's test images form the test split, which nothing
+uses for selection or training. Each class draws from its own generator seeded
+by (seed, split, class name), over sorted file lists: the same seed picks the
+same images whatever the filesystem order, and adding a class never changes
+another's.
 
 Every selected file is read, hashed and fully decoded (in parallel, by tf.data)
-with the decoder training uses; those that fail are listed in the manifest as
-skipped with the reason, never silently dropped. The manifest (every file with
-label, class, split and sha256; counts; seed; source; params; skipped; one hash
-of the whole selection) holds no paths or times of the machine that wrote it, so
-it is byte-identical for the same inputs and seed.
+with the decoder training uses, once its header shows no more pixels than the
+deployment's limit (a decompression bomb is never decoded); those that fail are
+listed in the manifest as skipped with the reason, never silently dropped. The
+manifest (every file with label, class, split and sha256; counts; seed; source,
+with any credentials redacted; params; skipped; one hash of the whole
+selection) holds no paths or times of the machine that wrote it, so it is
+byte-identical for the same inputs and seed.
 """
 from __future__ import annotations
 
@@ -181,7 +185,7 @@ def _val_count(selected: int, fraction: float) -> int:
 
 
 def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple[dict, list[dict[str, Any]]]:
-    """Fully decode every selected file and hash it; split the selection into kept and skipped."""
+    """Check every selected file's size, fully decode and hash it; split the selection into kept and skipped."""
     items = [(split, path, label) for split in records.SPLITS for path, label in selection[split]]
     limits = settings.load().limits
     too_large = [_too_many_pixels(root / path, limits) for _, path, _ in items]

@@ -316,7 +316,8 @@ def test_download_without_content_length_stops_at_the_limit(image_folder, tmp_pa
     www = tmp_path / "www"
     archive_folder(image_folder, www / "food.zip")
     monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", "30000")
-    with serve(www, send_length=False) as server, pytest.raises(DatasetError, match="limit of 30,000 .*TLP_MAX_DOWNLOAD"):
+    refused = pytest.raises(DatasetError, match="limit of 30,000 .*TLP_MAX_DOWNLOAD")
+    with serve(www, send_length=False) as server, refused:
         local_dataset(server.url("food.zip"), tmp_path / "cache")
     assert files_below(tmp_path / "cache") == []
 

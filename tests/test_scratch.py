@@ -48,8 +48,8 @@ def test_only_old_folders_of_processes_that_are_gone_are_removed(tmp_path):
     reused = left_behind(tmp_path, "pid-reused", {**scratch._owner(os.getpid()), "started": -1}, old)
     running = left_behind(tmp_path, "running", scratch._owner(os.getpid()), old)
     recent = left_behind(tmp_path, "recent", scratch._owner(dead_pid()), 60)
-    elsewhere = left_behind(tmp_path, "other-host", {**scratch._owner(dead_pid()), "host": "not-" + socket.gethostname()},
-                            old)
+    other_host = {**scratch._owner(dead_pid()), "host": "not-" + socket.gethostname()}
+    elsewhere = left_behind(tmp_path, "other-host", other_host, old)
     unowned = left_behind(tmp_path, "unowned", None, old)
     not_scratch = tmp_path / "datasets-entry"
     not_scratch.mkdir()
