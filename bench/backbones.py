@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 from tasks.backbones import LITE0, available_backbones, load_backbone  # noqa: E402

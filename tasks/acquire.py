@@ -12,8 +12,9 @@ so subsample has one thing to read whatever the source was:
   local path, `file://` or `s3://` URI: an image folder, possibly inside one
   top-level directory. Its sha256 is computed, recorded and checked against
   `sha256` when given. Members that could land outside the extraction folder
-  (`..`, absolute paths, links, devices) make the whole archive refused before
-  anything is extracted.
+  (`..`, absolute paths, links, devices), more members or uncompressed bytes
+  than the deployment's limits (tasks.settings.Limits), or a truncated tar make
+  the whole archive refused before anything is extracted.
 - a local folder or `file://` URI: used in place, nothing is copied.
 - `s3://<bucket>/<prefix>/`: the folder below the prefix, downloaded.
 - `idx://fashion_mnist[?dir=DIR]`: the IDX files from DIR, else from the Debian
@@ -25,6 +26,11 @@ derived from the source URI: a second call with the same source is a cache hit
 and fetches nothing (so a changed object behind the same URI needs a new URI,
 a checksum, or a cleared cache). Each cache entry is built in a scratch folder
 and renamed into place, so a failed or refused fetch leaves nothing behind.
+Downloads stop at the deployment's download limit. A failure that may pass (a
+timeout, a reset connection, HTTP 5xx or 429) raises DownloadError, which the
+DAG retries; one that will not (another 4xx, a bad archive or checksum) raises
+DatasetError. What is written or logged about a source has its credentials
+redacted (tasks.redact).
 
 A `classes.json` at the dataset root (`{"classes": [...], "folders": [...]}`)
 fixes the label order and the real class names when folder names cannot carry
@@ -36,9 +42,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
@@ -46,18 +54,20 @@ import shutil
 import stat
 import struct
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from tasks import artifacts, storage
+from tasks import artifacts, settings, storage
 from tasks.config import RunConfig
-from tasks.errors import DatasetError
+from tasks.errors import DatasetError, DownloadError
+from tasks.redact import redact_uri
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +165,8 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
     if _is_archive(source):
         return _cached(source, cache_dir, sha256, lambda work: _archive_folder(source, sha256, work))
     if sha256:
-        raise DatasetError(f"source_sha256 is given but {source} is not an archive; checksums are checked for "
-                           "archive sources only, so leave source_sha256 empty")
+        raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are "
+                           "checked for archive sources only, so leave source_sha256 empty")
     if scheme in ("", "file"):
         return find_root(storage.local_path(source))
     if scheme == "s3":
@@ -165,7 +175,8 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
         return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
         return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
-    raise DatasetError(f"unsupported dataset source {source!r}; use one of: " + "; ".join(SUPPORTED_SOURCES))
+    raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: "
+                       + "; ".join(SUPPORTED_SOURCES))
 
 
 def acquire(cfg: RunConfig) -> dict[str, Any]:
@@ -177,8 +188,9 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
     """
     root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
     folder = scan(root)
+    source = redact_uri(cfg.source)
     index = {
-        "source": cfg.source,
+        "source": source,
         "root": str(root),
         "classes": list(folder.classes),
         "files": {split: [list(paths) for paths in per_class] for split, per_class in folder.files.items()},
@@ -188,9 +200,9 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
     uri = cfg.artifact(artifacts.ACQUIRED)
     storage.write_json(uri, index)
     totals = {split: sum(per_class.values()) for split, per_class in index["counts"].items()}
-    log.info("acquired %s at %s: %d classes, %s -> %s", cfg.source, root, len(folder.classes),
+    log.info("acquired %s at %s: %d classes, %s -> %s", source, root, len(folder.classes),
              " ".join(f"{split}={n}" for split, n in totals.items()), uri)
-    return {"source": cfg.source, "n_classes": len(folder.classes), "counts": totals, "uri": uri}
+    return {"source": source, "n_classes": len(folder.classes), "counts": totals, "uri": uri}
 
 
 def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
@@ -283,68 +295,135 @@ def tfds_splits(source: str, available: list[str], requested: str) -> dict[str, 
 
 
 def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a zip or tar archive, refusing it whole when any member could write outside `target`."""
+    """Extract a zip or tar archive, refusing it whole when any member could write outside `target`.
+
+    Refused before anything is written, too: more members or more uncompressed
+    bytes than the deployment's limits, and a tar that ends without its
+    end-of-archive marker (a truncated download would otherwise look complete).
+    """
+    limits = settings.load().limits
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
-                for info in bundle.infolist():
+                infos = bundle.infolist()
+                _check_archive_size(archive, len(infos), sum(info.file_size for info in infos), limits)
+                for info in infos:
                     _check_member(archive, info.filename)
                     if stat.S_ISLNK(info.external_attr >> 16):
                         _refuse(archive, info.filename, "is a symbolic link")
                 bundle.extractall(target)
             return
         with tarfile.open(archive, "r:*") as bundle:
-            members = bundle.getmembers()
-            for member in members:
+            members, size = [], 0
+            for member in bundle:
+                members.append(member)
+                size += member.size
+                _check_archive_size(archive, len(members), size, limits)
                 _check_member(archive, member.name)
                 if member.issym() or member.islnk():
                     _refuse(archive, member.name, f"is a link to {member.linkname!r}")
                 if not (member.isfile() or member.isdir()):
                     _refuse(archive, member.name, "is a device, FIFO or other special file")
+            # the loop ends at the zero block that closes a tar, or at a short read where the file was cut
+            if bundle.fileobj.tell() < bundle.offset + tarfile.BLOCKSIZE:
+                raise DatasetError(f"{archive.name}: the tar archive ends without its end-of-archive marker after "
+                                   f"{len(members)} members: it is truncated; download it again")
             bundle.extractall(target, members=members, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
-        raise DatasetError(f"{archive}: not a readable archive ({error}); check the URL or the file") from error
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
+        raise DatasetError(f"{archive}: not a readable archive ({error}); it may be truncated or damaged: check the "
+                           "URL or the file, and download it again") from error
+
+
+def _check_archive_size(archive: Path, members: int, size: int, limits: settings.Limits) -> None:
+    """Refuse an archive whose member count or uncompressed size is above the limits, before extracting it."""
+    too_many = limits.exceeded("max_archive_members", members)
+    if too_many:
+        raise DatasetError(f"{archive.name}: {members:,}+ members, {too_many}; nothing was extracted")
+    too_large = limits.exceeded("max_archive_bytes", size)
+    if too_large:
+        raise DatasetError(f"{archive.name}: {size:,}+ bytes uncompressed, {too_large}; nothing was extracted")
 
 
 def download(url: str, target: Path) -> None:
-    """Stream a URL to a file, logging progress about every 10%."""
+    """Stream a URL to a file, logging progress about every 10%.
+
+    A failure on the way (timeout, connection reset, HTTP 5xx or 429, a body
+    cut short) is a DownloadError, which the DAG retries; an answer that will
+    not change (any other HTTP 4xx, a bad URL, a file above the download limit)
+    is a DatasetError.
+    """
+    limits = settings.load().limits
+    shown = redact_uri(url)
     request = urllib.request.Request(url, headers={"User-Agent": "tlpipe"})
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done, next_mark = 0, 10
-            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                out.write(chunk)
-                done += len(chunk)
-                percent = done * 100 // total if total else 0
-                if total and percent >= next_mark:
-                    log.info("downloading %s: %d%% (%.1f of %.1f MB)", url, percent, done / 1e6, total / 1e6)
-                    next_mark = percent // 10 * 10 + 10
-                elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
-                    log.info("downloading %s: %.1f MB", url, done / 1e6)
-    except urllib.error.HTTPError as error:
-        raise DatasetError(f"{url}: HTTP {error.code} {error.reason}; check the URL") from error
-    except (urllib.error.URLError, TimeoutError) as error:
-        raise DatasetError(f"{url}: cannot download ({error}); check the URL and the network") from error
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
+    except (OSError, http.client.HTTPException) as error:  # urllib's URLError and HTTPError are OSErrors
+        raise _download_error(shown, error) from error
+    with response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        _check_download_size(shown, total, limits)
+        done, next_mark = 0, 10
+        while chunk := _read_chunk(shown, response):
+            done += len(chunk)
+            _check_download_size(shown, done, limits)
+            out.write(chunk)
+            percent = done * 100 // total if total else 0
+            if total and percent >= next_mark:
+                log.info("downloading %s: %d%% (%.1f of %.1f MB)", shown, percent, done / 1e6, total / 1e6)
+                next_mark = percent // 10 * 10 + 10
+            elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
+                log.info("downloading %s: %.1f MB", shown, done / 1e6)
     if total and done != total:
-        raise DatasetError(f"{url}: download ended after {done} of {total} bytes; try again")
+        raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
+
+
+def _read_chunk(shown: str, response: http.client.HTTPResponse) -> bytes:
+    try:
+        return response.read(DOWNLOAD_CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as error:
+        raise _download_error(shown, error) from error
+
+
+def _download_error(shown: str, error: Exception) -> DatasetError | DownloadError:
+    """The failure's kind: retried when the server or the network may recover, permanent when the URL is wrong."""
+    if isinstance(error, urllib.error.HTTPError):
+        if error.code >= 500 or error.code == 429:
+            return DownloadError(f"{shown}: HTTP {error.code} {error.reason}: the server is failing or throttling; "
+                                 "retrying")
+        return DatasetError(f"{shown}: HTTP {error.code} {error.reason}; check the URL")
+    if isinstance(error, urllib.error.URLError) and not isinstance(error.reason, OSError):
+        return DatasetError(f"{shown}: cannot download ({error.reason}); check the URL")
+    return DownloadError(f"{shown}: download failed on the way ({error}); retrying: if it keeps failing, check the "
+                         "network and that the host is up")
+
+
+def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None:
+    too_large = limits.exceeded("max_download_bytes", size)
+    if too_large:
+        raise DatasetError(f"{shown}: {size:,}+ bytes to download, {too_large}")
+
+
+def _download_s3(source: str, local: Path) -> Path:
+    """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
+    size = sum(item.size for item in storage.list_stored(source) if source.endswith("/") or item.uri == source)
+    _check_download_size(redact_uri(source), size, settings.load().limits)
+    return storage.download(source, local)
 
 
 def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Path], tuple[Path, dict]]) -> Path:
     """Return the cached folder of a source, building it first on a miss (or a changed checksum)."""
     entry = cache_entry(source, cache_dir)
     record = cache_record(source, cache_dir)
+    shown = redact_uri(source)
     if record and (not sha256 or record.get("sha256") == sha256):
-        log.info("dataset cache hit for %s: %s", source, entry / IMAGES_DIR)
+        log.info("dataset cache hit for %s: %s", shown, entry / IMAGES_DIR)
         return entry / IMAGES_DIR
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
+    with scratch_dir("acquire", entry.parent) as work:
         root, info = build(work)
         staged = work / "entry"
         staged.mkdir()
         root.rename(staged / IMAGES_DIR)
-        (staged / RECORD_FILE).write_text(json.dumps({"source": source, **info}, indent=2, sort_keys=True))
+        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, **info}, indent=2, sort_keys=True))
         if entry.exists():
             shutil.rmtree(entry)
         try:
@@ -352,10 +431,8 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
         except OSError:
             if not (entry / RECORD_FILE).is_file():
                 raise
-            log.info("another process cached %s first; using its copy", source)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("cached %s at %s", source, entry / IMAGES_DIR)
+            log.info("another process cached %s first; using its copy", shown)
+    log.info("cached %s at %s", shown, entry / IMAGES_DIR)
     return entry / IMAGES_DIR
 
 
@@ -365,22 +442,22 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
         archive = work / PurePosixPath(urlparse(source).path).name
         download(source, archive)
     elif scheme == "s3":
-        archive = storage.download(source, work / PurePosixPath(urlparse(source).path).name)
+        archive = _download_s3(source, work / PurePosixPath(urlparse(source).path).name)
     else:
         archive = storage.local_path(source)
         if not archive.is_file():
             raise DatasetError(f"{source}: no such archive file")
     digest = storage.sha256_file(archive)
     if sha256 and digest != sha256.lower():
-        raise DatasetError(f"{source}: sha256 is {digest}, expected {sha256}; the download is corrupt or the "
-                           "archive changed: check the URL, or update source_sha256 if the change is intended")
+        raise DatasetError(f"{redact_uri(source)}: sha256 is {digest}, expected {sha256}; the download is corrupt "
+                           "or the archive changed: check the URL, or update source_sha256 if the change is intended")
     extract_archive(archive, work / "extracted")
-    log.info("extracted %s (sha256 %s)", source, digest)
+    log.info("extracted %s (sha256 %s)", redact_uri(source), digest)
     return find_root(work / "extracted"), {"sha256": digest}
 
 
 def _s3_folder(source: str, work: Path) -> tuple[Path, dict]:
-    download_dir = storage.download(source.rstrip("/") + "/", work / "download")
+    download_dir = _download_s3(source.rstrip("/") + "/", work / "download")
     return find_root(download_dir), {}
 
 
@@ -505,9 +582,16 @@ def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple
         classes, folders = tuple(listed["classes"]), tuple(listed["folders"])
     except (ValueError, KeyError, TypeError) as error:
         raise DatasetError(f"{path}: expected {{\"classes\": [...], \"folders\": [...]}} ({error})") from error
+    if not all(isinstance(name, str) for name in classes + folders):
+        raise DatasetError(f"{path}: class and folder names must be strings; write them in quotes")
     if len(classes) != len(folders) or len(set(classes)) != len(classes) or len(set(folders)) != len(folders):
         raise DatasetError(f"{path}: {len(classes)} classes and {len(folders)} folders; list each class once, "
                            "with one folder of its own")
+    for folder in folders:
+        reason = storage.escape_reason(folder) or ("has a '/'" if "/" in folder else "")
+        if reason:
+            raise DatasetError(f"{path}: folder {folder!r} {reason}, so it could point outside {root}; list the "
+                               "plain name of each class folder directly below <split>/ (e.g. \"T-shirt_top\")")
     return classes, folders
 
 

@@ -16,13 +16,14 @@ backbone made them. Three families:
 from __future__ import annotations
 
 import collections
+import dataclasses
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,8 @@ import keras
 
 from tasks import settings, storage
 from tasks.errors import BackboneError
+from tasks.redact import redact_text
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +103,23 @@ def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
     cache = Path(cache_dir if cache_dir is not None else settings.load().cache_dir)
     name = spec.strip()
     if name.lower() in APPLICATIONS:
-        return _load_application(name.lower(), image_size, weights)
+        return _public(_load_application(name.lower(), image_size, weights))
     if name.lower() == LITE0:
-        return _load_lite0(image_size, weights, cache)
+        return _public(_load_lite0(image_size, weights, cache))
     if _is_saved_model_spec(name):
         if weights != "imagenet":
             raise BackboneError(f"backbone {spec!r} is a SavedModel and carries its own weights; weights={weights!r} "
                                 "cannot apply to it: leave weights='imagenet' (= as published)")
-        return _load_saved_model(name, image_size, cache)
+        return _public(_load_saved_model(name, image_size, cache))
     raise BackboneError(f"unknown backbone {spec!r}; use one of {available_backbones()}, a TF Hub handle "
                         "(https://tfhub.dev/... or https://www.kaggle.com/models/...), or a SavedModel "
                         "directory (local path or s3:// prefix)")
+
+
+def _public(backbone: Backbone) -> Backbone:
+    """Its name and weights source as summaries, logs and model cards show them: URI credentials redacted."""
+    return dataclasses.replace(backbone, name=redact_text(backbone.name),
+                               weights_source=redact_text(backbone.weights_source))
 
 
 def carries_own_weights(spec: str) -> bool:
@@ -127,8 +136,8 @@ def _is_saved_model_spec(spec: str) -> bool:
 
 def _load_application(name: str, image_size: int, weights: str) -> Backbone:
     app = APPLICATIONS[name]
-    with tempfile.TemporaryDirectory(prefix="tlp-weights-") as scratch:
-        resolved, source = _resolve_weights(weights, Path(scratch))
+    with scratch_dir("weights") as scratch:
+        resolved, source = _resolve_weights(weights, scratch)
         try:
             base = app.constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
                                    pooling="avg")
@@ -155,8 +164,8 @@ def _load_lite0(image_size: int, weights: str, cache: Path) -> Backbone:
     elif _is_random(weights):
         source = RANDOM_WEIGHTS
     else:
-        with tempfile.TemporaryDirectory(prefix="tlp-weights-") as scratch:
-            local = _fetch_weights_file(weights, Path(scratch))
+        with scratch_dir("weights") as scratch:
+            local = _fetch_weights_file(weights, scratch)
             if local.suffix == ".pth":
                 lite0.load_torch_weights(model, local)
             else:
@@ -345,14 +354,16 @@ def _resolve_hub_handle(handle: str, default_cache: Path) -> Path:
 
 
 def _cached_s3_prefix(uri: str, cache: Path) -> Path:
-    """Download an S3 prefix once into the cache; re-download when its listing changes.
+    """Download an S3 prefix once into the cache; download it again when any file's name, size or ETag changes.
 
-    Each download goes to a scratch directory that is renamed into place, so
-    workers sharing the cache never see half a SavedModel.
+    Keyed by content, not names: a model re-exported to the same prefix has
+    the same file names and must not be served from the old copy. Each
+    download goes to a scratch directory and is renamed into place, so workers
+    sharing the cache never see half a SavedModel.
     """
     prefix = uri.rstrip("/") + "/"
     try:
-        listing = [item[len(prefix):] for item in storage.list_files(prefix)]
+        listing = [[item.uri[len(prefix):], item.size, item.version] for item in storage.list_stored(prefix)]
     except storage.StorageError as error:
         raise BackboneError(f"SavedModel {uri!r} cannot be listed: {error}") from error
     if not listing:
@@ -362,19 +373,16 @@ def _cached_s3_prefix(uri: str, cache: Path) -> Path:
     marker = target / ".tlp-listing.json"
     if marker.is_file() and json.loads(marker.read_text()) == listing:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-    try:
-        storage.download(prefix, scratch)
-    except storage.StorageError as error:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise BackboneError(f"SavedModel {uri!r} cannot be downloaded: {error}") from error
-    (scratch / marker.name).write_text(json.dumps(listing))
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        scratch.rename(target)
-    except OSError:  # another worker renamed its copy into place first
-        shutil.rmtree(scratch, ignore_errors=True)
+    with scratch_dir("download", cache) as scratch:
+        model = scratch / "model"
+        try:
+            storage.download(prefix, model)
+        except storage.StorageError as error:
+            raise BackboneError(f"SavedModel {uri!r} cannot be downloaded: {error}") from error
+        (model / marker.name).write_text(json.dumps(listing))
+        shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another worker renamed its copy into place first
+            model.rename(target)
     log.info("downloaded SavedModel %s to %s (%d files)", uri, target, len(listing))
     return target
 

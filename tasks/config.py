@@ -179,6 +179,19 @@ class RunConfig:
             values["classes"] = list(self.classes)
         return values
 
+    def to_public_dict(self) -> dict[str, Any]:
+        """`to_dict` with credentials in URIs redacted: what is written where people read it (params.json).
+
+        XCom keeps `to_dict`: the next task needs the real source to fetch it.
+        """
+        from tasks.redact import redact_text, redact_uri
+
+        values = self.to_dict()
+        values["source"] = redact_uri(self.source)
+        for key in ("backbone", "backbone_weights", "candidates", "publish_uri"):
+            values[key] = redact_text(values[key])
+        return values
+
     @property
     def run_uri(self) -> str:
         """The run root of this run, `<run_root>/<dag_id>/<run id as one safe segment>`."""

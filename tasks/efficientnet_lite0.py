@@ -24,6 +24,7 @@ import collections
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import os
 import pickle
 import string
@@ -343,27 +344,63 @@ def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
                             "check that it is a complete torch.save() state dict") from error
     if not isinstance(state, dict) or not all(isinstance(v, _TensorRef) for v in state.values()):
         raise BackboneError(f"{path}: not a state dict of tensors (name -> tensor)")
-    return {name: _materialise(ref, storages[ref.storage.key]) for name, ref in state.items()}
+    return {name: _materialise(path, name, ref, storages) for name, ref in state.items()}
 
 
 def _read_storages(file: BinaryIO, keys: list[str], state: dict[str, _TensorRef], path: Path) -> dict[str, np.ndarray]:
-    dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values()}
+    """Each storage's data, checked against what the tensors that use it declared (element type and count)."""
+    declared: dict[str, _Storage] = {}
+    for ref in state.values():
+        if declared.setdefault(ref.storage.key, ref.storage) != ref.storage:
+            raise UnsafePickleError(f"{path}: storage {ref.storage.key} is declared twice, as {ref.storage} and "
+                                    f"{declared[ref.storage.key]}; the file was tampered with: do not load it")
     storages = {}
     for key in keys:
         (numel,) = struct.unpack("<q", file.read(8))
-        dtype = dtypes[key]
-        data = file.read(numel * dtype.itemsize)
-        if len(data) != numel * dtype.itemsize:
+        storage = declared[key]
+        if numel != storage.numel:
+            raise UnsafePickleError(f"{path}: storage {key} holds {numel} elements but its tensors declared "
+                                    f"{storage.numel}; the file was tampered with: do not load it")
+        data = file.read(numel * storage.dtype.itemsize)
+        if len(data) != numel * storage.dtype.itemsize:
             raise BackboneError(f"{path}: truncated storage {key}; the file is incomplete")
-        storages[key] = np.frombuffer(data, dtype=dtype)
+        storages[key] = np.frombuffer(data, dtype=storage.dtype)
     return storages
 
 
-def _materialise(ref: _TensorRef, data: np.ndarray) -> np.ndarray:
-    """A contiguous copy of the strided view `ref` describes, after checking it stays inside its storage."""
-    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride))
-    if all(ref.shape) and (ref.offset < 0 or last >= len(data)):
-        raise BackboneError(f"tensor of shape {ref.shape} reaches outside its storage of {len(data)} elements")
+def _materialise(path: Path, name: str, ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
+    """A contiguous copy of the strided view `ref` describes, once its geometry is proven to stay inside its storage.
+
+    numpy's as_strided reads whatever memory the offset, shape and strides
+    point at, so a tampered file could otherwise read (and publish) memory
+    outside the weights.
+    """
+    data = storages.get(ref.storage.key)
+    problem = "points to a storage the file does not hold" if data is None else _geometry_problem(ref, len(data))
+    if problem:
+        raise UnsafePickleError(f"{path}: tensor {name!r} {problem}; the file is damaged or was tampered with: "
+                                "do not load it")
     view = np.lib.stride_tricks.as_strided(data[ref.offset:], shape=ref.shape,
                                            strides=[s * data.itemsize for s in ref.stride], writeable=False)
     return np.array(view)
+
+
+def _geometry_problem(ref: _TensorRef, length: int) -> str:
+    """What is wrong with a tensor's offset, shape and strides over a storage of `length` elements; "" if nothing."""
+    numbers = (ref.offset, *ref.shape, *ref.stride)
+    if not all(type(number) is int for number in numbers) or len(ref.shape) != len(ref.stride):
+        return f"has a malformed geometry (offset {ref.offset!r}, shape {ref.shape!r}, stride {ref.stride!r})"
+    if ref.offset < 0 or any(size < 0 for size in ref.shape):
+        return f"has a negative offset or size (offset {ref.offset}, shape {ref.shape})"
+    count = math.prod(ref.shape)
+    if count > length:
+        return f"of shape {ref.shape} has {count:,} elements, more than its storage's {length:,}"
+    if count == 0:
+        return "" if ref.offset <= length else f"starts at {ref.offset}, past its storage's {length} elements"
+    if any(stride < 1 for size, stride in zip(ref.shape, ref.stride) if size > 1):
+        return f"has a zero or negative stride {ref.stride} (shape {ref.shape})"
+    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride))
+    if last >= length:
+        return (f"of shape {ref.shape}, stride {ref.stride} at offset {ref.offset} reaches element {last}, outside "
+                f"its storage of {length} elements")
+    return ""

@@ -8,8 +8,6 @@ are the human-readable views of the same numbers.
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
 from tasks.predict import predict_records
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
     model_uri, test_uri = artifacts.require(cfg, artifacts.MODEL, artifacts.split_records("test"))
     record = _load_record(cfg, data)
     classes = list(record.manifest["classes"])
-    with tempfile.TemporaryDirectory(prefix="tlp-evaluate-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    with scratch_dir("evaluate") as scratch:
         model = classifier.fetch(model_uri, scratch, cfg.cache_dir).model
         test_path = storage.download(test_uri, scratch / "test.tfrecord")
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)

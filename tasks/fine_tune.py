@@ -10,9 +10,7 @@ run's model only if it beats feature extraction on validation accuracy.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -22,6 +20,7 @@ from tasks.backbones import set_trainable_top
 from tasks.checkpoints import fit_resumable
 from tasks.config import RunConfig
 from tasks.head import augmentation, compose
+from tasks.scratch import scratch_dir
 from tasks.training import (FEATURE_EXTRACTION, FINE_TUNE, compile_model, distribution_strategy, fingerprint,
                             image_data, read_manifest, resolve_loss)
 
@@ -44,8 +43,7 @@ def fine_tune(cfg: RunConfig, trained: dict[str, Any]) -> dict[str, Any]:
     start = len(earlier)
     learning_rate = cfg.learning_rate * cfg.fine_tune_lr_factor
     strategy = distribution_strategy()
-    with tempfile.TemporaryDirectory(prefix="tlp-fine-tune-") as scratch_dir, strategy.scope():
-        scratch = Path(scratch_dir)
+    with scratch_dir("fine-tune") as scratch, strategy.scope():
         feature_extracted = storage.download(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL) + "/",
                                              scratch / FEATURE_EXTRACTION)
         built = classifier.load(feature_extracted, cfg.cache_dir)

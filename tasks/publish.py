@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from tasks import artifacts, classifier, pointer, serving_check, settings, stora
 from tasks.approval import read_review, verdict
 from tasks.config import RunConfig
 from tasks.errors import PublishError
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     if storage.ensure_bucket(cfg.publish_uri):
         log.warning("publish: bucket of %s did not exist and was created; check publish_uri if that is a surprise",
                     cfg.publish_uri)
-    with tempfile.TemporaryDirectory(prefix="tlp-publish-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    with scratch_dir("publish") as scratch:
         stage = scratch / "version"
         for name, uri in inputs.items():
             storage.download(uri, stage / name)
@@ -365,7 +364,7 @@ def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, te
     the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
     model.export(str(stage / SAVED_MODEL_DIR), verbose=False)
-    (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
     checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
                                           version_uri)
     variants = tflite_export.export_variants(stage / SAVED_MODEL_DIR, test_records, float(metrics[METRIC]),
@@ -410,11 +409,11 @@ def _move_champion(cfg: RunConfig, model_root: str, published: dict, review: dic
     pointer.require_conditional_writes(model_root)
     champion_uri = storage.join(model_root, CHAMPION)
     judged = published
-    with tempfile.TemporaryDirectory(prefix="tlp-promote-") as scratch_dir:
+    with scratch_dir("promote") as scratch:
         for _ in range(PROMOTE_ATTEMPTS):
             champion, tag = pointer.read(champion_uri)
             if _champion_fields(champion)["champion_decision"] != judged["champion_decision"]:
-                judged = {**published, **_judge_again(cfg, published, champion, Path(scratch_dir))}
+                judged = {**published, **_judge_again(cfg, published, champion, scratch)}
                 if not judged["eligible"]:
                     return _record(model_root, _decision(cfg, judged, review, False, (
                         f"the champion moved to {judged['champion_version']} after this candidate was judged; "

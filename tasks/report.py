@@ -2,17 +2,19 @@
 
 The page must open from a laptop's disk, an S3 download or the Airflow UI with
 no server and no network, so every image is embedded as a data: URI, every
-link is relative, and all text is HTML-escaped (class names and file paths come
+link is relative, and all text is HTML-escaped: the page is rendered from
+templates/report.html.j2 with autoescaping (class names and file paths come
 from the dataset, not from us).
 """
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,12 +26,14 @@ from tasks import model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
 from tasks.records import iter_records
+from tasks.redact import redact_text, redact_uri
 
 INDEX = "index.html"
 CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 PREDICTIONS = "predictions.csv"
 MOST_WRONG = "most_wrong.csv"
+TEMPLATE = "report.html.j2"
 MODEL_CARD_LINK = "../model_card.md"
 METRICS_LINK = "../metrics.json"
 
@@ -39,25 +43,7 @@ FINE_TUNE_COLOR = "#d62728"
 THUMBNAIL_PX = 128
 ANNOTATED_CLASSES = 25  # above this the confusion matrix cells get too small for numbers
 CONFUSED_PAIRS = 10
-
-CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#222;max-width:1100px;margin:0 auto;
-padding:24px}
-h1{margin:0 0 4px}h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.sub{color:#666;margin:0}nav a{margin-right:14px}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
-.card{border:1px solid #ddd;border-radius:6px;padding:10px 16px;min-width:120px}
-.card b{display:block;font-size:22px}.card span{color:#666;font-size:13px}
-table{border-collapse:collapse;margin:8px 0}th,td{border-bottom:1px solid #eee;padding:4px 10px;text-align:left}
-th{background:#f6f6f6}.num{text-align:right;font-variant-numeric:tabular-nums}tr.weak td{background:#fdecea}
-img.plot{max-width:100%;border:1px solid #eee}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
-.gallery figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:13px}
-.gallery img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;display:block;margin:0 auto 6px}
-.true{color:#1a7f37}.pred{color:#c62828}.path{color:#888;word-break:break-all;font-size:11px}
-code,pre{background:#f6f6f6;border-radius:4px}pre{padding:12px;overflow-x:auto;white-space:pre-wrap}
-"""
-
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunRecord, *, predictions: pd.DataFrame,
                  wrong: pd.DataFrame, pairs: list[dict], test_records: Path, model_card: str) -> Path:
@@ -69,13 +55,30 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
     directory.mkdir(parents=True, exist_ok=True)
     plot_curves(record.history, directory / CURVES)
     plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["classes"], directory / CONFUSION)
-    predictions.to_csv(directory / PREDICTIONS, index=False, float_format="%.6f")
-    wrong.to_csv(directory / MOST_WRONG, index=False, float_format="%.6f")
+    write_csv(predictions, directory / PREDICTIONS)
+    write_csv(wrong, directory / MOST_WRONG)
     gallery = wrong.head(cfg.top_k_wrong)
     thumbnails = {index: thumbnail_data_uri(encoded) for index, encoded in _encoded_images(test_records, gallery.index)}
     page = _page(cfg, metrics, record, directory, wrong, gallery, thumbnails, pairs, model_card)
     (directory / INDEX).write_text(page, encoding="utf-8")
     return directory
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write a table as CSV with every text cell a spreadsheet would run as a formula made inert.
+
+    Class names and file paths come from the dataset: a cell starting with =, +,
+    -, @, a tab or a carriage return is a formula to Excel and LibreOffice, so it
+    gets a leading ' (shown as text, not run).
+    """
+    inert = table.copy()
+    for column in inert.select_dtypes(exclude=["number", "bool"]).columns:
+        inert[column] = inert[column].map(_inert_cell)
+    inert.to_csv(path, index=False, float_format="%.6f")
+
+
+def _inert_cell(value):
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def plot_curves(history: dict | None, path: Path) -> None:
@@ -115,8 +118,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
     axes = figure.subplots()
     share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    axes.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(range(n), labels=classes)
+    # class names are data: drawn as typed, never parsed as $mathtext$
+    axes.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", parse_math=False)
+    axes.set_yticks(range(n), labels=classes, parse_math=False)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     if n <= ANNOTATED_CLASSES:
@@ -155,63 +159,64 @@ def _data_uri(png: bytes) -> str:
 
 def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wrong: pd.DataFrame,
           gallery: pd.DataFrame, thumbnails: dict[int, str], pairs: list[dict], card: str) -> str:
-    e = html.escape
-    backbone = record.backbone or cfg.backbone
+    """The page's values, rendered by the template; every value is escaped there."""
     top_k = metrics["top_k_accuracy"]
-    cards = [
-        (percent(metrics["accuracy"]), "test accuracy"),
-        (percent(top_k["value"]), f"top-{top_k['k']} accuracy"),
-        (f"{metrics['macro_avg']['f1']:.3f}", "macro F1"),
-        (f"{metrics['loss']:.4f}", "test loss"),
-        (str(metrics["n_test"]), "test images"),
-        (str(len(wrong)), "wrong"),
-    ]
-    sections = [
-        f"<h1>{e(cfg.model_name)}</h1>",
-        f"<p class='sub'>run <code>{e(cfg.run_id)}</code> &middot; backbone <b>{e(backbone)}</b>"
-        f" ({e(record.weights_source or cfg.backbone_weights)}) &middot; kept model: "
-        f"{e((record.summary or {}).get('kept', 'not recorded'))}</p>",
-        "<nav><a href='#training'>Training</a><a href='#confusion'>Confusion</a><a href='#classes'>Classes</a>"
-        "<a href='#gallery'>Most wrong</a><a href='#data'>Data</a><a href='#params'>Params</a>"
-        "<a href='#files'>Files &amp; model card</a></nav>",
-        "<div class='cards'>" + "".join(f"<div class='card'><b>{e(value)}</b><span>{e(label)}</span></div>"
-                                        for value, label in cards) + "</div>",
-        "<h2 id='training'>Training</h2>",
-        f"<p>Plateau decision: {e(record.decision_text())}</p>",
-        _img(directory / CURVES, "loss and accuracy per epoch"),
-        "<h2 id='confusion'>Confusion matrix</h2>",
-        _img(directory / CONFUSION, "confusion matrix, rows true, columns predicted"),
-        "<h3>Most confused pairs</h3>",
-        _table(["true", "predicted as", "count", "share of true class"],
-               [[p["true"], p["predicted"], p["count"], percent(p["share"])] for p in pairs[:CONFUSED_PAIRS]],
-               numeric={2, 3})
-        if pairs else "<p>No test image was misclassified.</p>",
-        "<h2 id='classes'>Per class</h2>",
-        "<p>Shaded: classes whose F1 is below the macro average.</p>",
-        _class_table(metrics, pairs),
-        "<h2 id='gallery'>Most confidently wrong</h2>",
-        f"<p>The {len(gallery)} wrong predictions the model was surest of, out of {len(wrong)} wrong "
-        f"(all of them: <a href='{MOST_WRONG}'>{MOST_WRONG}</a>).</p>",
-        _gallery(gallery, thumbnails),
-        "<h2 id='data'>Data</h2>",
-        _data(record.manifest),
-        "<h2 id='params'>Params</h2>",
-        _table(["param", "value"], [[name, value if isinstance(value, str) else json.dumps(value)]
-                                    for name, value in cfg.to_dict().items()]),
-        "<h2 id='files'>Files &amp; model card</h2>",
-        f"<ul><li><a href='{PREDICTIONS}'>{PREDICTIONS}</a>: every test image</li>"
-        f"<li><a href='{MOST_WRONG}'>{MOST_WRONG}</a>: the wrong ones, surest first</li>"
-        f"<li><a href='{METRICS_LINK}'>metrics.json</a></li>"
-        f"<li><a href='{MODEL_CARD_LINK}'>model_card.md</a></li></ul>",
-        f"<details><summary>Model card</summary><pre>{e(card)}</pre></details>",
-    ]
-    title = e(f"{cfg.model_name}: evaluation of run {cfg.run_id}")
-    body = "\n".join(sections)
-    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+    manifest = record.manifest
+    counts = manifest.get("counts", {})
+    splits = model_card.ordered_splits(counts)
+    class_rows, class_row_classes = _class_rows(metrics, pairs)
+    return _template().render(
+        model_name=cfg.model_name,
+        run_id=cfg.run_id,
+        backbone=redact_text(record.backbone or cfg.backbone),
+        weights=redact_text(record.weights_source or cfg.backbone_weights),
+        kept=(record.summary or {}).get("kept", "not recorded"),
+        cards=[
+            (percent(metrics["accuracy"]), "test accuracy"),
+            (percent(top_k["value"]), f"top-{top_k['k']} accuracy"),
+            (f"{metrics['macro_avg']['f1']:.3f}", "macro F1"),
+            (f"{metrics['loss']:.4f}", "test loss"),
+            (str(metrics["n_test"]), "test images"),
+            (str(len(wrong)), "wrong"),
+        ],
+        decision=record.decision_text(),
+        curves=_data_uri((directory / CURVES).read_bytes()),
+        confusion=_data_uri((directory / CONFUSION).read_bytes()),
+        pairs=[[p["true"], p["predicted"], p["count"], percent(p["share"])] for p in pairs[:CONFUSED_PAIRS]],
+        class_rows=class_rows,
+        class_row_classes=class_row_classes,
+        gallery=[{"src": thumbnails[index], "path": row["path"], "true": row["true"], "predicted": row["predicted"],
+                  "confidence": percent(row["predicted_probability"]), "p_true": percent(row["true_probability"])}
+                 for index, row in gallery.iterrows()],
+        n_wrong=len(wrong),
+        source=redact_uri(str(manifest.get("source", ""))),
+        seed=manifest.get("seed"),
+        manifest_hash=manifest["hash"],
+        n_skipped=len(manifest.get("skipped", [])),
+        data_headers=["class", *splits],
+        data_rows=[[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
+        + [["total", *(sum(counts[split].values()) for split in splits)]],
+        data_numeric=tuple(range(1, len(splits) + 1)),
+        params=[[name, redact_text(value if isinstance(value, str) else json.dumps(value))]
+                for name, value in cfg.to_dict().items()],
+        predictions_csv=PREDICTIONS,
+        most_wrong_csv=MOST_WRONG,
+        metrics_link=METRICS_LINK,
+        model_card_link=MODEL_CARD_LINK,
+        model_card=card,
+    )
 
 
-def _class_table(metrics: dict, pairs: list[dict]) -> str:
+@functools.lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                     keep_trailing_newline=True)
+    return environment.get_template(TEMPLATE)
+
+
+def _class_rows(metrics: dict, pairs: list[dict]) -> tuple[list[list], list[str]]:
+    """Per-class table rows (then the two averages) and each row's CSS class ("weak" below the macro F1)."""
     mistaken_for: dict[str, dict] = {}
     for pair in pairs:
         mistaken_for.setdefault(pair["true"], pair)
@@ -226,50 +231,4 @@ def _class_table(metrics: dict, pairs: list[dict]) -> str:
         average = metrics[key]
         rows.append([label, *(f"{average[k]:.3f}" for k in ("precision", "recall", "f1")), average["support"], ""])
         classes.append("")
-    return _table(["class", "precision", "recall", "F1", "support", "most often mistaken for"], rows,
-                  numeric={1, 2, 3, 4}, row_classes=classes)
-
-
-def _gallery(gallery: pd.DataFrame, thumbnails: dict[int, str]) -> str:
-    e = html.escape
-    figures = [
-        f"<figure><img src='{thumbnails[index]}' alt='{e(row['path'])}'><figcaption>"
-        f"<span class='true'>true: {e(row['true'])}</span><br>"
-        f"<span class='pred'>predicted: {e(row['predicted'])}</span><br>"
-        f"confidence {percent(row['predicted_probability'])}<br>"
-        f"p(true) {percent(row['true_probability'])}<br><span class='path'>{e(row['path'])}</span>"
-        "</figcaption></figure>"
-        for index, row in gallery.iterrows()
-    ]
-    return "<div class='gallery'>" + "".join(figures) + "</div>" if figures else "<p>None.</p>"
-
-
-def _data(manifest: dict) -> str:
-    e = html.escape
-    counts = manifest.get("counts", {})
-    splits = model_card.ordered_splits(counts)
-    rows = [[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
-    rows.append(["total", *(sum(counts[split].values()) for split in splits)])
-    return (f"<p>Source <code>{e(str(manifest.get('source', '')))}</code> &middot; seed {e(str(manifest.get('seed')))}"
-            f" &middot; manifest hash <code>{e(str(manifest['hash']))}</code> &middot; "
-            f"unreadable images skipped: {len(manifest.get('skipped', []))}</p>"
-            + _table(["class", *splits], rows, numeric=set(range(1, len(splits) + 1))))
-
-
-def _img(path: Path, alt: str) -> str:
-    return f"<img class='plot' src='{_data_uri(path.read_bytes())}' alt='{html.escape(alt)}'>"
-
-
-def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(),
-           row_classes: list[str] | None = None) -> str:
-    """An escaped HTML table; columns in `numeric` are right-aligned."""
-    def cell(tag: str, column: int, value) -> str:
-        align = " class='num'" if column in numeric else ""
-        return f"<{tag}{align}>{html.escape(str(value))}</{tag}>"
-
-    head = "".join(cell("th", column, header) for column, header in enumerate(headers))
-    body = []
-    for position, row in enumerate(rows):
-        css = f" class='{row_classes[position]}'" if row_classes and row_classes[position] else ""
-        body.append(f"<tr{css}>" + "".join(cell("td", column, value) for column, value in enumerate(row)) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return rows, classes

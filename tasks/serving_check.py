@@ -19,12 +19,12 @@ import io
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tasks.errors import PublishError
+from tasks.scratch import scratch_dir
 
 GOLDEN_SIZE = 32
 TOLERANCE = 1e-4  # float32 round-off between graph and eager runs stays far below this
@@ -62,8 +62,8 @@ def check_serving(model: Path, saved_model: Path, golden: Path, test_records: Pa
     `where` names the version in messages. Returns {artifact: max abs difference},
     the batch size and the tolerance, for metrics.json and the approval request.
     """
-    with tempfile.TemporaryDirectory(prefix="tlp-serving-check-") as scratch:
-        out = Path(scratch) / "result.json"
+    with scratch_dir("serving-check") as scratch:
+        out = scratch / "result.json"
         command = [sys.executable, "-m", "tasks.serving_check", "--model", str(model), "--saved-model",
                    str(saved_model), "--golden", str(golden), "--records", str(test_records), "--out", str(out)]
         try:

@@ -9,8 +9,9 @@ on untrusted input, and the promotion policy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 
 def _env(name: str, default: str) -> str:
@@ -37,14 +38,28 @@ def _default_run_root() -> str:
     return str(Path(_env("AIRFLOW_HOME", str(Path.home() / "airflow"))) / "tlpipe-runs")
 
 
+def _limit(env: str, default: int) -> Any:
+    """A limit field read from `env`; the variable's name travels with it into error messages."""
+    return field(default_factory=lambda: _env_int(env, default), metadata={"env": env})
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds on untrusted input, checked before the work they would cost is done."""
 
-    max_download_bytes: int = field(default_factory=lambda: _env_int("TLP_MAX_DOWNLOAD_BYTES", 20 * 2**30))
-    max_archive_bytes: int = field(default_factory=lambda: _env_int("TLP_MAX_ARCHIVE_BYTES", 50 * 2**30))
-    max_archive_members: int = field(default_factory=lambda: _env_int("TLP_MAX_ARCHIVE_MEMBERS", 2_000_000))
-    max_image_pixels: int = field(default_factory=lambda: _env_int("TLP_MAX_IMAGE_PIXELS", 64 * 2**20))
+    max_download_bytes: int = _limit("TLP_MAX_DOWNLOAD_BYTES", 20 * 2**30)
+    max_archive_bytes: int = _limit("TLP_MAX_ARCHIVE_BYTES", 50 * 2**30)
+    max_archive_members: int = _limit("TLP_MAX_ARCHIVE_MEMBERS", 2_000_000)
+    max_image_pixels: int = _limit("TLP_MAX_IMAGE_PIXELS", 64 * 2**20)
+
+    def exceeded(self, name: str, value: int) -> str:
+        """"" when `value` is within the limit `name`; else a clause naming the limit and how to raise it."""
+        limit = getattr(self, name)
+        if value <= limit:
+            return ""
+        env = next(item.metadata["env"] for item in fields(self) if item.name == name)
+        return (f"above the limit of {limit:,} ({env}); use smaller input, or have the deployment raise "
+                f"{env} if this input is trusted")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 from __future__ import annotations
 
 from tasks.errors import StorageError, StoreUnavailableError
+from tasks.redact import redact_uri
 
 import functools
 import hashlib
@@ -17,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -89,6 +91,7 @@ def _s3_error(uri: str, error: Exception) -> StorageError | StoreUnavailableErro
                                      NoCredentialsError, ReadTimeoutError)
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    uri = redact_uri(uri)
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
         return StoreUnavailableError(f"{uri}: cannot reach S3 endpoint {endpoint} after {S3_RETRY_ATTEMPTS} attempts; "
                             "check that the store is running and AWS_ENDPOINT_URL (or the Airflow connection) is right")
@@ -168,25 +171,66 @@ def write_json(uri: str, value: Any) -> None:
     write_text(uri, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One file below a prefix, with what changes when its content changes."""
+
+    uri: str
+    size: int
+    version: str  # the S3 ETag; a local file's modification time in ns
+
+
 def list_files(prefix: str) -> list[str]:
     """Every file below a directory/prefix, as full URIs/paths, sorted."""
+    return [item.uri for item in list_stored(prefix)]
+
+
+def list_stored(prefix: str) -> list[StoredFile]:
+    """Every file below a directory/prefix with its size and version, sorted by URI.
+
+    The version identifies content for caches: a file re-written under the
+    same name gets a new one.
+    """
     if not is_s3(prefix):
         root = local_path(prefix)
         if root.is_file():
-            return [str(prefix)]
-        found = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        if str(prefix).startswith("file://"):
-            return [f"file://{p}" for p in found]
-        return [str(p) for p in found]
+            found = {str(prefix): root}
+        else:
+            scheme = "file://" if str(prefix).startswith("file://") else ""
+            found = {f"{scheme}{path}": path for path in sorted(root.rglob("*")) if path.is_file()}
+        return [StoredFile(uri, (stat := path.stat()).st_size, str(stat.st_mtime_ns)) for uri, path in found.items()]
     bucket, key = split_s3(prefix)
     paginator = s3_client().get_paginator("list_objects_v2")
-    keys: list[str] = []
+    stored: list[StoredFile] = []
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            stored.extend(StoredFile(f"s3://{bucket}/{obj['Key']}", int(obj.get("Size", 0)), obj.get("ETag", ""))
+                          for obj in page.get("Contents", []))
     except Exception as error:
         raise _s3_error(prefix, error) from error
-    return sorted(f"s3://{bucket}/{k}" for k in keys)
+    return sorted(stored, key=lambda item: item.uri)
+
+
+def escape_reason(relative: str) -> str:
+    """Why a relative path taken from outside data could land outside the folder it is joined to; "" if it cannot.
+
+    Keys from a store listing and folder names from a dataset's classes.json
+    are data, not paths we chose: a `..` segment, a leading `/` or an empty
+    segment must never become part of a local path. Some stores refuse such
+    keys, AWS S3 does not, so the check is ours.
+    """
+    if not relative:
+        return "is empty"
+    if "\x00" in relative:
+        return "contains a NUL character"
+    if relative.startswith("/"):
+        return "starts with '/'"
+    parts = relative.split("/")
+    if "" in parts:
+        return "has an empty path segment ('//' or a trailing '/')"
+    if any(part in (".", "..") for part in parts):
+        return "has a '.' or '..' segment"
+    return ""
 
 
 def delete(uri: str) -> None:
@@ -248,16 +292,26 @@ def download(uri: str, local: str | Path) -> Path:
         _s3_call(uri, client.download_file, bucket, key, str(local))
         return local
     prefix = uri.rstrip("/") + "/"
-    items = list_files(prefix)
+    # keys ending in "/" are the folder markers some tools create: they hold no file
+    items = [item.uri for item in list_stored(prefix) if not item.uri.endswith("/")]
     if not items:
         raise StorageError(f"{uri}: nothing to download (no object or prefix)")
-    for item in items:
-        relative = item[len(prefix):]
-        target = local / relative
+    targets = [local / _relative_key(prefix, item, local) for item in items]
+    for item, target in zip(items, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
         item_bucket, item_key = split_s3(item)
         _s3_call(item, client.download_file, item_bucket, item_key, str(target))
     return local
+
+
+def _relative_key(prefix: str, item: str, local: Path) -> PurePosixPath:
+    """The path below `local` of a listed key, refused (before anything is written) when it could leave `local`."""
+    relative = item[len(prefix):]
+    reason = escape_reason(relative)
+    if reason:
+        raise StorageError(f"{item}: the key below {prefix} {reason}, so it would be written outside {local}; "
+                           "nothing was downloaded: rename or delete that object")
+    return PurePosixPath(relative)
 
 
 def exists_object(uri: str) -> bool:

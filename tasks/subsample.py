@@ -4,37 +4,45 @@ Classes are all, the first N in the dataset's class order, or named ones (kept
 in the dataset's order, so "steak,pizza" and "pizza,steak" give the same
 labels). Per class, train_count images (when > 0) or train_percent of the
 class's train images are drawn; val_fraction of those become the validation
-split (at least one per class when the class has two or more); test_percent of
-the class's test images form the test split, which nothing uses for selection
-or training. Each class draws from its own generator seeded by (seed, split,
-class name), over sorted file lists: the same seed picks the same images
-whatever the filesystem order, and adding a class never changes another's.
+split (at least one per class and never all of them: a class with fewer than
+two drawn is refused, naming the setting or image count that would do);
+test_percent of the class's test images form the test split, which nothing
+uses for selection or training. Each class draws from its own generator seeded
+by (seed, split, class name), over sorted file lists: the same seed picks the
+same images whatever the filesystem order, and adding a class never changes
+another's.
 
 Every selected file is read, hashed and fully decoded (in parallel, by tf.data)
-with the decoder training uses; those that fail are listed in the manifest as
-skipped with the reason, never silently dropped. The manifest (every file with
-label, class, split and sha256; counts; seed; source; params; skipped; one hash
-of the whole selection) holds no paths or times of the machine that wrote it, so
-it is byte-identical for the same inputs and seed.
+with the decoder training uses, once its header shows no more pixels than the
+deployment's limit (a decompression bomb is never decoded); those that fail are
+listed in the manifest as skipped with the reason, never silently dropped. The
+manifest (every file with label, class, split and sha256; counts; seed; source,
+with any credentials redacted; params; skipped; one hash of the whole
+selection) holds no paths or times of the machine that wrote it, so it is
+byte-identical for the same inputs and seed.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
-import tempfile
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from tasks import artifacts, records, storage
+from tasks import artifacts, records, settings, storage
 from tasks.acquire import DatasetError, ImageFolder, read_acquired
 from tasks.config import RunConfig
+from tasks.redact import redact_uri
+from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "test")
+MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
 
 Selection = dict[str, list[tuple[str, int]]]
 
@@ -43,16 +51,17 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     """Select from what acquire indexed, check and write the three split files and the manifest."""
     folder = read_acquired(cfg, acquired)
     root = folder.root
-    labels = selected_labels(folder, cfg.classes, cfg.source)
+    source = redact_uri(cfg.source)
+    labels = selected_labels(folder, cfg.classes, source)
     classes = [folder.classes[label] for label in labels]
     selection = select(folder, labels, cfg)
     kept, skipped = _check_images(root, selection, classes)
     tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
     counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
-    _require_images(counts, skipped, cfg.source)
+    _require_images(counts, skipped, source)
 
     manifest = {
-        "source": cfg.source,
+        "source": source,
         "source_sha256": storage.read_json(cfg.artifact(artifacts.ACQUIRED))["sha256"],
         "seed": cfg.seed,
         "params": {"classes": list(cfg.classes) if isinstance(cfg.classes, tuple) else cfg.classes,
@@ -64,16 +73,16 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "skipped": skipped,
         "hash": selection_hash(kept),
     }
-    with tempfile.TemporaryDirectory(prefix="subsample-") as scratch:
+    with scratch_dir("subsample") as scratch:
         for split in records.SPLITS:
-            local = Path(scratch, f"{split}.tfrecord")
+            local = scratch / f"{split}.tfrecord"
             records.write_records(local, (((root / f["path"]).read_bytes(), f["label"], f["path"])
                                           for f in kept[split]))
             storage.upload(local, cfg.artifact(artifacts.split_records(split)))
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
-    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", cfg.source, len(classes),
+    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", source, len(classes),
              " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped), uri, manifest["hash"][:12])
     return {"manifest": uri, "hash": manifest["hash"], "counts": totals, "n_classes": len(classes),
             "n_skipped": len(skipped)}
@@ -98,7 +107,7 @@ def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
     missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
     if missing:
-        raise DatasetError(f"{cfg.source} has no {missing} split (found {list(folder.files)}); "
+        raise DatasetError(f"{redact_uri(cfg.source)} has no {missing} split (found {list(folder.files)}); "
                            "the dataset needs train/ and test/ folders")
     selection: Selection = {split: [] for split in records.SPLITS}
     for new_label, label in enumerate(labels):
@@ -109,6 +118,8 @@ def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
             log.warning("train_count=%d but class %r has %d train images; using all of them",
                         wanted, name, len(train_files))
         picked = _draw(train_files, wanted, cfg.seed, "train", name)
+        if len(picked) < MIN_SELECTED:
+            raise _too_few_to_split(name, len(train_files), len(picked), cfg)
         n_val = _val_count(len(picked), cfg.val_fraction)
         selection["val"] += [(path, new_label) for path in picked[:n_val]]
         selection["train"] += [(path, new_label) for path in picked[n_val:]]
@@ -133,6 +144,34 @@ def _draw(files: tuple[str, ...], count: int, seed: int, split: str, name: str) 
     return [files[index] for index in order]
 
 
+def _too_few_to_split(name: str, available: int, picked: int, cfg: RunConfig) -> DatasetError:
+    """The error for a class that cannot give one validation and one training image, with fixes that work."""
+    if cfg.train_count:
+        chosen = f"train_count={cfg.train_count}"
+        fixes = ([f"set train_count to at least {MIN_SELECTED}"] if available >= MIN_SELECTED
+                 else [f"add {MIN_SELECTED - available} more train images to it"])
+    else:
+        chosen = f"train_percent={cfg.train_percent:g}"
+        needed = _smallest(math.ceil(100 * (MIN_SELECTED - 0.5) / cfg.train_percent),
+                           lambda total: _share(total, cfg.train_percent) >= MIN_SELECTED)
+        fixes = [f"add {needed - available} more train images to it ({needed} at {chosen})"]
+        if available >= MIN_SELECTED:
+            percent = _smallest(math.ceil(100 * (MIN_SELECTED - 0.5) / available),
+                                lambda percent: _share(available, percent) >= MIN_SELECTED)
+            fixes.insert(0, f"set train_percent to at least {percent}")
+    return DatasetError(
+        f"class {name!r} has {available} train images and {chosen} selects {picked}, but a validation split needs "
+        f"at least {MIN_SELECTED} selected (at val_fraction={cfg.val_fraction:g}: 1 for validation, the rest for "
+        f"training): {', '.join(fixes)}, or drop the class")
+
+
+def _smallest(start: int, works: Callable[[int], bool]) -> int:
+    """The first whole number from `start` on that works (`start` is the exact bound, rounded up)."""
+    while not works(start):
+        start += 1
+    return start
+
+
 def _share(total: int, percent: float) -> int:
     """percent of total, rounded half up, at least 1 when there is anything."""
     return max(1, int(total * percent / 100 + 0.5)) if total else 0
@@ -146,14 +185,17 @@ def _val_count(selected: int, fraction: float) -> int:
 
 
 def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple[dict, list[dict[str, Any]]]:
-    """Fully decode every selected file and hash it; split the selection into kept and skipped."""
+    """Check every selected file's size, fully decode and hash it; split the selection into kept and skipped."""
     items = [(split, path, label) for split in records.SPLITS for path, label in selection[split]]
-    decodable = _decodable([str(root / path) for _, path, _ in items])
+    limits = settings.load().limits
+    too_large = [_too_many_pixels(root / path, limits) for _, path, _ in items]
+    checked = [index for index, reason in enumerate(too_large) if not reason]
+    decodable = {checked[position] for position in _decodable([str(root / items[index][1]) for index in checked])}
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
     for index, (split, path, label) in enumerate(items):
         entry = {"split": split, "path": path, "label": label, "class": classes[label]}
-        reason = "" if index in decodable else _failure(root / path)
+        reason = too_large[index] or ("" if index in decodable else _failure(root / path))
         if reason:
             skipped.append({**entry, "reason": reason})
         else:
@@ -162,6 +204,30 @@ def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
+
+
+def _too_many_pixels(path: Path, limits: settings.Limits) -> str:
+    """Why a file must not be decoded, read from its header alone: "" when within the pixel limit.
+
+    A few kilobytes of PNG can declare 100,000 x 100,000 pixels (a decompression
+    bomb); decoding it would take tens of gigabytes. A header Pillow cannot
+    read is left to the decoder, which refuses it with its own reason.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                frames = image.n_frames if getattr(image, "is_animated", False) else 1
+    except Image.DecompressionBombError as error:
+        return f"decompression bomb: {error}"
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse is for the decoder to judge
+        return ""
+    over = limits.exceeded("max_image_pixels", width * height * frames)
+    shape = f"{width}x{height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+    return f"decompression bomb: {shape}, {over}" if over else ""
 
 
 def _decode(data):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from tasks.backbones import Backbone
 from tasks.checkpoints import fit_resumable
 from tasks.config import Candidate, RunConfig
 from tasks.errors import TrainingError
+from tasks.scratch import scratch_dir
 from tasks.head import augmentation, compose
 from tasks.records import image_dataset
 from tasks.select import record_failure
@@ -55,8 +55,7 @@ def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     num_classes = len(manifest["classes"])
     spec = classifier.ClassifierSpec(cfg.backbone, cfg.image_size, tuple(manifest["classes"]), cfg.dropout)
     strategy = distribution_strategy()
-    with tempfile.TemporaryDirectory(prefix="tlp-train-") as scratch_dir, strategy.scope():
-        scratch = Path(scratch_dir)
+    with scratch_dir("train") as scratch, strategy.scope():
         built = classifier.build(spec, cfg.backbone_weights, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         backbone.model.trainable = False

@@ -17,16 +17,29 @@ import numpy as np
 
 
 class FileServer:
-    """An HTTP server on 127.0.0.1 serving one folder and recording every request path."""
+    """An HTTP server on 127.0.0.1 serving one folder and recording every request path.
 
-    def __init__(self, directory: Path):
+    `failures` are HTTP statuses answered, in order, before files are served;
+    without `send_length` no Content-Length is sent (the end of the body is the
+    end of the connection).
+    """
+
+    def __init__(self, directory: Path, failures: tuple[int, ...] = (), send_length: bool = True):
         self.requests: list[str] = []
         requests = self.requests
+        pending = list(failures)
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def do_GET(self):
                 requests.append(self.path)
+                if pending:
+                    self.send_error(pending.pop(0))
+                    return
                 super().do_GET()
+
+            def send_header(self, keyword, value):
+                if send_length or keyword.lower() != "content-length":
+                    super().send_header(keyword, value)
 
             def log_message(self, *args):
                 pass
@@ -39,9 +52,9 @@ class FileServer:
 
 
 @contextlib.contextmanager
-def serve(directory: Path) -> Iterator[FileServer]:
-    """Serve `directory` over loopback HTTP for the duration of the block."""
-    server = FileServer(directory)
+def serve(directory: Path, failures: tuple[int, ...] = (), send_length: bool = True) -> Iterator[FileServer]:
+    """Serve `directory` over loopback HTTP for the duration of the block (see FileServer)."""
+    server = FileServer(directory, failures, send_length)
     server.thread.start()
     try:
         yield server
@@ -81,6 +94,12 @@ def add_zip_symlink(bundle: zipfile.ZipFile, name: str, target: str) -> None:
     info.create_system = 3
     info.external_attr = (0o120777 << 16)
     bundle.writestr(info, target)
+
+
+def truncated_copy(archive: Path, target: Path, size: int) -> Path:
+    """The first `size` bytes of an archive, as a download cut short would leave it."""
+    target.write_bytes(archive.read_bytes()[:size])
+    return target
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

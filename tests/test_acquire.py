@@ -1,26 +1,33 @@
 """Acquire: every source kind becomes the same cached image folder, safely and checked."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import shutil
+import socket
+import struct
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tasks import acquire as acq
-from tasks import artifacts, storage
+from tasks import artifacts, scratch, storage
 from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
+from tasks.errors import DownloadError
 from tasks.subsample import subsample
-from tests.datasets_fixtures import add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve
+from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
+                                     truncated_copy)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -282,3 +289,164 @@ def test_real_fashion_mnist_has_its_classes_and_counts_and_subsamples_with_defau
     assert selected["counts"] == {"train": 5400, "val": 600, "test": 10000}
     assert selected["n_classes"] == 10 and selected["n_skipped"] == 0
     assert storage.read_json(selected["manifest"])["counts"]["val"]["T-shirt/top"] == 60
+
+
+@pytest.mark.parametrize("folder", ["../../elsewhere", "/tmp", "a/b", "..", ""])
+def test_classes_json_folder_outside_the_split_is_refused(folder, image_folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(image_folder / "train" / "apple" / "0000.jpg", elsewhere / "stolen.jpg")
+    (image_folder / "classes.json").write_text(json.dumps(
+        {"classes": ["apple", "banana", "cherry", "other"], "folders": ["apple", "banana", "cherry", folder]}))
+    with pytest.raises(DatasetError, match=r"classes.json: folder .* could point outside .*plain name"):
+        scan(image_folder)
+
+
+def test_download_above_the_limit_is_refused_from_its_content_length(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", str(archive.stat().st_size - 1))
+    with serve(www) as server, pytest.raises(DatasetError, match="bytes to download, above the limit of .*"
+                                                                  "TLP_MAX_DOWNLOAD_BYTES"):
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_download_without_content_length_stops_at_the_limit(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", "30000")
+    refused = pytest.raises(DatasetError, match="limit of 30,000 .*TLP_MAX_DOWNLOAD")
+    with serve(www, send_length=False) as server, refused:
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_s3_prefix_above_the_download_limit_is_refused_before_downloading(s3_bucket, image_folder, tmp_path,
+                                                                           monkeypatch):
+    storage.upload(image_folder, f"{s3_bucket}/food")
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", "1000")
+    with pytest.raises(DatasetError, match="bytes to download, above the limit"):
+        local_dataset(f"{s3_bucket}/food/", tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+@pytest.mark.parametrize("env, value, what", [("TLP_MAX_ARCHIVE_MEMBERS", "47", "members"),
+                                              ("TLP_MAX_ARCHIVE_BYTES", "20000", "bytes uncompressed")])
+def test_archive_above_the_limits_is_refused_before_extracting(kind, env, value, what, image_folder, tmp_path,
+                                                                monkeypatch):
+    archive = archive_folder(image_folder, tmp_path / "in" / f"food.{kind}")  # 48 images
+    monkeypatch.setenv(env, value)
+    with pytest.raises(DatasetError, match=f"{what}, above the limit .*{env}.*nothing was extracted"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def _cut_at_a_member_header(archive: Path) -> int:
+    with tarfile.open(archive) as bundle:
+        return bundle.getmembers()[-1].offset
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_truncated_archive_is_an_error_and_never_cached(kind, image_folder, tmp_path):
+    whole = tmp_path / "whole" / f"food.{kind}"
+    if kind == "tar":
+        whole.parent.mkdir()
+        with tarfile.open(whole, "w") as bundle:
+            bundle.add(image_folder, "food")
+        size = _cut_at_a_member_header(whole)  # a cut on a block boundary reads like a smaller, complete tar
+    else:
+        archive_folder(image_folder, whole)
+        size = whole.stat().st_size * 2 // 3
+    archive = truncated_copy(whole, tmp_path / f"food.{kind}", size)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="(it is|may be) truncated"):
+        local_dataset(str(archive), cache)
+    assert files_below(cache) == [] and acq.cache_record(str(archive), cache) == {}
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_server_failure_is_retried_and_leaves_nothing_cached(status, image_folder, tmp_path):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    cache = tmp_path / "cache"
+    with serve(www, failures=(status,)) as server:
+        with pytest.raises(DownloadError, match=f"HTTP {status}.*retrying"):
+            local_dataset(server.url("food.zip"), cache)
+        assert files_below(cache) == []
+        assert scan(local_dataset(server.url("food.zip"), cache)).counts()["train"]["apple"] == 12
+        assert len(server.requests) == 2
+
+
+def test_client_error_other_than_throttling_is_permanent(tmp_path):
+    with serve(tmp_path, failures=(403,)) as server, pytest.raises(DatasetError, match="HTTP 403.*check the URL"):
+        local_dataset(server.url("food.zip"), tmp_path / "cache")
+
+
+@contextlib.contextmanager
+def _broken_server(answer: bytes | None) -> Iterator[str]:
+    """A loopback HTTP 'server' that sends `answer` then resets the connection, or (None) never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        if answer is None:
+            done.wait(10)
+        else:
+            connection.sendall(answer)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/food.zip"
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", [
+    None,                                                                        # timeout
+    b"",                                                                         # reset before any answer
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"PK" * 1000,         # reset halfway
+])
+def test_network_failures_are_retried_and_leave_nothing_cached(answer, tmp_path, monkeypatch):
+    monkeypatch.setattr(acq, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with _broken_server(answer) as url, pytest.raises(DownloadError, match="retrying"):
+        local_dataset(url, tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_presigned_source_is_written_and_logged_without_its_credentials(image_folder, tmp_path, caplog):
+    www = tmp_path / "www"
+    archive_folder(image_folder, www / "food.zip")
+    secrets = ("AKIDSECRET", "f00dcafe")
+    with serve(www) as server, caplog.at_level(logging.INFO):
+        source = server.url("food.zip") + "?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=f00dcafe"
+        cfg = RunConfig(source=source, run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                        train_percent=50)
+        acquired = acquire(cfg)
+        selected = subsample(cfg, acquired)
+    written = [storage.read_text(acquired["uri"]), storage.read_text(selected["manifest"]), str(acquired),
+               *(path.read_text() for path in files_below(tmp_path / "cache") if path.suffix == ".json"),
+               caplog.text]
+    assert not [text for text in written for secret in secrets if secret in text]
+    assert storage.read_json(acquired["uri"])["source"] == server.url("food.zip") + (
+        "?X-Amz-Credential=***&X-Amz-Signature=***")
+
+
+def test_a_killed_acquire_leaves_no_scratch_behind_for_ever(image_folder, tmp_path):
+    from tests.test_scratch import dead_pid, left_behind
+
+    datasets = tmp_path / "cache" / "datasets"
+    datasets.mkdir(parents=True)
+    killed = left_behind(datasets, "acquire-killed", scratch._owner(dead_pid()), scratch.STALE_AFTER_S + 60)
+    archive = archive_folder(image_folder, tmp_path / "food.zip")
+    root = local_dataset(str(archive), tmp_path / "cache")
+    assert not killed.exists()
+    assert sorted(p.name for p in datasets.iterdir()) == [root.parent.name]

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import storage
+from tasks import backbones, storage
 from tasks.backbones import (BackboneError, available_backbones, load_backbone, make_optimizer,
                              set_trainable_top)
 
@@ -131,6 +131,22 @@ def test_saved_model_from_s3_prefix_loads_as_backbone(saved_model, s3_bucket, tm
     assert_same_features(source, backbone)
     again = load_backbone(uri + "/", SIZE, cache_dir=tmp_path / "cache")
     assert_same_features(source, again)
+
+
+def test_s3_saved_model_cache_fetches_a_re_export_under_the_same_names(s3_bucket, tmp_path):
+    uri = f"{s3_bucket}/models/tiny"
+    storage.write_bytes(f"{uri}/saved_model.pb", b"first export")
+    storage.write_bytes(f"{uri}/variables/variables.data-00000-of-00001", b"weights v1")
+    cache = tmp_path / "cache"
+    first = backbones._cached_s3_prefix(uri, cache)
+    assert (first / "variables" / "variables.data-00000-of-00001").read_bytes() == b"weights v1"
+    assert backbones._cached_s3_prefix(uri, cache) == first
+
+    storage.write_bytes(f"{uri}/variables/variables.data-00000-of-00001", b"weights v2")
+    again = backbones._cached_s3_prefix(uri, cache)
+
+    assert (again / "variables" / "variables.data-00000-of-00001").read_bytes() == b"weights v2"
+    assert [p.name for p in cache.iterdir()] == [again.name]
 
 
 def test_tf_hub_handle_resolves_through_the_hub_cache(saved_model, tmp_path, monkeypatch):

@@ -91,3 +91,11 @@ def test_to_dict_is_json_ready_and_leaves_the_machine_local_cache_out():
     assert values["classes"] == ["a", "b"]
     assert "cache_dir" not in values
     assert RunConfig.from_params(values).cache_dir != "/worker-a/cache"
+
+
+def test_public_params_carry_no_credentials_of_source_urls():
+    cfg = RunConfig(source="https://user:hunter2@data.example/food.zip?X-Amz-Signature=f00d",
+                    backbone_weights="s3://bucket/w.weights.h5")
+    public = cfg.to_public_dict()
+    assert "hunter2" not in str(public) and "f00d" not in str(public)
+    assert cfg.to_dict()["source"] == cfg.source  # XCom keeps what the next task must fetch

@@ -1,9 +1,13 @@
 """The offline ImageNet EfficientNet-Lite0: architecture, weight conversion, and the safe pickle reader."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import pickle
 import struct
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -116,13 +120,49 @@ class _RunsCommand:
         return os.system, (self.command,)
 
 
-def legacy_torch_file(path, state) -> None:
-    """A legacy torch.save layout whose state-dict pickle is `state`."""
-    with open(path, "wb") as file:
+class _FloatStorage:
+    """Pickled by reference as torch.FloatStorage (the fake torch module below holds it)."""
+
+
+def _rebuild_tensor_v2(*args):
+    """Pickled by reference as torch._utils._rebuild_tensor_v2."""
+
+
+_FloatStorage.__module__, _FloatStorage.__qualname__ = "torch", "FloatStorage"
+_rebuild_tensor_v2.__module__ = "torch._utils"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """A float32 tensor viewing storage "0" with this offset, shape and stride, pickled as torch pickles one."""
+
+    offset: int
+    shape: tuple
+    stride: tuple
+
+    def __reduce__(self):
+        return _rebuild_tensor_v2, ("storage 0", self.offset, self.shape, self.stride, False, collections.OrderedDict())
+
+
+def legacy_torch_file(path, state, storage: np.ndarray | None = None) -> None:
+    """A legacy torch.save layout whose state-dict pickle is `state`; `Tensor`s in it view the float32 `storage`."""
+    storage = np.zeros(0, "<f4") if storage is None else np.asarray(storage, "<f4")
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", _FloatStorage, "0", "cpu", storage.size, None) if obj == "storage 0" else None
+
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    torch.FloatStorage, utils._rebuild_tensor_v2 = _FloatStorage, _rebuild_tensor_v2
+    with open(path, "wb") as file, pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torch", torch)
+        patch.setitem(sys.modules, "torch._utils", utils)
         for part in (lite0.TORCH_MAGIC, lite0.TORCH_PROTOCOL, {"little_endian": True}):
             pickle.dump(part, file, protocol=2)
-        pickle.dump(state, file, protocol=2)
-        pickle.dump([], file, protocol=2)
+        Pickler(file, protocol=2).dump(state)
+        pickle.dump(["0"] if storage.size else [], file, protocol=2)
+        if storage.size:
+            file.write(struct.pack("<q", storage.size) + storage.tobytes())
 
 
 def test_restricted_unpickler_refuses_code_execution(tmp_path):
@@ -145,3 +185,27 @@ def test_truncated_weights_file_is_a_clear_error(tmp_path):
     not_torch.write_bytes(struct.pack("<q", 7) + b"hello")
     with pytest.raises(BackboneError, match="text.pth"):
         lite0.read_torch_state_dict(not_torch)
+
+
+def test_tensors_are_read_through_their_offset_shape_and_strides(tmp_path):
+    weights = tmp_path / "strided.pth"
+    legacy_torch_file(weights, {"t.weight": Tensor(2, (2, 3), (1, 2))}, np.arange(8))
+    np.testing.assert_array_equal(lite0.read_torch_state_dict(weights)["t.weight"], [[2, 4, 6], [3, 5, 7]])
+
+
+@pytest.mark.parametrize("offset, shape, stride, problem", [
+    (0, (4,), (-1,), "zero or negative stride"),         # would read the memory before the storage
+    (0, (1000,), (0,), "more than its storage's"),        # one element repeated 1000 times
+    (0, (4, 2), (0, 1), "zero or negative stride"),
+    (-2, (2,), (1,), "negative offset"),
+    (6, (4,), (1,), "reaches element 9, outside"),
+    (0, (4, 4), (1, 1), "16 elements, more than its storage's 8"),  # overlapping rows multiply the data
+    (0, (2, 2), (1,), "malformed geometry"),
+    (0, (2.0,), (1,), "malformed geometry"),
+])
+def test_tensor_geometry_outside_its_storage_is_refused_naming_the_tensor(offset, shape, stride, problem, tmp_path):
+    weights = tmp_path / "tampered.pth"
+    legacy_torch_file(weights, {"fine.weight": Tensor(0, (2, 2), (2, 1)), "evil.weight": Tensor(offset, shape, stride)},
+                      np.arange(8))
+    with pytest.raises(lite0.UnsafePickleError, match=f"tampered.pth: tensor 'evil.weight' .*{problem}.*do not load"):
+        lite0.read_torch_state_dict(weights)

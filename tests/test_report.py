@@ -6,7 +6,9 @@ import io
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
+from markdown_it import MarkdownIt
 from PIL import Image
 
 from tasks import model_card, report
@@ -41,9 +43,9 @@ def test_thumbnails_shrink_large_images_and_keep_small_ones():
     assert small.size == (28, 28) and small.mode == "RGB"
 
 
-def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
-    classes = ["<b>apple</b>", "banana & co", "cherry"]
-    examples = [(_png(), label, f"test/<script>{label}-{n}.png") for label in range(3) for n in range(2)]
+def write_dataset_report(tmp_path, classes: list[str], path_pattern: str, **config):
+    """A report over two test images per class (most of them wrong) whose names and paths come from the dataset."""
+    examples = [(_png(), label, path_pattern.format(label=label, n=n)) for label in range(3) for n in range(2)]
     write_records(tmp_path / "test.tfrecord", examples)
     labels = np.array([label for _, label, _ in examples])
     probabilities = np.eye(3)[[1, 0, 1, 1, 0, 2]] * 0.8 + 0.2 / 3
@@ -51,14 +53,18 @@ def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
     pairs = confusion_pairs(np.asarray(metrics["confusion_matrix"]), classes, 9)
     metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=pairs)
     predictions = predictions_table(probabilities, labels, [path for _, _, path in examples], classes)
-    record = RunRecord(manifest={**fx.manifest(), "classes": classes}, history=fx.history(),
-                       decision=fx.decision(), summary=fx.summary())
-    cfg = fx.config(str(tmp_path / "runs"), top_k_wrong=2)
+    record = RunRecord(manifest={**fx.manifest(), "classes": classes, "source": config.get("source", "file:///d")},
+                       history=fx.history(), decision=fx.decision(), summary=fx.summary())
+    cfg = fx.config(str(tmp_path / "runs"), top_k_wrong=2, **config)
+    return report.write_report(tmp_path / "report", cfg, metrics, record, predictions=predictions,
+                               wrong=most_wrong(predictions, len(predictions)), pairs=pairs,
+                               test_records=tmp_path / "test.tfrecord",
+                               model_card=model_card.render(cfg, metrics, record))
 
-    directory = report.write_report(tmp_path / "report", cfg, metrics, record, predictions=predictions,
-                                    wrong=most_wrong(predictions, len(predictions)), pairs=pairs,
-                                    test_records=tmp_path / "test.tfrecord",
-                                    model_card=model_card.render(cfg, metrics, record))
+
+def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
+    directory = write_dataset_report(tmp_path, ["<b>apple</b>", "banana & co", "cherry"],
+                                     "test/<script>{label}-{n}.png")
 
     page = (directory / report.INDEX).read_text()
     assert "<b>apple</b>" not in page and "<script>" not in page
@@ -70,6 +76,53 @@ def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
     for link in re.findall(r"href='([^']*)'", page):
         assert link.startswith("#") or (directory / link).resolve().is_relative_to(directory.parent)
     assert "&lt;script&gt;0-0.png" in page  # the surest mistake: an apple called banana at 86.7 %
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_inert(tmp_path):
+    classes = ["=HYPERLINK(\"http://x\")", "+cmd", "@SUM(A1)"]
+    directory = write_dataset_report(tmp_path, classes, "-{label}\t{n}.png")
+
+    for name in (report.PREDICTIONS, report.MOST_WRONG):
+        table = pd.read_csv(directory / name, keep_default_na=False)
+        cells = [str(cell) for column in ("path", "true", "predicted") for cell in table[column]]
+        assert cells and all(cell.startswith("'") for cell in cells), name
+        assert (table["predicted_probability"] > 0).all()
+    assert "'=HYPERLINK" in (directory / report.PREDICTIONS).read_text()
+
+
+def test_class_names_are_drawn_literally_not_as_mathtext(tmp_path):
+    directory = write_dataset_report(tmp_path, ["$\\frac{$", "$x$", "cherry"], "test/{label}-{n}.png")
+    assert (directory / report.CONFUSION).stat().st_size > 0
+
+
+def test_report_and_model_card_never_show_source_credentials(tmp_path):
+    source = "https://reader:hunter2@data.example/food.zip?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=f00d&v=1"
+    directory = write_dataset_report(tmp_path, fx.CLASSES, "test/{label}-{n}.png", source=source)
+
+    page = (directory / report.INDEX).read_text()  # params, data section and the model card inside it
+    assert "hunter2" not in page and "AKIDSECRET" not in page and "f00d" not in page
+    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 4
+
+
+def test_model_card_shows_dataset_text_as_text_never_as_markup():
+    classes = ["[x](javascript:alert(1))", "<script>alert(1)</script>", "a|b`c"]
+    metrics = classification_metrics(np.eye(3)[[0, 1, 1, 2]], np.array([0, 0, 1, 2]), classes, top_k=2)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH,
+                   most_confused_pairs=confusion_pairs(np.asarray(metrics["confusion_matrix"]), classes, 5))
+    source = "s3://KEY:SECRET@bucket/`data` <i>x</i>/"
+    record = RunRecord(manifest={**fx.manifest(), "classes": classes, "source": source}, decision=fx.decision(),
+                       summary=fx.summary())
+
+    card = model_card.render(fx.config(".runs", source=source, run_id="manual__`<b>`"), metrics, record)
+
+    rendered = MarkdownIt("commonmark").enable("table").render(card)
+    assert "<a " not in rendered and "<script" not in rendered and "<i>" not in rendered and "<b>" not in rendered
+    assert "SECRET" not in card
+    assert "[x](javascript:alert(1))" in rendered
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered and "a|b`c" in rendered
+    for table in re.findall(r"<table>.*?</table>", rendered, flags=re.S):
+        columns = table.count("<th>")
+        assert all(row.count("<td>") == columns for row in re.findall(r"<tr>\n<td>.*?</tr>", table, flags=re.S))
 
 
 def test_model_card_states_decision_hash_phases_and_worst_classes():

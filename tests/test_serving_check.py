@@ -5,7 +5,6 @@ import io
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 

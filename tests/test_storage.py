@@ -129,3 +129,54 @@ def test_seaweed_stops_within_3s_and_restarts_on_its_data_dir_with_every_object(
             assert storage.read_json("s3://kept/champion.json") == {"version": "v1"}
     finally:
         second.stop()
+
+
+class ListingStore:
+    """A boto3 client stand-in that lists the keys given: AWS S3 takes keys SeaweedFS refuses (`..`, `//`)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.downloaded: list[tuple[str, str]] = []
+
+    def get_paginator(self, name: str) -> "ListingStore":
+        return self
+
+    def paginate(self, Bucket: str, Prefix: str) -> list[dict]:
+        return [{"Contents": [{"Key": key, "Size": 1, "ETag": '"etag"'} for key in self.keys
+                              if key.startswith(Prefix)]}]
+
+    def head_object(self, Bucket: str, Key: str) -> None:
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": "404"}}, "HeadObject")
+
+    def download_file(self, bucket: str, key: str, target: str) -> None:
+        self.downloaded.append((key, target))
+
+
+@pytest.mark.parametrize("evil", ["data/../escaped.txt", "data/sub/../../escaped.txt", "data//tmp/escaped.txt",
+                                  "data/sub//escaped.txt", "data/./escaped.txt"])
+def test_prefix_download_refuses_keys_that_would_leave_the_target(evil, tmp_path, monkeypatch):
+    store = ListingStore(["data/ok.txt", evil])
+    monkeypatch.setattr(storage, "s3_client", lambda: store)
+    with pytest.raises(storage.StorageError, match="would be written outside .*nothing was downloaded"):
+        storage.download("s3://bucket/data", tmp_path / "local")
+    assert store.downloaded == []
+
+
+def test_prefix_download_skips_folder_markers_and_keeps_files_below_the_target(tmp_path, monkeypatch):
+    store = ListingStore(["data/", "data/sub/", "data/sub/one.txt", "data/two.txt"])
+    monkeypatch.setattr(storage, "s3_client", lambda: store)
+    storage.download("s3://bucket/data/", tmp_path / "local")
+    assert store.downloaded == [("data/sub/one.txt", str(tmp_path / "local" / "sub" / "one.txt")),
+                                ("data/two.txt", str(tmp_path / "local" / "two.txt"))]
+
+
+def test_listing_carries_size_and_a_version_that_changes_with_content(base):
+    uri = storage.join(base, "v", "x.bin")
+    storage.write_bytes(uri, b"one")
+    [first] = storage.list_stored(storage.join(base, "v"))
+    storage.write_bytes(uri, b"other")
+    [second] = storage.list_stored(storage.join(base, "v"))
+    assert (first.uri, first.size, second.size) == (uri, 3, 5)
+    assert first.version != second.version

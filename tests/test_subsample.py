@@ -1,14 +1,21 @@
 """Subsample: a seeded, stratified, checked selection pinned by a byte-stable manifest."""
 from __future__ import annotations
 
+import io
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tasks import artifacts, records, storage
+from tasks import subsample as subsample_module
 from tasks.acquire import DatasetError, acquire
 from tasks.config import RunConfig
 from tasks.subsample import subsample
+from tests.conftest import write_image_folder
 
 
 def config(folder: Path, tmp_path: Path, **params) -> RunConfig:
@@ -102,8 +109,34 @@ def test_class_left_without_images_in_a_split_is_an_error_naming_it(image_folder
 
 
 def test_one_selected_image_cannot_feed_validation(image_folder, tmp_path):
-    with pytest.raises(DatasetError, match="class 'apple' has no usable images in the val split"):
+    with pytest.raises(DatasetError, match="class 'apple' has 12 train images and train_count=1 selects 1, but a "
+                                           "validation split needs at least 2 .*set train_count to at least 2"):
         acquired_subsample(config(image_folder, tmp_path, train_count=1))
+
+
+def test_too_small_a_share_for_validation_says_how_many_images_would_do_and_that_works(image_folder, tmp_path):
+    with pytest.raises(DatasetError) as refused:
+        acquired_subsample(config(image_folder, tmp_path, train_percent=10, val_fraction=0.2))
+    message = str(refused.value)
+    assert message.startswith("class 'apple' has 12 train images and train_percent=10 selects 1, but a validation "
+                              "split needs at least 2 selected (at val_fraction=0.2: 1 for validation")
+    assert "set train_percent to at least 13, add 3 more train images to it (15 at train_percent=10)" in message
+
+    result = acquired_subsample(config(image_folder, tmp_path, train_percent=13, val_fraction=0.2))
+    assert result["counts"] == {"train": 3, "val": 3, "test": 12}
+
+    apples = image_folder / "train" / "apple"
+    for n in range(3):
+        shutil.copy(apples / "0000.jpg", apples / f"extra{n}.jpg")
+    with pytest.raises(DatasetError, match="class 'banana' has 12"):
+        acquired_subsample(config(image_folder, tmp_path, train_percent=10, val_fraction=0.2))
+
+
+def test_a_class_with_one_image_is_told_to_get_more(tmp_path):
+    folder = write_image_folder(tmp_path / "images", {"apple": 4, "lonely": 1})
+    with pytest.raises(DatasetError, match="class 'lonely' has 1 train images and train_percent=50 selects 1, .*: "
+                                           r"add 2 more train images to it \(3 at train_percent=50\), or drop"):
+        acquired_subsample(config(folder, tmp_path))
 
 
 def test_records_hold_the_manifest_files_with_their_labels(image_folder, tmp_path):
@@ -131,3 +164,30 @@ def test_outputs_go_to_an_s3_run_root(s3_bucket, image_folder, tmp_path):
     assert storage.read_json(result["manifest"])["hash"] == result["hash"]
     local = storage.download(cfg.artifact(artifacts.split_records("train")), tmp_path / "train.tfrecord")
     assert len(list(records.iter_records(local))) == result["counts"]["train"]
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels: a decompression bomb's calling card."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def test_images_above_the_pixel_limit_are_skipped_before_decoding(image_folder, tmp_path, monkeypatch):
+    apples = image_folder / "train" / "apple"
+    (apples / "bomb.png").write_bytes(_png_declaring(100_000, 100_000))
+    Image.new("RGB", (64, 64)).save(apples / "large.png")
+    monkeypatch.setenv("TLP_MAX_IMAGE_PIXELS", str(48 * 48))
+    decoded = []
+    monkeypatch.setattr(subsample_module, "_decodable", lambda paths: decoded.extend(paths) or set(range(len(paths))))
+    cfg = config(image_folder, tmp_path, train_percent=100)
+    acquired_subsample(cfg)
+    reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}
+    assert set(reasons) == {"train/apple/bomb.png", "train/apple/large.png"}
+    assert reasons["train/apple/large.png"].startswith("decompression bomb: 64x64 pixels, above the limit of 2,304")
+    assert reasons["train/apple/bomb.png"].startswith("decompression bomb: ")
+    assert not any(path.endswith(("bomb.png", "large.png")) for path in decoded)

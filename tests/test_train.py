@@ -128,7 +128,6 @@ def _tensorboard_steps(folder: str, tag: str) -> list[int]:
 
 
 def test_composed_model_predicts_what_the_head_predicts_on_cached_features(trained):
-    import keras
 
     from tasks.predict import predict_records
 
@@ -194,7 +193,6 @@ def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
 
 
 def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_dir):
-    import keras
 
     from tasks.train import train
 
