@@ -153,11 +153,12 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
         return evaluate(_config(cfg, best), data)
 
     @task
-    def publish_version(cfg: dict, evaluation: dict) -> dict:
-        """Serving check, TFLite variants, a verified version; judges whether it may replace the champion."""
+    def publish_version(cfg: dict, evaluation: dict, best: dict) -> dict:
+        """Serving check, TFLite variants, a verified version of the winner's model; judges whether it may
+        replace the champion."""
         from tasks.publish import publish_version
 
-        return publish_version(_config(cfg), evaluation)
+        return publish_version(_config(cfg, best), evaluation)
 
     @task.branch
     def approval_gate(published: dict) -> str:
@@ -188,7 +189,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     branch = decide(cfg, best)
     evaluation = evaluate(cfg, data, best)
     branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
-    published = publish_version(cfg, evaluation)
+    published = publish_version(cfg, evaluation, best)
     if dag_id not in settings.load().approval_dags:
         promote(cfg, published, None)
         return

@@ -70,7 +70,7 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert downstream["subsample"] == {"train", "evaluate"}  # the splits train on and evaluate tests
     assert downstream["candidates"] == {"train"}
     assert downstream["train"] == {"select"}
-    assert downstream["select"] == {"decide", "fine_tune", "evaluate"}  # the winner goes on
+    assert downstream["select"] == {"decide", "fine_tune", "evaluate", "publish_version"}  # the winner goes on
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
     assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
     assert downstream["evaluate"] == {"publish_version"}
