@@ -129,7 +129,8 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
     summary = {ti["task_id"]: (ti["state"], ti["queue"], ti["hostname"]) for ti in instances}
     assert state == "success", f"{summary}\n{_failure_logs(workers, run_id, instances)}\n{airflow.logs()}"
     assert {ran[t]["queue"] for t in ("train", "evaluate")} == {TRAIN_QUEUE}
-    assert {ran[t]["queue"] for t in ("configure", "acquire", "subsample", "decide", "publish")} == {"default"}
+    assert {ran[t]["queue"] for t in ("configure", "acquire", "subsample", "candidates", "select", "decide",
+                                      "publish_version", "promote")} == {"default"}
     for task_id, ti in ran.items():
         worker = workers[ti["queue"]]
         assert ti["hostname"] == worker.name, summary
