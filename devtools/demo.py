@@ -17,12 +17,13 @@ from pathlib import Path
 
 from devtools import seaweed
 from tasks import artifacts
-from tasks.config import RunConfig
+from tasks.config import RunConfig, check_conf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = PROJECT_ROOT / ".demo"
 AIRFLOW_HOME = PROJECT_ROOT / ".airflow"
 RUN_ROOT = PROJECT_ROOT / ".runs"
+DAG_ID = "transfer_learning"
 PUBLISH_URI = "s3://models"
 UI_PORT = int(os.environ.get("TLP_UI_PORT", "8080"))
 UI_USER, UI_PASSWORD = "admin", os.environ.get("TLP_UI_PASSWORD", "admin")
@@ -60,7 +61,7 @@ def run_demo(conf: dict) -> int:
         env = airflow_env(store)
         subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         started = time.time()
-        command = ["airflow", "dags", "test", "transfer_learning", "-c", json.dumps(conf)]
+        command = ["airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)]
         print("$ " + " ".join(command), flush=True)
         result = subprocess.run(command, env=env)
         print(summary(started, store), flush=True)
@@ -71,19 +72,28 @@ def run_demo(conf: dict) -> int:
 
 def summary(started: float, store: seaweed.SeaweedServer) -> str:
     """What the run produced: accuracy, the fine-tune decision, the published version, the report."""
-    runs = [p for p in RUN_ROOT.glob("*") if p.is_dir() and p.stat().st_mtime >= started - 1]
+    runs = [p for p in (RUN_ROOT / DAG_ID).glob("*") if p.is_dir() and p.stat().st_mtime >= started - 1]
     if not runs:
-        return f"No run directory under {RUN_ROOT} was written: see the task logs above."
+        return f"No run directory under {RUN_ROOT / DAG_ID} was written: see the task logs above."
     run_dir = max(runs, key=lambda p: p.stat().st_mtime)
     lines = [f"Run artifacts: {run_dir}"]
     metrics_path = run_dir.joinpath(*artifacts.METRICS.parts)
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         lines.append(f"Test accuracy: {metrics['accuracy']:.4f} on {metrics.get('n_test', '?')} test images")
-    decision_path = run_dir.joinpath(*artifacts.DECISION.parts)
-    if decision_path.exists():
-        decision = json.loads(decision_path.read_text())
-        lines.append(f"Fine-tuning {'ran' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
+    leaderboard_path = run_dir.joinpath(*artifacts.LEADERBOARD.parts)
+    if leaderboard_path.exists():
+        winner = run_dir / "candidates" / json.loads(leaderboard_path.read_text())["winner"]
+        decision_path = winner.joinpath(*artifacts.DECISION.parts)
+        if decision_path.exists():
+            decision = json.loads(decision_path.read_text())
+            lines.append(f"Fine-tuning {'taken' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
+        summary_path = winner.joinpath(*artifacts.TRAIN_SUMMARY.parts)
+        if summary_path.exists():
+            kept = json.loads(summary_path.read_text())
+            lines.append("Validation accuracy: " + ", ".join(
+                f"{phase} {value:.4f}" for phase, value in kept["val_accuracy"].items() if value is not None)
+                + f"; kept {kept['kept']}")
     published_path = run_dir.joinpath(*artifacts.PUBLISHED.parts)
     if published_path.exists():
         published = json.loads(published_path.read_text())
@@ -127,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "run":
         conf = json.loads(args.conf)
-        RunConfig.from_params(conf)  # fail on bad params before starting anything
+        check_conf(conf)  # fail on unknown or bad params before starting anything
+        RunConfig.from_params(conf)
         sys.exit(run_demo(conf))
     sys.exit(run_airflow())
 

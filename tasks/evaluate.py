@@ -188,6 +188,7 @@ def _load_record(cfg: RunConfig, data: dict[str, Any]) -> RunRecord:
         history=_read_optional(cfg.artifact(artifacts.HISTORY)),
         decision=_read_optional(cfg.artifact(artifacts.DECISION)),
         summary=_read_optional(cfg.artifact(artifacts.TRAIN_SUMMARY)),
+        leaderboard=_read_optional(cfg.artifact(artifacts.LEADERBOARD)),
     )
 
 

@@ -36,6 +36,7 @@ class RunRecord:
     history: dict | None = None
     decision: dict | None = None
     summary: dict | None = None
+    leaderboard: dict | None = None
 
     @property
     def backbone(self) -> str:
@@ -51,6 +52,35 @@ class RunRecord:
             return "not recorded (no decision.json in the run root)"
         verdict = "fine-tune" if self.decision.get("fine_tune") else "no fine-tuning"
         return f"{verdict}: {self.decision.get('reason') or 'no reason recorded'}"
+
+
+    def transfer_text(self) -> str:
+        """What transfer learning did on this run, in words a user can act on: which phase was kept, what
+        fine-tuning added (validation accuracy before -> after, on how many images) and on which data."""
+        summary = self.summary or {}
+        scores = summary.get("val_accuracy", {})
+        before, after = scores.get("feature_extraction"), scores.get("fine_tuned")
+        n_val = sum(self.manifest.get("counts", {}).get("val", {}).values())
+        on = f"on {n_val} validation images of {redact_uri(str(self.manifest.get('source', 'the source')))}"
+        if before is None:
+            return "not recorded (no train summary in the run root)"
+        if after is None:
+            return (f"the frozen backbone with a new head (feature extraction) reached {percent(before)} validation "
+                    f"accuracy {on}; fine-tuning did not run, so that model is the one kept")
+        gain = (after - before) * 100
+        kept = summary.get("kept") == "fine_tuned"
+        return (f"fine-tuning the top of the backbone {'added' if gain >= 0 else 'changed'} {gain:+.1f} points of "
+                f"validation accuracy ({percent(before)} after feature extraction -> {percent(after)}) {on}; "
+                + ("the fine-tuned model is kept" if kept else
+                   "it did not beat feature extraction, so the feature-extraction model is kept"))
+
+    def candidates_text(self) -> str:
+        """Which candidate backbones were compared and why the winner won ('' when only one was tried)."""
+        board = self.leaderboard or {}
+        rows = board.get("candidates", [])
+        if len(rows) < 2:
+            return ""
+        return f"{len(rows)} candidates compared on validation accuracy: {redact_text(board['reason'])}"
 
 
 def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
@@ -121,6 +151,14 @@ def _training_section(record: RunRecord) -> str:
     else:
         lines += ["- Phases: not recorded (no train summary in the run root)"]
     lines.append(f"- Plateau decision: {record.decision_text()}")
+    lines.append(f"- Transfer: {markdown_text(record.transfer_text())}")
+    if record.candidates_text():
+        board = record.leaderboard
+        rows = [[str(row.get("rank", "")), markdown_code(redact_text(row["spec"])), percent(row["val_accuracy"]),
+                 _seconds(row["seconds"]), markdown_text(redact_text(row["error"] or ""))]
+                for row in board["candidates"]]
+        lines += [f"- Candidates: {markdown_text(record.candidates_text())}", "",
+                  _table(["rank", "backbone@size", "best validation accuracy", "time", "error"], rows)]
     return "\n".join(lines)
 
 
@@ -174,6 +212,30 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         "sources or conditions than the training data is unknown.",
         "- Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.",
     ])
+
+
+def release_section(metrics: dict) -> str:
+    """What publish checked before release: the serving check and each TFLite variant (accuracy, size, latency).
+
+    Mobile users take a kept variant from the version's `tflite/` folder.
+    """
+    serving, tflite = metrics["serving_check"], metrics["tflite"]
+    lines = ["## Release checks",
+             f"- Serving check (fresh process, {serving['n_images']} golden test images): largest difference "
+             + ", ".join(f"{name} {diff:.1e}" for name, diff in serving["max_abs_diff"].items())
+             + f" (tolerance {serving['tolerance']:g})",
+             f"- TFLite: {markdown_text(tflite['status'])}"]
+    variants = tflite.get("variants", {})
+    if variants:
+        rows = [[name, percent(entry.get("accuracy")),
+                 "" if entry.get("size_bytes") is None else f"{entry['size_bytes'] / 1e6:.2f} MB",
+                 "" if entry.get("latency_ms") is None else f"{entry['latency_ms']:.2f} ms",
+                 f"tflite/{name}.tflite" if entry.get("kept") else markdown_text(entry.get("reason", "not kept"))]
+                for name, entry in variants.items()]
+        lines += ["", f"Keras test accuracy {percent(metrics['accuracy'])}; each variant scored on the same test split "
+                  "with the LiteRT interpreter:", "",
+                  _table(["variant", "test accuracy", "size", "latency per image", "file"], rows)]
+    return "\n".join(lines)
 
 
 def ordered_splits(counts: dict) -> list[str]:

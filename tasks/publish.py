@@ -2,9 +2,10 @@
 
 Everything lives under `<publish_uri>/<model_name>/`:
 
-- `versions/<version>/`: model/ (classifier spec + weights), saved_model/ (for serving), tflite/<variant>.tflite (the TFLite
-  variants that kept the accuracy), metrics.json (with the serving check and TFLite sections),
-  report/, model_card.md, manifest.json, params.json and checksums.json ({relative path: sha256}).
+- `versions/<version>/`: model/ (classifier spec + weights), saved_model/ (for serving),
+  tflite/<variant>.tflite (the TFLite variants that kept the accuracy), metrics.json (with the serving
+  check and TFLite sections), report/ (with release.html: those checks), model_card.md (with a release
+  section), manifest.json, params.json and checksums.json ({relative path: sha256}).
   Versions are immutable once complete.
 - `champion.json`: the pointer serving follows, moved only by conditional writes (tasks.pointer).
 - `promotions/<decided_at>-<version>.json`: one object per decision (promoted or not, both
@@ -54,7 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, classifier, pointer, serving_check, settings, storage, tflite_export
+from tasks import artifacts, classifier, model_card, pointer, report, serving_check, settings, storage, tflite_export
 from tasks.approval import read_review, verdict
 from tasks.config import RunConfig
 from tasks.errors import PublishError
@@ -371,6 +372,10 @@ def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, te
                                              stage / TFLITE_DIR)
     metrics = {**metrics, "serving_check": checked, "tflite": variants}
     (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    release = model_card.release_section(metrics)
+    with (stage / MODEL_CARD_FILE).open("a", encoding="utf-8") as card:
+        card.write("\n\n" + release + "\n")
+    report.write_release_page(stage / REPORT_DIR, cfg.model_name, release)
     return metrics
 
 

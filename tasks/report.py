@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -34,6 +35,8 @@ CONFUSION = "confusion_matrix.png"
 PREDICTIONS = "predictions.csv"
 MOST_WRONG = "most_wrong.csv"
 TEMPLATE = "report.html.j2"
+RELEASE_TEMPLATE = "release.html.j2"
+RELEASE = "release.html"
 MODEL_CARD_LINK = "../model_card.md"
 METRICS_LINK = "../metrics.json"
 
@@ -62,6 +65,16 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
     page = _page(cfg, metrics, record, directory, wrong, gallery, thumbnails, pairs, model_card)
     (directory / INDEX).write_text(page, encoding="utf-8")
     return directory
+
+
+def write_release_page(directory: Path, model_name: str, release_markdown: str) -> Path:
+    """release.html beside the report: the release checks publish ran (Markdown rendered, raw HTML escaped)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(release_markdown)
+    page = _environment().get_template(RELEASE_TEMPLATE).render(model_name=model_name, body=Markup(body))
+    (directory / RELEASE).write_text(page, encoding="utf-8")
+    return directory / RELEASE
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
@@ -165,7 +178,7 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
     counts = manifest.get("counts", {})
     splits = model_card.ordered_splits(counts)
     class_rows, class_row_classes = _class_rows(metrics, pairs)
-    return _template().render(
+    return _environment().get_template(TEMPLATE).render(
         model_name=cfg.model_name,
         run_id=cfg.run_id,
         backbone=redact_text(record.backbone or cfg.backbone),
@@ -180,6 +193,11 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
             (str(len(wrong)), "wrong"),
         ],
         decision=record.decision_text(),
+        transfer=record.transfer_text(),
+        candidates=record.candidates_text(),
+        candidate_rows=[[row.get("rank", ""), redact_text(row["spec"]), percent(row["val_accuracy"]),
+                         "" if row["seconds"] is None else f"{row['seconds']:.0f}", redact_text(row["error"] or "")]
+                        for row in (record.leaderboard or {}).get("candidates", [])],
         curves=_data_uri((directory / CURVES).read_bytes()),
         confusion=_data_uri((directory / CONFUSION).read_bytes()),
         pairs=[[p["true"], p["predicted"], p["count"], percent(p["share"])] for p in pairs[:CONFUSED_PAIRS]],
@@ -208,11 +226,11 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
 
 
 @functools.lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
-                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                                     keep_trailing_newline=True)
-    return environment.get_template(TEMPLATE)
+def _environment() -> jinja2.Environment:
+    """The report templates, autoescaped: every value from the dataset or a param is text, never markup."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
 
 
 def _class_rows(metrics: dict, pairs: list[dict]) -> tuple[list[list], list[str]]:

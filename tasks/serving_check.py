@@ -5,8 +5,9 @@ and the probabilities the evaluated model gave them. Before a version is
 published, a fresh Python process, which has seen neither training nor
 evaluation (no traced functions, no cached layers), rebuilds the Keras
 classifier from its folder (spec + weights: nothing is deserialised as code, see
-tasks/classifier.py) and loads the SavedModel through its serving signature, runs the golden batch through both, and reports how far
-each lands from the stored probabilities. A load failure or a difference above
+tasks/classifier.py) and loads the SavedModel through its serving signature,
+runs the golden batch through both, and reports how far each lands from the
+stored probabilities. A load failure or a difference above
 TOLERANCE blocks publishing: what would be served is not what was measured.
 
 Run as `python -m tasks.serving_check --model ... --saved-model ... --golden

@@ -43,7 +43,7 @@ def test_thumbnails_shrink_large_images_and_keep_small_ones():
     assert small.size == (28, 28) and small.mode == "RGB"
 
 
-def write_dataset_report(tmp_path, classes: list[str], path_pattern: str, **config):
+def write_dataset_report(tmp_path, classes: list[str], path_pattern: str, leaderboard: dict | None = None, **config):
     """A report over two test images per class (most of them wrong) whose names and paths come from the dataset."""
     examples = [(_png(), label, path_pattern.format(label=label, n=n)) for label in range(3) for n in range(2)]
     write_records(tmp_path / "test.tfrecord", examples)
@@ -54,7 +54,7 @@ def write_dataset_report(tmp_path, classes: list[str], path_pattern: str, **conf
     metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=pairs)
     predictions = predictions_table(probabilities, labels, [path for _, _, path in examples], classes)
     record = RunRecord(manifest={**fx.manifest(), "classes": classes, "source": config.get("source", "file:///d")},
-                       history=fx.history(), decision=fx.decision(), summary=fx.summary())
+                       history=fx.history(), decision=fx.decision(), summary=fx.summary(), leaderboard=leaderboard)
     cfg = fx.config(str(tmp_path / "runs"), top_k_wrong=2, **config)
     return report.write_report(tmp_path / "report", cfg, metrics, record, predictions=predictions,
                                wrong=most_wrong(predictions, len(predictions)), pairs=pairs,
@@ -101,7 +101,7 @@ def test_report_and_model_card_never_show_source_credentials(tmp_path):
 
     page = (directory / report.INDEX).read_text()  # params, data section and the model card inside it
     assert "hunter2" not in page and "AKIDSECRET" not in page and "f00d" not in page
-    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 4
+    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 5
 
 
 def test_model_card_shows_dataset_text_as_text_never_as_markup():
@@ -160,3 +160,54 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 30, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_model_card_and_report_state_the_transfer_gain_and_the_candidates(tmp_path):
+    board = {"winner": "b", "reason": "efficientnet_lite0@160 has the best validation accuracy, 0.7800 (next: "
+                                      "efficientnet_lite0@96 at 0.7400, +0.0400); failed: s3://k:secret@x/m@224",
+             "candidates": [
+                 {"rank": 1, "spec": "efficientnet_lite0@160", "val_accuracy": 0.78, "seconds": 40.0, "error": None},
+                 {"rank": 2, "spec": "efficientnet_lite0@96", "val_accuracy": 0.74, "seconds": 20.0, "error": None},
+                 {"spec": "s3://k:secret@x/m@224", "val_accuracy": None, "seconds": None,
+                  "error": "BackboneError: no SavedModel"}]}
+    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), summary=fx.summary(),
+                       leaderboard=board)
+
+    transfer = record.transfer_text()
+    assert transfer.startswith("fine-tuning the top of the backbone added +10.0 points of validation accuracy "
+                               "(68.0 % after feature extraction -> 78.0 %) on 6 validation images of ")
+    assert transfer.endswith("the fine-tuned model is kept")
+    metrics = classification_metrics(np.eye(3), np.arange(3), fx.CLASSES, top_k=1)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=[])
+    card = model_card.render(fx.config(".runs"), metrics, record)
+    assert "added +10.0 points" in card and "3 candidates compared on validation accuracy" in card
+    assert "| 1 | `efficientnet_lite0@160` | 78.0 % | 40 s |" in card and "secret" not in card
+    page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board)
+            / report.INDEX).read_text()
+    assert "added +10.0 points" in page and "<td>efficientnet_lite0@96</td>" in page and "secret" not in page
+
+
+def test_transfer_text_says_when_feature_extraction_was_kept():
+    summary = {**fx.summary(), "kept": "feature_extraction", "val_accuracy": {"feature_extraction": 0.8,
+                                                                              "fine_tuned": 0.79}}
+    text = RunRecord(manifest=fx.manifest(), summary=summary).transfer_text()
+    assert "-1.0 points" in text and "so the feature-extraction model is kept" in text
+    without = RunRecord(manifest=fx.manifest(), summary={**fx.summary(), "val_accuracy": {"feature_extraction": 0.8,
+                                                                                           "fine_tuned": None}})
+    assert "fine-tuning did not run, so that model is the one kept" in without.transfer_text()
+
+
+def test_release_checks_show_serving_and_every_tflite_variant(tmp_path):
+    metrics = {"accuracy": 0.9, "serving_check": {"n_images": 32, "tolerance": 1e-4,
+                                                  "max_abs_diff": {"model": 2e-7, "saved_model": 0.0}},
+               "tflite": {"status": "converted", "variants": {
+                   "float32": {"accuracy": 0.9, "size_bytes": 13_500_000, "latency_ms": 1.04, "kept": True},
+                   "dynamic_range": {"accuracy": 0.88, "size_bytes": 3_740_000, "latency_ms": 2.15, "kept": False,
+                                     "reason": "loses 2.0 points"}}}}
+
+    section = model_card.release_section(metrics)
+    page = report.write_release_page(tmp_path, "fruit <b>", section).read_text()
+
+    assert "| float32 | 90.0 % | 13.50 MB | 1.04 ms | tflite/float32.tflite |" in section
+    assert "| dynamic_range | 88.0 % | 3.74 MB | 2.15 ms | loses 2.0 points |" in section
+    assert "<td>tflite/float32.tflite</td>" in page and "fruit &lt;b&gt;" in page
