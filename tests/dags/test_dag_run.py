@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+import urllib.parse
 
 import pytest
 
@@ -97,3 +100,62 @@ def test_undeclared_conf_key_fails_the_run_before_any_work(dag, airflow_db, s3_b
     states = run_states(dag_run)
     assert dag_run.state == "failed" and states["configure"] == "failed", states
     assert states["acquire"] != "success" and not (tmp_path / "runs").exists()
+
+
+AUTH_ENV = {
+    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "approver:admin",
+    "AIRFLOW__API_AUTH__JWT_SECRET": "dag-run-test-secret-" + "s" * 64,
+}
+
+
+def answer_pending_approval(option: str, comment: str, stop: threading.Event) -> None:
+    """Act as the approver: poll Airflow's HITL REST API for the pending request and answer it."""
+    from airflow.api_fastapi.app import create_app, get_auth_manager, purge_cached_app
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(apps="core")) as client:
+        token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="approver", role="admin"))
+        auth = {"Authorization": f"Bearer {token}"}
+        while not stop.is_set():
+            pending = client.get("/api/v2/dags/~/dagRuns/~/hitlDetails", headers=auth,
+                                 params={"response_received": False}).json().get("hitl_details", [])
+            if pending:
+                ti = pending[0]["task_instance"]
+                run = urllib.parse.quote(ti["dag_run_id"], safe="")
+                client.patch(f"/api/v2/dags/{ti['dag_id']}/dagRuns/{run}/taskInstances/{ti['task_id']}/-1/hitlDetails",
+                             headers=auth, json={"chosen_options": [option], "params_input": {"comment": comment}})
+                break
+            time.sleep(1)
+    purge_cached_app()
+
+
+def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(airflow_db, s3_bucket,
+                                                                            model_store_connection, tmp_path,
+                                                                            monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
+    for key, value in {**AUTH_ENV, "TLP_APPROVAL_DAGS": "transfer_learning"}.items():
+        monkeypatch.setenv(key, value)
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
+    stop = threading.Event()
+    approver = threading.Thread(target=answer_pending_approval, args=("Reject", "not this week", stop), daemon=True)
+    approver.start()
+    try:
+        dag_run = dag.test(run_conf=tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"))
+    finally:
+        stop.set()
+        approver.join(timeout=30)
+
+    states = run_states(dag_run)
+    assert dag_run.state == "success", states
+    assert states["approval_request"] == states["approve"] == states["promote"] == "success"
+    promoted = dag_run.get_task_instance("promote").xcom_pull(task_ids="promote")
+    assert promoted["promoted"] is False and "rejected by approver" in promoted["reason"]
+    assert promoted["approval"]["comment"] == "not this week"
+    records = storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/promotions/")
+    assert len(records) == 1
+    assert not any(path.endswith("champion.json") for path in
+                   storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/"))

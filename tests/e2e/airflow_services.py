@@ -143,6 +143,20 @@ class AirflowServices:
             time.sleep(5)
         raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n{self.logs()}")
 
+    def answer_approval(self, dag_id: str, run_id: str, task_id: str, option: str, comment: str,
+                        timeout_s: float) -> dict:
+        """Wait until the run asks a human (HITL) at `task_id`, then answer as the approver would in the UI."""
+        quoted = urllib.request.quote(run_id, safe="")
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/-1/hitlDetails"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.request("GET", path)
+                return self.request("PATCH", path, {"chosen_options": [option], "params_input": {"comment": comment}})
+            except urllib.error.HTTPError:
+                time.sleep(5)
+        raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n{self.logs()}")
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         quoted = urllib.request.quote(run_id, safe="")
         return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances")["task_instances"]

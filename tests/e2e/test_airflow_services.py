@@ -23,6 +23,7 @@ def airflow(tmp_path, s3, s3_bucket):
     services = AirflowServices(tmp_path / "airflow", {
         "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
         **deployment_env(f"{s3_bucket}/runs", f"{s3_bucket}/models"),
+        "TLP_APPROVAL_DAGS": "transfer_learning",  # this deployment asks a human before promoting
     })
     services.start()
     yield services
@@ -35,13 +36,19 @@ def test_triggered_run_publishes_and_its_report_shows_in_the_ui(airflow, s3_buck
     airflow.wait_for_dag("transfer_learning")
 
     run_id = airflow.trigger("transfer_learning", conf)
-    state = airflow.wait_for_run("transfer_learning", run_id, timeout_s=1200)
+    airflow.answer_approval("transfer_learning", run_id, "approve", "Approve", "looks right", timeout_s=1200)
+    state = airflow.wait_for_run("transfer_learning", run_id, timeout_s=600)
 
     states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("transfer_learning", run_id)}
     assert state == "success", f"{states}\n{airflow.logs()}"
     assert {states["fine_tune"], states["skip_fine_tune"]} == {"success", "skipped"}
+    assert states["approval_request"] == states["approve"] == states["promote"] == "success"
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id
+    [decision] = [storage.read_json(uri) for uri in storage.list_files(f"{s3_bucket}/models/tiny-model/promotions/")]
+    assert decision["promoted"] and decision["approval"]["approved"]
+    assert decision["approval"]["comment"] == "looks right"
+    assert decision["approval"]["by"].startswith("admin")
     assert storage.exists(f"{champion['uri']}/checksums.json")
     run = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
     assert storage.exists(run.artifact(artifacts.REPORT, "index.html"))
