@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 SPLITS = ("train", "val", "test")
+SHUFFLE_BUFFER = 10_000  # larger than most subsampled splits: an epoch's order is then a full permutation
 
 
 def write_records(path: str | Path, examples: Iterable[tuple[bytes, int, str]]) -> int:
@@ -68,7 +69,7 @@ def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle
 
     dataset = tf.data.TFRecordDataset(str(path))
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(10_000, seed=shuffle_seed, reshuffle_each_iteration=True)
+        dataset = epoch_order(dataset, shuffle_seed)
     dataset = dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     def to_example(record):
@@ -79,6 +80,16 @@ def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle
 
     dataset = dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_order(dataset, shuffle_seed: int):
+    """`dataset` (one element per record, in file order) shuffled as one epoch with this seed.
+
+    The order depends only on the number of elements and the seed, never on their
+    content: anything stored one element per record (cached activations, or just
+    record indices) shuffled here comes out in the same order as the images.
+    """
+    return dataset.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[bytes, int, str]]:

@@ -1,0 +1,172 @@
+"""Frozen-bottom activations on disk: computed once per image, streamed back in each epoch's image order.
+
+Whatever lies below the fine-tuning cut (tasks/backbone_split.py) maps an image
+to the same activations every epoch, and for feature extraction the whole
+backbone does. So one streaming pass computes them for every split and stores
+them as raw float32 files, and each epoch reads them back in batches, memory
+mapped: memory holds a batch and a shuffle buffer of record indices, however
+many images there are.
+
+The reader shuffles record indices with the image pipeline's own epoch order
+(records.epoch_order), so an epoch on cached activations visits the images in
+exactly the order, and batches, of the same epoch on images: training on the
+cache is training on the images.
+
+Layout of a cache directory: `<split>.f32` (activations, file order, raw
+little-endian float32), `<split>-labels.npy`, and `meta.json` (the key of what
+made them, and each split's count and shape), written last. A cache whose key
+matches is reused (a retried task skips the pass); any other is recomputed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from tasks.backbone_split import Split
+from tasks.backbones import Backbone
+from tasks.errors import TrainingError
+from tasks.records import epoch_order, image_dataset
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True, eq=False)
+class CachedSplit:
+    """One split's activations (memory-mapped, file order) and labels."""
+
+    activations: np.ndarray  # [n, *boundary shape], read-only memmap
+    labels: np.ndarray  # [n] int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle_seed: int | None = None):
+        """(activations, labels) batches as a tf.data.Dataset: file order, or one epoch's order for `shuffle_seed`.
+
+        The order and batches are those of records.image_dataset(the split's file,
+        ..., shuffle_seed=shuffle_seed); the batch count is declared.
+        """
+        import tensorflow as tf
+
+        indices = tf.data.Dataset.range(len(self))
+        if shuffle_seed is not None:
+            indices = epoch_order(indices, shuffle_seed)
+        shape = self.activations.shape[1:]
+
+        def gather(batch):
+            x, y = tf.numpy_function(self._rows, [batch], (tf.float32, tf.int64), stateful=False)
+            x.set_shape((None, *shape))
+            y.set_shape((None,))
+            return x, y
+
+        return (indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .apply(tf.data.experimental.assert_cardinality(math.ceil(len(self) / batch_size)))
+                .prefetch(tf.data.AUTOTUNE))
+
+    def epochs(self, batch_size: int, shuffle_seed: Callable[[int], int]) -> tuple[Callable[[int], Any], int]:
+        """(epoch -> that epoch's shuffled batches, batches per epoch), the shape fit_resumable takes."""
+        return (lambda epoch: self.batches(batch_size, shuffle_seed(epoch))), math.ceil(len(self) / batch_size)
+
+    def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.activations[indices], dtype=np.float32), self.labels[indices]
+
+
+def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any]:
+    """What the activations depend on: a cache with another key is recomputed."""
+    return {"backbone": backbone.name, "weights": backbone.weights_source,
+            "image_size": int(backbone.model.input_shape[1]), "cut": split.cut, "units": split.units,
+            "data": data_hash}
+
+
+def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],
+                      batch_size: int) -> dict[str, CachedSplit]:
+    """Each split's bottom activations, from `directory` if its key matches, else computed there in one pass.
+
+    `records` maps split names to their TFRecord files (records.write_records);
+    `key` says what made the activations (cache_key).
+    """
+    started = time.monotonic()
+    cached = open_cache(directory, key, list(records))
+    if cached is not None:
+        log.info("reused activations %s of %s in %s", _shape(cached), _counts(cached), directory)
+        return cached
+    (directory / META).unlink(missing_ok=True)  # a crash below must not leave a valid-looking cache
+    directory.mkdir(parents=True, exist_ok=True)
+    image_size = int(bottom.input_shape[1])
+    run = _traced(bottom, image_size)
+    splits = {name: _write_split(run, path, image_size, batch_size, directory, name)
+              for name, path in records.items()}
+    meta = {"key": key, "splits": splits}
+    temporary = directory / f".{META}.tmp"
+    temporary.write_text(json.dumps(meta, indent=1))
+    temporary.replace(directory / META)
+    cached = open_cache(directory, key, list(records))
+    log.info("cached activations %s of %s in %.1f s -> %s (%.0f MB)", _shape(cached), _counts(cached),
+             time.monotonic() - started, directory,
+             sum(split.activations.nbytes for split in cached.values()) / 1e6)
+    return cached
+
+
+def open_cache(directory: Path, key: dict[str, Any], splits: list[str]) -> dict[str, CachedSplit] | None:
+    """The cached splits if `directory` holds them for `key`, else None."""
+    meta_path = directory / META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("key") != key or not set(splits) <= set(meta["splits"]):
+        return None
+    opened = {}
+    for name in splits:
+        count, shape = meta["splits"][name]["count"], tuple(meta["splits"][name]["shape"])
+        data = directory / f"{name}.f32"
+        if not data.is_file() or data.stat().st_size != count * math.prod(shape) * DTYPE.itemsize:
+            return None
+        opened[name] = CachedSplit(np.memmap(data, dtype=DTYPE, mode="r", shape=(count, *shape)),
+                                   np.load(directory / f"{name}-labels.npy"))
+    return opened
+
+
+def _traced(bottom: keras.Model, image_size: int) -> Callable:
+    """The bottom as one traced function for every split (eager calls are ~2x slower)."""
+    import tensorflow as tf
+
+    return tf.function(lambda images: bottom(images, training=False),
+                       input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+
+
+def _write_split(run: Callable, records: Path, image_size: int, batch_size: int, directory: Path,
+                 name: str) -> dict[str, Any]:
+    """Stream one split through the bottom into `<name>.f32` and `<name>-labels.npy`; returns count and shape."""
+    labels, shape = [], None
+    temporary = directory / f".{name}.f32.tmp"
+    with open(temporary, "wb") as out:
+        for images, batch_labels in image_dataset(records, image_size, batch_size):
+            activations = np.asarray(run(images), dtype=DTYPE)
+            shape = activations.shape[1:]
+            out.write(activations.tobytes())
+            labels.append(batch_labels.numpy())
+    if shape is None:
+        temporary.unlink()
+        raise TrainingError(f"{records}: no images in the {name} split; rerun subsample so every split has images")
+    np.save(directory / f"{name}-labels.npy", np.concatenate(labels).astype(np.int64))
+    temporary.replace(directory / f"{name}.f32")
+    return {"count": int(sum(len(batch) for batch in labels)), "shape": list(shape)}
+
+
+def _shape(cached: dict[str, CachedSplit]) -> tuple[int, ...]:
+    return next(iter(cached.values())).activations.shape[1:]
+
+
+def _counts(cached: dict[str, CachedSplit]) -> str:
+    return " + ".join(f"{len(split)} {name}" for name, split in cached.items())
