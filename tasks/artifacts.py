@@ -39,6 +39,8 @@ MANIFEST = Artifact(("data", "manifest.json"), "subsample",
 FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits",
                     per_candidate=True)
 CHECKPOINTS = Artifact(("checkpoints",), "train", "per-epoch training state of each phase", per_candidate=True)
+ACTIVATIONS = Artifact(("activations",), "fine_tune", "frozen-bottom activations per cut, computed once per image",
+                       per_candidate=True)
 TENSORBOARD = Artifact(("tensorboard",), "train", "TensorBoard scalars of each phase", per_candidate=True)
 HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of both phases", per_candidate=True)
 TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "backbone, phases, and which model was kept",

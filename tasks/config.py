@@ -123,12 +123,14 @@ class RunConfig:
                                     "the target; always; never.", type="string", enum=list(FINE_TUNE_MODES))
     target_accuracy: float | None = param(0.95, "Target accuracy", "Fine-tune only below this validation "
                                           "accuracy (0 = no target).", type="number", minimum=0, maximum=1)
-    fine_tune_layers: int = param(20, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
+    fine_tune_layers: int = param(34, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
                                   "stays frozen); rounded to whole blocks.", type="integer", minimum=1, maximum=1000)
-    fine_tune_epochs: int = param(5, "Fine-tune epochs", "Extra epochs after feature extraction.",
+    fine_tune_epochs: int = param(8, "Fine-tune epochs", "Extra epochs after feature extraction.",
                                   type="integer", minimum=1, maximum=500)
-    fine_tune_lr_factor: float = param(0.1, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
+    fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
                                        "this.", type="number", exclusiveMinimum=0, maximum=1)
+    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: decays to 0 over the fine-tune "
+                                    "epochs; constant.", type="string", enum=["cosine", "constant"])
     # evaluation and publishing
     top_k: int = param(5, "Top-k", "k of the top-k accuracy.", type="integer", minimum=1, maximum=100)
     top_k_wrong: int = param(50, "Most-wrong gallery size", "Most confidently wrong test images shown.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -16,11 +17,13 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks import artifacts, storage
+from tasks import activation_cache, artifacts, storage
 from tasks.backbones import Backbone, make_optimizer
 from tasks.config import RunConfig
 from tasks.errors import TrainingError
 from tasks.records import image_dataset
+
+log = logging.getLogger(__name__)
 
 FEATURE_EXTRACTION = "feature_extraction"
 FINE_TUNE = "fine_tune"
@@ -127,6 +130,36 @@ def validation_images(cfg: RunConfig, records: Path, num_classes: int):
     batches = math.ceil(count_records(records) / cfg.batch_size)
     return (image_dataset(records, cfg.image_size, cfg.batch_size).map(targets(cfg, num_classes))
             .apply(tf.data.experimental.assert_cardinality(batches)))
+
+
+def cached_data(cfg: RunConfig, bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
+                num_classes: int) -> tuple[Callable, int, Any]:
+    """Training on what a frozen `bottom` makes of each image (features, or fine-tuning's boundary activations).
+
+    The bottom runs once per train/val image and its activations live under the
+    run root at `uri` (a retry on any worker reuses them; another `key` recomputes
+    them). Returns the epochs fit_resumable reads — each epoch in the image
+    pipeline's own order, streamed from disk in batches — their batch count, and
+    the validation batches.
+    """
+    local = scratch / "activations" if storage.is_s3(uri) else storage.local_path(uri)
+    cached = None
+    if storage.is_s3(uri) and storage.exists(storage.join(uri, activation_cache.META)):
+        cached = activation_cache.open_cache(storage.download(uri.rstrip("/") + "/", local), key,
+                                              list(TRAINING_SPLITS))
+    elif not storage.is_s3(uri):
+        cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
+    if cached is None:
+        records = {split: stage_records(cfg, split, scratch) for split in TRAINING_SPLITS}
+        cached = activation_cache.cache_activations(bottom, records, local, key, cfg.batch_size)
+        if storage.is_s3(uri):
+            storage.delete(uri.rstrip("/") + "/")
+            storage.upload(local, uri)
+    else:
+        log.info("reused activations of %s under %s", ", ".join(TRAINING_SPLITS), uri)
+    train_epoch, steps = cached["train"].epochs(cfg.batch_size, lambda epoch: epoch_seed(cfg, epoch))
+    shaped = targets(cfg, num_classes)
+    return (lambda epoch: train_epoch(epoch).map(shaped)), steps, cached["val"].batches(cfg.batch_size).map(shaped)
 
 
 def resolve_loss(cfg: RunConfig):

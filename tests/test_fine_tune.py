@@ -20,7 +20,7 @@ def feature_extracted(tmp_path_factory, cache_dir):
     """A run after a deliberately short feature extraction (1 epoch), so fine-tuning has room to improve."""
     from tasks.train import train
 
-    cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=2,
+    cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=4,
                    fine_tune_epochs=2, patience=10)
     train(cfg, SUBSAMPLED)
     return cfg
@@ -59,13 +59,15 @@ def backbone_weights(cfg, artifact) -> list[list[np.ndarray]]:
 def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical(fine_tuned):
     import keras
 
-    from tasks.backbones import load_backbone, set_trainable_top
+    from tasks.backbone_split import split_backbone
+    from tasks.backbones import load_backbone
 
     cfg, result = fine_tuned
     before = backbone_weights(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
     after = backbone_weights(cfg, artifacts.FINE_TUNED_MODEL)
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
-    assert set_trainable_top(reference, cfg.fine_tune_layers) == result["unfrozen_layers"]
+    assert split_backbone(reference, cfg.fine_tune_layers).unfrozen == result["unfrozen_layers"]
+    assert result["cut"] == "block7a"  # 4 units: block7a's three convolutions and the head conv
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
     assert len(layers) == len(before) == len(after)
 

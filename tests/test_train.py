@@ -77,20 +77,29 @@ def trained(tmp_path_factory, cache_dir):
     return cfg, result, embedded
 
 
-def count_embedded(monkeypatch) -> list[list[int]]:
-    """Spy on the backbone pass: returns a list that gets the image count per split of each pass."""
-    from tasks import train as train_module
+def count_embedded(monkeypatch) -> list[int]:
+    """Spy on the backbone pass: returns a list that gets the image count of each split passed through it."""
+    from tasks import activation_cache
 
-    embedded: list[list[int]] = []
-    extract = train_module.extract_features
+    embedded: list[int] = []
+    write_split = activation_cache._write_split
 
-    def counting(backbone, splits, image_size, batch_size):
-        extracted = extract(backbone, splits, image_size, batch_size)
-        embedded.append([len(labels) for _, labels in extracted])
-        return extracted
+    def counting(*args, **kwargs):
+        written = write_split(*args, **kwargs)
+        embedded.append(written["count"])
+        return written
 
-    monkeypatch.setattr(train_module, "extract_features", counting)
+    monkeypatch.setattr(activation_cache, "_write_split", counting)
     return embedded
+
+
+def cached_features(cfg: RunConfig) -> dict:
+    """The train and val features feature extraction keeps under the run root, as its cache reads them."""
+    from tasks import activation_cache
+
+    folder = Path(cfg.artifact(artifacts.FEATURES))
+    key = json.loads((folder / activation_cache.META).read_text())["key"]
+    return activation_cache.open_cache(folder, key, ["train", "val"])
 
 
 def test_head_trains_on_cached_features_and_writes_every_output(trained):
@@ -106,9 +115,9 @@ def test_head_trains_on_cached_features_and_writes_every_output(trained):
     assert summary["kept"] == "feature_extraction" and summary["feature_dim"] == 1280
     assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy"], "fine_tuned": None}
     assert summary["phases"]["feature_extraction"]["best_val_accuracy"] == result["best_val_accuracy"]
-    with np.load(cfg.artifact(artifacts.FEATURES, "train.npz")) as train_features:
-        assert train_features["features"].shape == (48, 1280)
-        assert list(train_features["labels"]) == [label for label in range(3) for _ in range(16)]
+    train_features = cached_features(cfg)["train"]
+    assert train_features.activations.shape == (48, 1280)
+    assert list(train_features.labels) == [label for label in range(3) for _ in range(16)]
     state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
     assert state["epoch"] == 3
     assert storage.read_bytes(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL, classifier.WEIGHTS_FILE)) == \
@@ -134,9 +143,9 @@ def test_composed_model_predicts_what_the_head_predicts_on_cached_features(train
     cfg, _, _ = trained
     model = classifier.load(Path(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)), cfg.cache_dir).model
     composed, labels, _ = predict_records(model, cfg.artifact(artifacts.split_records("val")), batch_size=5)
-    with np.load(cfg.artifact(artifacts.FEATURES, "val.npz")) as cached:
-        on_features = np.asarray(model.get_layer("head")(cached["features"], training=False))
-        assert list(cached["labels"]) == list(labels)
+    cached = cached_features(cfg)["val"]
+    on_features = np.asarray(model.get_layer("head")(np.asarray(cached.activations), training=False))
+    assert list(cached.labels) == list(labels)
     np.testing.assert_allclose(composed, on_features, atol=1e-5)
 
 
@@ -144,7 +153,7 @@ def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monk
     from tasks.train import train
 
     cfg, first, embedded = trained
-    assert embedded == [[48, 12]]  # one pass over train and val: each image once for all 3 epochs
+    assert embedded == [48, 12]  # one pass over train and val: each image once for all 3 epochs
 
     embedded_again = count_embedded(monkeypatch)
     again = train(cfg, SUBSAMPLED)  # a retry of the finished step rewrites the same outputs
