@@ -71,7 +71,8 @@ def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, m
     assert dag_run.state == "success", states
     assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
     assert states["evaluate"] == states["publish_version"] == states["promote"] == "success"
-    decision = json.loads((next((tmp_path / "runs").glob("transfer_learning/*/candidates/*/train/decision.json"))).read_text())
+    [decision_file] = (tmp_path / "runs").glob("transfer_learning/*/candidates/*/train/decision.json")
+    decision = json.loads(decision_file.read_text())
     assert decision["fine_tune"] is False and "never" in decision["reason"]
 
 

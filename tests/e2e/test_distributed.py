@@ -58,7 +58,7 @@ class Worker:
                   "--celery-hostname", f"{self.name}@%h"],
             env={
                 "TLP_WORKER_NAME": self.name,
-                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.worker_identity.worker_name",
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "devtools.worker_identity.worker_name",
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
                 "TLP_CACHE_DIR": str(self.cache),
