@@ -39,8 +39,9 @@ airflow: system-demo install
 	$(PY) -m devtools.demo airflow
 
 bench: system-demo install
-	$(PY) bench/backbones.py
-	$(PY) bench/training.py
+	$(PY) -m bench.backbones
+	$(PY) -m bench.training
+	$(PY) -m bench.candidates
 
 clean:
 	rm -rf .runs .airflow .demo .weed

@@ -1,21 +1,23 @@
-"""Training quality and speed on Fashion-MNIST, with times as ratios to one backbone forward pass.
+"""Transfer learning against training from scratch, on the very same split, in one run.
 
-The setting of the issue: 10 classes, 10 % of train (stratified 10 % of that
-for validation), the full test set, the offline EfficientNet-Lite0 at 96 px.
-Reports test accuracy after feature extraction and after fine-tuning, each
-phase's wall time, and two ratios to the time of ONE forward pass of the
-backbone over the same train+validation images (measured just before and just
-after feature extraction, in the same process, through the same tf.data
-pipeline, and averaged):
+The offline default of the issue: Fashion-MNIST, 10 % of train (5400 train /
+600 val, stratified), the full 10k test split, seed 42. Measures:
 
-- feature-extraction step time / forward pass (goal ≤ 1.25 for 10 epochs: the
-  backbone runs once per image, the head trains on cached features);
-- the same for the augmented path, where the backbone runs every epoch.
+- a small 2-conv CNN trained from scratch on the same train/val split (early
+  stopping on validation), tested on the same test split;
+- feature extraction with the default params (the pipeline's own `train` step:
+  the backbone runs once per image), and its time as a ratio to ONE forward
+  pass of the backbone over the same train+val images;
+- fine-tuning with the default recipe (the pipeline's own `fine_tune` step, on
+  cached boundary activations) and what the kept model scores on test;
+- the cost of one fine-tune epoch on cached activations against one on images,
+  for a cut at the top 20 units (bench/fine_tune_sweep.py has the recipe sweep).
 
-Ratios are given on wall time and on this process's CPU time; on a shared
-machine the CPU-time ratio is the steadier one, and absolute seconds are noisy.
+Ends with one JSON line of flat keys: scratch_test_accuracy, fe_test_accuracy,
+ft_test_accuracy, fe_ratio_to_forward, ft_epoch_ratio_cached_to_images,
+demo_params, and the timings behind them.
 
-    python bench/training.py [--run-root .runs] [--epochs 10] [--fine-tune-epochs 5] [--augment-epochs 10]
+    python bench/training.py [--run-root .bench-runs] [--scratch-epochs 30]
 """
 from __future__ import annotations
 
@@ -23,125 +25,153 @@ import argparse
 import dataclasses
 import json
 import logging
-import tempfile
+import math
 import time
 from pathlib import Path
 
+from tasks import artifacts, storage
+from tasks.config import RunConfig, param_specs
 
-from tasks import artifacts, storage  # noqa: E402
-from tasks.config import RunConfig  # noqa: E402
-
-TRAINING_OUTPUTS = (artifacts.FEATURES.parts, artifacts.CHECKPOINTS.parts, artifacts.TENSORBOARD.parts, ("model",), ("train",))
-
-
-@dataclasses.dataclass
-class Timing:
-    """Wall seconds and this process's CPU seconds (all threads): CPU time is far less
-    sensitive to other processes on a shared machine, so ratios are given on both."""
-
-    wall: float
-    cpu: float
-
-    def ratio(self, other: "Timing") -> dict[str, float]:
-        return {"wall": round(self.wall / other.wall, 2), "cpu": round(self.cpu / other.cpu, 2)}
-
-    def as_dict(self) -> dict[str, float]:
-        return {"wall_s": round(self.wall, 1), "cpu_s": round(self.cpu, 1)}
+RATIO_UNITS = 20
+SCRATCH_IMAGE_SIZE = 28  # Fashion-MNIST's own size: the from-scratch CNN sees every pixel, nothing more
 
 
-def timed(step, *args) -> tuple[object, Timing]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = step(*args)
-    return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
+def timed(step, *args, **kwargs) -> tuple[object, float]:
+    started = time.perf_counter()
+    result = step(*args, **kwargs)
+    return result, time.perf_counter() - started
 
 
-def forward_pass(cfg: RunConfig) -> Timing:
-    """One backbone pass over the train and validation images, as feature extraction runs it (load not timed)."""
+def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
+    """One pass of the backbone over the train and val images, as feature extraction runs it (build not timed)."""
+    from tasks import activation_cache
+    from tasks.backbone_split import split_backbone
     from tasks.backbones import load_backbone
-    from tasks.train import extract_features, stage_records
+    from tasks.training import stage_records
 
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
-    with tempfile.TemporaryDirectory(prefix="bench-forward-") as scratch:
-        paths = [stage_records(cfg, split, Path(scratch)) for split in ("train", "val")]
-        return timed(extract_features, backbone, paths, cfg.image_size, cfg.batch_size)[1]
+    whole = split_backbone(backbone, 0)
+    records = {split: stage_records(cfg, split, scratch) for split in ("train", "val")}
+    return timed(activation_cache.cache_activations, whole.bottom, records, scratch / "forward", {"bench": True},
+                 cfg.batch_size)[1]
 
 
-def test_accuracy(cfg: RunConfig, model_parts: tuple[str, ...]) -> float:
-    import keras
-
+def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> float:
+    """The saved classifier's accuracy on the run's test split."""
+    from tasks import classifier
     from tasks.predict import predict_records
 
-    with tempfile.TemporaryDirectory(prefix="bench-eval-") as scratch:
-        model = keras.models.load_model(storage.download(cfg.artifact(model_parts), Path(scratch, "m.keras")))
-        test = storage.download(cfg.artifact(artifacts.split_records("test")), Path(scratch, "test.tfrecord"))
-        probabilities, labels, _ = predict_records(model, test, cfg.batch_size)
+    model = classifier.fetch(cfg.artifact(artifact), scratch, cfg.cache_dir).model
+    test = storage.download(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord")
+    probabilities, labels, _ = predict_records(model, test, cfg.batch_size)
     return float((probabilities.argmax(axis=1) == labels).mean())
 
 
-def fresh(cfg: RunConfig) -> None:
-    """Remove an earlier bench's training outputs so nothing resumes from them (the data stays)."""
-    for parts in TRAINING_OUTPUTS:
-        storage.delete(storage.join(cfg.run_uri, *parts))
+def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int) -> tuple[float, float, int]:
+    """(test accuracy, seconds, epochs run) of a 2-conv CNN trained from random weights on the same split."""
+    import keras
+
+    from tasks.records import image_dataset
+    from tasks.training import epoch_seed, stage_records
+
+    keras.utils.set_random_seed(cfg.seed)
+    paths = {split: stage_records(cfg, split, scratch) for split in ("train", "val", "test")}
+    model = keras.Sequential([
+        keras.Input((SCRATCH_IMAGE_SIZE, SCRATCH_IMAGE_SIZE, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dropout(0.3),
+        keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train = image_dataset(paths["train"], SCRATCH_IMAGE_SIZE, cfg.batch_size, shuffle_seed=epoch_seed(cfg, 0))
+    val = image_dataset(paths["val"], SCRATCH_IMAGE_SIZE, cfg.batch_size)
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
+    started = time.perf_counter()
+    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0)
+    seconds = time.perf_counter() - started
+    _, accuracy = model.evaluate(image_dataset(paths["test"], SCRATCH_IMAGE_SIZE, cfg.batch_size), verbose=0)
+    return float(accuracy), seconds, len(history.history["loss"])
+
+
+def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float, str]:
+    """(seconds of a fine-tune epoch on cached activations, on images, the cut) for the top `units` units.
+
+    Both are the second epoch of the same model and settings (the first pays tracing).
+    """
+    from bench.fine_tune_sweep import epoch_seconds_on_cache, epoch_seconds_on_images
+    from tasks import activation_cache, classifier
+    from tasks.backbone_split import split_backbone
+    from tasks.training import stage_records
+
+    built = classifier.fetch(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), scratch, cfg.cache_dir)
+    split = split_backbone(built.backbone, units)
+    records = {split_name: stage_records(cfg, split_name, scratch) for split_name in ("train", "val")}
+    manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
+    cached = activation_cache.cache_activations(split.bottom, records, scratch / "ratio",
+                                                activation_cache.cache_key(built.backbone, split, manifest["hash"]),
+                                                cfg.batch_size)
+    num_classes = len(manifest["classes"])
+    on_cache, _ = epoch_seconds_on_cache(cfg, split, built.head, cached["train"], built.backbone, num_classes)
+    steps = math.ceil(len(cached["train"]) / cfg.batch_size)
+    on_images, _ = epoch_seconds_on_images(cfg, built.backbone, built.head, split.units, records, steps, num_classes)
+    return on_cache, on_images, split.cut
+
+
+def demo_params() -> str:
+    """The default recipe `make demo` runs, as one flat string."""
+    keys = ("image_size", "epochs", "learning_rate", "fine_tune", "fine_tune_layers", "fine_tune_epochs",
+            "fine_tune_lr_factor", "fine_tune_schedule", "augment")
+    specs = param_specs(RunConfig())
+    return ",".join(f"{key}={specs[key][0]}" for key in keys)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-root", default=".runs")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--fine-tune-epochs", type=int, default=5, help="0 skips fine-tuning")
-    parser.add_argument("--augment-epochs", type=int, default=10, help="0 skips the augmented path")
+    parser.add_argument("--run-root", default=".bench-runs")
+    parser.add_argument("--scratch-epochs", type=int, default=30)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from tasks.decide import decide
-    from tasks.fine_tune import fine_tune
     from tasks.acquire import acquire
+    from tasks.fine_tune import fine_tune
+    from tasks.scratch import scratch_dir
     from tasks.subsample import subsample
     from tasks.train import train
 
-    # patience = epochs: every run does all its epochs, so the ratios are for exactly that many epochs
-    cfg = RunConfig(source="idx://fashion_mnist", train_percent=10, val_fraction=0.1, test_percent=100,
-                    backbone="efficientnet_lite0", image_size=96, epochs=args.epochs, patience=args.epochs,
-                    fine_tune_epochs=max(args.fine_tune_epochs, 1), run_root=args.run_root, run_id="bench-training")
-    if not storage.exists(cfg.artifact(artifacts.MANIFEST)):
-        subsample(cfg, acquire(cfg))
-    counts = storage.read_json(cfg.artifact(artifacts.MANIFEST))["counts"]
-    sizes = {split: sum(per_class.values()) for split, per_class in counts.items()}
-    fresh(cfg)
-
-    before = forward_pass(cfg)
-    trained, train_time = timed(train, cfg)
-    after = forward_pass(cfg)  # before and after: the mean follows drifting machine load
-    forward = Timing((before.wall + after.wall) / 2, (before.cpu + after.cpu) / 2)
-    results = {
-        "images": sizes, "forward_pass": {**forward.as_dict(), "before_wall_s": round(before.wall, 1),
-                                          "after_wall_s": round(after.wall, 1)},
-        "feature_extraction": {"epochs": trained["epochs_run"], **train_time.as_dict(),
-                               "ratio_to_forward": train_time.ratio(forward),
-                               "val_accuracy": trained["val_accuracy"],
-                               "test_accuracy": test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL)},
-        "decision_with_default_rule": decide(storage.read_json(cfg.artifact(artifacts.HISTORY)),
-                                             RunConfig())["reason"],
-    }
-    if args.fine_tune_epochs:
-        tuned, tune_time = timed(fine_tune, cfg)
-        results["fine_tune"] = {"epochs": tuned["epochs_run"], **tune_time.as_dict(),
-                                "unfrozen_layers": len(tuned["unfrozen_layers"]),
-                                "val_accuracy": tuned["val_accuracy_after"], "kept": tuned["kept"],
-                                "test_accuracy": test_accuracy(cfg, artifacts.FINE_TUNED_MODEL)}
-    if args.augment_epochs:
-        augmented = dataclasses.replace(cfg, run_id="bench-training-augment", augment=True,
-                                        epochs=args.augment_epochs, patience=args.augment_epochs)
-        fresh(augmented)
-        with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-            storage.upload(storage.download(storage.join(cfg.run_uri, "data"), Path(scratch)), storage.join(augmented.run_uri, "data"))
-        result, augment_time = timed(train, augmented)
-        results["augmented_feature_extraction"] = {
-            "epochs": result["epochs_run"], **augment_time.as_dict(),
-            "ratio_to_forward": augment_time.ratio(forward),
-            "val_accuracy": result["val_accuracy"],
-            "test_accuracy": test_accuracy(augmented, artifacts.FEATURE_EXTRACTION_MODEL)}
-    print(json.dumps(results, indent=2))
+    cfg = dataclasses.replace(RunConfig(run_root=args.run_root, run_id="bench-training"), candidate="bench")
+    storage.delete(cfg.run_uri + "/")
+    data = subsample(cfg, acquire(cfg))
+    with scratch_dir("bench-training") as scratch:
+        scratch_accuracy, scratch_s, scratch_epochs = scratch_cnn(cfg, scratch, args.scratch_epochs)
+        forward_s = forward_seconds(cfg, scratch)
+        trained, fe_s = timed(train, cfg, data)
+        fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
+        tuned, ft_s = timed(fine_tune, cfg, trained)
+        ft_accuracy = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
+        on_cache, on_images, cut = epoch_ratio(cfg, scratch, RATIO_UNITS)
+    print(json.dumps({
+        "scratch_test_accuracy": round(scratch_accuracy, 4),
+        "scratch_seconds": round(scratch_s, 1),
+        "scratch_epochs": scratch_epochs,
+        "fe_test_accuracy": round(fe_accuracy, 4),
+        "fe_val_accuracy": round(trained["val_accuracy"], 4),
+        "fe_seconds": round(fe_s, 1),
+        "forward_pass_seconds": round(forward_s, 1),
+        "fe_ratio_to_forward": round(fe_s / forward_s, 2),
+        "ft_test_accuracy": round(ft_accuracy, 4),
+        "ft_val_accuracy": round(tuned["val_accuracy_after"], 4),
+        "ft_kept": tuned["kept"],
+        "ft_cut": tuned["cut"],
+        "ft_seconds": round(ft_s, 1),
+        "transfer_gain_over_scratch": round(ft_accuracy - scratch_accuracy, 4),
+        "ft_epoch_cut": cut,
+        "ft_epoch_seconds_cached": round(on_cache, 2),
+        "ft_epoch_seconds_images": round(on_images, 2),
+        "ft_epoch_ratio_cached_to_images": round(on_cache / on_images, 2),
+        "demo_params": demo_params(),
+    }))
 
 
 if __name__ == "__main__":

@@ -129,8 +129,8 @@ class RunConfig:
                                   type="integer", minimum=1, maximum=500)
     fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
                                        "this.", type="number", exclusiveMinimum=0, maximum=1)
-    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: decays to 0 over the fine-tune "
-                                    "epochs; constant.", type="string", enum=["cosine", "constant"])
+    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: one epoch of linear warm-up, then "
+                                    "decays to 0 over the fine-tune epochs; constant.", type="string", enum=["cosine", "constant"])
     # evaluation and publishing
     top_k: int = param(5, "Top-k", "k of the top-k accuracy.", type="integer", minimum=1, maximum=100)
     top_k_wrong: int = param(50, "Most-wrong gallery size", "Most confidently wrong test images shown.",

@@ -97,15 +97,20 @@ def fine_tune(cfg: RunConfig, trained: dict[str, Any]) -> dict[str, Any]:
 
 
 def learning_rate(cfg: RunConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """learning_rate × fine_tune_lr_factor, constant or cosine-decayed to 0 over the fine-tune epochs.
+    """learning_rate × fine_tune_lr_factor, constant, or warmed up over the first epoch and cosine-decayed to 0.
 
-    The schedule reads the optimizer's step count, which a checkpoint restores,
-    so a resumed run continues the same curve.
+    The warm-up keeps the first updates of freshly unfrozen layers small (at the
+    full rate from step one the head's accuracy collapses for an epoch). The
+    schedule reads the optimizer's step count, which a checkpoint restores, so a
+    resumed run continues the same curve.
     """
     rate = cfg.learning_rate * cfg.fine_tune_lr_factor
     if cfg.fine_tune_schedule == "constant":
         return rate
-    return keras.optimizers.schedules.CosineDecay(rate, decay_steps=cfg.fine_tune_epochs * steps_per_epoch)
+    warmup = steps_per_epoch if cfg.fine_tune_epochs > 1 else 0
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else rate, decay_steps=cfg.fine_tune_epochs * steps_per_epoch - warmup,
+        warmup_target=rate if warmup else None, warmup_steps=warmup)
 
 
 def _top_and_head(top: keras.Model, head: keras.Model) -> keras.Model:
