@@ -77,32 +77,32 @@ def summary(started: float, store: seaweed.SeaweedServer) -> str:
         return f"No run directory under {RUN_ROOT / DAG_ID} was written: see the task logs above."
     run_dir = max(runs, key=lambda p: p.stat().st_mtime)
     lines = [f"Run artifacts: {run_dir}"]
-    metrics_path = run_dir.joinpath(*artifacts.METRICS.parts)
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
+    metrics = _read(run_dir, artifacts.METRICS)
+    if metrics:
         lines.append(f"Test accuracy: {metrics['accuracy']:.4f} on {metrics.get('n_test', '?')} test images")
-    leaderboard_path = run_dir.joinpath(*artifacts.LEADERBOARD.parts)
-    if leaderboard_path.exists():
-        winner = run_dir / "candidates" / json.loads(leaderboard_path.read_text())["winner"]
-        decision_path = winner.joinpath(*artifacts.DECISION.parts)
-        if decision_path.exists():
-            decision = json.loads(decision_path.read_text())
-            lines.append(f"Fine-tuning {'taken' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
-        summary_path = winner.joinpath(*artifacts.TRAIN_SUMMARY.parts)
-        if summary_path.exists():
-            kept = json.loads(summary_path.read_text())
-            lines.append("Validation accuracy: " + ", ".join(
-                f"{phase} {value:.4f}" for phase, value in kept["val_accuracy"].items() if value is not None)
-                + f"; kept {kept['kept']}")
-    published_path = run_dir.joinpath(*artifacts.PUBLISHED.parts)
-    if published_path.exists():
-        published = json.loads(published_path.read_text())
+    winner = run_dir / "candidates" / (_read(run_dir, artifacts.LEADERBOARD) or {}).get("winner", "?")
+    decision = _read(winner, artifacts.DECISION)
+    if decision:
+        lines.append(f"Fine-tuning {'taken' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
+    kept = _read(winner, artifacts.TRAIN_SUMMARY)
+    if kept:
+        lines.append("Validation accuracy: " + ", ".join(
+            f"{phase} {value:.4f}" for phase, value in kept["val_accuracy"].items() if value is not None)
+            + f"; kept {kept['kept']}")
+    published = _read(run_dir, artifacts.PUBLISHED)
+    if published:
         state = "promoted to champion" if published.get("promoted") else "not promoted"
         lines.append(f"Published: {published['version_uri']} ({state}: {published.get('reason', '')})")
     report = run_dir.joinpath(*artifacts.REPORT.parts, "index.html")
     if report.exists():
         lines.append(f"Report: {report}")
     return "\n".join(lines)
+
+
+def _read(folder: Path, artifact: artifacts.Artifact) -> dict | None:
+    """A JSON artifact below a run (or candidate) folder, None when the step did not write it."""
+    path = folder.joinpath(*artifact.parts)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_airflow() -> int:

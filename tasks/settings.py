@@ -18,20 +18,22 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "") or default
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float, parse: type) -> float:
+    """A numeric setting, parsed by `parse` (int or float); a value that does not parse names the variable."""
     value = os.environ.get(name, "")
     try:
-        return int(value) if value else default
+        return parse(value) if value else default
     except ValueError as error:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from error
+        raise ValueError(f"environment variable {name}={value!r} is not {'an integer' if parse is int else 'a number'}"
+                         ) from error
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(_env_number(name, default, int))
 
 
 def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "")
-    try:
-        return float(value) if value else default
-    except ValueError as error:
-        raise ValueError(f"environment variable {name}={value!r} is not a number") from error
+    return float(_env_number(name, default, float))
 
 
 def _default_run_root() -> str:
