@@ -119,7 +119,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
         return train_candidate(_config(cfg), data, candidate)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)  # runs when every candidate is done, failed or not
     def select(cfg: dict, trained: list) -> dict:
         """Rank the candidates on validation accuracy (a failed one is listed with its error); the winner goes on."""
         from tasks.select import select

@@ -10,6 +10,7 @@ import pytest
 
 from tasks import storage
 from tests.conftest import ROOT, deployment_env, tiny_conf
+from tests.test_plugin import AIRFLOW_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -103,11 +104,6 @@ def test_undeclared_conf_key_fails_the_run_before_any_work(dag, airflow_db, s3_b
     assert states["acquire"] != "success" and not (tmp_path / "runs").exists()
 
 
-AUTH_ENV = {
-    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "approver:admin",
-    "AIRFLOW__API_AUTH__JWT_SECRET": "dag-run-test-secret-" + "s" * 64,
-}
 
 
 def answer_pending_approval(option: str, comment: str, stop: threading.Event) -> None:
@@ -117,7 +113,7 @@ def answer_pending_approval(option: str, comment: str, stop: threading.Event) ->
     from fastapi.testclient import TestClient
 
     with TestClient(create_app(apps="core")) as client:
-        token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="approver", role="admin"))
+        token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
         auth = {"Authorization": f"Bearer {token}"}
         while not stop.is_set():
             pending = client.get("/api/v2/dags/~/dagRuns/~/hitlDetails", headers=auth,
@@ -138,7 +134,7 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
     from airflow.dag_processing.dagbag import DagBag
 
     deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
-    for key, value in {**AUTH_ENV, "TLP_APPROVAL_DAGS": "transfer_learning"}.items():
+    for key, value in {**AIRFLOW_ENV, "TLP_APPROVAL_DAGS": "transfer_learning"}.items():
         monkeypatch.setenv(key, value)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
     stop = threading.Event()
@@ -154,7 +150,7 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
     assert dag_run.state == "success", states
     assert states["approval_request"] == states["approve"] == states["promote"] == "success"
     promoted = dag_run.get_task_instance("promote").xcom_pull(task_ids="promote")
-    assert promoted["promoted"] is False and "rejected by approver" in promoted["reason"]
+    assert promoted["promoted"] is False and "rejected by admin" in promoted["reason"]
     assert promoted["approval"]["comment"] == "not this week"
     records = storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/promotions/")
     assert len(records) == 1

@@ -147,14 +147,13 @@ class AirflowServices:
                         timeout_s: float) -> dict:
         """Wait until the run asks a human (HITL) at `task_id`, then answer as the approver would in the UI."""
         quoted = urllib.request.quote(run_id, safe="")
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/-1/hitlDetails"
+        pending = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/hitlDetails?response_received=false"
+        answer = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/-1/hitlDetails"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                self.request("GET", path)
-                return self.request("PATCH", path, {"chosen_options": [option], "params_input": {"comment": comment}})
-            except urllib.error.HTTPError:
-                time.sleep(5)
+            if self.request("GET", pending)["hitl_details"]:
+                return self.request("PATCH", answer, {"chosen_options": [option], "params_input": {"comment": comment}})
+            time.sleep(3)
         raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n{self.logs()}")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import artifacts, storage
-from tasks.config import RunConfig
+from tasks import artifacts, classifier, storage
+from tasks.config import RunConfig, candidate_list
 from devtools.seaweed import free_port
 from tests.conftest import deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices, Component
@@ -140,10 +140,12 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
     assert {ti["hostname"] for ti in ran.values()} == {"worker-a", "worker-b"}
 
     # every hand-over between the workers went through the run root on S3
-    run_uri = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id).run_uri
-    handed_over = {storage.join(run_uri, *artifact.parts) for artifact in (
-        *(artifacts.split_records(split) for split in ("train", "val", "test")),
-        artifacts.HISTORY, artifacts.DECISION, artifacts.MODEL, artifacts.METRICS)}
+    run = RunConfig.from_params(conf, run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
+    run_uri, winner = run.run_uri, run.for_candidate(candidate_list(run)[0])
+    handed_over = {run.artifact(artifact) for artifact in (
+        *(artifacts.split_records(split) for split in ("train", "val", "test")), artifacts.METRICS)}
+    handed_over |= {winner.artifact(artifacts.HISTORY), winner.artifact(artifacts.DECISION),
+                    winner.artifact(artifacts.MODEL, classifier.WEIGHTS_FILE)}
     assert handed_over <= set(storage.list_files(run_uri + "/")), sorted(handed_over)
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id
