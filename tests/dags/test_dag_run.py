@@ -156,3 +156,30 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
     assert len(records) == 1
     assert not any(path.endswith("champion.json") for path in
                    storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/"))
+
+
+def test_savedmodel_backbone_from_s3_runs_every_step_fine_tune_included(dag, airflow_db, s3_bucket,
+                                                                        model_store_connection, tmp_path,
+                                                                        monkeypatch):
+    """The seeds' own path: a SavedModel feature extractor (as TF Hub serves them), here from an S3 prefix."""
+    from tasks import classifier
+    from tests.test_backbones import tiny_convnet
+
+    tiny_convnet().export(str(tmp_path / "encoder"), verbose=False)
+    with _env(model_store_connection):
+        storage.upload(tmp_path / "encoder", f"{s3_bucket}/encoders/tiny")
+    deploy(monkeypatch, f"{s3_bucket}/runs", f"{s3_bucket}/models")
+    conf = {**tiny_conf(tmp_path, "always", publish_uri=f"{s3_bucket}/models"),
+            "backbone": f"{s3_bucket}/encoders/tiny", "fine_tune_layers": 1}
+    dag_run = dag.test(run_conf=conf)
+
+    states = run_states(dag_run)
+    assert dag_run.state == "success", states
+    assert states["fine_tune"] == states["publish_version"] == states["promote"] == "success"
+    champion = json.loads(storage_read(model_store_connection, f"{s3_bucket}/models/tiny-model/champion.json"))
+    files = storage_list(model_store_connection, champion["uri"] + "/")
+    assert {f"{champion['uri']}/{name}" for name in ("model/classifier.json", "model/model.weights.h5",
+                                                      "saved_model/saved_model.pb", "checksums.json")} <= set(files)
+    with _env(model_store_connection):  # another worker, with an empty cache, rebuilds it (safe mode: no code)
+        rebuilt = classifier.fetch(f"{champion['uri']}/model", tmp_path / "elsewhere", str(tmp_path / "empty"))
+    assert rebuilt.model.output_shape == (None, 3) and rebuilt.spec.backbone == f"{s3_bucket}/encoders/tiny"
