@@ -49,7 +49,7 @@ from tasks.checkpoints import fit_resumable
 from tasks.config import RunConfig
 from tasks.head import build_head, compose
 from tasks.records import image_dataset
-from tasks.train import compile_model, epoch_seed, read_manifest, targets
+from tasks.training import compile_model, epoch_seed, read_manifest, targets
 
 log = logging.getLogger("bench.fine_tune_sweep")
 
@@ -115,8 +115,7 @@ def prepare_data(cfg: RunConfig) -> float:
     if storage.exists(cfg.artifact(artifacts.MANIFEST)):
         return 0.0
     started = time.perf_counter()
-    acquire(cfg)
-    subsample(cfg)
+    subsample(cfg, acquire(cfg))
     return time.perf_counter() - started
 
 
@@ -283,7 +282,7 @@ def main() -> None:
     started = time.perf_counter()
     cfg = RunConfig(run_root=args.run_root, run_id="fine-tune-sweep", image_size=args.image_size)
     data_s = prepare_data(cfg)
-    manifest = read_manifest(cfg)
+    manifest = read_manifest(cfg, {})
     num_classes = len(manifest["classes"])
     records = {split: storage.local_path(cfg.artifact(artifacts.split_records(split)))
                for split in ("train", "val", "test")}

@@ -143,8 +143,11 @@ def main() -> None:
     cfg = dataclasses.replace(RunConfig(run_root=args.run_root, run_id="bench-training"), candidate="bench")
     storage.delete(cfg.run_uri + "/")
     data = subsample(cfg, acquire(cfg))
+    log = logging.getLogger("bench.training")
     with scratch_dir("bench-training") as scratch:
         scratch_accuracy, scratch_s, scratch_epochs = scratch_cnn(cfg, scratch, args.scratch_epochs)
+        log.info("from scratch: test accuracy %.4f after %d epochs in %.1f s", scratch_accuracy, scratch_epochs,
+                 scratch_s)
         forward_s = forward_seconds(cfg, scratch)
         trained, fe_s = timed(train, cfg, data)
         fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")

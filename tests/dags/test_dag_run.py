@@ -62,19 +62,26 @@ def champion_events(version: str) -> list:
     return [name for extra, name in rows if name == "champion-tiny-model" and extra.get("version") == version]
 
 
-def test_run_without_fine_tuning_skips_that_branch(dag, airflow_db, s3_bucket, model_store_connection, tmp_path,
-                                                  monkeypatch):
+def test_run_without_fine_tuning_compares_two_candidates_and_skips_that_branch(dag, airflow_db, s3_bucket,
+                                                                              model_store_connection, tmp_path,
+                                                                              monkeypatch):
     deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
-    conf = tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models")
+    conf = {**tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"),
+            "candidates": "efficientnet_lite0@32, efficientnet_lite0@40"}
     dag_run = dag.test(run_conf=conf)
 
     states = run_states(dag_run)
     assert dag_run.state == "success", states
+    mapped = sorted(ti.map_index for ti in dag_run.get_task_instances() if ti.task_id == "train")
+    assert mapped == [0, 1]  # the grid shows one train instance per candidate
     assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
     assert states["evaluate"] == states["publish_version"] == states["promote"] == "success"
-    [decision_file] = (tmp_path / "runs").glob("transfer_learning/*/candidates/*/train/decision.json")
-    decision = json.loads(decision_file.read_text())
+    [run_dir] = (tmp_path / "runs" / "transfer_learning").iterdir()
+    board = json.loads((run_dir / "leaderboard.json").read_text())
+    assert sorted(row["spec"] for row in board["candidates"]) == ["efficientnet_lite0@32", "efficientnet_lite0@40"]
+    decision = json.loads((run_dir / "candidates" / board["winner"] / "train" / "decision.json").read_text())
     assert decision["fine_tune"] is False and "never" in decision["reason"]
+    assert "candidates compared on validation accuracy" in (run_dir / "eval" / "model_card.md").read_text()
 
 
 def storage_read(server, uri: str) -> str:

@@ -168,3 +168,18 @@ def test_bad_params_are_rejected_before_a_run(dagbag, name, value):
     with pytest.raises(ParamValidationError, match=name):
         params[name] = value
         params.validate()
+
+
+@pytest.mark.parametrize("error, action", [
+    ("DownloadError", "retry"), ("StoreUnavailableError", "retry"),  # a network blip or a store that is down
+    ("DatasetError", "fail"), ("ConfigError", "fail"), ("MissingInputError", "fail"), ("BackboneError", "fail"),
+])
+def test_retries_follow_the_failure_not_its_base_class(dagbag, error, action):
+    from airflow.sdk import RetryAction
+
+    from tasks import errors
+
+    policy = dagbag.dags["transfer_learning"].task_dict["acquire"].retry_policy
+    decision = policy.evaluate(getattr(errors, error)("x"), try_number=1, max_tries=3)
+    assert decision.action == {"retry": RetryAction.RETRY, "fail": RetryAction.FAIL}[action]
+    assert policy.evaluate(MemoryError(), try_number=1, max_tries=3).action == RetryAction.DEFAULT  # a lost worker
