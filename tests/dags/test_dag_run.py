@@ -15,8 +15,9 @@ from tests.test_plugin import AIRFLOW_ENV
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dag():
+    """A freshly parsed DAG per test: dag.test() merges a run's conf into the DAG object's params."""
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
@@ -125,7 +126,7 @@ def answer_pending_approval(option: str, comment: str, stop: threading.Event) ->
         while not stop.is_set():
             pending = client.get("/api/v2/dags/~/dagRuns/~/hitlDetails", headers=auth,
                                  params={"response_received": False}).json().get("hitl_details", [])
-            if pending:
+            if pending and pending[0]["task_instance"]["state"] == "awaiting_input":  # parked: safe to answer
                 ti = pending[0]["task_instance"]
                 run = urllib.parse.quote(ti["dag_run_id"], safe="")
                 client.patch(f"/api/v2/dags/{ti['dag_id']}/dagRuns/{run}/taskInstances/{ti['task_id']}/-1/hitlDetails",

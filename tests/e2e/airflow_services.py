@@ -145,14 +145,22 @@ class AirflowServices:
 
     def answer_approval(self, dag_id: str, run_id: str, task_id: str, option: str, comment: str,
                         timeout_s: float) -> dict:
-        """Wait until the run asks a human (HITL) at `task_id`, then answer as the approver would in the UI."""
+        """Wait until the run waits for a human at `task_id` (state awaiting_input), then answer as in the UI.
+
+        Answering earlier, between the request being written and the task parking, races Airflow: the task
+        re-runs and writes a fresh request over the answer.
+        """
         quoted = urllib.request.quote(run_id, safe="")
-        pending = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/hitlDetails?response_received=false"
-        answer = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/-1/hitlDetails"
+        instance = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.request("GET", pending)["hitl_details"]:
-                return self.request("PATCH", answer, {"chosen_options": [option], "params_input": {"comment": comment}})
+            try:
+                parked = self.request("GET", instance)["state"] == "awaiting_input"
+            except urllib.error.HTTPError:
+                parked = False  # the task instance does not exist yet
+            if parked:
+                return self.request("PATCH", f"{instance}/-1/hitlDetails",
+                                    {"chosen_options": [option], "params_input": {"comment": comment}})
             time.sleep(3)
         raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n{self.logs()}")
 
