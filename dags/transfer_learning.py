@@ -190,13 +190,13 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     evaluation = evaluate(cfg, data, best)
     branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
     published = publish_version(cfg, evaluation, best)
-    if dag_id not in settings.load().approval_dags:
+    if dag_id not in SETTINGS.approval_dags:
         promote(cfg, published, None)
         return
     request = approval_request(published)
     approve = HITLOperator(task_id="approve", subject=request["subject"], body=request["body"],
                            options=approval.OPTIONS, defaults=[approval.REJECT], params=APPROVAL_PARAMS,
-                           response_timeout=timedelta(hours=settings.load().approval_timeout_hours))
+                           response_timeout=timedelta(hours=SETTINGS.approval_timeout_hours))
     approval_gate(published) >> [request, promote(cfg, published, approve.output)]
     request >> approve
 
