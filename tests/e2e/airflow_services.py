@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 
 COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
+PARKED_SETTLE_S = 5.0  # several scheduler loops: see answer_approval
 
 
 @dataclass(frozen=True)
@@ -141,28 +142,43 @@ class AirflowServices:
             if state in ("success", "failed"):
                 return state
             time.sleep(5)
-        raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n{self.logs()}")
+        raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n"
+                           f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
 
     def answer_approval(self, dag_id: str, run_id: str, task_id: str, option: str, comment: str,
                         timeout_s: float) -> dict:
-        """Wait until the run waits for a human at `task_id` (state awaiting_input), then answer as in the UI.
+        """Wait until the run waits for a human at `task_id`, then answer as in the UI.
 
-        Answering earlier, between the request being written and the task parking, races Airflow: the task
-        re-runs and writes a fresh request over the answer.
+        The answer goes in only once the same try has stayed parked (state awaiting_input) for
+        PARKED_SETTLE_S. Airflow 3.3.2 loses an answer given sooner: the response re-queues the task
+        under the same try number before the scheduler has handled the executor's "exited" event of
+        the parking process, which then counts the resumed task as killed externally and retries it,
+        and the retry asks again (seen in CI, reproduced by answering within 50 ms).
         """
         quoted = urllib.request.quote(run_id, safe="")
         instance = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}"
         deadline = time.monotonic() + timeout_s
+        parked_since: tuple[int, float] | None = None  # (try number, when first seen parked)
         while time.monotonic() < deadline:
             try:
-                parked = self.request("GET", instance)["state"] == "awaiting_input"
+                ti = self.request("GET", instance)
             except urllib.error.HTTPError:
-                parked = False  # the task instance does not exist yet
-            if parked:
+                ti = None  # the task instance does not exist yet
+            if ti is None or ti["state"] != "awaiting_input":
+                parked_since = None
+            elif parked_since is None or parked_since[0] != ti["try_number"]:
+                parked_since = (ti["try_number"], time.monotonic())
+            elif time.monotonic() - parked_since[1] >= PARKED_SETTLE_S:
                 return self.request("PATCH", f"{instance}/-1/hitlDetails",
                                     {"chosen_options": [option], "params_input": {"comment": comment}})
-            time.sleep(3)
-        raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n{self.logs()}")
+            time.sleep(1)
+        raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n"
+                           f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
+
+    def task_summary(self, dag_id: str, run_id: str) -> str:
+        """One line per task instance: id, state and try number, for failure messages."""
+        return "\n".join(f"{ti['task_id']}[{ti['map_index']}] {ti['state']} try {ti['try_number']}"
+                         for ti in self.task_instances(dag_id, run_id))
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         quoted = urllib.request.quote(run_id, safe="")
