@@ -2,7 +2,7 @@
 
 Phones and edge boxes run TFLite, not SavedModels, and quantisation can cost
 accuracy silently. So the SavedModel export is converted to float32 and
-dynamic-range (int8 weights) variants; each is scored on the whole
+float16-weight variants; each is scored on the whole
 test split with the LiteRT interpreter (`ai-edge-litert`; `tf.lite.Interpreter`
 is deprecated), its file size and single-image latency are measured, and it is
 kept (published beside the model) only when its accuracy stays within
@@ -22,9 +22,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# float32, and the dynamic-range variant (int8 weights, ~1/4 of the size); a float16 variant ("float16") halves
-# the size with float32 speed on CPUs, but scoring a third variant on the whole test split costs another ~15 s
-VARIANTS = ("float32", "dynamic_range")
+# float32, and float16 weights (half the size, the same accuracy; XNNPACK runs it at float32 speed on CPUs, GPU
+# delegates natively). Dynamic-range quantisation (int8 weights, a quarter of the size) was measured on the
+# default run: 2.0 ms/image against 1.1 (its hybrid kernels miss XNNPACK on x86) and 20 s to score the test
+# split against 7 s for float16, so it is not built.
+VARIANTS = ("float32", "float16")
 MAX_ACCURACY_CHANGE = 0.005  # 0.5 accuracy points either way
 TOLERANCE = 1e-9  # accuracies are ratios of counts: absorb float error at the boundary
 ACCURACY_BATCH = 64
@@ -69,9 +71,8 @@ def convert(saved_model: Path, variant: str) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if variant != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     return converter.convert()
 
