@@ -396,7 +396,7 @@ def _judge(champion: dict | None, metrics: dict, test_records: Path, batch_size:
     classes = list(metrics["classes"])
     champion_accuracy = None
     if champion is not None and list(champion["classes"]) == classes:
-        champion_accuracy = _champion_accuracy(champion, test_records, batch_size, metrics["n_test"], scratch)
+        champion_accuracy = _champion_accuracy(champion, metrics, test_records, batch_size, scratch)
     eligible, reason = promotion_rule(float(metrics[METRIC]), champion, champion_accuracy, classes,
                                       policy.min_accuracy, policy.promotion_margin, metrics["n_test"])
     return {"eligible": eligible, "reason": reason, "new_accuracy": float(metrics[METRIC]),
@@ -460,17 +460,28 @@ def _unrecorded_promotion_of(model_root: str, champion: dict | None, version: st
             and not storage.exists(storage.join(model_root, champion["decision"])))
 
 
-def _champion_accuracy(champion: dict, test_records: Path, batch_size: int, n_test: int, scratch: Path) -> float:
-    """The champion's accuracy on this run's test split, through its SavedModel's serving signature.
+def _champion_accuracy(champion: dict, metrics: dict, test_records: Path, batch_size: int, scratch: Path) -> float:
+    """The champion's accuracy on this run's test split: recorded, or re-scored through its SavedModel.
 
-    The SavedModel serves without the champion's backbone code or cache (a TF Hub
-    champion needs no network here), at the champion's own input size.
+    A champion evaluated on the very same selection (equal manifest hash, so the
+    same test images) already has that accuracy in its metrics.json; anything else
+    is scored here through the SavedModel's serving signature, which serves
+    without the champion's backbone code or cache (a TF Hub champion needs no
+    network here), at the champion's own input size.
     """
     import numpy as np
     import tensorflow as tf
 
     from tasks.records import image_dataset
 
+    n_test = metrics["n_test"]
+    recorded = storage.read_json(storage.join(champion["uri"], METRICS_FILE))
+    same_selection = metrics.get("manifest_hash") is not None and recorded.get("manifest_hash") == metrics["manifest_hash"]
+    if same_selection and recorded.get("n_test") == n_test:
+        log.info("publish: champion %s was evaluated on this run's selection (manifest %s): its recorded accuracy "
+                 "%.4f on these %d test images stands", champion["version"], metrics["manifest_hash"][:12],
+                 recorded[METRIC], n_test)
+        return float(recorded[METRIC])
     path = storage.download(storage.join(champion["uri"], SAVED_MODEL_DIR) + "/", scratch / "champion")
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     [(name, spec)] = serve.structured_input_signature[1].items()

@@ -91,10 +91,13 @@ def test_records(tmp_path_factory):
 
 @pytest.fixture
 def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
-    """Writes what evaluate leaves under a run root, for a model that gets `correct` classes right."""
+    """Writes what evaluate leaves under a run root, for a model that gets `correct` classes right.
+
+    Runs share one test split; `selection` names a different subsample of the data around it (another
+    manifest hash), as a run on other training data would have."""
 
     def make(run_id: str, publish_uri: str, *, correct: int = 3, classes: tuple[str, ...] = CLASSES,
-             image_size: int = 32, run_root: str | None = None, **params) -> RunConfig:
+             image_size: int = 32, run_root: str | None = None, selection: str = "", **params) -> RunConfig:
         from tasks.predict import predict_records
 
         cfg = RunConfig(run_id=run_id, run_root=run_root or str(tmp_path / "runs"), publish_uri=publish_uri,
@@ -104,7 +107,8 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
         storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.MODEL))
         records = test_records(classes)
         probabilities, labels, paths = predict_records(built.model, records)
-        manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode()).hexdigest()}
+        manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode() + selection.encode())
+                    .hexdigest()}
         metrics = {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)), "classes": list(classes),
                    "manifest_hash": manifest["hash"], "n_test": len(labels)}
         files = {
@@ -235,7 +239,7 @@ def test_republishing_redoes_an_interrupted_upload_under_the_same_version(s3_buc
 
 
 def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_split(s3_bucket, make_run, policy):
-    champion_cfg = make_run("run-old", s3_bucket, correct=2, image_size=48)
+    champion_cfg = make_run("run-old", s3_bucket, correct=2, image_size=48, selection="older data")
     old = publish.publish(champion_cfg)
     policy(margin=0.2)
 
@@ -246,6 +250,17 @@ def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_spli
     assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == new["version"]
     versions = publish.list_versions(s3_bucket, MODEL_NAME)
     assert [(row["champion"], row["promoted"]) for row in versions] == [(False, True), (True, True)]
+
+
+def test_champion_evaluated_on_the_same_selection_keeps_its_recorded_accuracy(s3_bucket, make_run, policy):
+    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    policy(margin=0.2)
+    # were the champion re-scored, its SavedModel would have to load: the recorded accuracy must be enough
+    storage.delete(storage.join(old["version_uri"], publish.SAVED_MODEL_DIR) + "/")
+
+    new = publish.publish(make_run("run-new", s3_bucket, correct=3))
+
+    assert new["promoted"] and new["champion_accuracy"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("correct, margin", [(2, 0.0), (3, 0.0), (3, 0.5)], ids=["worse", "tie", "within-margin"])
