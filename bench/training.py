@@ -11,11 +11,12 @@ The offline default of the issue: Fashion-MNIST, 10 % of train (5400 train /
 - fine-tuning with the default recipe (the pipeline's own `fine_tune` step, on
   cached boundary activations) and what the kept model scores on test;
 - the cost of one fine-tune epoch on cached activations against one on images,
-  for a cut at the top 20 units (bench/fine_tune_sweep.py has the recipe sweep).
+  for a cut at the top 20 units, and the least that ratio can be by counting
+  floating-point work (bench/fine_tune_sweep.py has the recipe sweep).
 
 Ends with one JSON line of flat keys: scratch_test_accuracy, fe_test_accuracy,
 ft_test_accuracy, fe_ratio_to_forward, ft_epoch_ratio_cached_to_images,
-demo_params, and the timings behind them.
+ft_epoch_ratio_flops_floor, demo_params, and the timings behind them.
 
     python bench/training.py [--run-root .bench-runs] [--scratch-epochs 30]
 """
@@ -28,9 +29,15 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig, param_specs
+
+if TYPE_CHECKING:
+    import keras
+
+    from tasks.backbone_split import Split
 
 RATIO_UNITS = 20
 SCRATCH_IMAGE_SIZE = 28  # Fashion-MNIST's own size: the from-scratch CNN sees every pixel, nothing more
@@ -95,8 +102,9 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int) -> tuple[float, floa
     return float(accuracy), seconds, len(history.history["loss"])
 
 
-def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float, str]:
-    """(seconds of a fine-tune epoch on cached activations, on images, the cut) for the top `units` units.
+def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float, str, float]:
+    """(seconds of a fine-tune epoch on cached activations, on images, the cut, the ratio's compute floor)
+    for the top `units` units.
 
     Both are the second epoch of the same model and settings (the first pays tracing).
     """
@@ -116,7 +124,27 @@ def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float
     on_cache, _ = epoch_seconds_on_cache(cfg, split, built.head, cached["train"], built.backbone, num_classes)
     steps = math.ceil(len(cached["train"]) / cfg.batch_size)
     on_images, _ = epoch_seconds_on_images(cfg, built.backbone, built.head, split.units, records, steps, num_classes)
-    return on_cache, on_images, split.cut
+    return on_cache, on_images, split.cut, ratio_floor(split)
+
+
+def ratio_floor(split: Split) -> float:
+    """The least the cached/images epoch ratio can be for this cut, counting floating-point work only.
+
+    Training the top costs about three of its forward passes (forward, weight
+    gradients, input gradients); an epoch on images adds one forward pass of the
+    bottom. Counted from the traced graphs with TensorFlow's profiler.
+    """
+    top = 3 * forward_flops(split.top, split.boundary_shape)
+    return top / (top + forward_flops(split.bottom, tuple(split.bottom.input_shape[1:])))
+
+
+def forward_flops(model: keras.Model, shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass of `model` on one input of `shape` (inference mode)."""
+    import tensorflow as tf
+
+    traced = tf.function(lambda x: model(x, training=False)).get_concrete_function(tf.TensorSpec((1, *shape)))
+    options = {**tf.compat.v1.profiler.ProfileOptionBuilder.float_operation(), "output": "none"}
+    return tf.compat.v1.profiler.profile(graph=traced.graph, options=options).total_float_ops
 
 
 def demo_params() -> str:
@@ -153,7 +181,7 @@ def main() -> None:
         fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
         tuned, ft_s = timed(fine_tune, cfg, trained)
         ft_accuracy = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
-        on_cache, on_images, cut = epoch_ratio(cfg, scratch, RATIO_UNITS)
+        on_cache, on_images, cut, floor = epoch_ratio(cfg, scratch, RATIO_UNITS)
     print(json.dumps({
         "scratch_test_accuracy": round(scratch_accuracy, 4),
         "scratch_seconds": round(scratch_s, 1),
@@ -173,6 +201,7 @@ def main() -> None:
         "ft_epoch_seconds_cached": round(on_cache, 2),
         "ft_epoch_seconds_images": round(on_images, 2),
         "ft_epoch_ratio_cached_to_images": round(on_cache / on_images, 2),
+        "ft_epoch_ratio_flops_floor": round(floor, 2),
         "demo_params": demo_params(),
     }))
 

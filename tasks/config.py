@@ -125,7 +125,7 @@ class RunConfig:
                                           "accuracy (0 = no target).", type="number", minimum=0, maximum=1)
     fine_tune_layers: int = param(34, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
                                   "stays frozen); rounded to whole blocks.", type="integer", minimum=1, maximum=1000)
-    fine_tune_epochs: int = param(8, "Fine-tune epochs", "Extra epochs after feature extraction.",
+    fine_tune_epochs: int = param(7, "Fine-tune epochs", "Extra epochs after feature extraction.",
                                   type="integer", minimum=1, maximum=500)
     fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
                                        "this.", type="number", exclusiveMinimum=0, maximum=1)
