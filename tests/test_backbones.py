@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import tarfile
+import urllib.parse
+import urllib.request
 
 import keras
 import numpy as np
 import pytest
 
 from tasks import backbones, storage
+from tests.datasets_fixtures import serve
 from tasks.backbones import (BackboneError, available_backbones, load_backbone, make_optimizer,
                              set_trainable_top)
 
@@ -159,6 +163,34 @@ def test_tf_hub_handle_resolves_through_the_hub_cache(saved_model, tmp_path, mon
     backbone = load_backbone(handle, SIZE)
     assert backbone.name == handle
     assert_same_features(source, backbone)
+
+
+def test_tf_hub_handle_downloads_through_hubs_own_http_resolver_once(saved_model, tmp_path, monkeypatch):
+    """The real download path of a handle (request with tf-hub-format=compressed, tar.gz unpacked into the
+    cache), with tfhub.dev answered by a loopback server instead of the internet."""
+    hub_resolver = pytest.importorskip("tensorflow_hub.resolver",
+                                       reason="tensorflow-hub 0.16 needs pkg_resources (setuptools<81)")
+    source, path = saved_model
+    handle = "https://tfhub.dev/tlpipe/tiny/feature_vector/1"
+    published = tmp_path / "site" / "tlpipe/tiny/feature_vector/1"  # a tar.gz with directory entries, as TF Hub serves
+    published.parent.mkdir(parents=True)
+    with tarfile.open(published, "w:gz") as archive:
+        archive.add(path, arcname=".")
+    monkeypatch.delenv("TFHUB_CACHE_DIR", raising=False)
+
+    with serve(tmp_path / "site") as server:
+        def to_loopback(self, request):
+            url = urllib.parse.urlsplit(request.full_url)
+            return urllib.request.urlopen(server.url(url.path.lstrip("/") + "?" + url.query))
+
+        monkeypatch.setattr(hub_resolver.HttpResolverBase, "_call_urlopen", to_loopback)
+        backbone = load_backbone(handle, SIZE, cache_dir=tmp_path / "cache")
+        again = load_backbone(handle, SIZE, cache_dir=tmp_path / "cache")
+
+    assert server.requests == ["/tlpipe/tiny/feature_vector/1?tf-hub-format=compressed"]  # once: then cached
+    assert (tmp_path / "cache" / "tfhub").is_dir()
+    assert_same_features(source, backbone)
+    assert_same_features(source, again)
 
 
 def test_missing_saved_model_is_a_clear_error(tmp_path, s3_bucket):
