@@ -476,8 +476,8 @@ def _champion_accuracy(champion: dict, metrics: dict, test_records: Path, batch_
 
     n_test = metrics["n_test"]
     recorded = storage.read_json(storage.join(champion["uri"], METRICS_FILE))
-    same_selection = metrics.get("manifest_hash") is not None and recorded.get("manifest_hash") == metrics["manifest_hash"]
-    if same_selection and recorded.get("n_test") == n_test:
+    selection = metrics.get("manifest_hash")
+    if selection is not None and recorded.get("manifest_hash") == selection and recorded.get("n_test") == n_test:
         log.info("publish: champion %s was evaluated on this run's selection (manifest %s): its recorded accuracy "
                  "%.4f on these %d test images stands", champion["version"], metrics["manifest_hash"][:12],
                  recorded[METRIC], n_test)
