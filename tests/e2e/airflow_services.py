@@ -19,6 +19,7 @@ from tests.conftest import ROOT
 COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
 PARKED_SETTLE_S = 5.0  # several scheduler loops: see answer_approval
+STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,13 @@ class AirflowServices:
         for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, 15)
+        deadline = time.monotonic() + STOP_GRACE_S
         for process in self.processes:
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
+                process.wait()
 
     def logs(self) -> str:
         """The tail of every component's log, for failure messages."""
