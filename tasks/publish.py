@@ -479,7 +479,7 @@ def _champion_accuracy(champion: dict, metrics: dict, test_records: Path, batch_
     selection = metrics.get("manifest_hash")
     if selection is not None and recorded.get("manifest_hash") == selection and recorded.get("n_test") == n_test:
         log.info("publish: champion %s was evaluated on this run's selection (manifest %s): its recorded accuracy "
-                 "%.4f on these %d test images stands", champion["version"], metrics["manifest_hash"][:12],
+                 "%.4f on these %d test images stands", champion["version"], selection[:12],
                  recorded[METRIC], n_test)
         return float(recorded[METRIC])
     path = storage.download(storage.join(champion["uri"], SAVED_MODEL_DIR) + "/", scratch / "champion")
