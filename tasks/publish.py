@@ -465,23 +465,29 @@ def _champion_accuracy(champion: dict, metrics: dict, test_records: Path, batch_
 
     A champion evaluated on the very same selection (equal manifest hash, so the
     same test images) already has that accuracy in its metrics.json; anything else
-    is scored here through the SavedModel's serving signature, which serves
-    without the champion's backbone code or cache (a TF Hub champion needs no
-    network here), at the champion's own input size.
+    is re-scored.
+    """
+    n_test = metrics["n_test"]
+    recorded = storage.read_json(storage.join(champion["uri"], METRICS_FILE))
+    selection = metrics.get("manifest_hash")
+    if selection is not None and recorded.get("manifest_hash") == selection and recorded.get("n_test") == n_test:
+        log.info("publish: champion %s was evaluated on this run's selection (manifest %s): its recorded accuracy "
+                 "%.4f on these %d test images stands", champion["version"], selection[:12], recorded[METRIC], n_test)
+        return float(recorded[METRIC])
+    return _rescored_accuracy(champion, test_records, batch_size, n_test, scratch)
+
+
+def _rescored_accuracy(champion: dict, test_records: Path, batch_size: int, n_test: int, scratch: Path) -> float:
+    """The champion's accuracy on a test split file, through its SavedModel's serving signature.
+
+    The SavedModel serves without the champion's backbone code or cache (a TF Hub
+    champion needs no network here), at the champion's own input size.
     """
     import numpy as np
     import tensorflow as tf
 
     from tasks.records import image_dataset
 
-    n_test = metrics["n_test"]
-    recorded = storage.read_json(storage.join(champion["uri"], METRICS_FILE))
-    selection = metrics.get("manifest_hash")
-    if selection is not None and recorded.get("manifest_hash") == selection and recorded.get("n_test") == n_test:
-        log.info("publish: champion %s was evaluated on this run's selection (manifest %s): its recorded accuracy "
-                 "%.4f on these %d test images stands", champion["version"], selection[:12],
-                 recorded[METRIC], n_test)
-        return float(recorded[METRIC])
     path = storage.download(storage.join(champion["uri"], SAVED_MODEL_DIR) + "/", scratch / "champion")
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     [(name, spec)] = serve.structured_input_signature[1].items()
