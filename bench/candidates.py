@@ -28,10 +28,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from tasks.acquire import acquire
-    from tasks.select import select
-    from tasks.subsample import subsample
-    from tasks.train import train_candidate
+    from tasks.steps.acquire import acquire
+    from tasks.steps.select import select
+    from tasks.steps.subsample import subsample
+    from tasks.steps.train import train_candidate
 
     base = RunConfig(candidates=args.candidates, epochs=args.epochs, patience=args.epochs, run_root=args.run_root)
     specs = candidate_list(base)

@@ -109,8 +109,8 @@ def cpu_timed(step, *args, **kwargs) -> tuple[Any, float, float]:
 
 def prepare_data(cfg: RunConfig) -> float:
     """Acquire and subsample into the run root unless a manifest is there; the seconds it took."""
-    from tasks.acquire import acquire
-    from tasks.subsample import subsample
+    from tasks.steps.acquire import acquire
+    from tasks.steps.subsample import subsample
 
     if storage.exists(cfg.artifact(artifacts.MANIFEST)):
         return 0.0

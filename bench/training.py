@@ -164,11 +164,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from tasks.acquire import acquire
-    from tasks.fine_tune import fine_tune
+    from tasks.steps.acquire import acquire
+    from tasks.steps.fine_tune import fine_tune
     from tasks.scratch import scratch_dir
-    from tasks.subsample import subsample
-    from tasks.train import train
+    from tasks.steps.subsample import subsample
+    from tasks.steps.train import train
 
     cfg = dataclasses.replace(RunConfig(run_root=args.run_root, run_id="bench-training"), candidate="bench")
     storage.delete(cfg.run_uri + "/")

@@ -94,13 +94,13 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     @task
     def acquire(cfg: dict) -> dict:
-        from tasks.acquire import acquire
+        from tasks.steps.acquire import acquire
 
         return acquire(_config(cfg))
 
     @task
     def subsample(cfg: dict, acquired: dict) -> dict:
-        from tasks.subsample import subsample
+        from tasks.steps.subsample import subsample
 
         return subsample(_config(cfg), acquired)
 
@@ -115,21 +115,21 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     @task(queue=SETTINGS.train_queue)
     def train(cfg: dict, data: dict, candidate: dict) -> dict:
-        from tasks.train import train_candidate
+        from tasks.steps.train import train_candidate
 
         return train_candidate(_config(cfg), data, candidate)
 
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)  # runs when every candidate is done, failed or not
     def select(cfg: dict, trained: list) -> dict:
         """Rank the candidates on validation accuracy (a failed one is listed with its error); the winner goes on."""
-        from tasks.select import select
+        from tasks.steps.select import select
 
         return select(_config(cfg), list(trained))
 
     @task.branch
     def decide(cfg: dict, best: dict) -> str:
         """Branch on the plateau rule; the decision and its reason also go to XCom key `decision`."""
-        from tasks.decide import decide_step
+        from tasks.steps.decide import decide_step
 
         decision = decide_step(_config(cfg, best), best)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
@@ -137,7 +137,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     @task(queue=SETTINGS.train_queue)
     def fine_tune(cfg: dict, best: dict) -> dict:
-        from tasks.fine_tune import fine_tune
+        from tasks.steps.fine_tune import fine_tune
 
         return fine_tune(_config(cfg, best), best)
 
@@ -148,7 +148,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     @task(queue=SETTINGS.train_queue, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def evaluate(cfg: dict, data: dict, best: dict) -> dict:
         """Evaluates the winner's kept model (the better phase): runs after whichever branch ran."""
-        from tasks.evaluate import evaluate
+        from tasks.steps.evaluate import evaluate
 
         return evaluate(_config(cfg, best), data)
 
@@ -156,7 +156,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def publish_version(cfg: dict, evaluation: dict, best: dict) -> dict:
         """Serving check, TFLite variants, a verified version of the winner's model; judges whether it may
         replace the champion."""
-        from tasks.publish import publish_version
+        from tasks.steps.publish import publish_version
 
         return publish_version(_config(cfg, best), evaluation)
 
@@ -173,7 +173,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
         """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
-        from tasks.publish import promote
+        from tasks.steps.publish import promote
 
         result = promote(_config(cfg), published, approval)
         if result["promoted"]:

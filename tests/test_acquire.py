@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import acquire as acq
+from tasks.steps import acquire as acq
 from tasks import artifacts, scratch, storage
-from tasks.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
+from tasks.steps.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
 from tasks.config import RunConfig
 from tasks.errors import DownloadError
-from tasks.subsample import subsample
+from tasks.steps.subsample import subsample
 from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
                                      truncated_copy)
 
@@ -74,7 +74,7 @@ def test_http_archive_is_downloaded_checksummed_and_cached(kind, image_folder, t
     archive = archive_folder(image_folder, www / f"10_food_classes.{kind}", top="10_food_classes")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     cache = tmp_path / "cache"
-    with serve(www) as server, caplog.at_level(logging.INFO, logger="tasks.acquire"):
+    with serve(www) as server, caplog.at_level(logging.INFO, logger="tasks.steps.acquire"):
         source = server.url(archive.name)
         cfg = RunConfig(source=source, source_sha256=digest, run_root=str(tmp_path / "runs"), cache_dir=str(cache))
         first = acquire(cfg)

@@ -5,7 +5,7 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tasks.decide import decide, decide_step
+from tasks.steps.decide import decide, decide_step
 from tasks.errors import MissingInputError
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tasks import artifacts, classifier, storage
 from tasks.errors import MissingInputError
-from tasks.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
+from tasks.steps.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
                             predictions_table)
 from tests import evaluation_fixtures as fx
 

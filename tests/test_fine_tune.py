@@ -18,7 +18,7 @@ TRAINED = {"manifest_hash": SUBSAMPLED["hash"]}  # what train hands fine_tune
 @pytest.fixture(scope="module")
 def feature_extracted(tmp_path_factory, cache_dir):
     """A run after a deliberately short feature extraction (1 epoch), so fine-tuning has room to improve."""
-    from tasks.train import train
+    from tasks.steps.train import train
 
     cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=4,
                    fine_tune_epochs=2, patience=10)
@@ -33,7 +33,7 @@ def copy_run(cfg, tmp_path, **changes):
 
 @pytest.fixture(scope="module")
 def fine_tuned(feature_extracted, tmp_path_factory):
-    from tasks.fine_tune import fine_tune
+    from tasks.steps.fine_tune import fine_tune
 
     cfg = copy_run(feature_extracted, tmp_path_factory.mktemp("fine-tuned"))
     return cfg, fine_tune(cfg, TRAINED)
@@ -100,7 +100,7 @@ def test_history_continues_across_phases_and_the_better_model_is_kept(fine_tuned
 
 
 def test_feature_extraction_model_stays_when_fine_tuning_does_not_beat_it(feature_extracted, tmp_path):
-    from tasks.fine_tune import fine_tune
+    from tasks.steps.fine_tune import fine_tune
 
     cfg = copy_run(feature_extracted, tmp_path, fine_tune_epochs=1, fine_tune_lr_factor=1e-9)
     result = fine_tune(cfg, TRAINED)
@@ -117,7 +117,7 @@ class Crash(RuntimeError):
 
 def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_extracted, fine_tuned, tmp_path,
                                                                       monkeypatch):
-    from tasks.fine_tune import fine_tune
+    from tasks.steps.fine_tune import fine_tune
 
     cfg = copy_run(feature_extracted, tmp_path)
     saved = checkpoints.Checkpointer.save

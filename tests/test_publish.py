@@ -28,7 +28,7 @@ from tasks import artifacts, classifier, pointer, publish, serving_check, storag
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError
-from tasks.publish import PublishError
+from tasks.steps.publish import PublishError
 from tasks.records import write_records
 
 CLASSES = ("apple", "banana", "cherry")
@@ -338,7 +338,7 @@ def test_corrupted_upload_fails_and_leaves_no_pointer_to_the_version(s3_bucket, 
 def test_rollback_repoints_champion_and_records_it_from_the_command_line(s3_bucket, make_run):
     first = publish.publish(make_run("run-1", s3_bucket, correct=2))
     second = publish.publish(make_run("run-2", s3_bucket, correct=3))
-    cli = [sys.executable, "-m", "tasks.publish"]
+    cli = [sys.executable, "-m", "tasks.steps.publish"]
     where = ["--publish-uri", s3_bucket, "--model-name", MODEL_NAME]
 
     done = subprocess.run([*cli, "rollback", *where, "--version", first["version"], "--reason", "bad in prod"],
@@ -383,7 +383,7 @@ def test_missing_bucket_is_created_and_logged(s3, make_run, caplog):
     bucket = f"s3://t-publish-created-{os.getpid()}-{time.time_ns()}"
     cfg = make_run("run-1", bucket)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.publish"):
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.publish"):
         result = publish.publish(cfg)
 
     assert result["promoted"]

@@ -12,7 +12,7 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 from tasks import model_card, report
-from tasks.evaluate import classification_metrics, confusion_pairs, most_wrong, predictions_table
+from tasks.steps.evaluate import classification_metrics, confusion_pairs, most_wrong, predictions_table
 from tasks.model_card import RunRecord
 from tasks.records import write_records
 from tests import evaluation_fixtures as fx

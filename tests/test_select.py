@@ -6,7 +6,7 @@ import pytest
 from tasks import artifacts, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import ConfigError, TrainingError
-from tasks.select import record_failure, select
+from tasks.steps.select import record_failure, select
 
 SPECS = "efficientnet_lite0@96, efficientnet_lite0@160, mobilenet_v2@128"
 

@@ -11,7 +11,7 @@ import pytest
 from tests import evaluation_fixtures as fx
 from tasks import artifacts, classifier, serving_check, storage
 from tasks.errors import PublishError
-from tasks.evaluate import evaluate
+from tasks.steps.evaluate import evaluate
 from tasks.predict import predict_records
 
 

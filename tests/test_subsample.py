@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from tasks import artifacts, records, storage
-from tasks import subsample as subsample_module
-from tasks.acquire import DatasetError, acquire
+from tasks.steps import subsample as subsample_module
+from tasks.steps.acquire import DatasetError, acquire
 from tasks.config import RunConfig
-from tasks.subsample import subsample
+from tasks.steps.subsample import subsample
 from tests.conftest import write_image_folder
 
 

@@ -68,7 +68,7 @@ def metrics_of(history: dict) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """One finished feature-extraction run (3 epochs, no early stop) and how many images went through the backbone."""
-    from tasks import train as train_module
+    from tasks.steps import train as train_module
 
     cfg = tiny_run(str(tmp_path_factory.mktemp("trained")), cache_dir, epochs=3, patience=10)
     with pytest.MonkeyPatch.context() as patch:
@@ -150,7 +150,7 @@ def test_composed_model_predicts_what_the_head_predicts_on_cached_features(train
 
 
 def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monkeypatch):
-    from tasks.train import train
+    from tasks.steps.train import train
 
     cfg, first, embedded = trained
     assert embedded == [48, 12]  # one pass over train and val: each image once for all 3 epochs
@@ -164,7 +164,7 @@ def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monk
 
 
 def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, monkeypatch):
-    from tasks.train import train
+    from tasks.steps.train import train
 
     cfg, _, _ = trained
     shutil.copytree(cfg.run_root, tmp_path / "runs")
@@ -179,7 +179,7 @@ def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, m
 
 
 def test_corrupt_checkpoint_is_reported_and_the_phase_restarts_cleanly(trained, tmp_path, caplog):
-    from tasks.train import train
+    from tasks.steps.train import train
 
     cfg, first, _ = trained
     shutil.copytree(cfg.run_root, tmp_path / "runs")
@@ -203,7 +203,7 @@ def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
 
 def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_dir):
 
-    from tasks.train import train
+    from tasks.steps.train import train
 
     # seed 0: TensorFlow treats a (0, 0) seed pair specially; the epoch-keyed shuffles must not trip on it
     cfg = tiny_run(str(tmp_path / "runs"), cache_dir, epochs=2, augment=True, seed=0)
@@ -222,7 +222,7 @@ KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
     from tasks import checkpoints
     from tasks.config import RunConfig
-    from tasks.train import train
+    from tasks.steps.train import train
 
     saved = checkpoints.Checkpointer.save
 
@@ -238,7 +238,7 @@ KILLED_RUN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_history(tmp_path, cache_dir, s3_bucket):
-    from tasks.train import train
+    from tasks.steps.train import train
 
     # min_delta so large that only epoch 1 counts as an improvement: early stopping then ends
     # the run after epoch 4 only if its wait counter survived the kill after epoch 2.

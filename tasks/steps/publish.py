@@ -205,7 +205,7 @@ def promotion_rule(new_accuracy: float, champion: dict | None, champion_accuracy
     if champion_accuracy is None:
         return False, (f"no comparison possible: champion {champion['version']} predicts {champion['classes']}, "
                        f"this run {classes}; not promoted (if the class change is intended, point the champion at "
-                       "this version by hand: python -m tasks.publish rollback --version ...)")
+                       "this version by hand: python -m tasks.steps.publish rollback --version ...)")
     gain = new_accuracy - champion_accuracy
     beats = gain > TOLERANCE and gain >= margin - TOLERANCE
     return beats, (f"{new_accuracy:.4f} vs champion {champion['version']} {champion_accuracy:.4f} on this run's "
@@ -613,8 +613,8 @@ def _relative(item: str, base: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tasks.publish list|rollback ...`: inspect versions or move the champion back by hand."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.publish", description=main.__doc__)
+    """`python -m tasks.steps.publish list|rollback ...`: inspect versions or move the champion back by hand."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.steps.publish", description=main.__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--publish-uri", required=True, help="e.g. s3://models")
     common.add_argument("--model-name", required=True)

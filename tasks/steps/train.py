@@ -23,7 +23,7 @@ from tasks.checkpoints import fit_resumable
 from tasks.config import Candidate, RunConfig
 from tasks.scratch import scratch_dir
 from tasks.head import augmentation, compose
-from tasks.select import record_failure
+from tasks.steps.select import record_failure
 from tasks.training import (FEATURE_EXTRACTION, cached_data, compile_model, distribution_strategy, fingerprint,
                             image_data, read_manifest, resolve_loss)
 
