@@ -54,6 +54,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 MAX_SIDE = 2**31 - 1
+WEBP_ANIMATION_FLAG = 0x02  # in the VP8X chunk's flags byte
+WEBP_ALPHA_FLAG = 0x10
+WEBP_OPAQUE_ANIMATION = ("an animated WebP without alpha cannot be decoded by TensorFlow 2.21 (it corrupts memory); "
+                         "send its first frame as PNG")
 
 
 def header_size(data: bytes) -> tuple[int, int]:
@@ -138,8 +142,10 @@ def decode_in_graph(encoded, image_size: int):
     """One encoded image (a scalar string tensor) -> (image_size, image_size, 3) float32, in TensorFlow ops.
 
     The bytes signature of the published model runs this. It matches `to_rgb`
-    except where no TensorFlow op can: EXIF orientation is not applied, a CMYK
-    JPEG is refused, and a GIF's transparent pixels come out black.
+    except where no TensorFlow op can: EXIF orientation is not applied, a GIF's
+    transparent pixels come out black (TensorFlow's GIF decoder drops
+    transparency), and an animated WebP without alpha is refused (see
+    WEBP_OPAQUE_ANIMATION).
     """
     import tensorflow as tf
 
@@ -147,20 +153,51 @@ def decode_in_graph(encoded, image_size: int):
         # the accurate integer DCT is what Pillow's libjpeg uses: the same pixels as to_rgb
         return _opaque(tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"))
 
-    def other():
-        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint16, expand_animations=False)
-        image = tf.cast(tf.bitwise.right_shift(image, tf.constant(8, tf.uint16)), tf.uint8)  # 16 -> 8 bits
-        channels = tf.shape(image)[-1]
-        bmp = tf.strings.substr(encoded, 0, 2) == b"BM"
-        return tf.case([(tf.equal(channels, 1), lambda: _opaque(tf.repeat(image[..., :1], 3, axis=-1))),
-                        (tf.equal(channels, 2), lambda: tf.concat([tf.repeat(image[..., :1], 3, axis=-1),
-                                                                   image[..., 1:2]], axis=-1)),
-                        (tf.logical_or(tf.equal(channels, 3), bmp), lambda: _opaque(image[..., :3]))],
-                       default=lambda: image[..., :4], exclusive=False)
+    def png():
+        # libpng expands gray, palette, tRNS and 8 bits to 16-bit RGBA; the high byte is to_rgb's 8 bits
+        image = tf.io.decode_png(encoded, channels=4, dtype=tf.uint16)
+        return tf.cast(tf.bitwise.right_shift(image, tf.constant(8, tf.uint16)), tf.uint8)
 
-    rgba = tf.cond(tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff", jpeg, other)
+    def webp():
+        # TF 2.21 decodes an animation only as RGBA, refuses RGBA for one without the alpha flag, and on the default
+        # channels writes its RGBA frames into an RGB buffer (heap corruption): such a file is refused before decoding
+        flags = tf.io.decode_raw(tf.strings.substr(encoded, 20, 1), tf.uint8)[0]
+        extended = tf.strings.substr(encoded, 12, 4) == b"VP8X"
+        animated = tf.logical_and(extended, tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ANIMATION_FLAG), 0))
+        with_alpha = tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ALPHA_FLAG), 0)
+
+        def animation():
+            check = tf.debugging.Assert(with_alpha, [WEBP_OPAQUE_ANIMATION])
+            with tf.control_dependencies([check]):
+                return tf.io.decode_webp(tf.identity(encoded), channels=4)[0]
+
+        return tf.cond(animated, animation, lambda: _rgba(tf.io.decode_webp(encoded)[0], opaque_alpha=False))
+
+    def gif_or_bmp():
+        # a BMP's fourth byte is padding in most files: opaque, as to_rgb has it
+        return _rgba(tf.io.decode_image(encoded, channels=0, expand_animations=False),
+                     opaque_alpha=tf.strings.substr(encoded, 0, 2) == b"BM")
+
+    start = tf.strings.substr(encoded, 0, 12)
+    rgba = tf.case([(tf.strings.substr(start, 0, 3) == b"\xff\xd8\xff", jpeg),
+                    (tf.strings.substr(start, 0, 8) == PNG_SIGNATURE, png),
+                    (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF", tf.strings.substr(start, 8, 4) == b"WEBP"),
+                     webp)],
+                   default=gif_or_bmp, exclusive=True)
     rgba.set_shape((None, None, 4))
     return resize(_composite_tf(rgba), image_size)
+
+
+def _rgba(image, opaque_alpha):
+    """A decoded uint8 image of 1-4 channels -> RGBA (a fourth channel is alpha unless `opaque_alpha`)."""
+    import tensorflow as tf
+
+    channels = tf.shape(image)[-1]
+    gray = tf.repeat(image[..., :1], 3, axis=-1)
+    return tf.case([(tf.equal(channels, 1), lambda: _opaque(gray)),
+                    (tf.equal(channels, 2), lambda: tf.concat([gray, image[..., 1:2]], axis=-1)),
+                    (tf.logical_or(tf.equal(channels, 3), opaque_alpha), lambda: _opaque(image[..., :3]))],
+                   default=lambda: image[..., :4], exclusive=False)
 
 
 def _opaque(rgb):

@@ -59,7 +59,7 @@ def test_epoch_order_matches_the_image_pipeline_beyond_one_shuffle_buffer(tmp_pa
 
     count = records.SHUFFLE_BUFFER + 500
     path = tmp_path / "many.tfrecord"
-    records.write_records(path, ((b"", index, "") for index in range(count)))
+    records.write_canonical(path, ((b"", b"", index, "") for index in range(count)))
     labels = np.arange(count)
     cached = activation_cache.CachedSplit(np.zeros((count, 1), np.float32), labels)
 
