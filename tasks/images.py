@@ -112,6 +112,28 @@ def decode(data: bytes, image_size: int) -> np.ndarray:
     return resize(to_rgb(data)[np.newaxis], image_size)[0].numpy()
 
 
+def client_bytes(data: bytes) -> bytes:
+    """What a client sends the bytes signature for an image file, so that it sees `to_rgb`'s pixels.
+
+    The file itself, except where the graph cannot do what `to_rgb` does: an
+    EXIF orientation other than 1, a GIF with a transparent colour, an animated
+    WebP without alpha. Those are sent as `to_rgb`'s pixels in a PNG.
+    """
+    from PIL import ExifTags, Image
+
+    kind = image_format(data)
+    if kind == "WEBP" and data[12:16] == b"VP8X" and len(data) > 20:
+        if data[20] & WEBP_ANIMATION_FLAG and not data[20] & WEBP_ALPHA_FLAG:
+            return encode_canonical(to_rgb(data))
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as image:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            transparent_gif = kind == "GIF" and "transparency" in image.info
+    except Exception as error:  # noqa: BLE001 - the decoder names what is wrong
+        raise ImageDecodeError(f"a {kind} whose header does not parse: {type(error).__name__}: {error}") from error
+    return encode_canonical(to_rgb(data)) if orientation not in (None, 1) or transparent_gif else data
+
+
 def resize(images, image_size: int):
     """The one resize of every path: float32 [..., image_size, image_size, 3], values kept in [0, 255]."""
     import tensorflow as tf

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import evaluation_fixtures as fx
-from tasks import artifacts, classifier, serving_check, storage
+from tasks import artifacts, classifier, serving_check, serving_export, storage
 from tasks.errors import PublishError
 from tasks.steps.evaluate import evaluate
 from tasks.predict import predict_records
@@ -26,7 +26,7 @@ def staged(work: Path, built: classifier.Classifier) -> tuple[Path, Path, Path, 
     records = work / "test.tfrecord"
     fx.write_test_records(records, work)
     folder = classifier.save(built, work / "model")
-    built.model.export(str(work / "saved_model"), verbose=False)
+    serving_export.export(built.model, built.spec.classes, work / "saved_model")
     probabilities, _, paths = predict_records(built.model, records)
     return folder, work / "saved_model", records, probabilities, paths
 
@@ -57,7 +57,7 @@ def test_model_that_serves_what_was_evaluated_passes(tmp_path, cache_dir):
                                                                            paths), records, "s3://m/v1")
 
     assert checked["n_images"] == len(paths) and checked["tolerance"] == serving_check.TOLERANCE
-    assert set(checked["max_abs_diff"]) == {"model", "saved_model"}
+    assert set(checked["max_abs_diff"]) == {"model", "saved_model", "saved_model_bytes"}
     assert max(checked["max_abs_diff"].values()) <= serving_check.TOLERANCE
 
 

@@ -55,7 +55,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks import artifacts, classifier, model_card, pointer, report, serving_check, settings, storage, tflite_export
+from tasks import (artifacts, classifier, model_card, pointer, report, serving_check, serving_export, settings, storage,
+                   tflite_export)
 from tasks.approval import read_review, verdict
 from tasks.config import RunConfig
 from tasks.errors import PublishError
@@ -364,7 +365,7 @@ def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, te
     """Add what the run root does not hold: the SavedModel export, the run's params, the TFLite variants, and
     the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
-    model.export(str(stage / SAVED_MODEL_DIR), verbose=False)
+    serving_export.export(model, classifier.read_spec(stage / MODEL_DIR).classes, stage / SAVED_MODEL_DIR)
     (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
     checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
                                           version_uri)
