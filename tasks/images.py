@@ -88,23 +88,13 @@ def to_rgb(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     `max_pixels` (the deployment's TLP_MAX_IMAGE_PIXELS) is checked against the
     header before anything is decoded.
     """
-    from PIL import Image, ImageOps
+    pixels = _decoded(data, max_pixels)
+    return np.repeat(pixels[..., np.newaxis], 3, axis=-1) if pixels.ndim == 2 else pixels
 
-    kind, width, height = _header(data)
-    _check_pixels(kind, width, height, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[kind]) as image:
-                _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
-                image.seek(0)
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _rgb_pixels(image, kind)
-    except ImageDecodeError:
-        raise
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
-        raise ImageDecodeError(f"a {kind} whose data does not decode: {type(error).__name__}: {error}") from error
+
+def canonical_png(data: bytes, *, max_pixels: int | None = None) -> bytes:
+    """`to_rgb`'s pixels as the lossless PNG the split files store (see `encode_canonical`)."""
+    return encode_canonical(_decoded(data, max_pixels))
 
 
 def decode(data: bytes, image_size: int) -> np.ndarray:
@@ -124,14 +114,14 @@ def client_bytes(data: bytes) -> bytes:
     kind = image_format(data)
     if kind == "WEBP" and data[12:16] == b"VP8X" and len(data) > 20:
         if data[20] & WEBP_ANIMATION_FLAG and not data[20] & WEBP_ALPHA_FLAG:
-            return encode_canonical(to_rgb(data))
+            return canonical_png(data)
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as image:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             transparent_gif = kind == "GIF" and "transparency" in image.info
     except Exception as error:  # noqa: BLE001 - the decoder names what is wrong
         raise ImageDecodeError(f"a {kind} whose header does not parse: {type(error).__name__}: {error}") from error
-    return encode_canonical(to_rgb(data)) if orientation not in (None, 1) or transparent_gif else data
+    return canonical_png(data) if orientation not in (None, 1) or transparent_gif else data
 
 
 def resize(images, image_size: int):
@@ -143,14 +133,25 @@ def resize(images, image_size: int):
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
-def encode_canonical(rgb: np.ndarray) -> bytes:
-    """`to_rgb`'s pixels as a lossless PNG for the split files (grayscale when R = G = B: smaller, same pixels)."""
-    from PIL import Image
+def encode_canonical(pixels: np.ndarray) -> bytes:
+    """8-bit pixels ((H, W) gray or (H, W, 3) RGB) as a PNG that `decode_canonical` turns back into them.
 
-    pixels = rgb[..., 0] if _is_gray(rgb) else rgb
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=CANONICAL_PNG_LEVEL)
-    return buffer.getvalue()
+    Gray when R = G = B (a third of the bytes, the same RGB once decoded). Written
+    here rather than by Pillow: no filters, zlib level 1, about 4x faster to
+    write than Pillow's encoder for small images, and decoded just as fast.
+    """
+    if pixels.ndim == 3 and _is_gray(pixels):
+        pixels = pixels[..., 0]
+    height, width = pixels.shape[:2]
+    rows = np.zeros((height, 1 + pixels[0].size), np.uint8)  # a 0 (no filter) byte before each row
+    rows[:, 1:] = pixels.reshape(height, -1)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), CANONICAL_PNG_LEVEL)), _png_chunk(b"IEND", b"")))
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def decode_canonical(encoded):
@@ -247,20 +248,41 @@ def _composite(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _rgb_pixels(image, kind: str) -> np.ndarray:
-    """A loaded Pillow image of any mode -> (H, W, 3) uint8 RGB."""
+def _decoded(data: bytes, max_pixels: int | None) -> np.ndarray:
+    """Encoded bytes -> (H, W) gray or (H, W, 3) RGB uint8 by the module's rules."""
+    from PIL import Image, ImageOps
+
+    kind, width, height = _header(data)
+    _check_pixels(kind, width, height, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[kind]) as image:
+                _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
+                image.seek(0)
+                image.load()
+                return _pixels(ImageOps.exif_transpose(image), kind)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        raise ImageDecodeError(f"a {kind} whose data does not decode: {type(error).__name__}: {error}") from error
+
+
+def _pixels(image, kind: str) -> np.ndarray:
+    """A loaded Pillow image of any mode -> (H, W) gray or (H, W, 3) RGB uint8."""
     mode = image.mode
     transparent = "transparency" in image.info and kind != "BMP"
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.int64)
         gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        rgb = np.repeat(gray[..., np.newaxis], 3, axis=-1)
         if transparent and isinstance(image.info["transparency"], int):
             alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
-            rgb = _composite(np.concatenate([rgb, alpha[..., np.newaxis]], axis=-1))
-        return rgb
+            return _composite(np.stack([gray, gray, gray, alpha], axis=-1))
+        return gray
     if kind != "BMP" and (transparent or mode in ("RGBA", "LA", "La", "PA", "RGBa")):
         return _composite(np.asarray(image.convert("RGBA")))
+    if mode in ("L", "1"):
+        return np.asarray(image if mode == "L" else image.convert("L"))
     return np.asarray(image if mode == "RGB" else image.convert("RGB"))
 
 

@@ -26,13 +26,8 @@ def write_records(path: str | Path, examples: Iterable[tuple[bytes, int, str]]) 
     ImageDecodeError for an image the decoder refuses (subsample checks and
     lists them first, then writes with `write_canonical`).
     """
-    return write_canonical(path, ((canonical(original), original, label, rel_path)
+    return write_canonical(path, ((images.canonical_png(original), original, label, rel_path)
                                   for original, label, rel_path in examples))
-
-
-def canonical(original: bytes, max_pixels: int | None = None) -> bytes:
-    """The stored form of an image file: its `to_rgb` pixels as a lossless PNG."""
-    return images.encode_canonical(images.to_rgb(original, max_pixels=max_pixels))
 
 
 def write_canonical(path: str | Path, examples: Iterable[tuple[bytes, bytes, int, str]]) -> int:

@@ -192,8 +192,9 @@ def test_images_above_the_pixel_limit_are_skipped_before_decoding(image_folder, 
     Image.new("RGB", (64, 64)).save(apples / "large.png")
     monkeypatch.setenv("TLP_MAX_IMAGE_PIXELS", str(48 * 48))
     decoded = []
-    to_rgb = subsample_module.images.to_rgb
-    monkeypatch.setattr(subsample_module.images, "to_rgb", lambda data, **kw: decoded.append(data) or to_rgb(data, **kw))
+    canonical = subsample_module.images.canonical_png
+    monkeypatch.setattr(subsample_module.images, "canonical_png",
+                        lambda data, **kw: decoded.append(data) or canonical(data, **kw))
     cfg = config(image_folder, tmp_path, train_percent=100)
     acquired_subsample(cfg)
     reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}

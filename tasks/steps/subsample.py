@@ -246,7 +246,7 @@ def _read_image(path: Path, limits: settings.Limits) -> tuple[bytes, bytes] | st
     if over:
         return f"decompression bomb: {width}x{height} pixels, {over}"
     try:
-        return records.canonical(original, limits.max_image_pixels), original
+        return images.canonical_png(original, max_pixels=limits.max_image_pixels), original
     except ImageDecodeError as error:
         return f"not a decodable image: {error}"
 
