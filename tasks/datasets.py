@@ -61,7 +61,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 from tasks import artifacts, settings, storage
 from tasks.errors import DatasetError, DownloadError
@@ -80,9 +80,12 @@ SUPPORTED_SOURCES = (
     "a local folder or file://<folder> laid out as <split>/<class>/<image>",
     "s3://<bucket>/<prefix>/ laid out as <split>/<class>/<image>",
     "idx://fashion_mnist[?dir=<folder with the IDX .gz files>]",
+    "conn://<Airflow connection id> whose extra {\"url\": …} (or host) is one of these, its login and password "
+    "the URL's credentials",
 )
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CLASSES_FILE = "classes.json"
+CONNECTION_SCHEME = "conn://"
 IMAGES_DIR = "images"
 RECORD_FILE = "source.json"
 DOWNLOAD_CHUNK_BYTES = 1 << 16
@@ -176,6 +179,9 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
         return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
         return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
+    if scheme == "conn":
+        raise DatasetError(f"{source}: a conn:// source is resolved by the DAG from its Airflow connection; outside "
+                           "Airflow give the URL itself")
     raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: "
                        + "; ".join(SUPPORTED_SOURCES))
 
@@ -198,6 +204,38 @@ def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
         root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
     files = {split: tuple(tuple(paths) for paths in per_class) for split, per_class in index["files"].items()}
     return ImageFolder(root=root, classes=tuple(index["classes"]), files=files)
+
+
+def connection_id(source: str) -> str:
+    """The Airflow connection a `conn://<id>` source names; "" for any other source."""
+    if not source.startswith(CONNECTION_SCHEME):
+        return ""
+    conn_id = source[len(CONNECTION_SCHEME):]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", conn_id):
+        raise DatasetError(f"source {source!r}: write conn://<connection id> (letters, digits, _ . -)")
+    return conn_id
+
+
+def connection_source(source: str, conn_type: str | None, host: str | None, login: str | None,
+                      password: str | None, port: int | None, schema: str | None, extra: dict[str, Any]) -> str:
+    """The real source URL of a `conn://` source, from its Airflow connection's fields.
+
+    The URL is the connection's extra `url` (else its host); a login and
+    password, when set, become the URL's user info. Resolved in the task's own
+    process only, so the credentials stay in the connection, out of XCom and logs.
+    """
+    url = str(extra.get("url") or host or "").strip()
+    if not url or "://" not in url or url.startswith(CONNECTION_SCHEME):
+        raise DatasetError(f"source {source}: its connection holds no dataset URL; set the connection's extra to "
+                           '{"url": "<source URI>"} (any form but conn://) or its host to that URI')
+    if login or password:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or "@" in parts.netloc:
+            raise DatasetError(f"source {source}: a login/password is added to an http(s) URL without user info "
+                               f"only, not to {redact_uri(url)}; for s3:// use the model store connection")
+        userinfo = quote(login or "", safe="") + (":" + quote(password, safe="") if password else "")
+        url = urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+    return url
 
 
 def scan(root: Path) -> ImageFolder:
@@ -233,7 +271,7 @@ def find_root(folder: Path) -> Path:
 
 def cache_entry(source: str, cache_dir: str | Path) -> Path:
     """Where a source's image folder is cached: readable name plus a hash of the whole URI."""
-    stem = PurePosixPath(urlparse(source).path).name or urlparse(source).netloc
+    stem = PurePosixPath(_source_path(source)).name or urlparse(source).netloc
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:40] or "dataset"
     return Path(cache_dir) / "datasets" / f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
@@ -414,10 +452,10 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
 def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
     scheme = urlparse(source).scheme
     if scheme in ("http", "https"):
-        archive = work / PurePosixPath(urlparse(source).path).name
+        archive = work / PurePosixPath(_source_path(source)).name
         download(source, archive)
     elif scheme == "s3":
-        archive = _download_s3(source, work / PurePosixPath(urlparse(source).path).name)
+        archive = _download_s3(source, work / PurePosixPath(_source_path(source)).name)
     else:
         archive = storage.local_path(source)
         if not archive.is_file():
@@ -590,7 +628,16 @@ def _refuse(archive: Path, member: str, why: str) -> None:
 
 
 def _is_archive(source: str) -> bool:
-    return urlparse(source).path.lower().endswith(ARCHIVE_SUFFIXES)
+    return _source_path(source).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _source_path(source: str) -> str:
+    """The path part of a source: an S3 key and a local path are taken whole (`?` and `#` are name characters)."""
+    if storage.is_s3(source):
+        return "/" + storage.split_s3(source)[1]
+    if "://" not in source:
+        return source
+    return urlparse(source).path
 
 
 def _image_suffix(data: bytes) -> str:
