@@ -66,7 +66,7 @@ from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 from tasks import artifacts, settings, storage
 from tasks.errors import DatasetError, DownloadError
 from tasks.redact import redact_uri
-from tasks.scratch import scratch_dir
+from tasks.scratch import atomic_file, scratch_dir
 
 if TYPE_CHECKING:
     from tasks.config import RunConfig
@@ -91,6 +91,7 @@ RECORD_FILE = "source.json"
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 DOWNLOAD_TIMEOUT_S = 60
 UNKNOWN_SIZE_LOG_BYTES = 10 << 20
+RATIO_FREE_BYTES = 1 << 20  # members this small may compress as well as they like
 IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
                (b"RIFF", ".webp"))
 
@@ -315,6 +316,7 @@ def extract_archive(archive: Path, target: Path) -> None:
     end-of-archive marker (a truncated download would otherwise look complete).
     """
     limits = settings.load().limits
+    packed = archive.stat().st_size
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
@@ -324,6 +326,8 @@ def extract_archive(archive: Path, target: Path) -> None:
                     _check_member(archive, info.filename)
                     if stat.S_ISLNK(info.external_attr >> 16):
                         _refuse(archive, info.filename, "is a symbolic link")
+                    _check_ratio(archive, info.filename, info.file_size, info.compress_size, limits)
+                _check_free_space(archive.name, target, sum(info.file_size for info in infos), limits)
                 bundle.extractall(target)
             return
         with tarfile.open(archive, "r:*") as bundle:
@@ -337,10 +341,13 @@ def extract_archive(archive: Path, target: Path) -> None:
                     _refuse(archive, member.name, f"is a link to {member.linkname!r}")
                 if not (member.isfile() or member.isdir()):
                     _refuse(archive, member.name, "is a device, FIFO or other special file")
+                # a tar is compressed as one stream: the members so far against the whole archive's bytes
+                _check_ratio(archive, member.name, size, packed, limits)
             # the loop ends at the zero block that closes a tar, or at a short read where the file was cut
             if bundle.fileobj.tell() < bundle.offset + tarfile.BLOCKSIZE:
                 raise DatasetError(f"{archive.name}: the tar archive ends without its end-of-archive marker after "
                                    f"{len(members)} members: it is truncated; download it again")
+            _check_free_space(archive.name, target, size, limits)
             bundle.extractall(target, members=members, filter="data")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise DatasetError(f"{archive}: not a readable archive ({error}); it may be truncated or damaged: check the "
@@ -355,6 +362,28 @@ def _check_archive_size(archive: Path, members: int, size: int, limits: settings
     too_large = limits.exceeded("max_archive_bytes", size)
     if too_large:
         raise DatasetError(f"{archive.name}: {size:,}+ bytes uncompressed, {too_large}; nothing was extracted")
+
+
+def _check_ratio(archive: Path, member: str, unpacked: int, packed: int, limits: settings.Limits) -> None:
+    """Refuse a member that expands far more than images do (a compression bomb), before extracting anything."""
+    if unpacked <= RATIO_FREE_BYTES:
+        return
+    too_dense = limits.exceeded("max_compression_ratio", unpacked // max(packed, 1))
+    if too_dense:
+        _refuse(archive, member, f"expands {unpacked:,} bytes from {packed:,} (ratio {unpacked // max(packed, 1):,}), "
+                f"{too_dense}")
+
+
+def _check_free_space(what: str, target: Path, needed: int, limits: settings.Limits) -> None:
+    """Refuse to write `needed` bytes below `target` when that would leave less than the deployment keeps free."""
+    folder = target
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free - needed < limits.min_free_bytes:
+        raise DatasetError(f"{what}: {needed:,} bytes to write but {free:,} free on the disk of {folder}, and "
+                           f"{limits.min_free_bytes:,} must stay free (TLP_MIN_FREE_BYTES); nothing was written: free "
+                           "space (e.g. clear the dataset cache, TLP_CACHE_DIR) or use a smaller dataset")
 
 
 def download(url: str, target: Path) -> None:
@@ -372,9 +401,10 @@ def download(url: str, target: Path) -> None:
         response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as error:  # urllib's URLError and HTTPError are OSErrors
         raise _download_error(shown, error) from error
-    with response, open(target, "wb") as out:
+    with response, atomic_file(target) as out:
         total = int(response.headers.get("Content-Length") or 0)
         _check_download_size(shown, total, limits)
+        _check_free_space(shown, target.parent, total, limits)
         done, next_mark = 0, 10
         while chunk := _read_chunk(shown, response):
             done += len(chunk)
@@ -386,8 +416,8 @@ def download(url: str, target: Path) -> None:
                 next_mark = percent // 10 * 10 + 10
             elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
                 log.info("downloading %s: %.1f MB", shown, done / 1e6)
-    if total and done != total:
-        raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
+        if total and done != total:
+            raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
 
 
 def _read_chunk(shown: str, response: http.client.HTTPResponse) -> bytes:
@@ -419,7 +449,9 @@ def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None
 def _download_s3(source: str, local: Path) -> Path:
     """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
     size = sum(item.size for item in storage.list_stored(source) if source.endswith("/") or item.uri == source)
-    _check_download_size(redact_uri(source), size, settings.load().limits)
+    limits = settings.load().limits
+    _check_download_size(redact_uri(source), size, limits)
+    _check_free_space(redact_uri(source), local, size, limits)
     return storage.download(source, local)
 
 

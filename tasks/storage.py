@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from tasks.errors import StorageError, StoreUnavailableError
 from tasks.redact import redact_uri
+from tasks.scratch import atomic_file
 
 import functools
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -160,12 +160,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
         _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data)
         return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes 0600; readers (UI, other users) need 0644
-    os.replace(tmp.name, path)
+    with atomic_file(local_path(uri)) as out:
+        out.write(data)
 
 
 def read_text(uri: str) -> str:

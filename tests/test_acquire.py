@@ -451,3 +451,68 @@ def test_a_killed_acquire_leaves_no_scratch_behind_for_ever(image_folder, tmp_pa
     root = local_dataset(str(archive), tmp_path / "cache")
     assert not killed.exists()
     assert sorted(p.name for p in datasets.iterdir()) == [root.parent.name]
+
+
+def _bomb(image_folder: Path, archive: Path) -> Path:
+    """The image folder plus one member of 8 MB of zeros (a few KB compressed)."""
+    archive_folder(image_folder, archive)
+    zeros = bytes(8 << 20)
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as bundle:
+            bundle.writestr("train/apple/zeros.png", zeros)
+    else:
+        with tarfile.open(archive, "w:gz") as bundle:
+            bundle.add(image_folder, "")
+            add_tar_member(bundle, "train/apple/zeros.png", zeros)
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_compression_bomb_is_refused_before_extracting(kind, image_folder, tmp_path):
+    archive = _bomb(image_folder, tmp_path / "in" / f"food.{kind}")
+    assert archive.stat().st_size < (8 << 20) // 100  # far under the 50 GiB and member limits
+    with pytest.raises(DatasetError, match=r"zeros.png.*expands .*TLP_MAX_COMPRESSION_RATIO.*nothing was extracted"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_extraction_that_would_fill_the_disk_is_refused(kind, image_folder, tmp_path, monkeypatch):
+    archive = archive_folder(image_folder, tmp_path / "in" / f"food.{kind}")
+    monkeypatch.setenv("TLP_MIN_FREE_BYTES", str(shutil.disk_usage(tmp_path).free))
+    with pytest.raises(DatasetError, match="free on the disk .*TLP_MIN_FREE_BYTES.*nothing was written"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_default_member_limit_fits_a_workers_memory():
+    from tasks.settings import Limits
+
+    # each listed member holds a TarInfo/ZipInfo (~0.5 KB) in memory until extraction and an inode after it
+    assert Limits().max_archive_members * 512 <= 256 << 20
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "record.json"
+    storage.write_json(str(target), {"kept": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scratch.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_json(str(target), {"kept": 2})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["record.json"]
+    assert storage.read_json(str(target)) == {"kept": 1}
+
+
+def test_a_download_cut_short_leaves_no_partial_file(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setattr(acq, "DOWNLOAD_CHUNK_BYTES", 1024)
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", str(archive.stat().st_size // 2))
+    target = tmp_path / "down" / "food.zip"
+    target.parent.mkdir()
+    with serve(www) as server, pytest.raises(DatasetError):
+        acq.download(server.url(archive.name), target)
+    assert list(target.parent.iterdir()) == []
