@@ -20,13 +20,21 @@ so subsample has one thing to read whatever the source was:
 - `idx://fashion_mnist[?dir=DIR]`: the IDX files from DIR, else from the Debian
   package's folder, else from the public URLs; each file's content is checked
   against its known sha256.
+- `conn://<connection id>`: one of the above, with its credentials, kept in an
+  Airflow connection; the DAG resolves it in the task (`connection_source`).
 
 Everything that is downloaded or converted lives in the cache under a key
-derived from the source URI: a second call with the same source is a cache hit
-and fetches nothing (so a changed object behind the same URI needs a new URI,
-a checksum, or a cleared cache). Each cache entry is built in a scratch folder
-and renamed into place, so a failed or refused fetch leaves nothing behind.
-Downloads stop at the deployment's download limit. A failure that may pass (a
+derived from the source URI and, for an s3:// prefix or an archive in S3 or on
+disk, from its listing (key, size, ETag / modification time): a changed listing
+is a new entry, for which only the changed objects are downloaded (the rest is
+linked from the previous entry), and an unchanged one a cache hit that fetches
+nothing. A folder is read in place. acquire records the content's `snapshot`,
+so a worker that materialises the source again, or reads a folder that changed
+since, refuses data other than what acquire indexed. An http(s) archive is
+re-fetched only when `sha256` changes. Each cache entry is built in a scratch
+folder and renamed into place, so a failed or refused fetch leaves nothing behind.
+Downloads stop at the deployment's download limit and at the disk's free space
+(TLP_MIN_FREE_BYTES); archives also at a compression ratio (TLP_MAX_COMPRESSION_RATIO). A failure that may pass (a
 timeout, a reset connection, HTTP 5xx or 429) raises DownloadError, which the
 DAG retries; one that will not (another 4xx, a bad archive or checksum) raises
 DatasetError. What is written or logged about a source has its credentials
@@ -168,18 +176,21 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
     """The local root of a source's image folder, fetched into the cache when needed."""
     scheme = urlparse(source).scheme
     if _is_archive(source):
-        return _cached(source, cache_dir, sha256, lambda work: _archive_folder(source, sha256, work))
+        return _cached(source, cache_dir, sha256, lambda work, _: _archive_folder(source, sha256, work),
+                       _archive_version(source))
     if sha256:
         raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are "
                            "checked for archive sources only, so leave source_sha256 empty")
     if scheme in ("", "file"):
         return find_root(storage.local_path(source))
     if scheme == "s3":
-        return _cached(source, cache_dir, "", lambda work: _s3_folder(source, work))
+        listing = _s3_listing(source)
+        return _cached(source, cache_dir, "", lambda work, previous: _s3_folder(source, work, listing, previous),
+                       _digest(listing))
     if scheme == "tfds":
-        return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
+        return _cached(source, cache_dir, "", lambda work, _: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
-        return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
+        return _cached(source, cache_dir, "", lambda work, _: _idx_folder(source, work))
     if scheme == "conn":
         raise DatasetError(f"{source}: a conn:// source is resolved by the DAG from its Airflow connection; outside "
                            "Airflow give the URL itself")
@@ -203,6 +214,10 @@ def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
     if not root.is_dir():
         log.info("dataset root %s is not on this worker; materialising %s into its cache", root, index["source"])
         root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
+    now = snapshot(root)
+    if now != index.get("snapshot", now):
+        raise DatasetError(f"{index['source']} changed after acquire indexed it (snapshot {index['snapshot']}, now "
+                           f"{now}): this run cannot see the data it selected from; trigger a new run")
     files = {split: tuple(tuple(paths) for paths in per_class) for split, per_class in index["files"].items()}
     return ImageFolder(root=root, classes=tuple(index["classes"]), files=files)
 
@@ -270,17 +285,47 @@ def find_root(folder: Path) -> Path:
                        "<split>/<class>/<image>, e.g. train/pizza/1.jpg and test/pizza/2.jpg")
 
 
-def cache_entry(source: str, cache_dir: str | Path) -> Path:
-    """Where a source's image folder is cached: readable name plus a hash of the whole URI."""
+def cache_entry(source: str, cache_dir: str | Path, version: str = "") -> Path:
+    """Where a source's image folder is cached: readable name, a hash of the whole URI, and the content's version.
+
+    A version (a digest of the source's listing) gives each content its own
+    entry, never changed once made: a run that reads one is not disturbed when
+    the next run caches newer content.
+    """
     stem = PurePosixPath(_source_path(source)).name or urlparse(source).netloc
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:40] or "dataset"
-    return Path(cache_dir) / "datasets" / f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    name = f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    return Path(cache_dir) / "datasets" / (f"{name}-{version}" if version else name)
 
 
 def cache_record(source: str, cache_dir: str | Path) -> dict[str, Any]:
-    """What was recorded when the source was cached (e.g. the archive's sha256); {} if not cached."""
-    path = cache_entry(source, cache_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """What was recorded when the source was last cached (e.g. the archive's sha256); {} if not cached."""
+    entries = _entries(source, cache_dir)
+    return json.loads((entries[-1] / RECORD_FILE).read_text()) if entries else {}
+
+
+def entry_record(root: Path) -> dict[str, Any]:
+    """What was recorded with the cache entry whose images are `root`; {} for a folder used in place."""
+    record = root.parent / RECORD_FILE
+    in_cache = root.name == IMAGES_DIR and root.parent.parent.name == "datasets"
+    return json.loads(record.read_text()) if in_cache and record.is_file() else {}
+
+
+def snapshot(root: Path) -> str:
+    """What identifies the content of a dataset root: its cache entry's version, or a folder's listing digest.
+
+    A folder used in place has no entry: its digest is of every file's path,
+    size and modification time, so a changed, added or removed file changes it.
+    """
+    record = entry_record(root)
+    if record:
+        return record.get("snapshot", "")
+    listing = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            info = os.stat(os.path.join(folder, name))
+            listing.append([os.path.relpath(os.path.join(folder, name), root), info.st_size, info.st_mtime_ns])
+    return _digest(sorted(listing))
 
 
 def folder_names(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -447,28 +492,36 @@ def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None
 
 
 def _download_s3(source: str, local: Path) -> Path:
-    """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
-    size = sum(item.size for item in storage.list_stored(source) if source.endswith("/") or item.uri == source)
+    """storage.download of one object, refused up front above the download limit or the disk's free space."""
+    size = sum(item.size for item in storage.list_stored(source) if item.uri == source)
     limits = settings.load().limits
     _check_download_size(redact_uri(source), size, limits)
     _check_free_space(redact_uri(source), local, size, limits)
     return storage.download(source, local)
 
 
-def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Path], tuple[Path, dict]]) -> Path:
-    """Return the cached folder of a source, building it first on a miss (or a changed checksum)."""
-    entry = cache_entry(source, cache_dir)
-    record = cache_record(source, cache_dir)
+def _cached(source: str, cache_dir: str | Path, sha256: str,
+            build: Callable[[Path, Path | None], tuple[Path, dict]], version: str = "") -> Path:
+    """Return the cached folder of a source's content `version`, building it first on a miss (or a changed checksum).
+
+    `build` gets a scratch folder and the newest earlier entry of the source
+    (or None), from which it may reuse what did not change. Entries of the
+    source other than this one and the one before it are removed afterwards.
+    """
+    entry = cache_entry(source, cache_dir, version)
+    record = json.loads((entry / RECORD_FILE).read_text()) if (entry / RECORD_FILE).is_file() else {}
     shown = redact_uri(source)
     if record and (not sha256 or record.get("sha256") == sha256):
         log.info("dataset cache hit for %s: %s", shown, entry / IMAGES_DIR)
         return entry / IMAGES_DIR
+    previous = next((old for old in reversed(_entries(source, cache_dir)) if old != entry), None)
     with scratch_dir("acquire", entry.parent) as work:
-        root, info = build(work)
+        root, info = build(work, previous)
         staged = work / "entry"
         staged.mkdir()
         root.rename(staged / IMAGES_DIR)
-        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, **info}, indent=2, sort_keys=True))
+        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, "snapshot": version, **info}, indent=2,
+                                                     sort_keys=True))
         if entry.exists():
             shutil.rmtree(entry)
         try:
@@ -477,8 +530,50 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
             if not (entry / RECORD_FILE).is_file():
                 raise
             log.info("another process cached %s first; using its copy", shown)
+    for old in _entries(source, cache_dir)[:-2]:
+        if old != entry:
+            shutil.rmtree(old, ignore_errors=True)
     log.info("cached %s at %s", shown, entry / IMAGES_DIR)
     return entry / IMAGES_DIR
+
+
+def _entries(source: str, cache_dir: str | Path) -> list[Path]:
+    """The complete cache entries of a source, oldest first."""
+    base = cache_entry(source, cache_dir)
+    found = [base, *base.parent.glob(f"{base.name}-*")] if base.parent.is_dir() else []
+    complete = [(entry / RECORD_FILE) for entry in found if (entry / RECORD_FILE).is_file()]
+    return [record.parent for record in sorted(complete, key=lambda record: record.stat().st_mtime_ns)]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _s3_listing(source: str) -> list[list]:
+    """[relative key, size, ETag] of every object below an s3:// prefix: what identifies its content."""
+    prefix = source.rstrip("/") + "/"
+    listing = [[item.uri[len(prefix):], item.size, item.version] for item in storage.list_stored(prefix)
+               if not item.uri.endswith("/")]  # keys ending in "/" are folder markers, not files
+    if not listing:
+        raise DatasetError(f"{redact_uri(source)}: nothing below this prefix; upload the image folder "
+                           "(<split>/<class>/<image>) there or fix the URI")
+    for key, _, _ in listing:
+        reason = storage.escape_reason(key)
+        if reason:
+            raise DatasetError(f"{redact_uri(prefix + key)}: the key below {redact_uri(prefix)} {reason}, so it would "
+                               "be written outside the cache; nothing was downloaded: rename or delete that object")
+    return listing
+
+
+def _archive_version(source: str) -> str:
+    """For an archive in S3 or on disk, a digest of its size and ETag / modification time; "" for http(s)."""
+    if storage.is_s3(source):
+        found = [item for item in storage.list_stored(source) if item.uri == source]
+        return _digest([[item.size, item.version] for item in found]) if found else ""
+    if urlparse(source).scheme in ("", "file"):
+        path = storage.local_path(source)
+        return _digest([path.stat().st_size, path.stat().st_mtime_ns]) if path.is_file() else ""
+    return ""
 
 
 def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
@@ -501,9 +596,47 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
     return find_root(work / "extracted"), {"sha256": digest}
 
 
-def _s3_folder(source: str, work: Path) -> tuple[Path, dict]:
-    download_dir = _download_s3(source.rstrip("/") + "/", work / "download")
-    return find_root(download_dir), {}
+def _s3_folder(source: str, work: Path, listing: list[list], previous: Path | None) -> tuple[Path, dict]:
+    """Download the objects below a prefix; those the previous entry holds unchanged (key, size, ETag) are linked
+    from it instead."""
+    prefix = source.rstrip("/") + "/"
+    limits = settings.load().limits
+    _check_download_size(redact_uri(prefix), sum(size for _, size, _ in listing), limits)
+    old = json.loads((previous / RECORD_FILE).read_text()) if previous else {}
+    unchanged = {tuple(item) for item in old.get("listing", [])}
+    download = work / "download"
+    fetch = []
+    for key, size, version in listing:
+        target = download / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        reused = _kept_copy(previous, old.get("top"), key) if (key, size, version) in unchanged else None
+        if reused is None:
+            fetch.append((key, size))
+        else:
+            try:
+                os.link(reused, target)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(reused, target)
+    _check_free_space(redact_uri(prefix), download, sum(size for _, size in fetch), limits)
+    for key, _ in fetch:
+        storage.download(prefix + key, download / key)
+    if fetch or not previous:
+        log.info("downloaded %d of %d files of %s (%d unchanged since the last copy)", len(fetch), len(listing),
+                 redact_uri(prefix), len(listing) - len(fetch))
+    root = find_root(download)
+    return root, {"listing": listing, "top": root.relative_to(download).as_posix()}
+
+
+def _kept_copy(previous: Path | None, top: str | None, key: str) -> Path | None:
+    """The file an earlier entry made of `key`, if it kept one (files outside the dataset root are not kept)."""
+    if previous is None or top is None:
+        return None
+    if top not in ("", "."):
+        if not key.startswith(top + "/"):
+            return None
+        key = key[len(top) + 1:]
+    path = previous / IMAGES_DIR / key
+    return path if path.is_file() else None
 
 
 def _tfds_folder(source: str, cache_dir: str | Path, work: Path) -> tuple[Path, dict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -27,6 +28,7 @@ from tasks.steps.acquire import acquire
 from tasks.config import RunConfig
 from tasks.errors import DownloadError
 from tasks.steps.subsample import subsample
+from tests.conftest import write_image_folder
 from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
                                      truncated_copy)
 
@@ -158,15 +160,67 @@ def test_archive_member_escaping_the_target_is_refused_and_nothing_is_written(na
     assert [p for p in tmp_path.rglob("evil.txt")] == []
 
 
-def test_s3_prefix_is_downloaded_once_into_the_cache(s3_bucket, image_folder, tmp_path):
+@pytest.fixture
+def downloads(monkeypatch) -> list[str]:
+    """The URIs storage.download fetches from from now on."""
+    fetched = []
+    original = storage.download
+
+    def counting(uri, local):
+        fetched.append(uri)
+        return original(uri, local)
+
+    monkeypatch.setattr(storage, "download", counting)
+    return fetched
+
+
+def test_s3_prefix_is_downloaded_once_and_again_only_where_its_listing_changed(s3_bucket, image_folder, tmp_path,
+                                                                                downloads):
     source = f"{s3_bucket}/datasets/food/"
     storage.upload(image_folder, source)
     cache = tmp_path / "cache"
     root = local_dataset(source, cache)
     assert root.is_relative_to(cache)
-    assert scan(root).counts() == scan(image_folder).counts()
-    storage.delete(source)
-    assert local_dataset(source, cache) == root
+    assert scan(root).counts() == scan(image_folder).counts() and len(downloads) == 48
+    assert local_dataset(source, cache) == root and len(downloads) == 48  # unchanged: nothing fetched
+
+    added = write_image_folder(tmp_path / "more", {"date": 3}, splits=("train", "test"), seed=7)
+    storage.upload(added, source)  # a third... fourth class, 6 images
+    changed = f"{source}train/apple/0000.jpg"
+    storage.write_bytes(changed, (added / "train" / "date" / "0000.jpg").read_bytes())
+    storage.delete(f"{source}test/cherry/0003.jpg")
+    del downloads[:]
+    again = local_dataset(source, cache)
+    assert again != root and sorted(downloads) == sorted([changed, *(f"{source}{split}/date/{n:04d}.jpg"
+                                                                      for split in ("train", "test") for n in range(3))])
+    folder = scan(again)
+    assert folder.classes == ("apple", "banana", "cherry", "date")
+    assert folder.counts()["test"] == {"apple": 4, "banana": 4, "cherry": 3, "date": 3}
+    assert (again / "train/apple/0000.jpg").read_bytes() == storage.read_bytes(changed)
+    assert (root / "train/apple/0000.jpg").read_bytes() == (image_folder / "train/apple/0000.jpg").read_bytes()
+
+
+def test_another_worker_sees_the_data_acquire_indexed_or_refuses(s3_bucket, image_folder, tmp_path):
+    source = f"{s3_bucket}/food/"
+    storage.upload(image_folder, source)
+    cfg = RunConfig(source=source, run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "worker-a"))
+    acquired = acquire(cfg)
+    indexed = acq.read_acquired(cfg, acquired)
+    (tmp_path / "worker-a").rename(tmp_path / "elsewhere")  # worker-a's disk is not on the other workers
+    seen = acq.read_acquired(dataclasses.replace(cfg, cache_dir=str(tmp_path / "worker-b")), acquired)
+    assert seen.root.is_relative_to(tmp_path / "worker-b") and seen.files == indexed.files
+    storage.write_bytes(f"{source}train/apple/0000.jpg", b"changed")
+    with pytest.raises(DatasetError, match="changed after acquire indexed it"):
+        acq.read_acquired(dataclasses.replace(cfg, cache_dir=str(tmp_path / "worker-c")), acquired)
+
+
+def test_a_folder_changed_after_acquire_is_refused_not_half_read(image_folder, tmp_path):
+    cfg = RunConfig(source=str(image_folder), run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    acquired = acquire(cfg)
+    assert acq.read_acquired(cfg, acquired).root == image_folder
+    (image_folder / "train" / "apple" / "0000.jpg").write_bytes(b"replaced")
+    with pytest.raises(DatasetError, match="changed after acquire indexed it"):
+        acq.read_acquired(cfg, acquired)
 
 
 def test_s3_archive_is_fetched_and_extracted(s3_bucket, image_folder, tmp_path):
