@@ -166,6 +166,7 @@ class ImageFolder:
     root: Path
     classes: tuple[str, ...]
     files: dict[str, tuple[tuple[str, ...], ...]]
+    skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of entries that cannot be dataset files
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: {name: len(paths) for name, paths in zip(self.classes, per_class)}
@@ -219,7 +220,8 @@ def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
         raise DatasetError(f"{index['source']} changed after acquire indexed it (snapshot {index['snapshot']}, now "
                            f"{now}): this run cannot see the data it selected from; trigger a new run")
     files = {split: tuple(tuple(paths) for paths in per_class) for split, per_class in index["files"].items()}
-    return ImageFolder(root=root, classes=tuple(index["classes"]), files=files)
+    return ImageFolder(root=root, classes=tuple(index["classes"]), files=files,
+                       skipped=tuple(index.get("skipped", ())))
 
 
 def connection_id(source: str) -> str:
@@ -255,21 +257,29 @@ def connection_source(source: str, conn_type: str | None, host: str | None, logi
 
 
 def scan(root: Path) -> ImageFolder:
-    """List a dataset root's classes and files; `classes.json`, when present, fixes names and order."""
-    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
-    classes, folders = _read_classes(root, splits)
+    """List a dataset root's classes and files; `classes.json`, when present, fixes names and order.
+
+    A file or folder whose name is not valid UTF-8 is no dataset file: it is
+    left out and listed in `skipped` with the reason, under a printable name.
+    """
+    skipped: list[dict[str, str]] = []
+    splits = sorted(p.name for p in _entries_named(root, skipped, root) if p.is_dir() and not _hidden(p.name))
+    classes, folders = _read_classes(root, splits, skipped)
     if not classes:
         raise DatasetError(f"no class folders under {root}; expected <split>/<class>/<image>, "
                            "e.g. train/pizza/1.jpg")
     files = {}
     for split in splits:
-        present = {p.name for p in (root / split).iterdir() if p.is_dir() and not _hidden(p.name)}
+        present = {p.name for p in _entries_named(root / split, skipped, root) if p.is_dir() and not _hidden(p.name)}
         unknown = sorted(present - set(folders))
         if unknown:
             raise DatasetError(f"{root / split}: class folders {unknown} are not listed in {root / CLASSES_FILE}; "
                                "add them there or remove the folders")
-        files[split] = tuple(_list_class(root, split, folder) for folder in folders)
-    return ImageFolder(root=root, classes=classes, files=files)
+        files[split] = tuple(_list_class(root, split, folder, skipped) for folder in folders)
+    if skipped:
+        log.warning("%s: left out %d entries whose names are not valid UTF-8, e.g. %s", root, len(skipped),
+                    skipped[0]["path"])
+    return ImageFolder(root=root, classes=classes, files=files, skipped=tuple(skipped))
 
 
 def find_root(folder: Path) -> Path:
@@ -749,10 +759,11 @@ def _write_classes(root: Path, classes: tuple[str, ...], folders: tuple[str, ...
     (root / CLASSES_FILE).write_text(json.dumps({"classes": list(classes), "folders": list(folders)}, indent=2))
 
 
-def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _read_classes(root: Path, splits: list[str], skipped: list[dict[str, str]]
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     path = root / CLASSES_FILE
     if not path.is_file():
-        folders = sorted({p.name for split in splits for p in (root / split).iterdir()
+        folders = sorted({p.name for split in splits for p in _entries_named(root / split, skipped, root)
                           if p.is_dir() and not _hidden(p.name)})
         return tuple(folders), tuple(folders)
     try:
@@ -773,12 +784,28 @@ def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple
     return classes, folders
 
 
-def _list_class(root: Path, split: str, folder: str) -> tuple[str, ...]:
+def _list_class(root: Path, split: str, folder: str, skipped: list[dict[str, str]]) -> tuple[str, ...]:
     directory = root / split / folder
     if not directory.is_dir():
         return ()
-    return tuple(sorted(f"{split}/{folder}/{entry.name}" for entry in os.scandir(directory)
+    return tuple(sorted(f"{split}/{folder}/{entry.name}" for entry in _entries_named(directory, skipped, root)
                         if entry.is_file() and not _hidden(entry.name)))
+
+
+def _entries_named(directory: Path, skipped: list[dict[str, str]], root: Path) -> list[Path]:
+    """The entries of a folder whose names are valid UTF-8; the others are added to `skipped`, with the reason."""
+    named = []
+    for entry in directory.iterdir():
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:  # os.listdir gives undecodable bytes as surrogates
+            shown = os.fsencode(entry.relative_to(root)).decode("utf-8", "backslashreplace")
+            found = {"path": shown, "reason": "the name is not valid UTF-8; rename it to use it"}
+            if found not in skipped:
+                skipped.append(found)
+            continue
+        named.append(entry)
+    return named
 
 
 def _check_member(archive: Path, name: str) -> None:

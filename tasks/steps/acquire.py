@@ -31,6 +31,7 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
         "classes": list(folder.classes),
         "files": {split: [list(paths) for paths in per_class] for split, per_class in folder.files.items()},
         "counts": folder.counts(),
+        "skipped": list(folder.skipped),
         "sha256": entry_record(root).get("sha256", ""),
         "snapshot": snapshot(root),
     }
