@@ -24,7 +24,8 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, publish, serving_check, storage, tflite_export
+from tasks import artifacts, classifier, pointer, serving_check, storage, tflite_export
+from tasks.steps import publish
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError
