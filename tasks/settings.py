@@ -57,6 +57,7 @@ class Limits:
     # what must stay free on the cache's disk after an extraction or a download
     min_free_bytes: int = _limit("TLP_MIN_FREE_BYTES", 2**30)
     max_image_pixels: int = _limit("TLP_MAX_IMAGE_PIXELS", 64 * 2**20)
+    max_image_bytes: int = _limit("TLP_MAX_IMAGE_BYTES", 64 * 2**20)
 
     def exceeded(self, name: str, value: int) -> str:
         """"" when `value` is within the limit `name`; else a clause naming the limit and how to raise it."""
