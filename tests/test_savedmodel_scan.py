@@ -102,3 +102,21 @@ def test_an_exfiltrating_backbone_is_refused_before_its_first_forward_pass(tmp_p
     with pytest.raises(BackboneError, match="is refused"):
         load_backbone(path, 32)
     assert not leak.exists()
+
+
+@pytest.mark.parametrize("where", ["serving check", "TFLite conversion", "champion re-scoring"])
+def test_every_place_that_loads_a_saved_model_scans_it_first(where, tmp_path):
+    import numpy as np
+
+    from tasks import promotion, serving_check, tflite_export
+
+    secret, leak = tmp_path / "secret", tmp_path / "leak"
+    secret.write_text("x")
+    path = export(Exfiltrating(str(secret), str(leak)), tmp_path / "version" / "saved_model")
+    load = {"serving check": lambda: serving_check._saved_model_probabilities(path, np.zeros((1, 4), "float32")),
+            "TFLite conversion": lambda: tflite_export.convert(path, "float32"),
+            "champion re-scoring": lambda: promotion._rescored_accuracy({"uri": str(tmp_path / "version")},
+                                                                       tmp_path / "none", 1, 1, tmp_path / "scratch")}
+    with pytest.raises(BackboneError, match="is refused"):
+        load[where]()
+    assert not leak.exists()
