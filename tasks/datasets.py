@@ -87,7 +87,7 @@ SUPPORTED_SOURCES = (
     "a local path, file:// or s3:// URI of such an archive",
     "a local folder or file://<folder> laid out as <split>/<class>/<image>",
     "s3://<bucket>/<prefix>/ laid out as <split>/<class>/<image>",
-    "idx://fashion_mnist[?dir=<folder with the IDX .gz files>]",
+    "idx://fashion_mnist, optionally ?dir=<folder with the IDX .gz files>",
     "conn://<Airflow connection id> whose extra {\"url\": …} (or host) is one of these, its login and password "
     "the URL's credentials",
 )
@@ -333,8 +333,12 @@ def snapshot(root: Path) -> str:
     listing = []
     for folder, _, names in os.walk(root):
         for name in names:
-            info = os.stat(os.path.join(folder, name))
-            listing.append([os.path.relpath(os.path.join(folder, name), root), info.st_size, info.st_mtime_ns])
+            path = os.path.join(folder, name)
+            try:
+                info = os.stat(path)
+                listing.append([os.path.relpath(path, root), info.st_size, info.st_mtime_ns])
+            except OSError:  # a dangling link: no content, but its presence still counts
+                listing.append([os.path.relpath(path, root), -1, 0])
     return _digest(sorted(listing))
 
 
