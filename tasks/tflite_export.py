@@ -72,6 +72,9 @@ def convert(saved_model: Path, variant: str) -> bytes:
     """One TFLite flatbuffer of the SavedModel's serving signature."""
     import tensorflow as tf
 
+    from tasks.savedmodel_scan import check_saved_model
+
+    check_saved_model(saved_model, f"SavedModel {saved_model}")
     # the pixels signature only: the encoded-bytes one decodes with ops TFLite does not have
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[PIXELS_SIGNATURE])
     if variant == "float16":

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tasks import artifacts, images, records, settings, storage
+from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.errors import ImageDecodeError
-from tasks.steps.acquire import DatasetError, ImageFolder, read_acquired
 from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 REQUIRED_SPLITS = ("train", "test")
 MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
 INGEST_CHUNK = 256  # images decoded in parallel and held at once
+MIN_CLASSES = 2
 
 Selection = dict[str, list[tuple[str, int]]]
 
@@ -63,6 +64,7 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     selection = select(folder, labels, cfg)
     with scratch_dir("subsample") as scratch:
         kept, skipped = _ingest(root, selection, classes, scratch)
+        kept, duplicates = _drop_test_duplicates(kept)
         tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
         counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
         _require_images(counts, skipped, source)
@@ -80,30 +82,43 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "counts": counts,
         "files": [file for split in records.SPLITS for file in kept[split]],
         "skipped": skipped,
+        "skipped_names": list(folder.skipped),
+        "test_duplicates": duplicates,
         "hash": selection_hash(kept),
     }
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
-    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", source, len(classes),
-             " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped), uri, manifest["hash"][:12])
+    log.info("subsampled %s: %d classes, %s, %d skipped, %d test duplicates of train/val removed -> %s (hash %s)",
+             source, len(classes), " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped),
+             len(duplicates), uri, manifest["hash"][:12])
     return {"manifest": uri, "hash": manifest["hash"], "counts": totals, "n_classes": len(classes),
-            "n_skipped": len(skipped)}
+            "n_skipped": len(skipped), "n_test_duplicates": len(duplicates)}
 
 
 def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, source: str) -> list[int]:
-    """The dataset labels of the requested classes, in the dataset's class order."""
+    """The dataset labels of the requested classes, in the dataset's class order; at least two.
+
+    One class would train a model that is always right (100 % on any test
+    split) and could become a new model's first champion.
+    """
     if classes is None:
-        return list(range(len(folder.classes)))
-    if isinstance(classes, int):
+        labels = list(range(len(folder.classes)))
+    elif isinstance(classes, int):
         if not 1 <= classes <= len(folder.classes):
             raise DatasetError(f"classes={classes}, but {source} has {len(folder.classes)} classes; "
-                               f"use 1..{len(folder.classes)}")
-        return list(range(classes))
-    unknown = [name for name in classes if name not in folder.classes]
-    if unknown:
-        raise DatasetError(f"classes {unknown} are not in {source}; available: {list(folder.classes)}")
-    return sorted(folder.classes.index(name) for name in classes)
+                               f"use {MIN_CLASSES}..{len(folder.classes)}")
+        labels = list(range(classes))
+    else:
+        unknown = [name for name in classes if name not in folder.classes]
+        if unknown:
+            raise DatasetError(f"classes {unknown} are not in {source}; available: {list(folder.classes)}")
+        labels = sorted(folder.classes.index(name) for name in classes)
+    if len(labels) < MIN_CLASSES:
+        raise DatasetError(f"the selection has {len(labels)} class ({[folder.classes[i] for i in labels]} of {source}),"
+                           f" but a classifier needs at least {MIN_CLASSES}: select more classes (classes=empty for all"
+                           f" {len(folder.classes)}), or add class folders to the dataset")
+    return labels
 
 
 def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
@@ -192,6 +207,8 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
 
     Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
     that memory holds a chunk of images, not a split; records keep selection order.
+    A test image byte-identical to a train or validation image is kept in the
+    returned selection (for _drop_test_duplicates to list) but not written.
     """
     limits = settings.load().limits
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
@@ -200,6 +217,7 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
         for split in records.SPLITS:
             entries = [{"split": split, "path": path, "label": label, "class": classes[label]}
                        for path, label in selection[split]]
+            seen = {f["sha256"] for done in ("train", "val") if split == "test" for f in kept[done]}
 
             def stored():
                 for start in range(0, len(entries), INGEST_CHUNK):
@@ -209,14 +227,31 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
                             skipped.append({**entry, "reason": result})
                             continue
                         image, original = result
-                        kept[split].append({**entry, "sha256": hashlib.sha256(original).hexdigest()})
-                        yield image, original, entry["label"], entry["path"]
+                        sha256 = hashlib.sha256(original).hexdigest()
+                        kept[split].append({**entry, "sha256": sha256})
+                        if sha256 not in seen:
+                            yield image, original, entry["label"], entry["path"]
 
             records.write_canonical(scratch / f"{split}.tfrecord", stored())
     if skipped:
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
+
+
+def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, list[dict[str, Any]]]:
+    """Remove the test images byte-identical to a train or validation image: a model is not tested on what it saw.
+
+    Returns the kept selection and the removed images, each with the path of
+    the train/val image it repeats.
+    """
+    seen = {f["sha256"]: f["path"] for split in ("train", "val") for f in kept[split]}
+    duplicates = [{"path": f["path"], "class": f["class"], "same_as": seen[f["sha256"]]}
+                  for f in kept["test"] if f["sha256"] in seen]
+    if duplicates:
+        log.warning("removed %d test images identical to train/val images, e.g. %s = %s", len(duplicates),
+                    duplicates[0]["path"], duplicates[0]["same_as"])
+    return {**kept, "test": [f for f in kept["test"] if f["sha256"] not in seen]}, duplicates
 
 
 def _read_image(path: Path, limits: settings.Limits) -> tuple[bytes, bytes] | str:
