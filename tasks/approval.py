@@ -77,6 +77,36 @@ def approval_request(judgement: dict) -> dict[str, str]:
                        f"({judgement['new_accuracy']:.4f}, {versus})?", "body": body}
 
 
+def ask(publish_uri: str, model_name: str, version: str, run_id: str, dag_id: str) -> dict[str, str]:
+    """The request for `version`, from the judgement its run recorded (never from XCom); an earlier answer is
+    replaced by a pending one, so only an answer to this request counts."""
+    from tasks import registry
+
+    model_root = registry.model_root_of(publish_uri, model_name)
+    judgement = registry.judgement_of_run(model_root, version, run_id, dag_id)
+    registry.write_approval(model_root, version, pending(version))
+    return approval_request(judgement)
+
+
+def assignees(approvers: tuple[str, ...], triggered_by: str | None) -> list[dict[str, str]]:
+    """The HITL request's assigned users: the deployment's approvers but the user who triggered the run."""
+    from tasks.errors import ConfigError
+
+    users = [{"id": user, "name": user} for user in approvers if user != triggered_by]
+    if not users:
+        raise ConfigError(f"nobody may approve this run: the only approver(s) in TLP_APPROVERS "
+                          f"({', '.join(approvers)}) triggered it; another approver must trigger it again, or the "
+                          "deployment adds approvers")
+    return users
+
+
+def record_answer(publish_uri: str, model_name: str, answer: dict) -> None:
+    """Keep the answer (answer_from_hitl) in the store, where promote reads it."""
+    from tasks import registry
+
+    registry.write_approval(registry.model_root_of(publish_uri, model_name), answer["version"], answer)
+
+
 def answer_from_hitl(event: dict[str, Any], *, version: str, triggered_by: str | None) -> dict:
     """The plain answer to record, from the event Airflow resumed the HITL task with (its own HITL record:
     chosen_options, params_input, responded_by_user, responded_at, timedout)."""

@@ -178,6 +178,20 @@ def read_judgement(model_root: str, version: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def judgement_of_run(model_root: str, version: str, run_id: str, dag_id: str) -> dict:
+    """The judgement recorded for `version`; PublishError when there is none, or when another run (or another
+    location) published it: a run promotes, and asks approval for, only what it published."""
+    judgement = read_judgement(model_root, version)
+    if judgement is None:
+        raise PublishError(f"{version} has no recorded judgement under {model_root}/judgements/: it was never "
+                           "published there; run publish_version for this run first")
+    expected = (run_id, dag_id, version_uri_of(model_root, version))
+    if (judgement["run_id"], judgement["dag_id"], judgement["version_uri"]) != expected:
+        raise PublishError(f"{version} was published by run {judgement['run_id']!r} of {judgement['dag_id']!r}, not by "
+                           f"this run ({run_id!r} of {dag_id!r}): a run promotes only what it published")
+    return judgement
+
+
 def write_approval(model_root: str, version: str, answer: dict) -> None:
     """Record the answer to a version's approval request (replacing an earlier one: a new request resets it)."""
     storage.write_json(_record_uri(model_root, "approvals", version), answer)

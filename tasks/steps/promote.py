@@ -16,7 +16,6 @@ import logging
 
 from tasks import approval, artifacts, promotion, registry, settings, storage
 from tasks.config import RunConfig
-from tasks.errors import PublishError
 from tasks.registry import SAVED_MODEL_DIR, TEST_RECORDS
 from tasks.scratch import scratch_dir
 
@@ -42,7 +41,7 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
     if recorded is not None:
         log.info("promote: decision for %s already recorded at %s; not deciding again", version, recorded["decision"])
         return _finish(cfg, recorded)
-    judgement = _judgement_of_this_run(cfg, model_root, version, version_uri)
+    judgement = registry.judgement_of_run(model_root, version, cfg.run_id, cfg.dag_id)
     registry.verify_version(version_uri)
     deployment = settings.load()
     review = None
@@ -67,19 +66,6 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
         decision = promotion.move_champion(model_root, judgement, review,
                                            lambda moved: _judge_again(cfg, judgement, moved))
     return _finish(cfg, decision)
-
-
-def _judgement_of_this_run(cfg: RunConfig, model_root: str, version: str, version_uri: str) -> dict:
-    """The judgement publish_version recorded for `version`; PublishError when there is none, or when another run
-    (or another location) published it."""
-    judgement = registry.read_judgement(model_root, version)
-    if judgement is None:
-        raise PublishError(f"{version} has no recorded judgement under {model_root}/judgements/: it was never "
-                           "published there; run publish_version for this run first")
-    if (judgement["run_id"], judgement["dag_id"], judgement["version_uri"]) != (cfg.run_id, cfg.dag_id, version_uri):
-        raise PublishError(f"{version} was published by run {judgement['run_id']!r} of {judgement['dag_id']!r}, not by "
-                           f"this run ({cfg.run_id!r} of {cfg.dag_id!r}): a run promotes only what it published")
-    return judgement
 
 
 def _judge_again(cfg: RunConfig, judgement: dict, champion: dict | None) -> dict:
