@@ -42,15 +42,17 @@ def approval_request(judgement: dict) -> dict[str, str]:
     rows = [
         "| | version | accuracy |", "|---|---|---|",
         f"| candidate | `{judgement['version']}` | {judgement['new_accuracy']:.4f} |",
-        f"| champion | `{champion}` | " + (f"{judgement['champion_accuracy']:.4f} |" if compared else "not comparable |")
+        (f"| champion | `{champion}` | "
+         + (f"{judgement['champion_accuracy']:.4f} |" if compared else "not comparable |"))
         if champion else "| champion | none yet | |",
     ]
     noise = []
     if compared:
         low, high = judgement["gain_interval"]
-        noise = [f"Gain {judgement['gain']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}], p = {judgement['p_value']:.3g} "
-                 f"({judgement['paired_test']}): " + ("the interval includes 0, so the gain may be noise."
-                                                      if low <= 0 <= high else "the interval excludes 0."), ""]
+        noise = [f"Gain {judgement['gain']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}], "
+                 f"p = {judgement['p_value']:.3g} ({judgement['paired_test']}): "
+                 + ("the interval includes 0, so the gain may be noise." if low <= 0 <= high
+                    else "the interval excludes 0."), ""]
     serving = judgement["serving_check"]
     tflite = judgement["tflite"]
     kept = [f"{name} {entry['accuracy']:.4f}, {entry['size_bytes'] / 1e6:.1f} MB, {entry['latency_ms']:.1f} ms"

@@ -124,8 +124,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.approval_models and not self.approvers:
-            raise ValueError(f"TLP_APPROVAL_MODELS={','.join(self.approval_models)} asks for approval but TLP_APPROVERS "
-                             "names nobody who may give it: set TLP_APPROVERS to the approvers' Airflow user ids")
+            raise ValueError(f"TLP_APPROVAL_MODELS={','.join(self.approval_models)} asks for approval but "
+                             "TLP_APPROVERS names nobody who may give it: set TLP_APPROVERS to the approvers' Airflow "
+                             "user ids")
 
     def approval_required(self, publish_uri: str, model_name: str) -> bool:
         """Whether promoting `model_name` at `publish_uri` waits for a human (TLP_APPROVAL_MODELS)."""

@@ -22,7 +22,7 @@ from tasks.scratch import scratch_dir
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("version", "version_uri", "promoted", "reason", "eligible", "new_accuracy", "champion_accuracy",
-               "champion_version", "gain", "gain_interval", "p_value", "n_test", "paired_test", "approval",
+               "champion_version", "gain", "gain_interval", "p_value", "n_test", "paired_test", "judged_on", "approval",
                "decision")
 
 

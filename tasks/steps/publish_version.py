@@ -77,8 +77,8 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
         test_records = storage.download(test_uri, scratch / f"{TEST_SPLIT}.tfrecord")
         classes = list(metrics["classes"])
         champion = registry.champion_at(model_root)
-        judgement = registry.read_judgement(model_root, version) if complete else None
-        if judgement is not None:
+        judgement = registry.read_judgement(model_root, version)
+        if complete and judgement is not None:
             log.info("publish: %s is already published, verified and judged; not uploading or judging again",
                      version_uri)
         elif complete:
@@ -91,8 +91,15 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
         else:
             golden = storage.download(golden_uri, scratch / "golden.npz")
             metrics = _checked_stage(cfg, stage, metrics, golden, test_records, version_uri)
-            judged, predictions = promotion.judge(champion, classes, stage / SAVED_MODEL_DIR, {}, test_records,
-                                                  evaluation_set, cfg.batch_size, scratch)
+            if judgement is None:
+                judged, predictions = promotion.judge(champion, classes, stage / SAVED_MODEL_DIR, {}, test_records,
+                                                      evaluation_set, cfg.batch_size, scratch)
+            else:  # an interrupted upload of a version judged before: the judgement stands, its answers are redone
+                log.info("publish: re-uploading %s, judged before at %s", version_uri, judgement["judged_at"])
+                judged = judgement
+                own = promotion.judging_set(classes, test_records, None, evaluation_set, scratch)
+                predictions = promotion.score_missing(stage / SAVED_MODEL_DIR, classes, own, {}, cfg.batch_size,
+                                                      scratch)
             _finish_stage(cfg.model_name, stage, metrics, judged, predictions, test_records)
             _upload_verified(stage, version_uri)
         if judgement is None:

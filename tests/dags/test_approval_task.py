@@ -42,7 +42,8 @@ def publish_fake_version(cfg: RunConfig) -> str:
     version = "20261122T081500.123Z-" + hashlib.sha256(cfg.run_id.encode()).hexdigest()[:12]
     version_uri = registry.version_uri_of(model_root, version)
     storage.write_bytes(storage.join(version_uri, "model.bin"), b"weights")
-    storage.write_json(storage.join(version_uri, registry.CHECKSUMS), {"model.bin": hashlib.sha256(b"weights").hexdigest()})
+    storage.write_json(storage.join(version_uri, registry.CHECKSUMS),
+                       {"model.bin": hashlib.sha256(b"weights").hexdigest()})
     registry.write_judgement(model_root, {
         "eligible": True, "reason": "no champion yet", "new_accuracy": 0.9, "champion_accuracy": None, "gain": None,
         "gain_interval": None, "p_value": None, "n_test": 1000, "paired_test": None, "judged_on": "its test split",
