@@ -36,7 +36,8 @@ def deployment(monkeypatch):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     return str(tmp_path / "models")
 
 
@@ -189,6 +190,18 @@ def test_promote_takes_a_version_id_only_and_refuses_anything_else(tmp_path, sto
             promote(cfg, bad)
 
     assert registry.read_champion(store, MODEL) is None and registry.list_decisions(store, MODEL) == []
+
+
+def test_promote_refuses_a_model_root_outside_the_deployments_publish_locations(tmp_path, store):
+    from tasks.errors import ConfigError
+
+    elsewhere = config(tmp_path, str(tmp_path / "elsewhere"))
+    version = published(elsewhere)["version"]
+
+    with pytest.raises(ConfigError, match="not a publish location"):
+        promote(elsewhere, version)
+
+    assert registry.read_champion(str(tmp_path / "elsewhere"), MODEL) is None
 
 
 def test_a_version_never_published_is_not_promoted(tmp_path, store):

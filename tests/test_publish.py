@@ -92,7 +92,7 @@ def test_records(tmp_path_factory):
 
 
 @pytest.fixture
-def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
+def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatch):
     """Writes what evaluate leaves under a run root, for a model that gets `correct` classes right.
 
     Runs share one test split; `selection` names a different subsample of the data around it (another
@@ -103,6 +103,7 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
              **params) -> RunConfig:
         from tasks.predict import predict_records
 
+        monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", publish_uri)  # a publish location of this deployment
         cfg = RunConfig(run_id=run_id, run_root=run_root or str(tmp_path / "runs"), publish_uri=publish_uri,
                         model_name=MODEL_NAME, classes=list(classes), image_size=image_size, **params)
         local = tmp_path / "build" / run_id

@@ -3,7 +3,7 @@
 Publishing is two steps so that a human can approve in between (Airflow's HITL operators):
 tasks.steps.publish_version uploads, judges and records its judgement in the store; `promote` takes
 only the version id and trusts nothing else it is handed. It recomputes the version's location under
-the model root, verifies the version against its checksums.json, reads eligibility and scores from
+the model root (a publish location of the deployment: settings), verifies the version against its checksums.json, reads eligibility and scores from
 the judgement publish_version recorded (for this run), and, where the deployment asks for approval
 of this model (TLP_APPROVAL_MODELS), the answer recorded from Airflow's own HITL record: no fresh
 Approve by one of the deployment's approvers, other than the user who triggered the run, means no
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from tasks import approval, artifacts, promotion, registry, settings, storage
-from tasks.config import RunConfig
+from tasks.config import RunConfig, check_publish_location
 from tasks.registry import SAVED_MODEL_DIR, TEST_RECORDS
 from tasks.scratch import scratch_dir
 
@@ -35,6 +35,8 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
     `promoted` is true only when this call moved the champion.
     """
     version = registry.check_version_id(version)
+    deployment = settings.load()
+    check_publish_location(cfg, deployment.readable_publish_locations())
     model_root = registry.model_root_of(cfg.publish_uri, cfg.model_name)
     version_uri = registry.version_uri_of(model_root, version)
     recorded = registry.recorded_decision(model_root, version)
@@ -43,7 +45,6 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
         return _finish(cfg, recorded)
     judgement = registry.judgement_of_run(model_root, version, cfg.run_id, cfg.dag_id)
     registry.verify_version(version_uri)
-    deployment = settings.load()
     review = None
     if deployment.approval_required(cfg.publish_uri, cfg.model_name):
         review = approval.review(registry.read_approval(model_root, version), version=version,

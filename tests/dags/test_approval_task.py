@@ -31,6 +31,7 @@ def cfg(tmp_path, monkeypatch, dag_module) -> RunConfig:
     monkeypatch.setenv("TLP_APPROVAL_MODELS", MODEL)
     monkeypatch.setenv("TLP_APPROVERS", "ana,tom")
     monkeypatch.setenv("TLP_MIN_TEST_IMAGES", "1")
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     monkeypatch.setattr(dag_module, "_config", lambda cfg, winner=None: RunConfig.from_params(cfg))
     return RunConfig(run_id="run-1", run_root=str(tmp_path / "runs"), publish_uri=str(tmp_path / "models"),
                      model_name=MODEL, classes=["apple", "banana"])
