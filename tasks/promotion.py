@@ -217,10 +217,13 @@ def score_missing(saved_model: Path | str, classes: list[str], judged: JudgingSe
 
     from tasks.records import image_dataset, write_records
 
+    from tasks.savedmodel_scan import check_saved_model
+
     path = saved_model
-    if isinstance(saved_model, str):  # a version's, in the store
+    if isinstance(saved_model, str):  # a version's, in the store: scanned before it is loaded
         local = scratch / f"saved-model-{_digest(saved_model.encode())[:12]}"
         path = storage.download(saved_model.rstrip("/") + "/", local)
+        check_saved_model(path, f"the SavedModel {saved_model}")
     records = scratch / "to-score.tfrecord"
     write_records(records, ((judged.images[key][0], 0, judged.images[key][2]) for key in missing))
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
