@@ -1,5 +1,5 @@
 """Transfer learning on Airflow: acquire → subsample → train (per candidate) → select → decide → fine-tune? →
-evaluate → publish.
+evaluate → publish_version → (approve, for a model the deployment wants approved) → promote.
 
 Two DAGs run the same pipeline:
 - `transfer_learning`: triggered by hand from the UI form (defaults = the offline demo);
