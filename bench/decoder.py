@@ -53,7 +53,10 @@ def old_pipeline(path: Path, image_size: int):
 def _parse_original(serialized):
     import tensorflow as tf
 
-    return tf.io.parse_single_example(serialized, {"original": tf.io.FixedLenFeature([], tf.string)})
+    record = tf.io.parse_single_example(serialized, {"image": tf.io.FixedLenFeature([], tf.string),
+                                                     "original": tf.io.FixedLenFeature([], tf.string, b"")})
+    # a record leaves the original out when it is the canonical image itself
+    return {"original": tf.where(tf.equal(record["original"], b""), record["image"], record["original"])}
 
 
 def old_ingest_seconds(paths: list[str]) -> float:
@@ -88,7 +91,8 @@ def main() -> None:
     from tasks import images, records
     from tasks.scratch import scratch_dir
     from tasks.steps import subsample
-    from tasks.steps.acquire import acquire, read_acquired
+    from tasks.datasets import read_acquired
+    from tasks.steps.acquire import acquire
 
     cfg = RunConfig(source="idx://fashion_mnist", run_root=str(args.work.resolve() / "runs"))
     folder = read_acquired(cfg, acquire(cfg))
