@@ -246,7 +246,7 @@ def test_an_already_canonical_png_is_stored_as_it_is_and_decodes_to_the_same_pix
 
 @pytest.mark.parametrize("make", [
     lambda d: _with_chunk(d, _chunk(b"tRNS", b"\x00\x01\x00\x02\x00\x03")),
-    lambda d: _with_chunk(d, _chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")),
+    lambda d: _with_chunk(d, _chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08" + bytes(6))),
     lambda d: _with_chunk(d, _chunk(b"tEXt", b"Raw profile type exif\x00x")),
     lambda d: _with_chunk(d, _chunk(b"gAMA", struct.pack(">I", 100000))),
     lambda d: d + b"trailing",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -246,3 +247,43 @@ def test_records_store_the_decoded_pixels_and_the_original_file(image_folder, tm
     [(original, original_path)] = records.originals(local, 1)
     assert original_path == path and original == (image_folder / path).read_bytes()
     assert (images.to_rgb(stored) == images.to_rgb(original)).all()
+
+
+def test_an_original_is_stored_once_when_it_is_already_the_canonical_image(tmp_path):
+    import tensorflow as tf
+
+    from tasks import images
+
+    plain = io.BytesIO()
+    Image.new("L", (6, 5), 77).save(plain, format="PNG")
+    photo = io.BytesIO()
+    Image.new("RGB", (6, 5), (200, 10, 30)).save(photo, format="JPEG")
+    path = tmp_path / "split.tfrecord"
+    records.write_records(path, [(plain.getvalue(), 0, "a/plain.png"), (photo.getvalue(), 1, "b/photo.jpg")])
+    stored = [tf.train.Example.FromString(raw.numpy()).features.feature for raw in tf.data.TFRecordDataset(str(path))]
+    assert "original" not in stored[0] and "original" in stored[1]
+    assert stored[0]["image"].bytes_list.value[0] == plain.getvalue()
+    assert records.originals(path, 2) == [(plain.getvalue(), "a/plain.png"), (photo.getvalue(), "b/photo.jpg")]
+    canonical = stored[1]["image"].bytes_list.value[0]
+    assert canonical != photo.getvalue() and (images.to_rgb(canonical) == images.to_rgb(photo.getvalue())).all()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="processes decode only with several cores")
+def test_decoding_in_processes_writes_what_threads_write(image_folder, tmp_path, monkeypatch):
+    (image_folder / "train" / "apple" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    threaded = config(image_folder, tmp_path / "threads", train_percent=100)
+    acquired_subsample(threaded)
+    monkeypatch.setattr(subsample_module, "INGEST_PROCESSES_MIN", 1)
+    monkeypatch.setattr(subsample_module, "INGEST_CHUNK", 5)  # several chunks, so order across them is checked
+    in_processes = config(image_folder, tmp_path / "processes", train_percent=100)
+    pools = []
+    real_pool = subsample_module._decode_pool
+    monkeypatch.setattr(subsample_module, "_decode_pool", lambda count: pools.append(real_pool(count)) or pools[-1])
+    acquired_subsample(in_processes)
+    assert [type(pool).__name__ for pool in pools] == ["ProcessPoolExecutor"]
+    assert manifest_of(in_processes) == manifest_of(threaded)
+    assert manifest_of(threaded)["skipped"][0]["path"] == "train/apple/broken.png"
+    for split in records.SPLITS:
+        files = [storage.download(cfg.artifact(artifacts.split_records(split)), tmp_path / name / f"{split}.tfrecord")
+                 for name, cfg in (("t", threaded), ("p", in_processes))]
+        assert files[0].read_bytes() == files[1].read_bytes(), split
