@@ -41,8 +41,9 @@ DEFAULT_ARGS = {
     "execution_timeout": timedelta(hours=2),
     "retry_policy": RETRY_POLICY,
 }
-APPROVAL_PARAMS = {approval.COMMENT: Param("", type="string", title="Comment",
-                                           description="Why (kept with the promotion decision)")}
+# optional ("null" in its type): Airflow's form marks a plain string left empty as missing
+APPROVAL_PARAMS = {approval.COMMENT: Param(None, type=["null", "string"], title="Comment",
+                                           description="Why (optional; kept with the promotion decision)")}
 # The trigger form, generated from RunConfig's own field metadata (one place per rule).
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 
