@@ -17,13 +17,13 @@ from __future__ import annotations
 import html
 import mimetypes
 import os
+import re
 from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.models.dagrun import DagRun
-from airflow.models.xcom import XComModel
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -39,6 +39,7 @@ REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry 
 # what a run page may serve from the run root: the report folder and its two linked siblings
 SERVED = (artifacts.REPORT.parts, artifacts.MODEL_CARD.parts, artifacts.METRICS.parts)
 REPORT_INDEX = "index.html"
+UNSAFE = set("\\\0?#%")  # characters a store or URI parser could read as more than a name
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; form-action 'self'; "
        "frame-ancestors 'self'; base-uri 'none'")
 CSS = """body{font:15px/1.45 system-ui,sans-serif;color:#222;max-width:1100px;margin:0 auto;padding:24px}
@@ -122,29 +123,26 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
 
 
 def _run_uri(dag_id: str, run_id: str, session: Any) -> str:
-    """Where a DAG run keeps its artifacts.
+    """Where a DAG run keeps its artifacts: the deployment's run root (TLP_RUN_ROOT), then `<dag_id>/<run id>`
+    exactly as the steps name it (tasks.config).
 
-    The run root is the one the run's `configure` task recorded (the config the
-    run actually used), else the deployment's TLP_RUN_ROOT; below it the folder
-    is `<dag_id>/<run id>` exactly as the steps name it (tasks.config).
+    Derived from deployment settings and the URL's ids only, never from XCom or the run's conf: whoever may
+    trigger a run may also write those, and a run root taken from them once served any file on this host.
     """
-    found = session.execute(select(DagRun.conf).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).first()
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", dag_id) or dag_id.strip(".") == "":
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{dag_id!r} is not a DAG id")
+    found = session.execute(select(DagRun.id).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).first()
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"DAG {dag_id!r} has no run {run_id!r}")
-    configured = session.scalars(select(XComModel).where(
-        XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "configure",
-        XComModel.key == "return_value")).first()
-    config = XComModel.deserialize_value(configured) if configured is not None else {}
-    root = str((config if isinstance(config, dict) else {}).get("run_root") or settings.load().run_root)
-    return RunConfig(run_root=root, dag_id=dag_id, run_id=run_id).run_uri
+    return RunConfig(run_root=settings.load().run_root, dag_id=dag_id, run_id=run_id).run_uri
 
 
 def _parts(path: str) -> tuple[str, ...]:
     """The segments of a requested path; refuses anything that could leave the run root."""
     parts = tuple(path.rstrip("/").split("/")) if path.strip("/") else ()
-    if path.startswith("/") or any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                            f"{path!r} is not a relative path of plain segments (no '..', '.', '//' or '\\')")
+    if path.startswith("/") or any(part in ("", ".", "..") or set(part) & UNSAFE for part in parts):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{path!r} is not a relative path of plain segments "
+                                                         "(no '..', '.', '//', '\\', '?', '#' or '%')")
     return parts
 
 

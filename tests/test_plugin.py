@@ -97,8 +97,9 @@ def _report_url(run_id: str) -> str:
 
 
 @pytest.fixture
-def run_id(api, tmp_path) -> str:
-    """A finished run (its `configure` task recorded the run root) with its evaluation written."""
+def run_id(api, tmp_path, monkeypatch) -> str:
+    """A finished run of a deployment whose run root is TLP_RUN_ROOT, with its evaluation written."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
     run_id = f"{RUN_ID}-{tmp_path.name}"
     _write_evaluation(str(tmp_path / "runs"), run_id)
     _add_run(run_id, {"epochs": 2}, configured={"run_root": str(tmp_path / "runs")})
@@ -172,6 +173,8 @@ def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_i
     ("%2Fetc%2Fpasswd", 400),
     ("eval//report/index.html", 400),
     ("eval/report/..%5C..%5Cparams.json", 400),
+    ("eval/report/index.html%23", 400),
+    ("eval/report/a%3Fb.csv", 400),
     ("params.json", 404),
     ("model/model.keras", 404),
     ("eval/report/missing.png", 404),
@@ -192,21 +195,35 @@ def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path,
     assert response.status_code == 200, response.text
 
 
-def test_run_root_recorded_by_the_configure_task_wins_over_the_environment(api, token, tmp_path, monkeypatch):
-    """The run root the run really used is the one its `configure` task recorded."""
-    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "not-here"))
-    run_id = "scheduled__override-" + tmp_path.name
-    _write_evaluation(str(tmp_path / "configured-runs"), run_id)
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path / "configured-runs")})
-    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 200, response.text
+@pytest.mark.parametrize("forged_root", ["file:///proc/self/environ#", "{tmp}/elsewhere"])
+def test_a_forged_configure_xcom_does_not_move_what_the_plugin_reads(api, token, tmp_path, monkeypatch,
+                                                                      forged_root):
+    """XCom is user-writable: a run root written there (once: the api-server's environment) is ignored."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "deployment-runs"))
+    run_id = "manual__forged-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "deployment-runs"), run_id)
+    elsewhere = RunConfig(run_root=str(tmp_path / "elsewhere"), dag_id=DAG_ID, run_id=run_id)
+    storage.write_json(storage.join(elsewhere.run_uri, *artifacts.METRICS.parts), {"accuracy": "forged"})
+    _add_run(run_id, {"run_root": "file:///proc/self/environ#"},
+             configured={"run_root": forged_root.format(tmp=tmp_path)})
+    auth = {"Authorization": f"Bearer {token}"}
+    metrics = api.get(_report_url(run_id) + "../metrics.json", headers=auth)
+    assert metrics.status_code == 200 and metrics.json() == {"accuracy": 0.91}
+    assert "PATH=" not in metrics.text and "forged" not in metrics.text
+
+
+@pytest.mark.parametrize("dag_id", ["..", ".", "a%2Fb", "a%23b"])
+def test_a_dag_id_that_could_leave_the_run_root_is_refused(api, token, dag_id):
+    response = api.get(f"/ml-reports/runs/{dag_id}/x/eval/metrics.json", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code in (400, 403, 404) and "accuracy" not in response.text
 
 
 def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token, s3, s3_bucket, monkeypatch):
     """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
     run_id = "manual__s3-run"
     _write_evaluation(f"{s3_bucket}/runs", run_id)
-    _add_run(run_id, {}, configured={"run_root": f"{s3_bucket}/runs"})
+    _add_run(run_id, {})
+    monkeypatch.setenv("TLP_RUN_ROOT", f"{s3_bucket}/runs")
     for key in s3.env():
         monkeypatch.delenv(key)
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
@@ -220,7 +237,7 @@ def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
     no_run = api.get(_report_url("no-such-run"), headers=auth)
     assert no_run.status_code == 404 and "has no run" in no_run.text
     run_id = "running__" + tmp_path.name
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path)})
+    _add_run(run_id, {})
     no_report = api.get(_report_url(run_id), headers=auth)
     assert no_report.status_code == 404 and "evaluate task has succeeded" in no_report.text
 
