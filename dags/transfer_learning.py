@@ -19,9 +19,10 @@ from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAc
 
 from airflow.providers.standard.operators.hitl import HITLOperator
 
-from tasks import approval, settings
+from tasks import approval, settings, tf_logging
 from tasks.config import RunConfig, param_specs
 
+tf_logging.install()  # every task process parses this file: its first TensorFlow import starts quietly
 SETTINGS = settings.load()
 CHAMPION_ALIAS = AssetAlias("tlpipe-champion")
 
