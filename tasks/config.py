@@ -153,9 +153,9 @@ class RunConfig:
                                   section=FINE_TUNING, type="integer", minimum=1, maximum=500)
     fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
                                        "this.", section=FINE_TUNING, type="number", exclusiveMinimum=0, maximum=1)
-    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: one epoch of linear warm-up, then "
-                                    "decays to 0 over the fine-tune epochs; constant.", section=FINE_TUNING,
-                                    type="string", enum=["cosine", "constant"])
+    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: linear warm-up for one epoch (at most "
+                                    "15 % of a short fine-tune), then decays to 0 over the fine-tune epochs; constant.",
+                                    section=FINE_TUNING, type="string", enum=["cosine", "constant"])
     # evaluation and publishing
     top_k: int = param(5, "Top-k", "k of the top-k accuracy.", section=PUBLISHING, type="integer",
                        minimum=1, maximum=100)
