@@ -171,6 +171,7 @@ class RunConfig:
     dag_id: str = "transfer_learning"
     run_id: str = "manual"
     candidate: str = ""  # the slug of the candidate whose training artifacts a step reads and writes
+    asked: dict = field(default_factory=dict, compare=False)  # params for_candidate replaced: {name: as asked}
     cache_dir: str = field(default_factory=lambda: settings.load().cache_dir)
 
     def __post_init__(self) -> None:
@@ -204,7 +205,7 @@ class RunConfig:
         config handed to another worker must use that worker's own cache.
         """
         values = dataclasses.asdict(self)
-        del values["cache_dir"]
+        del values["cache_dir"], values["asked"]
         if isinstance(self.classes, tuple):
             values["classes"] = list(self.classes)
         return values
@@ -243,7 +244,8 @@ class RunConfig:
     def for_candidate(self, candidate: "Candidate") -> "RunConfig":
         """This config for one candidate: its backbone, image size, and its own training artifacts."""
         return dataclasses.replace(self, backbone=candidate.backbone, image_size=candidate.image_size,
-                                   candidate=candidate.slug)
+                                   candidate=candidate.slug,
+                                   asked=self.asked or {"backbone": self.backbone, "image_size": self.image_size})
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,17 @@ def test_a_person_approves_reads_the_release_and_triggers_every_dag_from_its_for
     report_text = screenshot(f"{airflow.base_url}/ml-reports/runs/transfer_learning/{quoted}/eval/report/",
                              ARTIFACTS / "report_view.png", cookies=cookie)
     assert "accuracy" in report_text.lower() and "tiny-model" in report_text
+    with Browser(cookie) as browser:
+        browser.open(f"{airflow.base_url}/ml-reports/runs/transfer_learning/{quoted}/eval/report/#release")
+        time.sleep(1.0)
+        browser.screenshot(ARTIFACTS / "release_section.png")
+        release = browser.text()
+    assert "Release" in release and champion["version"] in release and "promoted" in release.lower()
+    assert COMMENT in release
+    registry_text = screenshot(f"{airflow.base_url}/ml-reports/registry?model_name=tiny-model"
+                               f"&publish_uri={urllib.parse.quote(s3_bucket + '/models')}",
+                               ARTIFACTS / "registry.png", cookies=cookie)
+    assert champion["version"] in registry_text and "champion" in registry_text
     screenshot(f"{airflow.base_url}/dags/transfer_learning/runs/{quoted}/plugin/ml-report",
                ARTIFACTS / "report_tab_in_airflow_ui.png", cookies=cookie)
     assert (ARTIFACTS / "report_tab_in_airflow_ui.png").stat().st_size > 10_000
