@@ -173,8 +173,9 @@ def release_section(run_uri: str) -> str:
     try:
         published = storage.read_json(storage.join(run_uri, *artifacts.PUBLISHED.parts))
     except storage.StorageError:
-        return head + ("<p class='sub'>Not published yet: the release appears here once the run's publish_version "
-                       "task has succeeded.</p></section>")
+        return head + ("<p class='sub'>No release recorded for this run yet: it appears here once the run has "
+                       "published and decided on its version (a version waiting for approval is listed in Browse → "
+                       "Model registry).</p></section>")
     try:
         location, model_name, version = _split_version_uri(str(published.get("version_uri", "")))
         version_uri = _version_uri(location, model_name, version)

@@ -416,7 +416,7 @@ def test_release_of_a_version_outside_the_publish_locations_is_not_read(api, tok
 
 def test_release_section_before_publish_says_so(api, token, published_run):
     page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
-    assert "<section id='release'><h2>Release</h2>" in page and "Not published yet" in page
+    assert "<section id='release'><h2>Release</h2>" in page and "No release recorded for this run yet" in page
 
 
 def test_registry_lists_models_and_each_version_with_run_accuracy_interval_status_and_approver(
