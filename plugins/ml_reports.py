@@ -3,7 +3,7 @@
 - On the page of a DAG run, an "Evaluation report" tab shows `eval/report/index.html` of that run's
   run root, with its CSVs, metrics.json and the model card (rendered from Markdown).
 - A "Model registry" page (Browse menu) lists the published versions of a model, the
-  champion and every promotion decision, read with tasks.steps.publish.
+  champion and every promotion decision, read with tasks.registry.
 
 Runs inside the api-server. Airflow mounts plugin apps without authentication, so every
 route depends on Airflow's own checks: a valid Airflow JWT, as `Authorization: Bearer`
@@ -119,7 +119,7 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
              model_name: Annotated[str | None, Query()] = None) -> HTMLResponse:
     """The models of the deployment's publish locations; for the chosen one, every version (newest first) with its
     run, report, release page, model card, accuracy (n, 95 % interval), status and approver, and every decision."""
-    from tasks.steps.publish import list_decisions, list_versions, read_champion
+    from tasks.registry import list_decisions, list_versions, read_champion
 
     deployment = settings.load()
     publish_uri = _registry_location(publish_uri)
@@ -166,7 +166,7 @@ def release_section(run_uri: str) -> str:
     """The run's Release section (HTML, every value escaped): the published version and its links, whether it was
     promoted and why, the paired comparison when recorded, who approved or rejected it, the serving check and
     the TFLite variants. Read from the run's publish.json and the registry's own records."""
-    from tasks.steps.publish import list_decisions
+    from tasks.registry import list_decisions
 
     e = html.escape
     head = "<section id='release'><h2>Release</h2>"

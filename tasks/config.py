@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from tasks import settings
+from tasks.datasets import SUPPORTED_SOURCES
 from tasks.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -81,9 +82,7 @@ class RunConfig:
     """Everything a pipeline run needs to know, with the offline demo as defaults."""
 
     # data
-    source: str = param("idx://fashion_mnist", "Dataset source",
-                        "tfds://<name>, http(s)://…zip|tar.gz, a local folder or file:// URI "
-                        "(<split>/<class>/<image>), s3://bucket/prefix/, or idx://fashion_mnist.",
+    source: str = param("idx://fashion_mnist", "Dataset source", "One of: " + "; ".join(SUPPORTED_SOURCES) + ".",
                         section=DATA, type="string", minLength=3)
     source_sha256: str = param("", "Source sha256", "Expected sha256 of a downloaded archive (empty = "
                                "record it on first download and check it on every later one).",
@@ -361,6 +360,18 @@ def check_publish_location(cfg: RunConfig, allowed: tuple[str, ...]) -> None:
     if cfg.publish_uri.rstrip("/") not in {uri.rstrip("/") for uri in allowed}:
         raise ConfigError(f"publish_uri={cfg.publish_uri!r} is not a publish location of this deployment; use one "
                           f"of {list(allowed)} (an operator adds locations with TLP_PUBLISH_LOCATIONS)")
+
+
+def trusted_config(values: dict[str, Any], run_id: str, dag_id: str, deployment: settings.Settings) -> RunConfig:
+    """A run's config rebuilt from values anyone who may trigger runs can also write (a conf, an XCom entry).
+
+    Validated as the trigger form is; the run root comes from the deployment
+    settings and the run's identity from Airflow, never from the values; the
+    publish location must be one of the deployment's.
+    """
+    cfg = RunConfig.from_params(values, run_id=run_id, dag_id=dag_id, run_root=deployment.run_root)
+    check_publish_location(cfg, deployment.readable_publish_locations())
+    return cfg
 
 
 def safe_name(run_id: str) -> str:
