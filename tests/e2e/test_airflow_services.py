@@ -14,7 +14,7 @@ import pytest
 from tasks import artifacts, storage
 from tasks.config import RunConfig
 from tests.conftest import ROOT, deployment_env, tiny_conf
-from tests.e2e.airflow_services import AirflowServices
+from tests.e2e.airflow_services import APPROVER, AirflowServices
 from tests.e2e.browser import Browser, chromium_binary, screenshot
 
 pytestmark = [pytest.mark.slow,
@@ -30,7 +30,8 @@ def airflow(tmp_path, s3, s3_bucket):
     services = AirflowServices(tmp_path / "airflow", {
         "AIRFLOW_CONN_MODEL_STORE": s3.airflow_connection(),
         **deployment_env(f"{s3_bucket}/runs", f"{s3_bucket}/models"),
-        "TLP_APPROVAL_DAGS": "transfer_learning",  # this deployment asks a human before promoting
+        # this deployment asks a human before promoting this model; `approver` may, `admin` (who triggers) may not
+        "TLP_APPROVAL_MODELS": "tiny-model", "TLP_APPROVERS": "approver,admin",
     })
     services.start()
     yield services
@@ -45,20 +46,21 @@ def test_a_person_approves_reads_the_release_and_triggers_every_dag_from_its_for
 
     run_id = airflow.trigger("transfer_learning", conf)
     airflow.wait_until_parked("transfer_learning", run_id, "approve", timeout_s=1200)
-    with Browser(cookie) as browser:
+    approver = [{"name": "_token", "value": airflow.token(APPROVER), "url": airflow.base_url}]
+    with Browser(approver) as browser:
         approve_in_the_form(browser, airflow.base_url, "transfer_learning", run_id)
     state = airflow.wait_for_run("transfer_learning", run_id, timeout_s=600)
 
     states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("transfer_learning", run_id)}
     assert state == "success", f"{states}\n{airflow.logs()}"
     assert {states["fine_tune"], states["skip_fine_tune"]} == {"success", "skipped"}
-    assert states["approval_request"] == states["approve"] == states["promote"] == "success"
+    assert states["approve"] == states["promote"] == "success"
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id
     [decision] = [storage.read_json(uri) for uri in storage.list_files(f"{s3_bucket}/models/tiny-model/promotions/")]
     assert decision["promoted"] and decision["approval"]["approved"]
     assert decision["approval"]["comment"] == COMMENT  # typed into the form
-    assert decision["approval"]["by"].startswith("admin")
+    assert decision["approval"]["by"].startswith("approver")  # the approver's own login, not the triggerer's
     assert storage.exists(f"{champion['uri']}/checksums.json")
     run = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
     assert storage.exists(run.artifact(artifacts.REPORT, "index.html"))
