@@ -18,6 +18,9 @@ Measures per benchmark:
   pass of the backbone over the same train+val images;
 - fine-tuning with the default recipe (the pipeline's own `fine_tune` step, on
   cached boundary activations) and what the kept model scores on test;
+- both models' test accuracy with test-time augmentation too (`*_tta_test_accuracy`:
+  the mean of the probabilities of each image and its mirror image), and the
+  validation -> test gap of the kept model (`ft_val_test_gap`);
 - Fashion-MNIST only: the cost of one fine-tune epoch on cached activations
   against one on images, for a cut at the top 20 units, and what that ratio is
   by counting floating-point work (bench/fine_tune_sweep.py has the recipe sweep).
@@ -42,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as `python bench/<script>.py`: import the repository as `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,15 +85,25 @@ def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
                  cfg.batch_size)[1]
 
 
-def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> float:
-    """The saved classifier's accuracy on the run's test split."""
+def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> tuple[float, float]:
+    """The saved classifier's accuracy on the run's test split: plain, and with test-time augmentation
+    (the mean of the probabilities of each image and its mirror image)."""
+    import tensorflow as tf
+
     from tasks import classifier
-    from tasks.predict import predict_records
+    from tasks.records import image_dataset
 
     model = classifier.fetch(cfg.artifact(artifact), scratch, cfg.cache_dir).model
     test = storage.download(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord")
-    probabilities, labels, _ = predict_records(model, test, cfg.batch_size)
-    return float((probabilities.argmax(axis=1) == labels).mean())
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    plain, mirrored, labels = [], [], []
+    for images, batch_labels in image_dataset(test, int(model.input_shape[1]), cfg.batch_size):
+        plain.append(forward(images).numpy())
+        mirrored.append(forward(tf.reverse(images, axis=[2])).numpy())
+        labels.append(batch_labels.numpy())
+    probabilities, truth = np.concatenate(plain), np.concatenate(labels)
+    averaged = (probabilities + np.concatenate(mirrored)) / 2
+    return float((probabilities.argmax(axis=1) == truth).mean()), float((averaged.argmax(axis=1) == truth).mean())
 
 
 def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
@@ -97,7 +112,7 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
     import keras
 
     from tasks.records import image_dataset
-    from tasks.training import epoch_seed, stage_records
+    from tasks.training import stage_records
 
     keras.utils.set_random_seed(cfg.seed)
     paths = {split: stage_records(cfg, split, scratch) for split in ("train", "val", "test")}
@@ -110,14 +125,22 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
         keras.layers.Dense(128, activation="relu"), keras.layers.Dense(num_classes, activation="softmax"),
     ])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    train = image_dataset(paths["train"], image_size, cfg.batch_size, shuffle_seed=epoch_seed(cfg, 0))
-    val = image_dataset(paths["val"], image_size, cfg.batch_size)
+    # Decoded once into memory: large PNGs would otherwise be decoded again every epoch.
+    (x_train, y_train), val, test = (arrays(image_dataset(paths[split], image_size, cfg.batch_size))
+                                     for split in ("train", "val", "test"))
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
     started = time.perf_counter()
-    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0)
+    history = model.fit(x_train, y_train, batch_size=cfg.batch_size, validation_data=val, epochs=epochs,
+                        callbacks=[stop], verbose=0)
     seconds = time.perf_counter() - started
-    _, accuracy = model.evaluate(image_dataset(paths["test"], image_size, cfg.batch_size), verbose=0)
+    _, accuracy = model.evaluate(*test, batch_size=cfg.batch_size, verbose=0)
     return float(accuracy), seconds, len(history.history["loss"])
+
+
+def arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a batched (image, label) dataset, in memory."""
+    images, labels = zip(*((np.asarray(x), np.asarray(y)) for x, y in dataset))
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float, str, float]:
@@ -216,17 +239,19 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
         forward_s = forward_seconds(cfg, scratch)
         trained, fe_s = timed(train, cfg, data)
         decision = decide_step(cfg, trained)
-        fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
+        fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
         tuned, ft_s = timed(fine_tune, cfg, trained)
-        ft_accuracy = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
+        ft_accuracy, ft_tta = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
         val_after = tuned.get("val_accuracy_after", trained["val_accuracy"])
         result.update({
             "fe_test_accuracy": round(fe_accuracy, 4),
+            "fe_tta_test_accuracy": round(fe_tta, 4),
             "fe_val_accuracy": round(trained["val_accuracy"], 4),
             "fe_seconds": round(fe_s, 1),
             "forward_pass_seconds": round(forward_s, 1),
             "fe_ratio_to_forward": round(fe_s / forward_s, 2),
             "ft_test_accuracy": round(ft_accuracy, 4),
+            "ft_tta_test_accuracy": round(ft_tta, 4),
             "ft_val_accuracy": round(val_after, 4),
             "ft_val_test_gap": round(val_after - ft_accuracy, 4),
             "ft_kept": tuned.get("kept"),
