@@ -16,14 +16,9 @@ speed. `--native` also times each Lite variant at its native size (224, 240,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/<script>.py`: import the repository as `python -m` does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tasks.backbones import LITE, LITE0, available_backbones, load_backbone  # noqa: E402
+from tasks.backbones import LITE, LITE0, available_backbones, load_backbone
 
 
 def images_per_second(model, image_size: int, batch: int, batches: int) -> float:

@@ -14,15 +14,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/<script>.py`: import the repository as `python -m` does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tasks import storage  # noqa: E402
-from tasks.config import RunConfig, candidate_list  # noqa: E402
+from tasks import storage
+from tasks.config import RunConfig, candidate_list
 
 
 def main() -> None:

@@ -34,27 +34,23 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python bench/<script>.py`: import the repository as `python -m` does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tasks import artifacts, storage  # noqa: E402
-from tasks.activation_cache import CachedSplit, cache_activations, cache_key  # noqa: E402
-from tasks.backbone_split import Split, split_backbone  # noqa: E402
-from tasks.backbones import Backbone, load_backbone, set_trainable_top  # noqa: E402
-from tasks.checkpoints import fit_resumable  # noqa: E402
-from tasks.config import RunConfig  # noqa: E402
-from tasks.head import build_head, compose  # noqa: E402
-from tasks.records import image_dataset  # noqa: E402
-from tasks.training import compile_model, epoch_seed, read_manifest, targets  # noqa: E402
+from tasks import artifacts, storage
+from tasks.activation_cache import CachedSplit, cache_activations, cache_key
+from tasks.backbone_split import Split, split_backbone
+from tasks.backbones import Backbone, load_backbone, set_trainable_top
+from tasks.checkpoints import fit_resumable
+from tasks.config import RunConfig
+from tasks.head import build_head, compose
+from tasks.records import image_dataset
+from tasks.training import compile_model, epoch_seed, read_manifest, targets
 
 log = logging.getLogger("bench.fine_tune_sweep")
 

@@ -41,18 +41,15 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python bench/<script>.py`: import the repository as `python -m` does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tasks import artifacts, storage  # noqa: E402
-from tasks.config import RunConfig, param_specs  # noqa: E402
+from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
+from tasks import artifacts, storage
+from tasks.config import RunConfig, param_specs
 
 if TYPE_CHECKING:
     import keras
@@ -203,8 +200,6 @@ def benchmark_config(name: str, run_root: str, overrides: dict[str, str]) -> Run
     """The run config of one benchmark: the defaults, the benchmark's data, then `--set` overrides."""
     data: dict[str, object] = {}
     if name == "openclipart":
-        from bench import openclipart
-
         data = {"source": str(openclipart.build().resolve()), "train_percent": 100.0,
                 "model_name": "openclipart-classifier"}
     specs = param_specs(RunConfig())

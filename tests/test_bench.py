@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +74,7 @@ def test_bench_target_installs_openclipart():
     pytest.param(["bench/fine_tune_sweep.py"], marks=pytest.mark.slow),  # these import TensorFlow first
     pytest.param(["bench/backbones.py"], marks=pytest.mark.slow)])
 def test_bench_scripts_run_as_scripts_and_as_modules(command):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    # As a script, bench/training.py imports its siblings as `bench.*`: the installed package provides them.
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
