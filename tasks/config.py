@@ -86,7 +86,8 @@ class RunConfig:
                                 type="number", exclusiveMinimum=0, maximum=100)
     seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", type="integer", minimum=0)
     # model
-    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0 (offline ImageNet), "
+    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0, _lite1, _lite2 (offline "
+                          "ImageNet; native 224, 240, 260 px), "
                           "efficientnet_b0, resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / "
                           "s3:// prefix.", type="string", minLength=1)
     candidates: str = param("", "Candidate backbones", "Compare several backbones in one run: comma-separated "
@@ -94,7 +95,7 @@ class RunConfig:
                             "Hub handle, s3://models/encoder@224). Each trains as its own mapped task; the best on "
                             "validation continues. Empty = the one Backbone at Image size.", type="string")
     backbone_weights: str = param("imagenet", "Backbone weights", "imagenet, none (random init), or a local / "
-                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0).",
+                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0/1/2).",
                                   type="string", minLength=1)
     image_size: int = param(96, "Image size (px)", "Square input size of the backbone.",
                             type="integer", minimum=32, maximum=1024)

@@ -277,3 +277,17 @@ def test_tensor_geometry_outside_its_storage_is_refused_naming_the_tensor(offset
                       np.arange(8))
     with pytest.raises(lite.UnsafePickleError, match=f"tampered.pth: tensor 'evil.weight' .*{problem}.*do not load"):
         lite.read_torch_state_dict(weights)
+
+
+@pytest.mark.parametrize("name, cut", [("efficientnet_lite0", "block4a"), ("efficientnet_lite1", "block4d"),
+                                       ("efficientnet_lite2", "block4d")])
+def test_every_variant_cuts_cleanly_for_fine_tuning(name, cut):
+    # The default 34 units reach deeper blocks in the deeper variants; the top still reproduces the whole model.
+    from tasks.backbone_split import split_backbone
+
+    backbone = load_backbone(name, 32, weights="none")
+    split = split_backbone(backbone, 34)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert split.cut == cut
+    np.testing.assert_allclose(split.top(split.bottom(pixels, training=False), training=False),
+                               backbone.model(pixels, training=False), atol=1e-5)
