@@ -21,7 +21,8 @@ Activation caches persist under `--cache-root` and are reused by later runs
 `--ratio-units` also times one fine-tuning epoch on images against one on
 cached activations for the same cut (second epochs, after tracing).
 
-    python -m bench.fine_tune_sweep [--image-size 96] [--ratio-units 20] [--jsonl results.jsonl]
+    python -m bench.fine_tune_sweep [--benchmark fashion_mnist|openclipart] [--backbone efficientnet_lite0]
+        [--image-size 96] [--ratio-units 20] [--jsonl results.jsonl]
         [--recipe units=34,lr=1e-3,epochs=8,schedule=cosine,smoothing=0.1 ...]
 
 Logs one line per step and recipe; ends with ONE JSON line of flat keys.
@@ -271,6 +272,9 @@ def main() -> None:
     parser.add_argument("--run-root", default="/tmp/tlp-bench/runs")
     parser.add_argument("--cache-root", default="/tmp/tlp-bench/activations")
     parser.add_argument("--image-size", type=int, default=RunConfig.image_size)
+    parser.add_argument("--benchmark", choices=("fashion_mnist", "openclipart"), default="fashion_mnist",
+                        help="openclipart: all of bench/openclipart.py's train split, its held-out-artist test split")
+    parser.add_argument("--backbone", default=RunConfig.backbone)
     parser.add_argument("--recipe", action="append", help=f"repeatable; default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ratio-units", type=int, default=20,
                         help="time an epoch on images vs on cached activations at this cut; 0 skips")
@@ -280,7 +284,13 @@ def main() -> None:
     recipes = [Recipe.parse(text) for text in args.recipe or DEFAULT_RECIPES]
 
     started = time.perf_counter()
-    cfg = RunConfig(run_root=args.run_root, run_id="fine-tune-sweep", image_size=args.image_size)
+    data: dict[str, Any] = {}
+    if args.benchmark == "openclipart":
+        from bench import openclipart
+
+        data = {"source": str(openclipart.build().resolve()), "train_percent": 100.0}
+    cfg = RunConfig(run_root=args.run_root, run_id=f"fine-tune-sweep-{args.benchmark}", image_size=args.image_size,
+                    backbone=args.backbone, **data)
     data_s = prepare_data(cfg)
     manifest = read_manifest(cfg, {})
     num_classes = len(manifest["classes"])
@@ -288,7 +298,8 @@ def main() -> None:
                for split in ("train", "val", "test")}
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     pretrained = backbone.model.get_weights()
-    flat: dict[str, Any] = {"image_size": cfg.image_size, "data_s": round(data_s, 1),
+    flat: dict[str, Any] = {"benchmark": args.benchmark, "backbone": cfg.backbone, "image_size": cfg.image_size,
+                            "data_s": round(data_s, 1),
                             "train_images": len(manifest["files"])}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-fine-tune-") as scratch_dir:

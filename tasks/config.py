@@ -104,7 +104,8 @@ class RunConfig:
     seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", section=DATA,
                       type="integer", minimum=0)
     # model
-    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0 (offline ImageNet), "
+    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0, _lite1, _lite2 (offline "
+                          "ImageNet; native 224, 240, 260 px), "
                           "efficientnet_b0, resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / "
                           "s3:// prefix.", section=MODEL, type="string", minLength=1)
     candidates: str = param("", "Candidate backbones", "Compare several backbones in one run: comma-separated "
@@ -113,7 +114,7 @@ class RunConfig:
                             "validation continues. Empty = the one Backbone at Image size.",
                             section=MODEL, optional=True, type="string")
     backbone_weights: str = param("imagenet", "Backbone weights", "imagenet, none (random init), or a local / "
-                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0).",
+                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0/1/2).",
                                   section=ADVANCED, type="string", minLength=1)
     image_size: int = param(96, "Image size (px)", "Square input size of the backbone.",
                             section=MODEL, type="integer", minimum=32, maximum=1024)
