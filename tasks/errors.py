@@ -64,3 +64,11 @@ class StoreUnavailableError(TransientError):
 
 class DownloadError(TransientError):
     """A download failed on the way (timeout, connection reset, HTTP 5xx / 429): retried."""
+
+
+class ImageDecodeError(PermanentError):
+    """TEMPORARY stand-in (engineer `decoder` adds it): an image cannot be decoded."""
+
+
+class ScoringError(PermanentError):
+    """A batch-scoring run cannot go on: no such model or version, or an incomplete or altered one."""
