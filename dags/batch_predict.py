@@ -39,7 +39,10 @@ PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_sp
 
 
 def _config(cfg: dict) -> BatchConfig:
-    """Rebuild and re-check the config in this task's process; point storage at the model store."""
+    """Rebuild and re-check the config in this task's process; point storage at the model store.
+
+    The run's identity (which folder of the run root it writes) comes from Airflow's context, not from XCom.
+    """
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -51,7 +54,9 @@ def _config(cfg: dict) -> BatchConfig:
         os.environ.update(s3_env(conn.login, conn.password, conn.extra_dejson))
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
-    config = BatchConfig.from_params(cfg, run_root=deployment.run_root)
+    context = get_current_context()
+    config = BatchConfig.from_params(cfg, run_root=deployment.run_root, dag_id=context["dag"].dag_id,
+                                     run_id=context["run_id"])
     config.check_locations(deployment)
     return config
 
@@ -68,7 +73,7 @@ def batch_predict() -> None:
         from tasks.scoring_model import resolve_version
 
         check_conf(dag_run.conf or {})
-        cfg = _config({**params, "run_id": dag_run.run_id, "dag_id": dag_run.dag_id})
+        cfg = _config(params)
         version = resolve_version(cfg.registry, cfg.model_name, cfg.model_version)
         return {**cfg.to_dict(), "model_version": version}
 

@@ -93,7 +93,7 @@ class BatchConfig:
     @property
     def run_uri(self) -> str:
         """This run's folder under the run root (the UI plugin derives the same from dag and run id)."""
-        return storage.join(self.run_root, self.dag_id, safe_name(self.run_id))
+        return run_uri(self.run_root, self.dag_id, self.run_id)
 
     def artifact(self, artifact, *below: str) -> str:
         """URI of a catalogued run-root artifact (tasks.artifacts) of this run."""
@@ -109,9 +109,13 @@ class BatchConfig:
 
 def param_specs() -> dict[str, tuple[Any, dict[str, Any]]]:
     """{param name: (default, JSON schema with title and description)}: what the trigger form is built from."""
-    defaults = BatchConfig()
-    return {spec.name: (getattr(defaults, spec.name), dict(spec.metadata["param"]))
+    return {spec.name: (spec.default, dict(spec.metadata["param"]))
             for spec in dataclasses.fields(BatchConfig) if "param" in spec.metadata}
+
+
+def run_uri(run_root: str, dag_id: str, run_id: str) -> str:
+    """A run's folder under the run root, `<run_root>/<dag_id>/<run id as one safe segment>`."""
+    return storage.join(run_root, dag_id, safe_name(run_id))
 
 
 def check_conf(conf: dict[str, Any]) -> None:
