@@ -48,8 +48,8 @@ def run_steps(cfg: BatchConfig) -> tuple[list[dict], dict]:
 
 
 def config(images_uri, run_id: str, **values) -> BatchConfig:
-    return BatchConfig(images=str(images_uri), model_name=MODEL_NAME, run_id=run_id, shard_size=5, top_k=3,
-                       **values)
+    return BatchConfig(**{"images": str(images_uri), "model_name": MODEL_NAME, "run_id": run_id, "shard_size": 5,
+                          "top_k": 3, **values})
 
 
 def test_scores_every_image_lists_unreadable_ones_and_writes_parquet_csv_summary_gallery(deploy, tmp_path):
