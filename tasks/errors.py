@@ -67,7 +67,7 @@ class DownloadError(TransientError):
 
 
 class ImageDecodeError(PermanentError):
-    """TEMPORARY stand-in (engineer `decoder` adds it): an image cannot be decoded."""
+    """An image file cannot be decoded: not one of the accepted formats, a broken header or data, or too large."""
 
 
 class ScoringError(PermanentError):
