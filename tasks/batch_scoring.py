@@ -132,38 +132,51 @@ def score(reads: list[Read], image_size: int, model: Callable[[np.ndarray], np.n
           pool: ThreadPoolExecutor) -> tuple[list[Read], np.ndarray, list[dict]]:
     """(scored reads, their probabilities, unreadable files with the reason).
 
-    Images are decoded by the project's one decoder in the pool while the model
-    runs the previous batch.
+    Images are decoded by the project's one decoder (`to_rgb` in the pool, while
+    the model runs the previous batch) and resized by its one `resize`, the
+    pixels training and evaluation saw.
     """
     readable = [read for read in reads if read.data is not None]
     unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.data is None]
     batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
+    limit = settings.load().limits.max_image_pixels
     scored, outputs = [], []
-    pending = _decode_batch(batches[0], image_size, pool) if batches else []
+    pending = _decode_batch(batches[0], limit, pool) if batches else []
     for index in range(len(batches)):
         current, batch = pending, batches[index]
         if index + 1 < len(batches):
-            pending = _decode_batch(batches[index + 1], image_size, pool)
+            pending = _decode_batch(batches[index + 1], limit, pool)
         decoded = [future.result() for future in current]
         keep = [n for n, (pixels, _) in enumerate(decoded) if pixels is not None]
         unreadable += [{"path": batch[n].path, "reason": reason} for n, (pixels, reason) in enumerate(decoded)
                        if pixels is None]
         if keep:
-            outputs.append(model(np.stack([decoded[n][0] for n in keep])))
+            outputs.append(model(_resized([decoded[n][0] for n in keep], image_size)))
             scored += [batch[n] for n in keep]
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
     return scored, probabilities, sorted(unreadable, key=lambda item: item["path"])
 
 
-def _decode_batch(batch: list[Read], image_size: int, pool: ThreadPoolExecutor) -> list:
-    return [pool.submit(_decode, read.data, image_size) for read in batch]
+def _decode_batch(batch: list[Read], max_pixels: int, pool: ThreadPoolExecutor) -> list:
+    return [pool.submit(_to_rgb, read.data, max_pixels) for read in batch]
 
 
-def _decode(data: bytes, image_size: int) -> tuple[np.ndarray | None, str]:
+def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
     try:
-        return images.decode(data, image_size), ""
+        return images.to_rgb(data, max_pixels=max_pixels), ""
     except ImageDecodeError as error:
         return None, f"cannot be decoded: {error}"
+
+
+def _resized(pictures: list[np.ndarray], image_size: int) -> np.ndarray:
+    """The model's input: every picture through `images.resize`, one call per distinct picture size."""
+    batch = np.empty((len(pictures), image_size, image_size, 3), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for n, picture in enumerate(pictures):
+        by_shape.setdefault(picture.shape, []).append(n)
+    for members in by_shape.values():
+        batch[members] = np.asarray(images.resize(np.stack([pictures[n] for n in members]), image_size))
+    return batch
 
 
 def predictions_table(scored: list[Read], probabilities: np.ndarray, classes: tuple[str, ...], top_k: int,
@@ -320,7 +333,7 @@ def gallery_page(rows, thumbnails: list[str], summary: dict, title: str) -> str:
 
 def _extracted(source: str, cache_dir: str) -> Path:
     """The archive extracted into this worker's cache (once; a second worker extracts its own copy)."""
-    from tasks.steps.acquire import download, extract_archive
+    from tasks.datasets import download, extract_archive
 
     entry = Path(cache_dir) / "batch-sources" / hashlib.sha256(source.encode()).hexdigest()[:24]
     if (entry / "images").is_dir():

@@ -48,17 +48,18 @@ def test_shard_key_follows_content_model_and_decoder_not_the_run():
 
 
 def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monkeypatch):
-    def decode(data, size):
+    def to_rgb(data, max_pixels=None):
         if data == b"bad":
             raise images.ImageDecodeError("not an image")
-        return np.full((size, size, 3), float(data[0]), np.float32)
+        return np.full((2 + data[0], 2, 3), data[0], np.uint8)  # two picture sizes in one batch
 
-    monkeypatch.setattr(images, "decode", decode)
+    monkeypatch.setattr(images, "to_rgb", to_rgb)
+    monkeypatch.setattr(images, "resize", lambda pictures, size: pictures[:, :size, :size].astype(np.float32))
     batch = reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3)) + [Read("gone.jpg", None, None, "cannot be read")]
     model = lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3  # noqa: E731
 
     with ThreadPoolExecutor(2) as pool:
-        scored, probabilities, unreadable = batch_scoring.score(batch, 4, model, pool)
+        scored, probabilities, unreadable = batch_scoring.score(batch, 2, model, pool)
 
     assert len(scored) == 73 == len(probabilities)
     assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}
