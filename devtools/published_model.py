@@ -35,7 +35,8 @@ def publish_untrained(publish_uri: str, model_name: str, classes: tuple[str, ...
     built = classifier.build(classifier.ClassifierSpec(backbone, image_size, tuple(classes), 0.2), "imagenet",
                              cache_dir)
     now = datetime.now(timezone.utc)
-    version = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{hashlib.sha256(str(seed).encode()).hexdigest()[:12]}"
+    suffix = hashlib.sha256(f"{backbone}@{image_size}/{seed}".encode()).hexdigest()[:12]
+    version = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{suffix}"
     version_uri = storage.join(publish_uri, model_name, "versions", version)
     with scratch_dir("publish-untrained") as scratch:
         stage = scratch / "version"

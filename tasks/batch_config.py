@@ -11,12 +11,11 @@ prediction locations (tasks.settings).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks import settings, storage
+from tasks import config, settings, storage
 from tasks.config import MODEL_NAME_PATTERN, RunConfig, check_value, param, safe_name
 from tasks.errors import ConfigError
 
@@ -120,13 +119,7 @@ def run_uri(run_root: str, dag_id: str, run_id: str) -> str:
 
 def check_conf(conf: dict[str, Any]) -> None:
     """Refuse trigger-conf keys that are not params of this DAG, naming the closest param."""
-    declared = sorted(param_specs())
-    unknown = sorted(set(conf) - set(declared))
-    if unknown:
-        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
-            key, declared, n=1)) else "") for key in unknown]
-        raise ConfigError(f"trigger conf: {', '.join(hints)} {'is not a param' if len(unknown) == 1 else 'are not params'}"
-                          f" of batch_predict; use only: {', '.join(declared)}")
+    config.check_conf(conf, params=param_specs())
 
 
 def _nullable(schema: dict[str, Any]) -> bool:

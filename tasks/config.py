@@ -265,9 +265,10 @@ def param_specs(defaults: RunConfig) -> dict[str, tuple[Any, dict[str, Any]]]:
     return specs
 
 
-def check_conf(conf: dict[str, Any], origin: str = "trigger conf") -> None:
-    """Refuse keys that are not declared params, naming each and the closest param (a misspelling)."""
-    declared = sorted(param_specs(RunConfig()))
+def check_conf(conf: dict[str, Any], origin: str = "trigger conf", params: Any = None) -> None:
+    """Refuse keys that are not declared params (RunConfig's, or those in `params`), naming each and the closest
+    param (a misspelling)."""
+    declared = sorted(param_specs(RunConfig()) if params is None else params)
     unknown = sorted(set(conf) - set(declared))
     if unknown:
         hints = []
