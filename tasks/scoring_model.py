@@ -53,14 +53,18 @@ class PublishedModel:
 
 
 def resolve_version(publish_uri: str, model_name: str, version: str | None) -> str:
-    """The version a run scores with: the one asked for, or the champion's at the time of asking."""
-    if version:
-        return version
-    champion = registry.read_champion(publish_uri, model_name)
-    if champion is None:
-        raise ScoringError(f"{storage.join(publish_uri, model_name)} has no champion yet; publish and promote a "
-                           "model first (DAG transfer_learning), or give model_version")
-    return str(champion["version"])
+    """The version a run scores with: the one asked for, or the champion's at the time of asking; it must be
+    complete (have its checksums.json)."""
+    if not version:
+        champion = registry.read_champion(publish_uri, model_name)
+        if champion is None:
+            raise ScoringError(f"{storage.join(publish_uri, model_name)} has no champion yet; publish and promote "
+                               "a model first (DAG transfer_learning), or give model_version")
+        version = str(champion["version"])
+    if not storage.exists(storage.join(version_uri(publish_uri, model_name, version), registry.CHECKSUMS)):
+        raise ScoringError(f"{version_uri(publish_uri, model_name, version)} is not a complete published version; "
+                           "give one listed by `python -m tasks.registry list`, or leave model_version empty")
+    return version
 
 
 def version_uri(publish_uri: str, model_name: str, version: str) -> str:
@@ -73,7 +77,7 @@ def fetch(publish_uri: str, model_name: str, version: str, cache_dir: str, engin
     checksums_uri = storage.join(uri, registry.CHECKSUMS)
     if not storage.exists(checksums_uri):
         raise ScoringError(f"{uri} is not a complete published version (no {registry.CHECKSUMS}); give a version "
-                           f"listed by `python -m tasks.steps.publish list`, or leave model_version empty")
+                           f"listed by `python -m tasks.registry list`, or leave model_version empty")
     checksums = storage.read_json(checksums_uri)
     if engine == TFLITE_FLOAT32 and ENGINE_FILES[TFLITE_FLOAT32] not in checksums:
         log.info("scoring: %s has no %s (not convertible or not kept); scoring through its SavedModel", uri,

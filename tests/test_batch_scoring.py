@@ -122,3 +122,19 @@ def test_params_are_checked_with_the_fix_named():
         BatchConfig(images="x", model_version="../../other")
     with pytest.raises(ConfigError, match="did you mean 'shard_size'"):
         check_conf({"images": "x", "shardsize": 3})
+
+
+def test_an_archive_is_extracted_once_into_the_workers_cache_and_listed(tmp_path):
+    import zipfile
+
+    folder = write_image_folder(tmp_path / "folder", {"a": 3}, splits=("new",))
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(folder.rglob("*.jpg")):
+            bundle.write(path, path.relative_to(folder).as_posix())
+
+    root = batch_scoring.images_root(str(archive), str(tmp_path / "cache"))
+    again = batch_scoring.images_root(str(archive), str(tmp_path / "cache"))
+
+    assert root == again and batch_scoring.list_images(root) == (["new/a/0000.jpg", "new/a/0001.jpg",
+                                                                  "new/a/0002.jpg"], [])
