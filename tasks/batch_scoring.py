@@ -227,7 +227,7 @@ def summarize(table, classes: tuple[str, ...], unreadable: list[dict], test_conf
     counts = table["label_1"].value_counts() if len(table) else {}
     histogram, edges = np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
     return {
-        "n_scored": int(len(table)),
+        "n_scored": len(table),
         "n_unreadable": len(unreadable),
         "unreadable": unreadable,
         "counts": {name: int(counts.get(name, 0)) for name in classes},

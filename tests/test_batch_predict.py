@@ -80,9 +80,9 @@ def test_scores_every_image_lists_unreadable_ones_and_writes_parquet_csv_summary
 
 def test_rerun_reuses_finished_shards_and_scores_a_changed_image_again(deploy, tmp_path):
     folder = batch_folder(tmp_path / "images")
-    first, merged = run_steps(config(folder, "first"))
-    changed = sorted(folder.rglob("0*.jpg"))[0]
-    changed.write_bytes(sorted(folder.rglob("0*.jpg"))[-1].read_bytes())
+    first, _ = run_steps(config(folder, "first"))
+    changed = min(folder.rglob("0*.jpg"))
+    changed.write_bytes(max(folder.rglob("0*.jpg")).read_bytes())
 
     second, again = run_steps(config(folder, "second"))
 

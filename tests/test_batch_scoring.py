@@ -56,10 +56,10 @@ def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monke
     monkeypatch.setattr(images, "to_rgb", to_rgb)
     monkeypatch.setattr(images, "resize", lambda pictures, size: pictures[:, :size, :size].astype(np.float32))
     batch = reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3)) + [Read("gone.jpg", None, None, "cannot be read")]
-    model = lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3  # noqa: E731
 
     with ThreadPoolExecutor(2) as pool:
-        scored, probabilities, unreadable = batch_scoring.score(batch, 2, model, pool)
+        scored, probabilities, unreadable = batch_scoring.score(batch, 2, lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3,
+                                                                   pool)
 
     assert len(scored) == 73 == len(probabilities)
     assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}

@@ -28,10 +28,10 @@ def merge_predictions(cfg: BatchConfig) -> dict:
     (listing_uri,) = artifacts.require(cfg, artifacts.BATCH_LISTING)
     listing = storage.read_json(listing_uri)
     records = [_shard_record(cfg, index) for index in range(len(listing["shards"]))]
-    shards = [storage.read_json(storage.join(batch_scoring.shard_prefix(cfg.output_root, record["key"]),
-                                             batch_scoring.SHARD_RECORD)) for record in records]
-    table = pd.concat([batch_scoring.read_predictions(shard["files"]["parquet"]) for shard in shards],
-                      ignore_index=True)
+    prefixes = [batch_scoring.shard_prefix(cfg.output_root, record["key"]) for record in records]
+    shards = [storage.read_json(storage.join(prefix, batch_scoring.SHARD_RECORD)) for prefix in prefixes]
+    table = pd.concat([batch_scoring.read_predictions(storage.join(prefix, f"{batch_scoring.PREDICTIONS}.parquet"))
+                       for prefix in prefixes], ignore_index=True)
     version = listing["model_version"]
     version_uri = scoring_model.version_uri(cfg.registry, cfg.model_name, version)
     classes = _classes(version_uri)
