@@ -132,33 +132,38 @@ def score(reads: list[Read], image_size: int, model: Callable[[np.ndarray], np.n
           pool: ThreadPoolExecutor) -> tuple[list[Read], np.ndarray, list[dict]]:
     """(scored reads, their probabilities, unreadable files with the reason).
 
-    Images are decoded by the project's one decoder (`to_rgb` in the pool, while
-    the model runs the previous batch) and resized by its one `resize`, the
-    pixels training and evaluation saw.
+    Images are decoded by the project's one decoder (`to_rgb` in the pool) and
+    resized by its one `resize`, the pixels training and evaluation saw; the next
+    batch is decoded and resized while the model runs this one.
     """
     readable = [read for read in reads if read.data is not None]
     unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.data is None]
     batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
     limit = settings.load().limits.max_image_pixels
     scored, outputs = [], []
-    pending = _decode_batch(batches[0], limit, pool) if batches else []
-    for index in range(len(batches)):
-        current, batch = pending, batches[index]
-        if index + 1 < len(batches):
-            pending = _decode_batch(batches[index + 1], limit, pool)
-        decoded = [future.result() for future in current]
-        keep = [n for n, (pixels, _) in enumerate(decoded) if pixels is not None]
-        unreadable += [{"path": batch[n].path, "reason": reason} for n, (pixels, reason) in enumerate(decoded)
-                       if pixels is None]
-        if keep:
-            outputs.append(model(_resized([decoded[n][0] for n in keep], image_size)))
-            scored += [batch[n] for n in keep]
+    with ThreadPoolExecutor(max_workers=1) as preparer:
+        def prepare(batch: list[Read]):
+            return preparer.submit(_prepared, [pool.submit(_to_rgb, read.data, limit) for read in batch],
+                                   image_size)
+
+        pending = prepare(batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            pixels, reasons = pending.result()
+            if index + 1 < len(batches):
+                pending = prepare(batches[index + 1])
+            unreadable += [{"path": batch[n].path, "reason": reason} for n, reason in reasons.items()]
+            if len(pixels):
+                outputs.append(model(pixels))
+                scored += [read for n, read in enumerate(batch) if n not in reasons]
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
     return scored, probabilities, sorted(unreadable, key=lambda item: item["path"])
 
 
-def _decode_batch(batch: list[Read], max_pixels: int, pool: ThreadPoolExecutor) -> list:
-    return [pool.submit(_to_rgb, read.data, max_pixels) for read in batch]
+def _prepared(decoding: list, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
+    """A batch's model input from its decode futures, and why each image left out could not be decoded."""
+    decoded = [future.result() for future in decoding]
+    reasons = {n: reason for n, (picture, reason) in enumerate(decoded) if picture is None}
+    return _resized([picture for picture, _ in decoded if picture is not None], image_size), reasons
 
 
 def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
