@@ -74,9 +74,9 @@ class Worker:
             cwd=self.root,
         )
 
-    def task_logs(self, run_id: str, task_id: str) -> list[Path]:
+    def task_logs(self, run_id: str, task_id: str, dag_id: str = DAG_ID) -> list[Path]:
         """The task's log files that this worker wrote (Airflow writes them where the task ran)."""
-        return sorted(self.home.glob(f"logs/dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/**/attempt=*.log"))
+        return sorted(self.home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/attempt=*.log"))
 
 
 @pytest.fixture
@@ -164,22 +164,24 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
     assert list(worker_b.cache.glob("efficientnet_lite0/*.npz")), "worker-b converts its own backbone weights"
     assert not (worker_a.cache / "efficientnet_lite0").exists(), "no backbone work may land in worker-a's cache"
 
-    _two_workers_score_shards_of_one_prefix(airflow, s3_bucket, tmp_path, champion)
+    _two_workers_score_shards_of_one_prefix(airflow, workers, s3_bucket, tmp_path, champion)
 
 
-def _two_workers_score_shards_of_one_prefix(airflow, s3_bucket: str, tmp_path: Path, champion: dict) -> None:
+def _two_workers_score_shards_of_one_prefix(airflow, workers: dict[str, Worker], s3_bucket: str, tmp_path: Path,
+                                            champion: dict) -> None:
     """batch_predict on an S3 prefix (with two files that cannot be decoded): both workers score shards."""
     from tests.batch_fixtures import UNREADABLE, batch_folder
 
     images = f"{s3_bucket}/new-images/"
     storage.upload(batch_folder(tmp_path / "new-images", per_class=8), images)
     airflow.wait_for_dag(BATCH_DAG_ID)
-    run_id = airflow.trigger(BATCH_DAG_ID, {"images": images, "model_name": "tiny-model", "shard_size": 2})
+    run_id = airflow.trigger(BATCH_DAG_ID, {"images": images, "model_name": "tiny-model", "shard_size": 2,
+                                            "publish_uri": f"{s3_bucket}/models"})
     state = airflow.wait_for_run(BATCH_DAG_ID, run_id, timeout_s=900)
 
     instances = airflow.task_instances(BATCH_DAG_ID, run_id)
     summary = [(ti["task_id"], ti["map_index"], ti["state"], ti["queue"], ti["hostname"]) for ti in instances]
-    assert state == "success", f"{summary}\n{airflow.logs()}"
+    assert state == "success", f"{summary}\n{_failure_logs(workers, run_id, instances, BATCH_DAG_ID)}"
     shards = [ti for ti in instances if ti["task_id"] == "score_shard"]
     assert len(shards) == 13 and {ti["queue"] for ti in shards} == {SCORE_QUEUE}, summary  # 26 images / 2
     assert {ti["hostname"] for ti in shards} == {"worker-a", "worker-b"}, summary
@@ -189,13 +191,13 @@ def _two_workers_score_shards_of_one_prefix(airflow, s3_bucket: str, tmp_path: P
     assert merged["model_version"] == champion["version"]
 
 
-def _failure_logs(workers: dict[str, Worker], run_id: str, instances: list[dict]) -> str:
+def _failure_logs(workers: dict[str, Worker], run_id: str, instances: list[dict], dag_id: str = DAG_ID) -> str:
     """The task logs of the task instances that did not succeed, from whichever worker ran them."""
     parts = []
     for ti in instances:
         if ti["state"] in ("failed", "up_for_retry"):
             for worker in workers.values():
-                for log in worker.task_logs(run_id, ti["task_id"]):
+                for log in worker.task_logs(run_id, ti["task_id"], dag_id):
                     parts.append(f"--- {worker.name} {log.relative_to(worker.home)}\n"
                                  + log.read_text(errors="replace")[-4000:])
     return "\n".join(parts)
