@@ -13,6 +13,9 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TLP_S3_RETRY_ATTEMPTS", "2")
+# tests build their SavedModel backbones anywhere; tests of the allowlist set these themselves
+os.environ.setdefault("TLP_BACKBONE_LOCATIONS", "*")
+os.environ.setdefault("TLP_ALLOW_HUB_BACKBONES", "true")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -104,8 +107,9 @@ def model_store_connection(s3, monkeypatch):
 
 
 def deployment_env(run_root: str, publish_uri: str) -> dict[str, str]:
-    """The deployment settings a test run needs: where runs live and the publish location it may use."""
-    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri}
+    """The deployment settings a test run needs: where runs live, the publish location it may use, and a minimum
+    test size a tiny run meets (its first model may become champion)."""
+    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri, "TLP_MIN_TEST_IMAGES": "1"}
 
 
 def tiny_conf(tmp_path: Path, fine_tune: str, publish_uri: str) -> dict:
