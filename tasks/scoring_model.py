@@ -122,8 +122,12 @@ def tflite_scorer(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray
 
 
 def saved_model_scorer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The SavedModel's serving signature, after the scan that refuses graphs touching files, Python or processes."""
     import tensorflow as tf
 
+    from tasks.savedmodel_scan import check_saved_model
+
+    check_saved_model(path, f"the published SavedModel {path}")
     serve = tf.saved_model.load(str(path)).signatures[SERVING_SIGNATURE]
     [name] = serve.structured_input_signature[1]
 

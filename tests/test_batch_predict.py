@@ -149,3 +149,18 @@ def test_locations_outside_the_deployment_are_refused(deploy, tmp_path):
     cfg = config(tmp_path, "elsewhere", predictions_uri="s3://other-bucket/out")
     with pytest.raises(ConfigError, match="predictions_uri"):
         cfg.check_locations(settings.load())
+
+
+def test_the_savedmodel_fallback_scans_then_scores_like_the_tflite_variant(deploy, tmp_path, cache_dir):
+    from tasks import images as decoder
+
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+    pictures = np.stack([decoder.decode(path.read_bytes(), 32)
+                         for path in sorted((deploy / "work" / "test-images").rglob("*.jpg"))[:8]])
+    answers = {}
+    for engine in (scoring_model.TFLITE_FLOAT32, scoring_model.SAVED_MODEL):
+        model = scoring_model.fetch(str(deploy / "models"), MODEL_NAME, champion["version"], cache_dir, engine)
+        assert model.engine == engine
+        answers[engine] = scoring_model.scorer(model)(pictures)
+
+    assert np.abs(answers[scoring_model.TFLITE_FLOAT32] - answers[scoring_model.SAVED_MODEL]).max() <= 1e-4
