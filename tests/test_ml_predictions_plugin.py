@@ -55,14 +55,12 @@ def test_a_run_without_predictions_yet_says_when_they_appear(api, run_id, tmp_pa
 
 
 def test_the_plugin_registers_the_run_tab():
-    import sys
+    import importlib.util
 
     from tests.conftest import ROOT
 
-    sys.path.insert(0, str(ROOT / "plugins"))
-    try:
-        import ml_predictions
-    finally:
-        sys.path.remove(str(ROOT / "plugins"))
-    [view] = ml_predictions.MLPredictionsPlugin.external_views
+    spec = importlib.util.spec_from_file_location("ml_predictions_under_test", ROOT / "plugins" / "ml_predictions.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    [view] = plugin.MLPredictionsPlugin.external_views
     assert view["destination"] == "dag_run" and view["href"].endswith("/runs/{DAG_ID}/{RUN_ID}/gallery")
