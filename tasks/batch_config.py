@@ -21,6 +21,7 @@ from tasks.errors import ConfigError
 
 VERSION_PATTERN = r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{12}$"  # tasks/steps/publish.py version ids
 MAX_SHARDS = 1024  # Airflow's [core] max_map_length
+IMAGES, MODEL, OUTPUT = "Images", "Model", "Output"  # the trigger form's sections
 
 
 @dataclass(frozen=True)
@@ -29,25 +30,25 @@ class BatchConfig:
 
     images: str = param("", "Images to score", "A local folder or file:// URI, an s3://bucket/prefix/, or an "
                         "archive (http(s)://, s3:// or local .zip / .tar.gz). Every image below it is scored; "
-                        "files that cannot be decoded are listed in the summary.", type="string", minLength=1)
+                        "files that cannot be decoded are listed in the summary.", IMAGES, type="string", minLength=1)
     model_name: str = param(RunConfig.model_name, "Model name", "The published model to score with.",
-                            type="string", pattern=MODEL_NAME_PATTERN)
+                            MODEL, type="string", pattern=MODEL_NAME_PATTERN)
     model_version: str | None = param(None, "Model version", "Empty = the model's current champion; or a "
                                       "published version id (e.g. 20261122T081500.123Z-3fa2b1c9d0e4).",
-                                      type=["null", "string"], pattern=f"({VERSION_PATTERN})|^$")
+                                      MODEL, optional=True, type="string", pattern=f"({VERSION_PATTERN})|^$")
     publish_uri: str | None = param(None, "Model registry", "Empty = the deployment's TLP_PUBLISH_URI; or one "
                                     "of its other publish locations (TLP_PUBLISH_LOCATIONS).",
-                                    type=["null", "string"])
+                                    MODEL, optional=True, type="string")
     predictions_uri: str | None = param(None, "Write predictions to", "Empty = the deployment's "
                                         "TLP_PREDICTIONS_URI; or one of its TLP_PREDICTION_LOCATIONS.",
-                                        type=["null", "string"])
+                                        OUTPUT, optional=True, type="string")
     shard_size: int = param(1000, "Images per shard", "Each shard is scored by its own mapped task (on the "
                             "score queue); finished shards are reused by later runs on the same images and model.",
-                            type="integer", minimum=1, maximum=100_000)
-    top_k: int = param(3, "Top-k", "Labels and probabilities kept per image.", type="integer", minimum=1,
+                            IMAGES, type="integer", minimum=1, maximum=100_000)
+    top_k: int = param(3, "Top-k", "Labels and probabilities kept per image.", OUTPUT, type="integer", minimum=1,
                        maximum=100)
     gallery_size: int = param(48, "Gallery size", "Least confident predictions shown in the UI.",
-                              type="integer", minimum=0, maximum=1000)
+                              OUTPUT, type="integer", minimum=0, maximum=1000)
     # filled in by the DAG from the run's context and the deployment settings, not params
     run_root: str = field(default_factory=lambda: settings.load().run_root)
     dag_id: str = "batch_predict"
@@ -57,11 +58,9 @@ class BatchConfig:
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             if "param" in spec.metadata:
-                value = getattr(self, spec.name)
-                if value == "" and _nullable(spec.metadata["param"]):
+                if getattr(self, spec.name) == "" and _nullable(spec.metadata["param"]):
                     object.__setattr__(self, spec.name, None)
-                elif value is not None or not _nullable(spec.metadata["param"]):
-                    check_value(spec.name, value, _not_null(spec.metadata["param"]))
+                check_value(spec.name, getattr(self, spec.name), spec.metadata["param"])
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.dag_id):
             raise ConfigError(f"dag_id={self.dag_id!r} is invalid: give the Airflow dag_id")
         if not self.run_id:
@@ -124,14 +123,6 @@ def check_conf(conf: dict[str, Any]) -> None:
 
 def _nullable(schema: dict[str, Any]) -> bool:
     return isinstance(schema.get("type"), list) and "null" in schema["type"]
-
-
-def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema for a present value: a nullable ["null", T] param's value must be a T."""
-    if not _nullable(schema):
-        return schema
-    [kind] = [kind for kind in schema["type"] if kind != "null"]
-    return {**schema, "type": kind}
 
 
 def _check_location(name: str, uri: str, allowed: tuple[str, ...], env: str) -> None:
