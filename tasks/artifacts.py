@@ -64,6 +64,16 @@ GOLDEN = Artifact(("golden", "batch.npz"), "evaluate",
                   "the golden batch: the first test images' paths and the evaluated model's probabilities for them, "
                   "which the published artifacts must reproduce")
 PUBLISHED = Artifact(("publish.json",), "publish", "the published version and the promotion decision")
+# batch_predict runs (tasks/batch_config.py): the listing and each shard's record stay in the run root; the
+# predictions themselves go to the run's predictions location, keyed by content (tasks/batch_scoring.py)
+BATCH_LISTING = Artifact(("predictions", "listing.json"), "list_images",
+                         "the images to score (relative paths below the source) and the shards they fall into")
+BATCH_SHARD = Artifact(("predictions", "shards"), "score_shard",
+                       "one record per shard: its content key and counts, naming where its predictions are")
+BATCH_SUMMARY = Artifact(("predictions", "summary.json"), "merge_predictions",
+                         "counts per class, confidence histogram, unreadable files, shift against the test set")
+BATCH_GALLERY = Artifact(("predictions", "gallery.html"), "merge_predictions",
+                         "the least confident predictions with thumbnails, served by plugins/ml_predictions.py")
 
 
 def split_records(split: str) -> Artifact:

@@ -320,9 +320,10 @@ def _nullable(schema: dict[str, Any]) -> bool:
     return isinstance(schema.get("type"), list) and "null" in schema["type"]
 
 
-def check_conf(conf: dict[str, Any], origin: str = "trigger conf") -> None:
-    """Refuse keys that are not declared params, naming each and the closest param (a misspelling)."""
-    declared = sorted(param_specs(RunConfig()))
+def check_conf(conf: dict[str, Any], origin: str = "trigger conf", params: Any = None) -> None:
+    """Refuse keys that are not declared params (RunConfig's, or those in `params`), naming each and the closest
+    param (a misspelling)."""
+    declared = sorted(param_specs(RunConfig()) if params is None else params)
     unknown = sorted(set(conf) - set(declared))
     if unknown:
         hints = []
