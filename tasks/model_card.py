@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from tasks import accuracy_gap
 from tasks.config import RunConfig
 from tasks.records import SPLITS
 from tasks.redact import redact_text, redact_uri
@@ -93,9 +94,10 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _data_section(cfg, record),
         _training_section(record),
         _evaluation_section(metrics),
+        accuracy_gap.card_section(metrics.get("validation_vs_test"), redact_uri(str(record.manifest.get("source")))),
         _use_section(cfg, metrics, record),
     ]
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def _model_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
