@@ -75,7 +75,7 @@ def with_test_source(cfg: RunConfig, folder: ImageFolder, selected: list[str]) -
         raise DatasetError(f"acquire indexed no test_source for run {cfg.run_id!r}, but test_source is "
                            f"{redact_uri(cfg.test_source)}; re-run acquire for this run")
     test = indexed_folder(index, cfg.test_source, cfg.cache_dir)
-    per_class = dict(zip(test.classes, test.files.get(TEST_SPLIT, ())))
+    per_class = dict(zip(test.classes, test.files[TEST_SPLIT], strict=True))
     check_classes(selected, folder.classes, {name: len(files) for name, files in per_class.items()},
                   redact_uri(cfg.source), redact_uri(cfg.test_source))
     files = {**folder.files, TEST_SPLIT: tuple(per_class.get(name, ()) for name in folder.classes)}

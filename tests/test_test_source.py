@@ -132,7 +132,7 @@ def test_a_run_is_evaluated_on_the_test_source_and_says_the_images_differ(tmp_pa
     names = ("dark", "light", "mid")  # write_image_folder colours classes by sorted name
     source = write_image_folder(tmp_path / "images", {name: 16 for name in names}, splits=("train",))
     shifted = write_image_folder(tmp_path / "shifted", {"a": 8, "b": 8, "c": 8}, splits=("test",), seed=5)
-    for old, new in zip(("a", "b", "c"), ("mid", "dark", "light")):  # every class in another class's colour
+    for old, new in {"a": "mid", "b": "dark", "c": "light"}.items():  # every class in another class's colour
         (shifted / "test" / old).rename(shifted / "test" / new)
     cfg = RunConfig(source=str(source), test_source=str(shifted), run_root=str(tmp_path / "runs"),
                     cache_dir=cache_dir, train_percent=100, val_fraction=0.25, image_size=32, batch_size=16,
