@@ -94,7 +94,8 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _data_section(cfg, record),
         _training_section(record),
         _evaluation_section(metrics),
-        accuracy_gap.card_section(metrics.get("validation_vs_test"), redact_uri(str(record.manifest.get("source")))),
+        accuracy_gap.card_section(metrics.get("validation_vs_test"),
+                                  redact_uri(record.manifest.get("source", cfg.source))),
         _use_section(cfg, metrics, record),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
@@ -213,7 +214,8 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         "wide error bars. Check the per-class metrics before relying on a class"
         + (f"; below the average here: {', '.join(weak)}." if weak else "."),
         f"- Images are resized to {cfg.image_size}x{cfg.image_size}; accuracy on images from other cameras, "
-        "sources or conditions than the training data is unknown.",
+        "sources or conditions than the training data is unknown"
+        + (" beyond the test source measured above." if record.manifest.get("test_source") else "."),
         "- Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.",
     ])
 
