@@ -58,20 +58,23 @@ def statement(gap: dict[str, Any]) -> str:
     """What the two accuracies mean together, in plain words."""
     val, test = gap["validation"], gap["test"]
     low, high = gap["difference_interval"]
-    points = f"{100 * abs(gap['difference']):.1f} points (95 % interval {100 * low:+.1f} to {100 * high:+.1f})"
-    expect = (f"expect about {_percent(test['accuracy'])} (95 % interval {_percent(test['interval'][0])} to "
-              f"{_percent(test['interval'][1])}) on images like the test images")
+    points = f"{100 * abs(gap['difference']):.1f} points"
+    interval = f"95 % interval of test minus validation: {100 * low:+.1f} to {100 * high:+.1f} points"
+    estimate = (f"{_percent(test['accuracy'])} (95 % interval {_percent(test['interval'][0])} to "
+                f"{_percent(test['interval'][1])}) on images like the test images")
     if not gap["differ"]:
         return (f"Validation ({_percent(val['accuracy'])} on {val['n']} images) and test ({_percent(test['accuracy'])} "
-                f"on {test['n']} images) agree within their noise (they differ by {points}): {expect}.")
+                f"on {test['n']} images) agree within their noise: they differ by {points} ({interval}, which "
+                f"includes 0). Expect about {estimate}.")
     if gap["difference"] < 0:
-        return (f"Your test images differ from your training images: {expect}, not the {_percent(val['accuracy'])} "
-                f"that validation (drawn from the training source) suggests. Test accuracy is below validation by "
-                f"{points}, more than sampling noise explains; to close the gap, train on images like the test "
-                "images (add some to the training source) or try augmentation.")
-    return (f"Your test images differ from your training images: test accuracy is above validation by {points}, "
-            f"more than sampling noise explains, so the test images are easier for this model than the training "
-            f"source's; {expect}, and check that they are the images users will send.")
+        return (f"Your test images differ from your training images: expect about {estimate}, not the "
+                f"{_percent(val['accuracy'])} that validation (drawn from the training source) suggests. Test "
+                f"accuracy is {points} below validation ({interval}), more than sampling noise explains; to close "
+                "the gap, train on images like the test images (add some to the training source) or try "
+                "augmentation.")
+    return (f"Your test images differ from your training images: test accuracy is {points} above validation "
+            f"({interval}), more than sampling noise explains, so the test images are easier for this model than "
+            f"the training source's; expect about {estimate}, and check that they are the images users will send.")
 
 
 def card_section(gap: dict[str, Any] | None, source: str) -> str:
