@@ -20,9 +20,10 @@ from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAc
 
 from airflow.providers.standard.operators.hitl import HITLOperator
 
-from tasks import approval, settings
+from tasks import approval, settings, tf_logging
 from tasks.config import RunConfig, param_specs
 
+tf_logging.install()  # every task process parses this file: its first TensorFlow import starts quietly
 SETTINGS = settings.load()
 CHAMPION_ALIAS = AssetAlias("tlpipe-champion")
 
@@ -46,8 +47,9 @@ DEFAULT_ARGS = {
 # answer is recorded, never cut off (checked at parse time: check_timeouts).
 RUN_TIMEOUT = timedelta(hours=SETTINGS.run_timeout_hours)
 APPROVAL_TIMEOUT = timedelta(hours=SETTINGS.approval_timeout_hours)
-APPROVAL_PARAMS = {approval.COMMENT: Param("", type="string", title="Comment",
-                                           description="Why (kept with the promotion decision)")}
+# optional ("null" in its type): Airflow's form marks a plain string left empty as missing
+APPROVAL_PARAMS = {approval.COMMENT: Param(None, type=["null", "string"], title="Comment",
+                                           description="Why (optional; kept with the promotion decision)")}
 # The trigger form, generated from RunConfig's own field metadata (one place per rule).
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 

@@ -12,6 +12,7 @@ import base64
 import functools
 import io
 import json
+import math
 from pathlib import Path
 
 import jinja2
@@ -23,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from tasks import model_card
+from tasks import images, model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
 from tasks.records import iter_records
@@ -69,10 +70,8 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
 
 def write_release_page(directory: Path, model_name: str, release_markdown: str) -> Path:
     """release.html beside the report: the release checks publish ran (Markdown rendered, raw HTML escaped)."""
-    from markdown_it import MarkdownIt
-
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(release_markdown)
-    page = _environment().get_template(RELEASE_TEMPLATE).render(model_name=model_name, body=Markup(body))
+    page = _environment().get_template(RELEASE_TEMPLATE).render(model_name=model_name,
+                                                                body=markdown_html(release_markdown))
     (directory / RELEASE).write_text(page, encoding="utf-8")
     return directory / RELEASE
 
@@ -146,9 +145,8 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
 
 
 def thumbnail_data_uri(encoded: bytes, size: int = THUMBNAIL_PX) -> str:
-    """A PNG data: URI of an encoded image, shrunk to fit size x size (small images are kept as they are)."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        thumbnail = image.convert("RGB")
+    """A PNG data: URI of an encoded image as the model sees it (tasks.images), shrunk to fit size x size."""
+    thumbnail = Image.fromarray(images.to_rgb(encoded))
     thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="PNG", optimize=True)
@@ -202,8 +200,12 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         transfer=record.transfer_text(),
         candidates=record.candidates_text(),
         candidate_rows=[[row.get("rank", ""), redact_text(row["spec"]), percent(row["val_accuracy"]),
+                         gap_text(row["val_accuracy"], _winner_accuracy(record), _n_val(manifest)),
                          "" if row["seconds"] is None else f"{row['seconds']:.0f}", redact_text(row["error"] or "")]
                         for row in (record.leaderboard or {}).get("candidates", [])],
+        leaderboard_noise=(f"Validation accuracy is measured on {_n_val(manifest)} images: a gap within its ± noise "
+                           "(95 %, as if the two scores were independent) may be chance, and another sample of "
+                           "images could rank these candidates differently."),
         curves=_data_uri((directory / CURVES).read_bytes()),
         confusion=_data_uri((directory / CONFUSION).read_bytes()),
         pairs=[[p["true"], p["predicted"], p["count"], percent(p["share"])] for p in pairs[:CONFUSED_PAIRS]],
@@ -221,14 +223,44 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         data_rows=[[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
         + [["total", *(sum(counts[split].values()) for split in splits)]],
         data_numeric=tuple(range(1, len(splits) + 1)),
-        params=[[name, redact_text(value if isinstance(value, str) else json.dumps(value))]
+        params=[[name, _param_text(value) + (f" (asked: {_param_text(cfg.asked[name])}; resolved from the winning "
+                                              "candidate)" if name in cfg.asked and cfg.asked[name] != value else "")]
                 for name, value in cfg.to_dict().items()],
+        params_resolved=any(cfg.asked.get(name, value) != value for name, value in cfg.to_dict().items()),
         predictions_csv=PREDICTIONS,
         most_wrong_csv=MOST_WRONG,
         metrics_link=METRICS_LINK,
         model_card_link=MODEL_CARD_LINK,
-        model_card=card,
+        model_card=markdown_html(card),
     )
+
+
+def markdown_html(text: str) -> Markup:
+    """Markdown (headings, lists, tables, code) as HTML; raw HTML in the text is escaped, never rendered."""
+    from markdown_it import MarkdownIt
+
+    return Markup(MarkdownIt("commonmark", {"html": False}).enable("table").render(text))
+
+
+def gap_text(accuracy: float | None, winner: float | None, n: int) -> str:
+    """A candidate's validation-accuracy gap to the winner with its 95 % sampling noise on n images."""
+    if accuracy is None or winner is None or not n:
+        return ""
+    noise = 1.96 * math.sqrt((accuracy * (1 - accuracy) + winner * (1 - winner)) / n)
+    return f"{accuracy - winner:+.3f} ± {noise:.3f}"
+
+
+def _winner_accuracy(record: RunRecord) -> float | None:
+    ranked = [row for row in (record.leaderboard or {}).get("candidates", []) if row.get("val_accuracy") is not None]
+    return max((row["val_accuracy"] for row in ranked), default=None)
+
+
+def _n_val(manifest: dict) -> int:
+    return sum((manifest.get("counts") or {}).get("val", {}).values())
+
+
+def _param_text(value) -> str:
+    return redact_text(value if isinstance(value, str) else json.dumps(value))
 
 
 @functools.lru_cache(maxsize=1)

@@ -70,3 +70,4 @@ def test_test_source_is_a_declared_optional_param_and_its_credentials_are_redact
     assert default in ("", None) and "test/" in schema["description"]
     cfg = RunConfig(run_root=str(tmp_path), test_source="https://user:secret@example.com/test.zip")
     assert "secret" not in str(cfg.to_public_dict()) and cfg.to_dict()["test_source"].endswith("test.zip")
+    assert RunConfig(run_root=str(tmp_path), test_source=None).test_source == ""  # the form left it empty

@@ -140,3 +140,19 @@ def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_ex
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
     np.testing.assert_allclose(metrics_of(history), metrics_of(expected), rtol=1e-5, atol=1e-6)
     assert result["kept"] == reference["kept"]
+
+
+@pytest.mark.parametrize("epochs, steps, warmup", [(7, 10, 10), (2, 10, 3), (1, 10, 2), (1, 1, 0)])
+def test_a_short_fine_tune_gets_a_short_warm_up_and_still_decays(epochs, steps, warmup):
+    """One epoch of warm-up, but at most 15 % of the fine-tune: a one-epoch fine-tune must not spend itself
+    climbing to the full rate (it wrecked the head on a small run)."""
+    from tasks.config import RunConfig
+    from tasks.steps.fine_tune import learning_rate, warmup_steps
+
+    cfg = RunConfig(fine_tune_epochs=epochs, learning_rate=1e-3, fine_tune_lr_factor=1.0)
+    assert warmup_steps(epochs * steps, steps) == warmup
+    schedule = learning_rate(cfg, steps)
+    rates = [float(schedule(step)) for step in range(epochs * steps + 1)]
+    assert rates[0] == (0.0 if warmup else pytest.approx(1e-3))
+    assert max(rates) == pytest.approx(1e-3, rel=1e-5) and rates.index(max(rates)) == warmup
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)  # decayed by the end of the fine-tune

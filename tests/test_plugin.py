@@ -91,14 +91,21 @@ def _write_evaluation(run_root: str, run_id: str) -> None:
     storage.write_text(storage.join(run, "params.json"), "{}")
 
 
+def _release_of(page: str) -> str:
+    """The Release section the plugin adds to a report page."""
+    start = page.index("<section id='release'>")
+    return page[start:page.index("</section>", start) + len("</section>")]
+
+
 def _report_url(run_id: str) -> str:
     """The URL the UI's run tab opens: the plugin's `dag_run` view with the ids filled in."""
     return f"/ml-reports/runs/{DAG_ID}/{run_id}/{artifacts.REPORT.path}/"
 
 
 @pytest.fixture
-def run_id(api, tmp_path) -> str:
-    """A finished run (its `configure` task recorded the run root) with its evaluation written."""
+def run_id(api, tmp_path, monkeypatch) -> str:
+    """A finished run of a deployment whose run root is TLP_RUN_ROOT, with its evaluation written."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
     run_id = f"{RUN_ID}-{tmp_path.name}"
     _write_evaluation(str(tmp_path / "runs"), run_id)
     _add_run(run_id, {"epochs": 2}, configured={"run_root": str(tmp_path / "runs")})
@@ -108,7 +115,7 @@ def run_id(api, tmp_path) -> str:
 def test_report_is_served_with_a_bearer_token(api, run_id, token):
     response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
-    assert response.text == REPORT_HTML
+    assert response.text.replace(_release_of(response.text), "") == REPORT_HTML
     assert response.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in response.headers["content-security-policy"]
 
@@ -172,6 +179,8 @@ def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_i
     ("%2Fetc%2Fpasswd", 400),
     ("eval//report/index.html", 400),
     ("eval/report/..%5C..%5Cparams.json", 400),
+    ("eval/report/index.html%23", 400),
+    ("eval/report/a%3Fb.csv", 400),
     ("params.json", 404),
     ("model/model.keras", 404),
     ("eval/report/missing.png", 404),
@@ -192,26 +201,41 @@ def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path,
     assert response.status_code == 200, response.text
 
 
-def test_run_root_recorded_by_the_configure_task_wins_over_the_environment(api, token, tmp_path, monkeypatch):
-    """The run root the run really used is the one its `configure` task recorded."""
-    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "not-here"))
-    run_id = "scheduled__override-" + tmp_path.name
-    _write_evaluation(str(tmp_path / "configured-runs"), run_id)
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path / "configured-runs")})
-    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 200, response.text
+@pytest.mark.parametrize("forged_root", ["file:///proc/self/environ#", "{tmp}/elsewhere"])
+def test_a_forged_configure_xcom_does_not_move_what_the_plugin_reads(api, token, tmp_path, monkeypatch,
+                                                                      forged_root):
+    """XCom is user-writable: a run root written there (once: the api-server's environment) is ignored."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "deployment-runs"))
+    run_id = "manual__forged-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "deployment-runs"), run_id)
+    elsewhere = RunConfig(run_root=str(tmp_path / "elsewhere"), dag_id=DAG_ID, run_id=run_id)
+    storage.write_json(storage.join(elsewhere.run_uri, *artifacts.METRICS.parts), {"accuracy": "forged"})
+    _add_run(run_id, {"run_root": "file:///proc/self/environ#"},
+             configured={"run_root": forged_root.format(tmp=tmp_path)})
+    auth = {"Authorization": f"Bearer {token}"}
+    metrics = api.get(_report_url(run_id) + "../metrics.json", headers=auth)
+    assert metrics.status_code == 200 and metrics.json() == {"accuracy": 0.91}
+    assert "PATH=" not in metrics.text and "forged" not in metrics.text
+
+
+@pytest.mark.parametrize("dag_id", ["..", ".", "a%2Fb", "a%23b"])
+def test_a_dag_id_that_could_leave_the_run_root_is_refused(api, token, dag_id):
+    response = api.get(f"/ml-reports/runs/{dag_id}/x/eval/metrics.json", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code in (400, 403, 404) and "accuracy" not in response.text
 
 
 def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token, s3, s3_bucket, monkeypatch):
     """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
     run_id = "manual__s3-run"
     _write_evaluation(f"{s3_bucket}/runs", run_id)
-    _add_run(run_id, {}, configured={"run_root": f"{s3_bucket}/runs"})
+    _add_run(run_id, {})
+    monkeypatch.setenv("TLP_RUN_ROOT", f"{s3_bucket}/runs")
     for key in s3.env():
         monkeypatch.delenv(key)
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
     auth = {"Authorization": f"Bearer {token}"}
-    assert api.get(_report_url(run_id), headers=auth).text == REPORT_HTML
+    page = api.get(_report_url(run_id), headers=auth).text
+    assert page.replace(_release_of(page), "") == REPORT_HTML
     assert api.get(_report_url(run_id) + "nothing.png", headers=auth).status_code == 404
 
 
@@ -220,7 +244,7 @@ def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
     no_run = api.get(_report_url("no-such-run"), headers=auth)
     assert no_run.status_code == 404 and "has no run" in no_run.text
     run_id = "running__" + tmp_path.name
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path)})
+    _add_run(run_id, {})
     no_report = api.get(_report_url(run_id), headers=auth)
     assert no_report.status_code == 404 and "evaluate task has succeeded" in no_report.text
 
@@ -256,7 +280,8 @@ def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypa
     page = response.text
     assert f"Champion: <b>{new}</b>" in page and "0.8800" in page
     assert page.index(new) < page.index(old)  # newest first
-    assert f"<tr class='champion'><td>{new}</td>" in page
+    assert f"<tr><td><code>{new}</code></td>" in page
+    assert "<b>champion</b>" in page and "promoted before" in page
     assert "cccccccccccc" not in page  # no checksums.json: an interrupted upload is not a version
     assert "beats &lt;b&gt;champion&lt;/b&gt;" in page
 
@@ -311,3 +336,100 @@ def test_plugins_manager_loads_the_plugin_without_heavy_imports():
     assert loaded["errors"] == {}
     assert loaded["heavy"] == []
     assert "/ml-reports/registry" in loaded["views"]
+
+
+VERSION = "20260105T000000.000Z-dddddddddddd"
+
+
+def _write_release(run_root: str, run_id: str, publish: Path, model: str = "fmnist", version: str = VERSION,
+                   approval: dict | None = None, version_uri: str | None = None) -> str:
+    """A published, decided version of a run: run publish.json, the version's files and its decision record."""
+    run = RunConfig(run_root=run_root, dag_id=DAG_ID, run_id=run_id)
+    uri = str(publish / model / "versions" / version)
+    storage.write_json(storage.join(run.run_uri, *artifacts.PUBLISHED.parts),
+                       {"version_uri": version_uri or uri, "eligible": True})
+    storage.write_json(f"{uri}/metrics.json", {
+        "accuracy": 0.9, "n_test": 1000,
+        "serving_check": {"n_images": 32, "max_abs_diff": {"saved_model": 1.2e-7}, "tolerance": 1e-4},
+        "tflite": {"status": "converted", "variants": {
+            "float16": {"accuracy": 0.899, "size_bytes": 6_800_000, "latency_ms": 5.4, "kept": True},
+            "int8": {"accuracy": 0.7, "size_bytes": 3_400_000, "latency_ms": 2.0, "kept": False,
+                     "reason": "accuracy -0.2000 beyond <limit>"}}}})
+    storage.write_json(f"{uri}/params.json", {"dag_id": DAG_ID, "run_id": run_id})
+    storage.write_text(f"{uri}/report/release.html", "<h1>release checks</h1>")
+    storage.write_text(f"{uri}/model_card.md", MODEL_CARD)
+    storage.write_json(f"{uri}/checksums.json", {})
+    storage.write_json(str(publish / model / "promotions" / f"20260105T000001000000Z-{version}.json"), {
+        "kind": "publish", "version": version, "promoted": True, "eligible": True, "reason": "beats the champion",
+        "approval": approval, "decided_at": "2026-01-05", "new_accuracy": 0.9, "champion_version": "v0",
+        "gain": 0.006, "gain_interval": [-0.01, 0.022], "p_value": 0.41, "n_test": 1000, "paired_test": "McNemar"})
+    return uri
+
+
+@pytest.fixture
+def published_run(api, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
+    run_id = "manual__released-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "runs"), run_id)
+    _add_run(run_id, {})
+    return run_id
+
+
+def test_report_shows_the_run_release_with_decision_approver_and_tflite(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models",
+                   approval={"approved": True, "by": "alice (alice)", "comment": "<b>ship</b> it",
+                             "responded_at": "2026-01-05T00:00:00", "timed_out": False})
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    release = page[page.index("<section id='release'>"):]
+    assert "Promoted to champion" in release and VERSION in release
+    assert "Approved by alice (alice)" in release and "&lt;b&gt;ship&lt;/b&gt; it" in release
+    assert "<b>ship</b>" not in page
+    assert "float16" in release and "89.9 %" in release and "6.80 MB" in release and "5.40 ms" in release
+    assert "accuracy -0.2000 beyond &lt;limit&gt;" in release  # a dropped variant says why
+    assert "1.2e-07" in release  # serving check
+    assert "gain +0.0060 (95 % interval -0.0100 to +0.0220), p = 0.41" in release and "McNemar" in release
+    assert "/ml-reports/versions/fmnist/" + VERSION + "/report/release.html?publish_uri=" in release
+
+
+def test_release_page_and_model_card_of_a_version_are_served(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models")
+    auth = {"Authorization": f"Bearer {token}"}
+    query = {"publish_uri": str(tmp_path / "models")}
+    release = api.get(f"/ml-reports/versions/fmnist/{VERSION}/report/release.html", params=query, headers=auth)
+    assert release.status_code == 200 and "release checks" in release.text
+    card = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md", params=query, headers=auth)
+    assert card.status_code == 200 and "<h1>Model card</h1>" in card.text and "<script>" not in card.text
+    for bad in (f"/ml-reports/versions/fmnist/{VERSION}/params.json", f"/ml-reports/versions/fmnist/..%2F..%2Fx/"
+                "model_card.md", "/ml-reports/versions/fmnist/not-a-version/model_card.md"):
+        assert api.get(bad, params=query, headers=auth).status_code in (400, 404), bad
+    elsewhere = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md",
+                        params={"publish_uri": str(tmp_path)}, headers=auth)
+    assert elsewhere.status_code == 400
+
+
+def test_release_of_a_version_outside_the_publish_locations_is_not_read(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "elsewhere")
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    assert "not in a publish location" in page and "float16" not in page
+
+
+def test_release_section_before_publish_says_so(api, token, published_run):
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    assert "<section id='release'><h2>Release</h2>" in page and "No release recorded for this run yet" in page
+
+
+def test_registry_lists_models_and_each_version_with_run_accuracy_interval_status_and_approver(
+        api, token, tmp_path, published_run):
+    _write_registry(tmp_path / "models", "fmnist")
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models", version=VERSION,
+                   approval={"approved": False, "by": "bob (bob)", "comment": "too noisy", "timed_out": False})
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models", model="other")
+    page = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path / "models"), "model_name": "fmnist"},
+                   headers={"Authorization": f"Bearer {token}"}).text
+    models = page[page.index("<h2>Models</h2>"):page.index("</ul>")]
+    assert ">other</a>" in models and "<b>fmnist</b>" in models
+    row = page[page.index(f"<tr><td><code>{VERSION}</code>"):].split("</tr>")[0]
+    assert f"/dags/{DAG_ID}/runs/" in row and "90.0 %" in row and "n = 1,000" in row and "88.0–91.7 %" in row
+    assert "rejected by bob (bob): &ldquo;too noisy&rdquo;" in row and ">rejected<" not in row
+    assert "gain +0.0060" in row and "report/release.html" in row and "model_card.md" in row

@@ -101,7 +101,8 @@ def test_report_and_model_card_never_show_source_credentials(tmp_path):
 
     page = (directory / report.INDEX).read_text()  # params, data section and the model card inside it
     assert "hunter2" not in page and "AKIDSECRET" not in page and "f00d" not in page
-    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 5
+    # params, data section, and four times in the model card (rendered as HTML)
+    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 6
 
 
 def test_model_card_shows_dataset_text_as_text_never_as_markup():
@@ -211,3 +212,27 @@ def test_release_checks_show_serving_and_every_tflite_variant(tmp_path):
     assert "| float32 | 90.0 % | 13.50 MB | 1.04 ms | tflite/float32.tflite |" in section
     assert "| dynamic_range | 88.0 % | 3.74 MB | 2.15 ms | loses 2.0 points |" in section
     assert "<td>tflite/float32.tflite</td>" in page and "fruit &lt;b&gt;" in page
+
+
+def test_params_show_what_was_asked_where_the_winning_candidate_resolved_it_differently(tmp_path):
+    from tasks.config import Candidate
+
+    asked = fx.config(str(tmp_path / "runs"), image_size=64, candidates="efficientnet_lite0@96")
+    winner = asked.for_candidate(Candidate("efficientnet_lite0", 96, "efficientnet_lite0-96-0123abcd"))
+    assert winner.asked == {"backbone": "efficientnet_lite0", "image_size": 64} and "asked" not in winner.to_dict()
+    page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", image_size=96,
+                                 candidates=asked.candidates, asked=winner.asked) / report.INDEX).read_text()
+    assert "<td>image_size</td><td>96 (asked: 64; resolved from the winning candidate)</td>" in page
+    assert "<td>backbone</td><td>efficientnet_lite0</td>" in page  # the same as asked: shown once
+
+
+def test_leaderboard_states_each_gap_and_its_noise_on_the_validation_images(tmp_path):
+    board = {"winner": "a", "reason": "best on validation",
+             "candidates": [{"rank": 1, "spec": "a@96", "val_accuracy": 0.9, "seconds": 10, "error": None},
+                            {"rank": 2, "spec": "b@96", "val_accuracy": 0.86, "seconds": 10, "error": None}]}
+    page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board)
+            / report.INDEX).read_text()
+    n_val = sum(fx.manifest()["counts"]["val"].values())
+    assert report.gap_text(0.86, 0.9, n_val) in page and report.gap_text(0.9, 0.9, n_val) in page
+    assert report.gap_text(0.86, 0.9, 120) == "-0.040 ± 0.082"  # the issue's +0.04 on 120 images: within noise
+    assert f"Validation accuracy is measured on {n_val} images" in page

@@ -18,6 +18,7 @@ on validation accuracy.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ from tasks.training import (FEATURE_EXTRACTION, FINE_TUNE, cached_data, compile_
 log = logging.getLogger(__name__)
 
 KEPT_FINE_TUNED = "fine_tuned"
+WARMUP_SHARE = 0.15  # the most of a fine-tune its warm-up may take (a 7-epoch default still warms up one epoch)
 
 
 def fine_tune(cfg: RunConfig, trained: dict[str, Any]) -> dict[str, Any]:
@@ -97,20 +99,28 @@ def fine_tune(cfg: RunConfig, trained: dict[str, Any]) -> dict[str, Any]:
 
 
 def learning_rate(cfg: RunConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """learning_rate × fine_tune_lr_factor, constant, or warmed up over the first epoch and cosine-decayed to 0.
+    """learning_rate × fine_tune_lr_factor, constant, or warmed up linearly and then cosine-decayed to 0.
 
     The warm-up keeps the first updates of freshly unfrozen layers small (at the
-    full rate from step one the head's accuracy collapses for an epoch). The
-    schedule reads the optimizer's step count, which a checkpoint restores, so a
-    resumed run continues the same curve.
+    full rate from step one the head's accuracy collapses for an epoch). It lasts
+    one epoch, but never more than WARMUP_SHARE of the fine-tune: a short fine-tune
+    (one or two epochs) would otherwise spend all or half of itself climbing to the
+    full rate and none of it settling. The schedule reads the optimizer's step count,
+    which a checkpoint restores, so a resumed run continues the same curve.
     """
     rate = cfg.learning_rate * cfg.fine_tune_lr_factor
     if cfg.fine_tune_schedule == "constant":
         return rate
-    warmup = steps_per_epoch if cfg.fine_tune_epochs > 1 else 0
+    total = cfg.fine_tune_epochs * steps_per_epoch
+    warmup = warmup_steps(total, steps_per_epoch)
     return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else rate, decay_steps=cfg.fine_tune_epochs * steps_per_epoch - warmup,
+        0.0 if warmup else rate, decay_steps=max(1, total - warmup),
         warmup_target=rate if warmup else None, warmup_steps=warmup)
+
+
+def warmup_steps(total_steps: int, steps_per_epoch: int) -> int:
+    """Warm-up length: one epoch, at most WARMUP_SHARE of all fine-tune steps (rounded up), and never all of them."""
+    return max(0, min(steps_per_epoch, math.ceil(total_steps * WARMUP_SHARE), total_steps - 1))
 
 
 def _top_and_head(top: keras.Model, head: keras.Model) -> keras.Model:
