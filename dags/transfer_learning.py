@@ -80,17 +80,19 @@ def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
         pass  # no connection: the worker's own AWS_* environment applies
     dag_run = get_current_context()["dag_run"]
     config = trusted_config(cfg, dag_run.run_id, dag_run.dag_id, settings.load())
-    if connection_id(config.source):
-        try:
-            source = Connection.get(connection_id(config.source))
-        except AirflowNotFoundException as error:
-            from tasks.errors import DatasetError
+    for name in ("source", "test_source"):  # the test source may be kept in a connection too
+        uri = getattr(config, name)
+        if connection_id(uri):
+            try:
+                source = Connection.get(connection_id(uri))
+            except AirflowNotFoundException as error:
+                from tasks.errors import DatasetError
 
-            raise DatasetError(f"source {config.source}: no Airflow connection {connection_id(config.source)!r}; "
-                               "create it (Admin > Connections) or fix the id") from error
-        config = dataclasses.replace(config, source=connection_source(
-            config.source, source.conn_type, source.host, source.login, source.password, source.port,
-            source.schema, source.extra_dejson))
+                raise DatasetError(f"{name} {uri}: no Airflow connection {connection_id(uri)!r}; "
+                                   "create it (Admin > Connections) or fix the id") from error
+            config = dataclasses.replace(config, **{name: connection_source(
+                uri, source.conn_type, source.host, source.login, source.password, source.port,
+                source.schema, source.extra_dejson)})
     if winner is None:
         return config
     from tasks.config import Candidate

@@ -101,6 +101,11 @@ class RunConfig:
     test_percent: float = param(100.0, "Test % per class", "Percent of each class's test images (100 for any "
                                 "result you compare; less only for quick trials).",
                                 section=DATA, type="number", exclusiveMinimum=0, maximum=100)
+    test_source: str = param("", "Test source", "Test on images from elsewhere: the test/ split of another source "
+                             "(any form Dataset source takes, e.g. a folder test/<class>/<image>, an s3:// prefix or "
+                             "an archive URL) replaces the source's own test split; it must have the selected "
+                             "classes and no others. Empty = the source's test split.",
+                             section=DATA, optional=True, type="string")
     seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", section=DATA,
                       type="integer", minimum=0)
     # model
@@ -219,6 +224,7 @@ class RunConfig:
 
         values = self.to_dict()
         values["source"] = redact_uri(self.source)
+        values["test_source"] = redact_uri(self.test_source)
         for key in ("backbone", "backbone_weights", "candidates", "publish_uri"):
             values[key] = redact_text(values[key])
         return values

@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from tasks import accuracy_gap
 from tasks.config import RunConfig
 from tasks.records import SPLITS
 from tasks.redact import redact_text, redact_uri
@@ -93,10 +94,12 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _data_section(cfg, record),
         _training_section(record),
         _evaluation_section(metrics),
+        accuracy_gap.card_section(metrics.get("validation_vs_test"),
+                                  redact_uri(record.manifest.get("source", cfg.source))),
         _use_section(cfg, metrics, record),
         input_images_section(cfg.image_size),
     ]
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def input_images_section(image_size: int) -> str:
@@ -237,7 +240,8 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         "wide error bars. Check the per-class metrics before relying on a class"
         + (f"; below the average here: {', '.join(weak)}." if weak else "."),
         f"- Images are resized to {cfg.image_size}x{cfg.image_size}; accuracy on images from other cameras, "
-        "sources or conditions than the training data is unknown.",
+        "sources or conditions than the training data is unknown"
+        + (" beyond the test source measured above." if record.manifest.get("test_source") else "."),
         "- Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.",
     ])
 

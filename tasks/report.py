@@ -176,6 +176,7 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
     counts = manifest.get("counts", {})
     splits = model_card.ordered_splits(counts)
     class_rows, class_row_classes = _class_rows(metrics, pairs)
+    gap = metrics.get("validation_vs_test")
     return _environment().get_template(TEMPLATE).render(
         model_name=cfg.model_name,
         run_id=cfg.run_id,
@@ -184,12 +185,17 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         kept=(record.summary or {}).get("kept", "not recorded"),
         cards=[
             (percent(metrics["accuracy"]), "test accuracy"),
+            *([(percent(gap["validation"]["accuracy"]), "validation accuracy")] if gap else []),
             (percent(top_k["value"]), f"top-{top_k['k']} accuracy"),
             (f"{metrics['macro_avg']['f1']:.3f}", "macro F1"),
             (f"{metrics['loss']:.4f}", "test loss"),
             (str(metrics["n_test"]), "test images"),
             (str(len(wrong)), "wrong"),
         ],
+        gap=gap,
+        gap_rows=[[name, entry.get("source") or redact_uri(str(manifest.get("source", ""))), entry["n"],
+                   percent(entry["accuracy"]), f"{percent(entry['interval'][0])} to {percent(entry['interval'][1])}"]
+                  for name, entry in (("validation", gap["validation"]), ("test", gap["test"]))] if gap else [],
         decision=record.decision_text(),
         transfer=record.transfer_text(),
         candidates=record.candidates_text(),

@@ -111,6 +111,7 @@ def write_run(cfg: RunConfig, work: Path) -> None:
     """Everything evaluate reads, under cfg's run root (local or s3://)."""
     write_test_records(work / "test.tfrecord", work)
     storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("test")))
+    storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("val")))  # the same images
     colour_model().save(work / "model.keras")
     storage.upload(work / "model.keras", cfg.artifact(artifacts.MODEL, "model.keras"))
     storage.write_json(cfg.artifact(artifacts.MANIFEST), manifest())

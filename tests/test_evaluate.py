@@ -17,7 +17,7 @@ from tasks.steps.evaluate import (EvaluationError, classification_metrics, confu
 from tests import evaluation_fixtures as fx
 
 METRICS_KEYS = {"accuracy", "top_k_accuracy", "loss", "per_class", "macro_avg", "weighted_avg", "confusion_matrix",
-                "classes", "n_test", "manifest_hash", "most_confused_pairs"}
+                "classes", "n_test", "manifest_hash", "most_confused_pairs", "validation_vs_test"}
 REPORT_FILES = {"index.html", "confusion_matrix.png", "curves.png", "predictions.csv", "most_wrong.csv"}
 
 # Six images, three classes: one apple taken for banana, one banana for cherry.
@@ -119,6 +119,9 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     assert metrics["manifest_hash"] == fx.MANIFEST_HASH
     assert metrics["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [4, 0, 0]]
     assert metrics["most_confused_pairs"] == [{"true": "cherry", "predicted": "apple", "count": 4, "share": 1.0}]
+    gap = metrics["validation_vs_test"]  # the fixture's val split holds the test images: no gap
+    assert (gap["validation"]["n"], gap["test"]["n"], gap["differ"]) == (12, 12, False)
+    assert gap["validation"]["accuracy"] == pytest.approx(8 / 12)
 
     report_dir = storage.local_path(cfg.artifact(artifacts.REPORT))
     assert {path.name for path in report_dir.iterdir()} == REPORT_FILES
@@ -139,8 +142,11 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     for text in (cfg.run_id, "efficientnet_lite0", "66.7 %", fx.MANIFEST_HASH, fx.DECISION_REASON):
         assert html.escape(text) in page
 
+    assert "Validation vs test" in page and "agree within their noise" in page
+
     card = storage.read_text(result["model_card_uri"])
     assert fx.DECISION_REASON in card and fx.MANIFEST_HASH in card
+    assert "## Validation vs test" in card and "agree within their noise" in card
 
 
 def test_evaluate_rerun_rewrites_identical_outputs(tmp_path):
@@ -188,7 +194,8 @@ def test_evaluate_without_decision_or_fine_tune(tmp_path):
     assert fx.fine_tune_marker_pixels(storage.local_path(cfg.artifact(artifacts.REPORT, "curves.png"))) == 0
 
 
-@pytest.mark.parametrize("artifact", [artifacts.MODEL, artifacts.split_records("test"), artifacts.MANIFEST])
+@pytest.mark.parametrize("artifact", [artifacts.MODEL, artifacts.split_records("test"), artifacts.split_records("val"),
+                                      artifacts.MANIFEST])
 def test_missing_input_error_names_its_uri(tmp_path, artifact):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")

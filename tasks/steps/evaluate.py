@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import artifacts, classifier, model_card, report, serving_check, storage
+from tasks import accuracy_gap, artifacts, classifier, model_card, report, serving_check, storage
 from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
@@ -33,7 +33,8 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
 
     Returns the headline numbers and where the three outputs are.
     """
-    model_uri, test_uri = artifacts.require(cfg, artifacts.MODEL, artifacts.split_records("test"))
+    model_uri, test_uri, val_uri = artifacts.require(cfg, artifacts.MODEL, artifacts.split_records("test"),
+                                                     artifacts.split_records("val"))
     record = _load_record(cfg, data)
     classes = list(record.manifest["classes"])
     with scratch_dir("evaluate") as scratch:
@@ -48,6 +49,11 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
         pairs = confusion_pairs(confusion, classes, confusion.size)
         metrics["most_confused_pairs"] = pairs[:MOST_CONFUSED_PAIRS]
         metrics["manifest_hash"] = record.manifest["hash"]
+        val_probabilities, val_labels, _ = predict_records(model, storage.download(val_uri, scratch / "val.tfrecord"),
+                                                           cfg.batch_size)
+        metrics["validation_vs_test"] = accuracy_gap.compare(
+            float(np.mean(val_probabilities.argmax(axis=1) == val_labels)), len(val_labels), metrics["accuracy"],
+            metrics["n_test"], (record.manifest.get("test_source") or {}).get("source"))
 
         predictions = predictions_table(probabilities, labels, paths, classes)
         wrong = most_wrong(predictions, len(predictions))
