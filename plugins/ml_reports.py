@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import mimetypes
-import os
 from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
@@ -38,7 +37,7 @@ URL_PREFIX = "/ml-reports"
 REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry page asks for
 # what a run page may serve from the run root: the report folder and its two linked siblings
 SERVED = (artifacts.REPORT.parts, artifacts.MODEL_CARD.parts, artifacts.METRICS.parts)
-REPORT_INDEX = "index.html"
+REPORT_INDEX = artifacts.REPORT_PAGE
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; form-action 'self'; "
        "frame-ancestors 'self'; base-uri 'none'")
 CSS = """body{font:15px/1.45 system-ui,sans-serif;color:#222;max-width:1100px;margin:0 auto;padding:24px}
@@ -93,7 +92,7 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
 
     deployment = settings.load()
     publish_uri = publish_uri or deployment.publish_uri
-    model_name = model_name or os.environ.get("TLP_MODEL_NAME", RunConfig.model_name)
+    model_name = model_name or deployment.ui_model_name or RunConfig.model_name
     try:
         check_publish_location(RunConfig(publish_uri=publish_uri, model_name=model_name),
                                deployment.readable_publish_locations())
@@ -173,7 +172,7 @@ def _use_model_store(uri: str) -> None:
         conn = Connection.get_connection_from_secrets(settings.load().model_store_conn_id)
     except AirflowNotFoundException:
         return  # no connection: the api-server's own AWS_* environment applies
-    os.environ.update(storage.s3_env(conn.login, conn.password, conn.extra_dejson))
+    storage.use_credentials(conn)
 
 
 def _media_type(name: str) -> str:

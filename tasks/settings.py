@@ -86,6 +86,10 @@ class Settings:
     approval_dags: tuple[str, ...] = field(default_factory=lambda: tuple(
         dag.strip() for dag in _env("TLP_APPROVAL_DAGS", "").split(",") if dag.strip()))
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
+    # attempts per S3 call (botocore's standard retry mode) before a StoreUnavailableError
+    s3_retry_attempts: int = field(default_factory=lambda: _env_int("TLP_S3_RETRY_ATTEMPTS", 5))
+    # the model the registry page shows when none is named ("" = the trigger form's default model_name)
+    ui_model_name: str = field(default_factory=lambda: _env("TLP_MODEL_NAME", ""))
     limits: Limits = field(default_factory=Limits)
 
     def readable_publish_locations(self) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from tests.test_train import _examples
+from tests.helpers.runs import examples
 
 from tasks import activation_cache, records
 from tasks.activation_cache import cache_activations, cache_key, open_cache
@@ -26,7 +26,7 @@ CLASSES = 3
 def train_records(tmp_path_factory) -> Path:
     """48 noisy colour squares of three classes, in class order (an unshuffled epoch would be all one class)."""
     path = tmp_path_factory.mktemp("records") / "train.tfrecord"
-    records.write_records(path, _examples(16, 0))
+    records.write_records(path, examples(16, 0))
     return path
 
 

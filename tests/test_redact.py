@@ -5,6 +5,8 @@ import pytest
 
 from tasks.redact import redact_text, redact_uri
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("uri, redacted", [
     ("https://user:pass@host.example/data.zip", "https://***@host.example/data.zip"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import evaluation_fixtures as fx
+from tests.helpers import evaluation as fx
 from tasks import artifacts, classifier, serving_check, storage
 from tasks.errors import PublishError
 from tasks.steps.evaluate import evaluate
@@ -41,7 +41,7 @@ def test_evaluate_keeps_the_first_test_records_and_their_probabilities_as_the_go
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
 
-    evaluate(cfg, {"hash": fx.MANIFEST_HASH})
+    evaluate(cfg, *fx.handed_over(cfg))
 
     with np.load(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.GOLDEN)))) as golden:
         paths, probabilities = list(golden["paths"]), golden["probabilities"]

@@ -15,7 +15,7 @@ from tasks.steps import subsample as subsample_module
 from tasks.steps.acquire import DatasetError, acquire
 from tasks.config import RunConfig
 from tasks.steps.subsample import subsample
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 
 def config(folder: Path, tmp_path: Path, **params) -> RunConfig:

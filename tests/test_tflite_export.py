@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import evaluation_fixtures as fx
+from tests.helpers import evaluation as fx
 from tasks import tflite_export
 from tasks.predict import predict_records
 

@@ -59,6 +59,7 @@ from tasks import artifacts, classifier, model_card, pointer, report, serving_ch
 from tasks.approval import read_review, verdict
 from tasks.config import RunConfig
 from tasks.errors import PublishError
+from tasks.phases import FEATURE_EXTRACTION
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ SAVED_MODEL_DIR = "saved_model"
 TFLITE_DIR = "tflite"
 REPORT_DIR = "report"
 MODEL_CARD_FILE = "model_card.md"
-# what the run root must hold, and the name each input gets inside a version
+# what the run root must hold, and the name each input gets inside a version (with MODEL_DIR: the model
+# evaluate kept, artifacts.MODELS[metrics["kept"]])
 INPUTS = {
-    MODEL_DIR: artifacts.MODEL,
     METRICS_FILE: artifacts.METRICS,
     REPORT_DIR: artifacts.REPORT,
     MODEL_CARD_FILE: artifacts.MODEL_CARD,
@@ -325,7 +326,9 @@ def _run_inputs(cfg: RunConfig) -> tuple[dict[str, str], str, str]:
     front, so a missing one fails before any upload."""
     *uris, golden, test = artifacts.require(cfg, *INPUTS.values(), artifacts.GOLDEN,
                                             artifacts.split_records(TEST_SPLIT))
-    return dict(zip(INPUTS, uris)), golden, test
+    kept = storage.read_json(uris[0]).get("kept", FEATURE_EXTRACTION)
+    (model,) = artifacts.require(cfg, artifacts.MODELS[kept])
+    return {MODEL_DIR: model, **dict(zip(INPUTS, uris))}, golden, test
 
 
 def _check_metrics(metrics: dict, manifest: dict, evaluation: dict | None) -> None:

@@ -9,8 +9,8 @@ import urllib.parse
 import pytest
 
 from tasks import storage
-from tests.conftest import ROOT, deployment_env, tiny_conf
-from tests.test_plugin import AIRFLOW_ENV
+from tests.helpers.airflow import AIRFLOW_ENV
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def test_savedmodel_backbone_from_s3_runs_every_step_fine_tune_included(dag, air
                                                                         monkeypatch):
     """The seeds' own path: a SavedModel feature extractor (as TF Hub serves them), here from an S3 prefix."""
     from tasks import classifier
-    from tests.test_backbones import tiny_convnet
+    from tests.helpers.backbones import tiny_convnet
 
     tiny_convnet().export(str(tmp_path / "encoder"), verbose=False)
     with _env(model_store_connection):

@@ -10,7 +10,7 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tests.conftest import ROOT, deployment_env, tiny_conf
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices
 from tests.e2e.browser import chromium_binary, screenshot
 

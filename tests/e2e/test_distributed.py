@@ -20,7 +20,7 @@ import pytest
 from tasks import artifacts, classifier, storage
 from tasks.config import RunConfig, candidate_list
 from devtools.seaweed import free_port
-from tests.conftest import deployment_env, tiny_conf
+from tests.helpers.runs import deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices, Component
 from tests.e2e.local_services import missing_packages, start_postgres, start_redis
 
