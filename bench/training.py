@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks import artifacts, storage
-from tasks.config import RunConfig, param_specs
+from tasks.config import RunConfig, candidate_list, param_specs
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 
 if TYPE_CHECKING:
     import keras
@@ -58,7 +59,7 @@ def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
 
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     whole = split_backbone(backbone, 0)
-    records = {split: stage_records(cfg, split, scratch) for split in ("train", "val")}
+    records = stage_records(cfg, scratch)
     return timed(activation_cache.cache_activations, whole.bottom, records, scratch / "forward", {"bench": True},
                  cfg.batch_size)[1]
 
@@ -79,10 +80,10 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int) -> tuple[float, floa
     import keras
 
     from tasks.records import image_dataset
-    from tasks.training import epoch_seed, stage_records
+    from tasks.training import Feed, stage_records
 
     keras.utils.set_random_seed(cfg.seed)
-    paths = {split: stage_records(cfg, split, scratch) for split in ("train", "val", "test")}
+    paths = stage_records(cfg, scratch, ("train", "val", "test"))
     model = keras.Sequential([
         keras.Input((SCRATCH_IMAGE_SIZE, SCRATCH_IMAGE_SIZE, 3)),
         keras.layers.Rescaling(1 / 255),
@@ -92,7 +93,8 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int) -> tuple[float, floa
         keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax"),
     ])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    train = image_dataset(paths["train"], SCRATCH_IMAGE_SIZE, cfg.batch_size, shuffle_seed=epoch_seed(cfg, 0))
+    first_epoch = Feed.of(cfg, 0).epoch_seed(0)
+    train = image_dataset(paths["train"], SCRATCH_IMAGE_SIZE, cfg.batch_size, shuffle_seed=first_epoch)
     val = image_dataset(paths["val"], SCRATCH_IMAGE_SIZE, cfg.batch_size)
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
     started = time.perf_counter()
@@ -115,7 +117,7 @@ def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float
 
     built = classifier.fetch(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), scratch, cfg.cache_dir)
     split = split_backbone(built.backbone, units)
-    records = {split_name: stage_records(cfg, split_name, scratch) for split_name in ("train", "val")}
+    records = stage_records(cfg, scratch)
     manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
     cached = activation_cache.cache_activations(split.bottom, records, scratch / "ratio",
                                                 activation_cache.cache_key(built.backbone, split, manifest["hash"]),
@@ -164,13 +166,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    from tasks.scratch import scratch_dir
     from tasks.steps.acquire import acquire
     from tasks.steps.fine_tune import fine_tune
-    from tasks.scratch import scratch_dir
     from tasks.steps.subsample import subsample
     from tasks.steps.train import train
 
-    cfg = dataclasses.replace(RunConfig(run_root=args.run_root, run_id="bench-training"), candidate="bench")
+    base = RunConfig(run_root=args.run_root, run_id="bench-training")
+    (candidate,) = candidate_list(base)
+    cfg = base.for_candidate(candidate)
     storage.delete(cfg.run_uri + "/")
     data = subsample(cfg, acquire(cfg))
     log = logging.getLogger("bench.training")
@@ -179,10 +183,11 @@ def main() -> None:
         log.info("from scratch: test accuracy %.4f after %d epochs in %.1f s", scratch_accuracy, scratch_epochs,
                  scratch_s)
         forward_s = forward_seconds(cfg, scratch)
-        trained, fe_s = timed(train, cfg, data)
+        trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
         fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
-        tuned, ft_s = timed(fine_tune, cfg, trained)
-        ft_accuracy = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
+        tuned, ft_s = timed(fine_tune, cfg, data, trained)
+        kept = FINE_TUNE if tuned["val_accuracy"] > trained["val_accuracy"] else FEATURE_EXTRACTION
+        ft_accuracy = test_accuracy(cfg, artifacts.MODELS[kept], scratch / "kept")
         on_cache, on_images, cut, by_flops = epoch_ratio(cfg, scratch, RATIO_UNITS)
     print(json.dumps({
         "scratch_test_accuracy": round(scratch_accuracy, 4),
@@ -194,8 +199,8 @@ def main() -> None:
         "forward_pass_seconds": round(forward_s, 1),
         "fe_ratio_to_forward": round(fe_s / forward_s, 2),
         "ft_test_accuracy": round(ft_accuracy, 4),
-        "ft_val_accuracy": round(tuned["val_accuracy_after"], 4),
-        "ft_kept": tuned["kept"],
+        "ft_val_accuracy": round(tuned["val_accuracy"], 4),
+        "ft_kept": kept,
         "ft_cut": tuned["cut"],
         "ft_seconds": round(ft_s, 1),
         "transfer_gain_over_scratch": round(ft_accuracy - scratch_accuracy, 4),

@@ -90,6 +90,10 @@ class Settings:
     s3_retry_attempts: int = field(default_factory=lambda: _env_int("TLP_S3_RETRY_ATTEMPTS", 5))
     # the model the registry page shows when none is named ("" = the trigger form's default model_name)
     ui_model_name: str = field(default_factory=lambda: _env("TLP_MODEL_NAME", ""))
+    # dev tools: the demo's UI port and admin password; a worker's name when several share one machine
+    ui_port: int = field(default_factory=lambda: _env_int("TLP_UI_PORT", 8080))
+    ui_password: str = field(default_factory=lambda: _env("TLP_UI_PASSWORD", "admin"))
+    worker_name: str = field(default_factory=lambda: _env("TLP_WORKER_NAME", ""))
     limits: Limits = field(default_factory=Limits)
 
     def readable_publish_locations(self) -> tuple[str, ...]:

@@ -7,7 +7,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from tests.helpers.runs import examples
 
 from tasks import activation_cache, records
 from tasks.activation_cache import cache_activations, cache_key, open_cache
@@ -15,6 +14,7 @@ from tasks.backbone_split import split_backbone
 from tasks.backbones import load_backbone, make_optimizer, set_trainable_top
 from tasks.errors import TrainingError
 from tasks.head import build_head, compose
+from tests.helpers.runs import examples
 
 SIZE = 32
 BATCH = 8

@@ -54,7 +54,7 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     source = redact_uri(cfg.source)
     labels = selected_labels(folder, cfg.classes, source)
     classes = [folder.classes[label] for label in labels]
-    selection = select(folder, labels, cfg)
+    selection = sample_splits(folder, labels, cfg)
     kept, skipped = _check_images(root, selection, classes)
     tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
     counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
@@ -103,7 +103,7 @@ def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, 
     return sorted(folder.classes.index(name) for name in classes)
 
 
-def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
+def sample_splits(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
     missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
     if missing:

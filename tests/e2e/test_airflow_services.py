@@ -10,9 +10,9 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices
 from tests.e2e.browser import chromium_binary, screenshot
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(os.environ.get("TLP_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
@@ -51,7 +51,7 @@ def test_triggered_run_publishes_and_its_report_shows_in_the_ui(airflow, s3_buck
     assert decision["approval"]["by"].startswith("admin")
     assert storage.exists(f"{champion['uri']}/checksums.json")
     run = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
-    assert storage.exists(run.artifact(artifacts.REPORT, "index.html"))
+    assert storage.exists(run.artifact(artifacts.REPORT, artifacts.REPORT_PAGE))
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cookie = [{"name": "_token", "value": airflow.token(), "url": airflow.base_url}]
