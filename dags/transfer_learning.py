@@ -169,7 +169,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def publish_version(cfg: dict, evaluation: dict, best: dict) -> dict:
         """Serving check, TFLite variants, a verified version of the winner's model; judges whether it may
         replace the champion."""
-        from tasks.steps.publish import publish_version
+        from tasks.steps.publish_version import publish_version
 
         return publish_version(_config(cfg, best), evaluation)
 
@@ -186,7 +186,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
         """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
-        from tasks.steps.publish import promote
+        from tasks.steps.promote import promote
 
         result = promote(_config(cfg), published, approval)
         if result["promoted"]:

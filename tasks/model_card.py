@@ -131,7 +131,7 @@ def _data_section(cfg: RunConfig, record: RunRecord) -> str:
     rows.append(["**total**", *(f"**{sum(counts[split].values())}**" for split in splits)])
     lines = [
         "## Data",
-        f"- Source: {_source(cfg, record)}",
+        f"- Source: {_source(cfg.source, record)}",
         f"- Classes ({len(classes)}): {', '.join(markdown_text(name) for name in classes)}",
         f"- Selection: {selection}, {cfg.val_fraction:g} of it held out for validation, "
         f"{cfg.test_percent:g} % of the test split; seed {manifest.get('seed', cfg.seed)}",
@@ -200,7 +200,7 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
             if metrics["per_class"][name]["f1"] < macro_f1]
     return "\n".join([
         "## Intended use",
-        f"- Sorting images that look like those of {_source(cfg, record)} into "
+        f"- Sorting images that look like those of {_source(cfg.source, record)} into "
         f"the {len(classes)} classes above; a transfer-learning baseline to compare later models against.",
         "",
         "## Limitations",
@@ -270,8 +270,8 @@ def markdown_code(text: str) -> str:
     return f"{fence}{padding}{text}{padding}{fence}"
 
 
-def _source(cfg: RunConfig, record: RunRecord) -> str:
-    return markdown_code(redact_uri(record.manifest.get("source", cfg.source)))
+def _source(source: str, record: RunRecord) -> str:
+    return markdown_code(redact_uri(record.manifest.get("source", source)))
 
 
 def percent(value: float | None) -> str:

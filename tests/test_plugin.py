@@ -234,7 +234,7 @@ def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
 
 def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     """Two complete versions (the second the champion), one interrupted upload, two decisions."""
-    from tasks.steps.publish import VERSION_TIME
+    from tasks.registry import VERSION_TIME
 
     old, new, interrupted = (f"{datetime(2026, 1, day):{VERSION_TIME}}-{hex_digit * 12}"
                              for day, hex_digit in ((1, "a"), (2, "b"), (3, "c")))
@@ -253,7 +253,7 @@ def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     return old, new
 
 
-# the registry tests are not `fast` while the registry is read through the publish step, which imports Keras
+@pytest.mark.fast
 def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     old, new = _write_registry(tmp_path / "models", "fmnist")
@@ -269,6 +269,7 @@ def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypa
     assert "beats &lt;b&gt;champion&lt;/b&gt;" in page
 
 
+@pytest.mark.fast
 def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monkeypatch):
     _write_registry(tmp_path / "models", "env-model")
     monkeypatch.setenv("TLP_PUBLISH_URI", str(tmp_path / "models"))
@@ -277,6 +278,7 @@ def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monke
     assert response.status_code == 200 and "bbbbbbbbbbbb" in response.text
 
 
+@pytest.mark.fast
 def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     _write_registry(tmp_path / "elsewhere", "fmnist")
@@ -287,6 +289,7 @@ def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_pa
     assert "bbbbbbbbbbbb" not in response.text
 
 
+@pytest.mark.fast
 def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path))
     assert api.get("/ml-reports/registry").status_code == 401
