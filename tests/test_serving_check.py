@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import evaluation as fx
 from tasks import artifacts, classifier, serving_check, storage
 from tasks.errors import PublishError
-from tasks.steps.evaluate import evaluate
 from tasks.predict import predict_records
+from tasks.steps.evaluate import evaluate
+from tests.helpers import evaluation as fx
 
 
 def tiny_classifier(cache_dir: str) -> classifier.Classifier:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import evaluation as fx
 from tasks import tflite_export
 from tasks.predict import predict_records
+from tests.helpers import evaluation as fx
 
 
 @pytest.fixture(scope="module")
