@@ -14,6 +14,7 @@ from typing import Any
 
 from tasks import storage
 from tasks.errors import TrainingError
+from tasks.redact import redact_text
 
 FEATURE_EXTRACTION = "feature_extraction"
 FINE_TUNE = "fine_tune"
@@ -69,6 +70,15 @@ def write_history(uri: str, epochs: list[dict[str, Any]]) -> None:
 
 def read_history(uri: str) -> list[dict[str, Any]]:
     return list(storage.read_json(uri)["epochs"])
+
+
+def write_failure(uri: str, error: Exception) -> None:
+    """Why a phase failed, where select looks for it (redacted: a backbone spec may hold credentials)."""
+    storage.write_json(uri, {"error": redact_text(f"{type(error).__name__}: {error}")})
+
+
+def read_failure(uri: str) -> str:
+    return str(storage.read_json(uri)["error"])
 
 
 def curves(feature_extraction: list[dict[str, Any]], fine_tune: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import artifacts, storage
+from tasks import artifacts, phases, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import ConfigError, TrainingError
 from tasks.steps.select import select
@@ -22,7 +22,7 @@ def finished(cfg: RunConfig, val_accuracy: float, seconds: float) -> None:
 
 def record_failure(cfg: RunConfig, error: Exception) -> None:
     """What train leaves for a candidate it failed on."""
-    storage.write_json(cfg.artifact(artifacts.TRAINING_ERROR), {"error": f"{type(error).__name__}: {error}"})
+    phases.write_failure(cfg.artifact(artifacts.TRAINING_ERROR), error)
 
 
 def runs(tmp_path, specs: str = SPECS) -> tuple[RunConfig, list[RunConfig]]:

@@ -17,6 +17,7 @@ from typing import Any
 from tasks import artifacts, phases, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import TrainingError
+from tasks.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
 def _row(cfg: RunConfig, order: int) -> dict[str, Any]:
     """How one candidate ended (read through the run root: a failed train task returns nothing): its best
     validation accuracy and time, or its error."""
-    row = {"candidate": cfg.candidate, "spec": f"{cfg.backbone}@{cfg.image_size}", "backbone": cfg.backbone,
+    row = {"candidate": cfg.candidate, "spec": redact_text(f"{cfg.backbone}@{cfg.image_size}"),
+           "backbone": cfg.backbone,
            "image_size": cfg.image_size, "order": order, "val_accuracy": None, "seconds": None, "error": None,
            "manifest_hash": None}
     summary_uri, error_uri = cfg.artifact(artifacts.TRAIN_SUMMARY), cfg.artifact(artifacts.TRAINING_ERROR)
@@ -62,7 +64,7 @@ def _row(cfg: RunConfig, order: int) -> dict[str, Any]:
         return {**row, "val_accuracy": float(summary.best_val_accuracy), "seconds": float(summary.seconds),
                 "manifest_hash": summary.manifest_hash}
     if storage.exists(error_uri):
-        return {**row, "error": storage.read_json(error_uri)["error"]}
+        return {**row, "error": phases.read_failure(error_uri)}
     return {**row, "error": f"no result at {summary_uri}: its train task did not finish"}
 
 
@@ -79,4 +81,3 @@ def _reason(winner: dict[str, Any], others: list[dict[str, Any]], failed: list[d
     if failed:
         text += "; failed: " + ", ".join(row["spec"] for row in failed)
     return text
-

@@ -47,7 +47,7 @@ def train(cfg: RunConfig, data: dict[str, Any], candidate: dict[str, Any]) -> di
     try:
         return {**_train(run, data), "candidate": run.candidate}
     except Exception as error:
-        storage.write_json(run.artifact(artifacts.TRAINING_ERROR), {"error": f"{type(error).__name__}: {error}"})
+        phases.write_failure(run.artifact(artifacts.TRAINING_ERROR), error)
         raise
 
 
