@@ -30,6 +30,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from tasks import images
 from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
@@ -86,7 +87,7 @@ def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any
     """What the activations depend on: a cache with another key is recomputed."""
     return {"backbone": backbone.name, "weights": backbone.weights_source,
             "image_size": int(backbone.model.input_shape[1]), "cut": split.cut, "units": split.units,
-            "data": data_hash}
+            "data": data_hash, "decoder": images.DECODER_VERSION}
 
 
 def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],

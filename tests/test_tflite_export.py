@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tflite_export
+from tasks import serving_export, tflite_export
+from tests.helpers import evaluation as fx
 from tasks.predict import predict_records
 from tests.helpers import evaluation as fx
 
@@ -17,7 +18,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, float]:
     records = work / "test.tfrecord"
     fx.write_test_records(records, work)
     model = fx.colour_model()
-    model.export(str(work / "saved_model"), verbose=False)
+    serving_export.export(model, tuple(fx.CLASSES), work / "saved_model")  # both signatures: TFLite takes pixels
     probabilities, labels, _ = predict_records(model, records)
     return work / "saved_model", records, float((probabilities.argmax(axis=1) == labels).mean())
 
