@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from tasks import serving_export, tflite_export
-from tests.helpers import evaluation as fx
 from tasks.predict import predict_records
 from tests.helpers import evaluation as fx
 
