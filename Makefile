@@ -27,10 +27,12 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	touch $@
 
 test: system-test install
-	$(PY) -m pytest -ra tests
+	$(PY) -m ruff check .
+	$(PY) -m pytest -ra --durations=15 tests
 
+# the TensorFlow-free tier, under a minute
 test-fast: system-test install
-	$(PY) -m pytest -ra -m "not slow" tests
+	$(PY) -m pytest -ra -m fast tests
 
 demo: system-demo install
 	$(PY) -m devtools.demo run

@@ -49,7 +49,8 @@ import numpy as np
 
 from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
 from tasks import artifacts, storage
-from tasks.config import RunConfig, param_specs
+from tasks.config import RunConfig, candidate_list, param_specs
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 
 if TYPE_CHECKING:
     import keras
@@ -77,7 +78,7 @@ def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
 
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     whole = split_backbone(backbone, 0)
-    records = {split: stage_records(cfg, split, scratch) for split in ("train", "val")}
+    records = stage_records(cfg, scratch)
     return timed(activation_cache.cache_activations, whole.bottom, records, scratch / "forward", {"bench": True},
                  cfg.batch_size)[1]
 
@@ -112,7 +113,7 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
     from tasks.training import stage_records
 
     keras.utils.set_random_seed(cfg.seed)
-    paths = {split: stage_records(cfg, split, scratch) for split in ("train", "val", "test")}
+    paths = stage_records(cfg, scratch, ("train", "val", "test"))
     model = keras.Sequential([
         keras.Input((image_size, image_size, 3)),
         keras.layers.Rescaling(1 / 255),
@@ -153,7 +154,7 @@ def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float
 
     built = classifier.fetch(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), scratch, cfg.cache_dir)
     split = split_backbone(built.backbone, units)
-    records = {split_name: stage_records(cfg, split_name, scratch) for split_name in ("train", "val")}
+    records = stage_records(cfg, scratch)
     manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
     cached = activation_cache.cache_activations(split.bottom, records, scratch / "ratio",
                                                 activation_cache.cache_key(built.backbone, split, manifest["hash"]),
@@ -205,15 +206,16 @@ def benchmark_config(name: str, run_root: str, overrides: dict[str, str]) -> Run
     specs = param_specs(RunConfig())
     values = {key: type(specs[key][0])(value) if not isinstance(specs[key][0], bool) else value.lower() == "true"
               for key, value in overrides.items()}
-    return dataclasses.replace(RunConfig(run_root=run_root, run_id=f"bench-training-{name}"), candidate="bench",
-                               **data, **values)
+    base = dataclasses.replace(RunConfig(run_root=run_root, run_id=f"bench-training-{name}"), **data, **values)
+    (candidate,) = candidate_list(base)
+    return base.for_candidate(candidate)
 
 
 def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) -> dict[str, object]:
     """Scratch / feature extraction / fine-tuned test accuracy (and timings) of one benchmark, keys unprefixed."""
     from tasks.scratch import scratch_dir
     from tasks.steps.acquire import acquire
-    from tasks.steps.decide import decide_step
+    from tasks.steps.decide import decide
     from tasks.steps.fine_tune import fine_tune
     from tasks.steps.subsample import subsample
     from tasks.steps.train import train
@@ -232,12 +234,14 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             result.update(scratch_test_accuracy=round(scratch_accuracy, 4), scratch_seconds=round(scratch_s, 1),
                           scratch_epochs=epochs)
         forward_s = forward_seconds(cfg, scratch)
-        trained, fe_s = timed(train, cfg, data)
-        decision = decide_step(cfg, trained)
+        (candidate,) = candidate_list(cfg)
+        trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
+        decision = decide(cfg, data, trained)
         fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
-        tuned, ft_s = timed(fine_tune, cfg, trained)
-        ft_accuracy, ft_tta = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
-        val_after = tuned.get("val_accuracy_after", trained["val_accuracy"])
+        tuned, ft_s = timed(fine_tune, cfg, data, trained)
+        kept = FINE_TUNE if tuned["val_accuracy"] > trained["val_accuracy"] else FEATURE_EXTRACTION
+        ft_accuracy, ft_tta = test_accuracy(cfg, artifacts.MODELS[kept], scratch / "kept")
+        val_after = max(tuned["val_accuracy"], trained["val_accuracy"])
         result.update({
             "fe_test_accuracy": round(fe_accuracy, 4),
             "fe_tta_test_accuracy": round(fe_tta, 4),
@@ -249,7 +253,7 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             "ft_tta_test_accuracy": round(ft_tta, 4),
             "ft_val_accuracy": round(val_after, 4),
             "ft_val_test_gap": round(val_after - ft_accuracy, 4),
-            "ft_kept": tuned.get("kept"),
+            "ft_kept": kept,
             "ft_cut": tuned.get("cut"),
             "ft_seconds": round(ft_s, 1),
             "auto_would_fine_tune": decision["fine_tune"],

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from devtools import seaweed
-from tasks import artifacts
+from tasks import artifacts, settings
 from tasks.config import RunConfig, check_conf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ AIRFLOW_HOME = PROJECT_ROOT / ".airflow"
 RUN_ROOT = PROJECT_ROOT / ".runs"
 DAG_ID = "transfer_learning"
 PUBLISH_URI = "s3://models"
-UI_PORT = int(os.environ.get("TLP_UI_PORT", "8080"))
-UI_USER, UI_PASSWORD = "admin", os.environ.get("TLP_UI_PASSWORD", "admin")
+UI_PORT = settings.load().ui_port
+UI_USER, UI_PASSWORD = "admin", settings.load().ui_password
 STOP_GRACE_S = 15.0  # the triggerer alone takes ~11 s to exit on SIGTERM
 
 
@@ -87,16 +87,17 @@ def summary(started: float, store: seaweed.SeaweedServer) -> str:
     decision = _read(winner, artifacts.DECISION)
     if decision:
         lines.append(f"Fine-tuning {'taken' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
-    kept = _read(winner, artifacts.TRAIN_SUMMARY)
-    if kept:
+    scores = [(phase, _read(winner, summary)) for phase, summary in (
+        ("feature extraction", artifacts.TRAIN_SUMMARY), ("fine-tune", artifacts.FINE_TUNE_SUMMARY))]
+    if scores[0][1]:
         lines.append("Validation accuracy: " + ", ".join(
-            f"{phase} {value:.4f}" for phase, value in kept["val_accuracy"].items() if value is not None)
-            + f"; kept {kept['kept']}")
+            f"{phase} {summary['best_val_accuracy']:.4f}" for phase, summary in scores if summary)
+            + f"; kept {(metrics or {}).get('kept', 'not recorded')}")
     published = _read(run_dir, artifacts.PUBLISHED)
     if published:
         state = "promoted to champion" if published.get("promoted") else "not promoted"
         lines.append(f"Published: {published['version_uri']} ({state}: {published.get('reason', '')})")
-    report = run_dir.joinpath(*artifacts.REPORT.parts, "index.html")
+    report = run_dir.joinpath(*artifacts.REPORT.parts, artifacts.REPORT_PAGE)
     if report.exists():
         lines.append(f"Report: {report}")
     return "\n".join(lines)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import math
 import mimetypes
-import os
 import re
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -40,7 +39,7 @@ URL_PREFIX = "/ml-reports"
 REGISTRY_DAG_ID = "transfer_learning"  # read access to it is what the registry page asks for
 # what a run page may serve from the run root: the report folder and its two linked siblings
 SERVED = (artifacts.REPORT.parts, artifacts.MODEL_CARD.parts, artifacts.METRICS.parts)
-REPORT_INDEX = "index.html"
+REPORT_INDEX = artifacts.REPORT_PAGE
 RELEASE_MARK = "<!-- release -->"  # where the report template wants the run's Release section
 # what a version page may serve: its report folder (with release.html), model card and metrics
 VERSION_SERVED = (("report",), ("model_card.md",), ("metrics.json",))
@@ -125,7 +124,7 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
     publish_uri = _registry_location(publish_uri)
     try:
         models = {location: _models(location) for location in deployment.readable_publish_locations()}
-        model_name = model_name or os.environ.get("TLP_MODEL_NAME") or next(
+        model_name = model_name or deployment.ui_model_name or next(
             iter(models[publish_uri] if isinstance(models.get(publish_uri), list) else []), RunConfig.model_name)
         check_publish_location(RunConfig(publish_uri=publish_uri, model_name=model_name),
                                deployment.readable_publish_locations())
@@ -453,7 +452,7 @@ def _use_model_store(uri: str) -> None:
         conn = Connection.get_connection_from_secrets(settings.load().model_store_conn_id)
     except AirflowNotFoundException:
         return  # no connection: the api-server's own AWS_* environment applies
-    os.environ.update(storage.s3_env(conn.login, conn.password, conn.extra_dejson))
+    storage.use_credentials(conn)
 
 
 def _media_type(name: str) -> str:

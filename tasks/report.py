@@ -24,13 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from tasks import images, model_card
+from tasks import artifacts, images, model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
+from tasks.phases import LABELS
 from tasks.records import iter_records
 from tasks.redact import redact_text, redact_uri
 
-INDEX = "index.html"
 CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 PREDICTIONS = "predictions.csv"
@@ -49,9 +49,10 @@ ANNOTATED_CLASSES = 25  # above this the confusion matrix cells get too small fo
 CONFUSED_PAIRS = 10
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
+
 def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunRecord, *, predictions: pd.DataFrame,
                  wrong: pd.DataFrame, pairs: list[dict], test_records: Path, model_card: str) -> Path:
-    """Write index.html, the two plots and the two CSVs into `directory`; returns it.
+    """Write the page (artifacts.REPORT_PAGE), the two plots and the two CSVs into `directory`; returns it.
 
     `wrong` is every wrong prediction, surest first; the gallery shows the first
     cfg.top_k_wrong of them with thumbnails from the test records.
@@ -64,7 +65,7 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
     gallery = wrong.head(cfg.top_k_wrong)
     thumbnails = {index: thumbnail_data_uri(encoded) for index, encoded in _encoded_images(test_records, gallery.index)}
     page = _page(cfg, metrics, record, directory, wrong, gallery, thumbnails, pairs, model_card)
-    (directory / INDEX).write_text(page, encoding="utf-8")
+    (directory / artifacts.REPORT_PAGE).write_text(page, encoding="utf-8")
     return directory
 
 
@@ -100,7 +101,7 @@ def plot_curves(history: dict | None, path: Path) -> None:
     epochs = (history or {}).get("epochs", [])
     start = (history or {}).get("fine_tune_start_epoch")
     x = [epoch["epoch"] for epoch in epochs]
-    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
         axes.plot(x, _series(epochs, metric), "o-", color=TRAIN_COLOR, label="train")
         axes.plot(x, _series(epochs, f"val_{metric}"), "o-", color=VAL_COLOR, label="validation")
         if start is not None:
@@ -182,7 +183,7 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         run_id=cfg.run_id,
         backbone=redact_text(record.backbone or cfg.backbone),
         weights=redact_text(record.weights_source or cfg.backbone_weights),
-        kept=(record.summary or {}).get("kept", "not recorded"),
+        kept=LABELS.get(record.kept, "not recorded"),
         cards=[
             (percent(metrics["accuracy"]), "test accuracy"),
             *([(percent(gap["validation"]["accuracy"]), "validation accuracy")] if gap else []),

@@ -124,6 +124,14 @@ class Settings:
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
     # how long a run may take besides waiting for approval; the DAG's run timeout adds the approval timeout
     run_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_RUN_TIMEOUT_HOURS", 8.0))
+    # attempts per S3 call (botocore's standard retry mode) before a StoreUnavailableError
+    s3_retry_attempts: int = field(default_factory=lambda: _env_int("TLP_S3_RETRY_ATTEMPTS", 5))
+    # the model the registry page shows when none is named ("" = the trigger form's default model_name)
+    ui_model_name: str = field(default_factory=lambda: _env("TLP_MODEL_NAME", ""))
+    # dev tools: the demo's UI port and admin password; a worker's name when several share one machine
+    ui_port: int = field(default_factory=lambda: _env_int("TLP_UI_PORT", 8080))
+    ui_password: str = field(default_factory=lambda: _env("TLP_UI_PASSWORD", "admin"))
+    worker_name: str = field(default_factory=lambda: _env("TLP_WORKER_NAME", ""))
     limits: Limits = field(default_factory=Limits)
     # batch scoring (dags/batch_predict.py): where predictions go by default, the other places they may go, the
     # queue of the scoring tasks (a GPU worker can take them) and how many shards of one run score at once

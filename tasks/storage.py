@@ -9,6 +9,7 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 """
 from __future__ import annotations
 
+from tasks import settings
 from tasks.errors import StorageError, StoreUnavailableError
 from tasks.redact import redact_uri
 from tasks.scratch import atomic_file
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
+S3_RETRY_ATTEMPTS = settings.load().s3_retry_attempts
 S3_TIMEOUT_S = 10
 
 
@@ -383,3 +384,9 @@ def s3_env(access_key: str | None, secret_key: str | None, extra: dict[str, Any]
         "AWS_DEFAULT_REGION": extra.get("region_name"),
     }
     return {key: str(value) for key, value in values.items() if value}
+
+
+def use_credentials(connection: Any) -> None:
+    """Point this process's S3 calls at the store an Airflow `aws` connection describes (its login, password and
+    extra, see s3_env): the one place the DAG's tasks and the UI plugin export credentials."""
+    os.environ.update(s3_env(connection.login, connection.password, connection.extra_dejson))

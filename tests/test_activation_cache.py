@@ -7,7 +7,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from tests.test_train import _examples
 
 from tasks import activation_cache, images, records
 from tasks.activation_cache import cache_activations, cache_key, open_cache
@@ -15,6 +14,7 @@ from tasks.backbone_split import split_backbone
 from tasks.backbones import load_backbone, make_optimizer, set_trainable_top
 from tasks.errors import TrainingError
 from tasks.head import build_head, compose
+from tests.helpers.runs import examples
 
 SIZE = 32
 BATCH = 8
@@ -26,7 +26,7 @@ CLASSES = 3
 def train_records(tmp_path_factory) -> Path:
     """48 noisy colour squares of three classes, in class order (an unshuffled epoch would be all one class)."""
     path = tmp_path_factory.mktemp("records") / "train.tfrecord"
-    records.write_records(path, _examples(16, 0))
+    records.write_records(path, examples(16, 0))
     return path
 
 

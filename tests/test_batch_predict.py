@@ -15,7 +15,7 @@ from tasks.errors import ConfigError, ScoringError
 from tasks.steps.list_images import list_images
 from tasks.steps.merge_predictions import merge_predictions
 from tasks.steps.score_shard import score_shard
-from tests.batch_fixtures import CLASSES, MODEL_NAME, UNREADABLE, batch_folder, probabilities_of, publish_tiny
+from tests.helpers.batch import CLASSES, MODEL_NAME, UNREADABLE, batch_folder, probabilities_of, publish_tiny
 
 pytestmark = pytest.mark.slow
 

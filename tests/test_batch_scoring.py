@@ -13,7 +13,7 @@ from tasks import batch_scoring, images
 from tasks.batch_config import BatchConfig, check_conf, param_specs
 from tasks.batch_scoring import Read
 from tasks.errors import ConfigError
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
 

@@ -10,6 +10,8 @@ from tasks.config import (RunConfig, check_conf, check_publish_location, param_s
                           safe_name)
 from tasks.errors import ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("value, expected", [
     (None, None), ("", None), (3, 3), ("3", 3), ("pizza, steak", ("pizza", "steak")),

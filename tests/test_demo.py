@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 # a stand-in for `airflow standalone`: children in its group, one that left the group (setsid), and one that
 # ignores SIGTERM; every pid is written down

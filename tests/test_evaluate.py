@@ -12,12 +12,19 @@ import pytest
 
 from tasks import artifacts, classifier, storage
 from tasks.errors import MissingInputError
-from tasks.steps.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
-                            predictions_table)
-from tests import evaluation_fixtures as fx
+from tasks.steps.evaluate import (
+    EvaluationError,
+    classification_metrics,
+    confusion_pairs,
+    evaluate,
+    most_wrong,
+    predictions_table,
+)
+from tests.helpers import evaluation as fx
 
 METRICS_KEYS = {"accuracy", "top_k_accuracy", "loss", "per_class", "macro_avg", "weighted_avg", "confusion_matrix",
-                "classes", "n_test", "manifest_hash", "most_confused_pairs", "validation_vs_test"}
+                "classes", "n_test", "manifest_hash", "most_confused_pairs", "kept",
+                "validation_vs_test"}
 REPORT_FILES = {"index.html", "confusion_matrix.png", "curves.png", "predictions.csv", "most_wrong.csv"}
 
 # Six images, three classes: one apple taken for banana, one banana for cherry.
@@ -31,9 +38,6 @@ PROBABILITIES = np.array([
     [0.1, 0.2, 0.7],
 ])
 ABC = ["a", "b", "c"]
-
-
-SUBSAMPLED = {"hash": fx.MANIFEST_HASH}  # what subsample hands evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +111,7 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg))
 
     assert result["n_test"] == 12 and result["n_wrong"] == 4
     assert result["accuracy"] == pytest.approx(8 / 12)
@@ -152,10 +156,10 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
 def test_evaluate_rerun_rewrites_identical_outputs(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
-    first = evaluate(cfg, SUBSAMPLED)
+    first = evaluate(cfg, *fx.handed_over(cfg))
     metrics, page = storage.read_bytes(first["metrics_uri"]), storage.read_bytes(first["report_uri"])
 
-    second = evaluate(cfg, SUBSAMPLED)
+    second = evaluate(cfg, *fx.handed_over(cfg))
 
     assert second == first
     assert storage.read_bytes(second["metrics_uri"]) == metrics
@@ -166,7 +170,7 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
     cfg = fx.config(s3_bucket + "/runs")
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg))
 
     assert result["report_uri"].startswith(s3_bucket)
     listed = storage.list_files(storage.join(cfg.run_uri, "eval"))
@@ -180,12 +184,10 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
 
 def test_evaluate_without_decision_or_fine_tune(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
-    fx.write_run(cfg, tmp_path / "work")
+    fx.write_run(cfg, tmp_path / "work", fine_tuned=False)
     storage.delete(cfg.artifact(artifacts.DECISION))
-    storage.delete(cfg.artifact(artifacts.TRAIN_SUMMARY))
-    storage.write_json(cfg.artifact(artifacts.HISTORY), fx.history(fine_tune_start=None))
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg, fine_tuned=False))
 
     card = storage.read_text(result["model_card_uri"])
     assert "Plateau decision: not recorded" in card
@@ -194,15 +196,16 @@ def test_evaluate_without_decision_or_fine_tune(tmp_path):
     assert fx.fine_tune_marker_pixels(storage.local_path(cfg.artifact(artifacts.REPORT, "curves.png"))) == 0
 
 
-@pytest.mark.parametrize("artifact", [artifacts.MODEL, artifacts.split_records("test"), artifacts.split_records("val"),
-                                      artifacts.MANIFEST])
+@pytest.mark.parametrize("artifact", [artifacts.FINE_TUNED_MODEL, artifacts.split_records("test"),
+                                      artifacts.split_records("val"), artifacts.MANIFEST])
 def test_missing_input_error_names_its_uri(tmp_path, artifact):
+    """The kept (fine-tuned) model arrives on fine_tune's edge; the others are found under the run root."""
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
     storage.delete(cfg.artifact(artifact))
 
     with pytest.raises(MissingInputError, match=re.escape(cfg.artifact(artifact)) + ".*run "):
-        evaluate(cfg, SUBSAMPLED)
+        evaluate(cfg, *fx.handed_over(cfg))
 
 
 def _links(page: str) -> set[str]:

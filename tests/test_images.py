@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import image_fixtures as fx
+from tests.helpers import images as fx
 from tasks import images
 from tasks.errors import ImageDecodeError, PermanentError
 

@@ -6,7 +6,7 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.batch_config import run_uri
-from tests.test_plugin import _token, api  # noqa: F401 (the api-server app fixture)
+from tests.helpers.airflow import api, mint_token as _token  # noqa: F401 (api: the api-server app fixture)
 
 DAG_ID = "batch_predict"
 GALLERY = "<!doctype html><h1>Least confident predictions</h1>"
@@ -57,7 +57,7 @@ def test_a_run_without_predictions_yet_says_when_they_appear(api, run_id, tmp_pa
 def test_the_plugin_registers_the_run_tab():
     import importlib.util
 
-    from tests.conftest import ROOT
+    from tests.helpers.runs import ROOT
 
     spec = importlib.util.spec_from_file_location("ml_predictions_under_test", ROOT / "plugins" / "ml_predictions.py")
     plugin = importlib.util.module_from_spec(spec)

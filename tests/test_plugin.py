@@ -14,46 +14,18 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tests.helpers.airflow import AIRFLOW_ENV, api, mint_token as _token  # noqa: F401 (api: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "transfer_learning"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
 REPORT_HTML = "<!doctype html><html><body><h1>fashion-mnist-classifier</h1><a href='../model_card.md'>card</a>"
 MODEL_CARD = "# Model card\n\n| metric | value |\n|---|---|\n| accuracy | 0.91 |\n\n- <script>alert(1)</script>\n"
-AIRFLOW_ENV = {
-    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-    "AIRFLOW__API_AUTH__JWT_SECRET": "plugin-test-secret-" + "s" * 64,
-}
-
-
-@pytest.fixture(scope="module")
-def api():
-    """Airflow's api-server app (core apps: plugins, auth, middlewares) on a fresh metadata DB."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in AIRFLOW_ENV.items():
-            patch.setenv(key, value)
-        from airflow.api_fastapi.app import create_app, purge_cached_app
-        from airflow.utils import db
-        from fastapi.testclient import TestClient
-
-        db.initdb()
-        with TestClient(create_app(apps="core")) as client:
-            yield client
-        purge_cached_app()  # the auth manager singleton was built with this module's settings
 
 
 @pytest.fixture
 def token(api) -> str:
     return _token("viewer", "viewer")
-
-
-def _token(username: str, role: str | None, **options) -> str:
-    """A JWT minted by the configured auth manager, exactly as /auth/token would."""
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-
-    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role), **options)
 
 
 def _add_run(run_id: str, conf: dict, configured: dict | None = None) -> None:
@@ -112,6 +84,7 @@ def run_id(api, tmp_path, monkeypatch) -> str:
     return run_id
 
 
+@pytest.mark.fast
 def test_report_is_served_with_a_bearer_token(api, run_id, token):
     response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
@@ -120,6 +93,7 @@ def test_report_is_served_with_a_bearer_token(api, run_id, token):
     assert "default-src 'none'" in response.headers["content-security-policy"]
 
 
+@pytest.mark.fast
 def test_report_is_served_with_the_ui_session_cookie(api, run_id, token):
     """The UI's iframe sends the `_token` cookie, not a header."""
     api.cookies.set("_token", token)
@@ -136,12 +110,14 @@ def test_report_is_served_with_the_ui_session_cookie(api, run_id, token):
     ({"Authorization": "Bearer not-a-jwt"}, 403),
     ({"cookie": "_token=not-a-jwt"}, 403),
 ])
+@pytest.mark.fast
 def test_report_refuses_anonymous_and_malformed_credentials(api, run_id, credentials, status):
     response = api.get(_report_url(run_id), headers=credentials)
     assert response.status_code == status
     assert "fashion-mnist-classifier" not in response.text
 
 
+@pytest.mark.fast
 def test_report_refuses_forged_expired_and_roleless_tokens(api, run_id):
     valid = _token("viewer", "viewer")
     forged = jwt.encode(jwt.decode(valid, options={"verify_signature": False}), "not-the-secret-" + "x" * 64,
@@ -153,6 +129,7 @@ def test_report_refuses_forged_expired_and_roleless_tokens(api, run_id):
         assert "fashion-mnist-classifier" not in response.text
 
 
+@pytest.mark.fast
 def test_report_siblings_are_served_with_their_content_types(api, run_id, token):
     base = _report_url(run_id)
     auth = {"Authorization": f"Bearer {token}"}
@@ -166,6 +143,7 @@ def test_report_siblings_are_served_with_their_content_types(api, run_id, token)
     assert "<script>" not in card.text and "&lt;script&gt;" in card.text
 
 
+@pytest.mark.fast
 def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_id, token):
     url = _report_url(run_id).rstrip("/")
     response = api.get(url, headers={"Authorization": f"Bearer {token}"}, follow_redirects=False)
@@ -185,12 +163,14 @@ def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_i
     ("model/model.keras", 404),
     ("eval/report/missing.png", 404),
 ])
+@pytest.mark.fast
 def test_paths_outside_the_evaluation_are_refused(api, run_id, token, path, status):
     response = api.get(f"/ml-reports/runs/{DAG_ID}/{run_id}/{path}",
                        headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == status, response.text
 
 
+@pytest.mark.fast
 def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path, monkeypatch):
     """A run whose configure task has not finished: the run root is the deployment's TLP_RUN_ROOT."""
     monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "shared-runs"))
@@ -224,6 +204,7 @@ def test_a_dag_id_that_could_leave_the_run_root_is_refused(api, token, dag_id):
     assert response.status_code in (400, 403, 404) and "accuracy" not in response.text
 
 
+@pytest.mark.fast
 def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token, s3, s3_bucket, monkeypatch):
     """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
     run_id = "manual__s3-run"
@@ -239,6 +220,7 @@ def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token,
     assert api.get(_report_url(run_id) + "nothing.png", headers=auth).status_code == 404
 
 
+@pytest.mark.fast
 def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
     auth = {"Authorization": f"Bearer {token}"}
     no_run = api.get(_report_url("no-such-run"), headers=auth)
@@ -270,6 +252,7 @@ def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     return old, new
 
 
+@pytest.mark.fast
 def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     old, new = _write_registry(tmp_path / "models", "fmnist")
@@ -286,6 +269,7 @@ def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypa
     assert "beats &lt;b&gt;champion&lt;/b&gt;" in page
 
 
+@pytest.mark.fast
 def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monkeypatch):
     _write_registry(tmp_path / "models", "env-model")
     monkeypatch.setenv("TLP_PUBLISH_URI", str(tmp_path / "models"))
@@ -294,6 +278,7 @@ def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monke
     assert response.status_code == 200 and "bbbbbbbbbbbb" in response.text
 
 
+@pytest.mark.fast
 def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     _write_registry(tmp_path / "elsewhere", "fmnist")
@@ -304,6 +289,7 @@ def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_pa
     assert "bbbbbbbbbbbb" not in response.text
 
 
+@pytest.mark.fast
 def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path))
     assert api.get("/ml-reports/registry").status_code == 401
@@ -312,6 +298,7 @@ def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, mo
     assert bad.status_code == 400 and "model_name" in bad.text
 
 
+@pytest.mark.fast
 def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
     response = api.get("/api/v2/plugins", headers={"Authorization": f"Bearer {token}"})
     plugin = next(p for p in response.json()["plugins"] if p["name"] == "ml_reports")
@@ -322,6 +309,7 @@ def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
     assert plugin["fastapi_apps"][0]["url_prefix"] == "/ml-reports"
 
 
+@pytest.mark.fast
 def test_plugins_manager_loads_the_plugin_without_heavy_imports():
     """What `airflow plugins` does, in a fresh interpreter: no import error, no TensorFlow or boto3."""
     script = ("import json, sys\nfrom airflow import plugins_manager\n"

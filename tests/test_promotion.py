@@ -20,7 +20,9 @@ from tasks.config import RunConfig
 from tasks.errors import PublishError
 from tasks.promotion import Policy
 from tasks.steps.promote import promote
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
+
+pytestmark = pytest.mark.fast  # registry and promotion logic on a local store: no TensorFlow
 
 MODEL = "tiny"
 CLASSES = ["apple", "banana"]

@@ -16,7 +16,7 @@ from tasks.datasets import DatasetError
 from tasks.steps.acquire import acquire
 from tasks.config import RunConfig
 from tasks.steps.subsample import subsample
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 
 def config(folder: Path, tmp_path: Path, **params) -> RunConfig:

@@ -1,16 +1,17 @@
 """A test source of its own: its test split replaces the source's, its classes must match, the manifest says so."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
 from tasks import artifacts, storage
-from tasks.config import RunConfig
+from tasks.config import RunConfig, candidate_list
 from tasks.errors import DatasetError, PermanentError
 from tasks.test_source import check_classes
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 FRUIT = {"apple": 12, "banana": 12, "cherry": 12}
 
@@ -127,6 +128,7 @@ def test_a_run_is_evaluated_on_the_test_source_and_says_the_images_differ(tmp_pa
     """acquire → subsample → train → evaluate at 32 px: every test number is the test source's, and a test source
     whose classes wear each other's colours is reported as differing from the training images."""
     from tasks.steps.evaluate import evaluate
+    from tasks.steps.select import select
     from tasks.steps.train import train
 
     names = ("dark", "light", "mid")  # write_image_folder colours classes by sorted name
@@ -142,8 +144,9 @@ def test_a_run_is_evaluated_on_the_test_source_and_says_the_images_differ(tmp_pa
     from tasks.steps.subsample import subsample
 
     data = subsample(cfg, acquire(cfg))
-    train(cfg, data)
-    result = evaluate(cfg, data)
+    (only,) = candidate_list(cfg)
+    best = select(cfg, [train(cfg, data, dataclasses.asdict(only))])
+    result = evaluate(cfg.for_candidate(only), data, best, None)
 
     metrics = storage.read_json(result["metrics_uri"])
     gap = metrics["validation_vs_test"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 CPU_HOST_STARTUP = [  # what `import tensorflow` and its first device lookup printed on a CPU worker (TF 2.21)
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",

@@ -62,7 +62,7 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     classes = [folder.classes[label] for label in labels]
     folder = test_source.with_test_source(cfg, folder, classes)
     root = folder.root
-    selection = select(folder, labels, cfg)
+    selection = sample_splits(folder, labels, cfg)
     with scratch_dir("subsample") as scratch:
         kept, skipped = _ingest(root, selection, classes, scratch)
         kept, duplicates = _drop_test_duplicates(kept)
@@ -124,7 +124,7 @@ def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, 
     return labels
 
 
-def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
+def sample_splits(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
     missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
     if missing:

@@ -6,8 +6,8 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.batch_config import BatchConfig
-from tests.batch_fixtures import MODEL_NAME, UNREADABLE, batch_folder, publish_tiny
-from tests.conftest import ROOT
+from tests.helpers.batch import MODEL_NAME, UNREADABLE, batch_folder, publish_tiny
+from tests.helpers.runs import ROOT
 
 DAG_ID = "batch_predict"
 

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, DatasetError
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 @pytest.fixture

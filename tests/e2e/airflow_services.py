@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devtools.seaweed import free_port
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"

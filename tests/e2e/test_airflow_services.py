@@ -13,9 +13,9 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tests.conftest import ROOT, deployment_env, tiny_conf
 from tests.e2e.airflow_services import APPROVER, AirflowServices
 from tests.e2e.browser import Browser, chromium_binary, screenshot
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_binary() is None, reason="needs Debian chromium (.ci/run installs it)")]
@@ -63,7 +63,7 @@ def test_a_person_approves_reads_the_release_and_triggers_every_dag_from_its_for
     assert decision["approval"]["by"].startswith("approver")  # the approver's own login, not the triggerer's
     assert storage.exists(f"{champion['uri']}/checksums.json")
     run = RunConfig(run_root=f"{s3_bucket}/runs", dag_id="transfer_learning", run_id=run_id)
-    assert storage.exists(run.artifact(artifacts.REPORT, "index.html"))
+    assert storage.exists(run.artifact(artifacts.REPORT, artifacts.REPORT_PAGE))
     assert_task_logs_start_quietly(airflow.home, run_id)
 
     quoted = urllib.parse.quote(run_id, safe="")

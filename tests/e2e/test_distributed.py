@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.seaweed import free_port
 from tasks import artifacts, classifier, storage
 from tasks.config import RunConfig, candidate_list, safe_name
-from devtools.seaweed import free_port
-from tests.conftest import deployment_env, tiny_conf
 from tests.e2e.airflow_services import AirflowServices, Component
 from tests.e2e.local_services import missing_packages, start_postgres, start_redis
+from tests.helpers.runs import deployment_env, tiny_conf
 
 # CI installs both packages (.ci/run), so there a missing one fails the test instead of skipping it
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -151,7 +151,7 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
     handed_over = {run.artifact(artifact) for artifact in (
         *(artifacts.split_records(split) for split in ("train", "val", "test")), artifacts.METRICS)}
     handed_over |= {winner.artifact(artifacts.HISTORY), winner.artifact(artifacts.DECISION),
-                    winner.artifact(artifacts.MODEL, classifier.WEIGHTS_FILE)}
+                    winner.artifact(artifacts.FEATURE_EXTRACTION_MODEL, classifier.WEIGHTS_FILE)}
     assert handed_over <= set(storage.list_files(run_uri + "/")), sorted(handed_over)
     champion = storage.read_json(f"{s3_bucket}/models/tiny-model/champion.json")
     assert champion["run_id"] == run_id
@@ -170,7 +170,7 @@ def test_run_on_two_celery_workers_shares_data_only_through_object_storage(airfl
 def _two_workers_score_shards_of_one_prefix(airflow, workers: dict[str, Worker], s3_bucket: str, tmp_path: Path,
                                             champion: dict) -> None:
     """batch_predict on an S3 prefix (with two files that cannot be decoded): both workers score shards."""
-    from tests.batch_fixtures import UNREADABLE, batch_folder
+    from tests.helpers.batch import UNREADABLE, batch_folder
 
     images = f"{s3_bucket}/new-images/"
     storage.upload(batch_folder(tmp_path / "new-images", per_class=8), images)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
 MODEL_NAME = "tiny-batch"
