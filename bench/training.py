@@ -137,7 +137,7 @@ def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
 
 def arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of a batched (image, label) dataset, in memory."""
-    images, labels = zip(*((np.asarray(x), np.asarray(y)) for x, y in dataset))
+    images, labels = zip(*((np.asarray(x), np.asarray(y)) for x, y in dataset), strict=False)
     return np.concatenate(images), np.concatenate(labels)
 
 

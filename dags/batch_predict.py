@@ -13,8 +13,17 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag,
-                         get_current_context, task)
+from airflow.sdk import (
+    Asset,
+    AssetAlias,
+    ExceptionRetryPolicy,
+    Param,
+    RetryAction,
+    RetryRule,
+    dag,
+    get_current_context,
+    task,
+)
 
 from tasks import settings
 from tasks.batch_config import BatchConfig, param_specs

@@ -211,9 +211,8 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def promote(cfg: dict, published: dict, dag_run=None) -> dict:
         """Moves the champion when the recorded judgement allows it (and an approver approved, where the model
         needs approval); records who and why. Runs also when `approve` failed or expired, to record that."""
-        from tasks.steps.promote import promote
-
         from tasks import registry, storage
+        from tasks.steps.promote import promote
 
         config = _config(cfg)
         result = promote(config, published["version"], triggered_by=dag_run.triggering_user_name)

@@ -17,8 +17,8 @@ backbone made them. Three families:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging

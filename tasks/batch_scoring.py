@@ -307,7 +307,7 @@ def gallery_page(rows, thumbnails: list[str], summary: dict, title: str) -> str:
     e = html.escape
     k = sum(1 for column in rows.columns if column.startswith("label_"))
     figures = []
-    for (_, row), src in zip(rows.iterrows(), thumbnails):
+    for (_, row), src in zip(rows.iterrows(), thumbnails, strict=False):
         labels = "".join(f"<li>{e(str(row[f'label_{i}']))} {row[f'probability_{i}']:.3f}</li>"
                          for i in range(1, k + 1))
         image = f"<img src='{src}' alt=''>" if src else "<div class='missing'>no preview</div>"

@@ -169,7 +169,7 @@ class ImageFolder:
     skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of entries that cannot be dataset files
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {split: {name: len(paths) for name, paths in zip(self.classes, per_class)}
+        return {split: {name: len(paths) for name, paths in zip(self.classes, per_class, strict=False)}
                 for split, per_class in self.files.items()}
 
 

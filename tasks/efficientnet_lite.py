@@ -500,9 +500,9 @@ def _geometry_problem(ref: _TensorRef, length: int) -> str:
         return f"of shape {ref.shape} has {count:,} elements, more than its storage's {length:,}"
     if count == 0:
         return "" if ref.offset <= length else f"starts at {ref.offset}, past its storage's {length} elements"
-    if any(stride < 1 for size, stride in zip(ref.shape, ref.stride) if size > 1):
+    if any(stride < 1 for size, stride in zip(ref.shape, ref.stride, strict=False) if size > 1):
         return f"has a zero or negative stride {ref.stride} (shape {ref.shape})"
-    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride))
+    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride, strict=False))
     if last >= length:
         return (f"of shape {ref.shape}, stride {ref.stride} at offset {ref.offset} reaches element {last}, outside "
                 f"its storage of {length} elements")

@@ -25,6 +25,9 @@ from tasks import storage  # noqa: E402
 from tests.helpers.backbones import export_saved_model  # noqa: E402
 from tests.helpers.runs import write_image_folder  # noqa: E402
 
+# fixtures shared by several modules (the api-server app) live with the helpers they use
+pytest_plugins = ["tests.helpers.airflow"]
+
 
 @pytest.fixture(scope="session")
 def seaweed_server(tmp_path_factory):

@@ -21,15 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import datasets as acq
 from tasks import artifacts, scratch, storage
-from tasks.datasets import DatasetError, IdxDataset, IdxFile, local_dataset, scan
-from tasks.steps.acquire import acquire
+from tasks import datasets as acq
 from tasks.config import RunConfig
+from tasks.datasets import DatasetError, IdxDataset, IdxFile, local_dataset, scan
 from tasks.errors import DownloadError
+from tasks.steps.acquire import acquire
 from tasks.steps.subsample import subsample
-from tests.helpers.datasets import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
-                                     truncated_copy)
+from tests.helpers.datasets import add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve, truncated_copy
 from tests.helpers.runs import write_image_folder
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -46,7 +46,7 @@ def mobilenet_weights(tmp_path):
 def assert_same_weights(source: keras.Model, backbone) -> None:
     loaded = backbone.model.get_layer(index=-1).weights
     assert len(loaded) == len(source.weights)
-    for expected, actual in zip(source.weights, loaded):
+    for expected, actual in zip(source.weights, loaded, strict=False):
         np.testing.assert_array_equal(expected.numpy(), actual.numpy())
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from tasks import artifacts
-from tasks.config import (RunConfig, check_conf, check_publish_location, param_specs, parse_classes,
-                          safe_name)
+from tasks.config import RunConfig, check_conf, check_publish_location, param_specs, parse_classes, safe_name
 from tasks.errors import ConfigError
 
 pytestmark = pytest.mark.fast

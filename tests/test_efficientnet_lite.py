@@ -150,7 +150,7 @@ def test_a_tampered_cache_is_not_used_but_converted_again(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tasks.efficientnet_lite"):
         reloaded = load_backbone(LITE0, 32, cache_dir=tmp_path)
     assert "do not match the pinned digest" in caplog.text
-    for expected, actual in zip(reference.model.weights, reloaded.model.weights):
+    for expected, actual in zip(reference.model.weights, reloaded.model.weights, strict=False):
         np.testing.assert_array_equal(expected.numpy(), actual.numpy())
     with np.load(cached) as stored:  # the cache holds the genuine conversion again
         assert lite.weights_digest({key: stored[key] for key in stored.files}) == lite.VARIANTS[LITE0].converted_sha256
@@ -174,7 +174,7 @@ def test_a_torch_weights_file_loads_like_the_packaged_weights(tmp_path):
     for name in (LITE0, "efficientnet_lite2"):
         packaged = load_backbone(name, 32, cache_dir=tmp_path)
         from_file = load_backbone(name, 32, weights=str(lite.packaged_weights_file(name)))
-        for expected, actual in zip(packaged.model.weights, from_file.model.weights):
+        for expected, actual in zip(packaged.model.weights, from_file.model.weights, strict=False):
             np.testing.assert_array_equal(expected.numpy(), actual.numpy())
     with pytest.raises(BackboneError, match="efficientnet_lite0 weights"):
         load_backbone(LITE0, 32, weights=str(lite.packaged_weights_file("efficientnet_lite1")))

@@ -6,7 +6,7 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.batch_config import run_uri
-from tests.helpers.airflow import api, mint_token as _token  # noqa: F401 (api: the api-server app fixture)
+from tests.helpers.airflow import mint_token as _token
 
 DAG_ID = "batch_predict"
 GALLERY = "<!doctype html><h1>Least confident predictions</h1>"
@@ -21,7 +21,7 @@ def add_run(run_id: str, conf: dict) -> None:
 
 
 @pytest.fixture
-def run_id(api, tmp_path, monkeypatch) -> str:  # noqa: F811
+def run_id(api, tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
     run_id = f"manual__2026-01-02T03:04:05+00:00-{tmp_path.name}"
     run = run_uri(str(tmp_path / "runs"), DAG_ID, run_id)
@@ -31,7 +31,7 @@ def run_id(api, tmp_path, monkeypatch) -> str:  # noqa: F811
     return run_id
 
 
-def test_gallery_and_summary_are_served_to_a_reader_of_the_run(api, run_id):  # noqa: F811
+def test_gallery_and_summary_are_served_to_a_reader_of_the_run(api, run_id):
     auth = {"Authorization": f"Bearer {_token('viewer', 'viewer')}"}
     page = api.get(f"/ml-predictions/runs/{DAG_ID}/{run_id}/gallery", headers=auth)
     assert page.status_code == 200, page.text
@@ -40,14 +40,14 @@ def test_gallery_and_summary_are_served_to_a_reader_of_the_run(api, run_id):  # 
     assert summary.json() == {"n_scored": 3}
 
 
-def test_anonymous_requests_and_other_files_are_refused(api, run_id):  # noqa: F811
+def test_anonymous_requests_and_other_files_are_refused(api, run_id):
     assert api.get(f"/ml-predictions/runs/{DAG_ID}/{run_id}/gallery").status_code == 401
     auth = {"Authorization": f"Bearer {_token('viewer', 'viewer')}"}
     assert api.get(f"/ml-predictions/runs/{DAG_ID}/{run_id}/listing.json", headers=auth).status_code == 404
     assert api.get(f"/ml-predictions/runs/{DAG_ID}/no-such-run/gallery", headers=auth).status_code == 404
 
 
-def test_a_run_without_predictions_yet_says_when_they_appear(api, run_id, tmp_path):  # noqa: F811
+def test_a_run_without_predictions_yet_says_when_they_appear(api, run_id, tmp_path):
     storage.delete(storage.join(run_uri(str(tmp_path / "runs"), DAG_ID, run_id), "predictions") + "/")
     auth = {"Authorization": f"Bearer {_token('viewer', 'viewer')}"}
     page = api.get(f"/ml-predictions/runs/{DAG_ID}/{run_id}/gallery", headers=auth)

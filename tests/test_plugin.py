@@ -14,7 +14,7 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tests.helpers.airflow import AIRFLOW_ENV, api, mint_token as _token  # noqa: F401 (api: a fixture)
+from tests.helpers.airflow import mint_token as _token
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "transfer_learning"
@@ -388,7 +388,7 @@ def test_release_page_and_model_card_of_a_version_are_served(api, token, tmp_pat
     assert release.status_code == 200 and "release checks" in release.text
     card = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md", params=query, headers=auth)
     assert card.status_code == 200 and "<h1>Model card</h1>" in card.text and "<script>" not in card.text
-    for bad in (f"/ml-reports/versions/fmnist/{VERSION}/params.json", f"/ml-reports/versions/fmnist/..%2F..%2Fx/"
+    for bad in (f"/ml-reports/versions/fmnist/{VERSION}/params.json", "/ml-reports/versions/fmnist/..%2F..%2Fx/"
                 "model_card.md", "/ml-reports/versions/fmnist/not-a-version/model_card.md"):
         assert api.get(bad, params=query, headers=auth).status_code in (400, 404), bad
     elsewhere = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md",

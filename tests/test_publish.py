@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.runs import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
-from tasks import approval
+from tasks import approval, artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError, PublishError
 from tasks.records import write_records
 from tasks.steps.promote import promote
 from tasks.steps.publish_version import publish_version
+from tests.helpers.runs import ROOT, write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
 PER_CLASS = 4

@@ -25,13 +25,36 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import (artifacts, classifier, model_card, promotion, registry, report, serving_check, serving_export,
-                   settings, storage, tflite_export)
+from tasks import (
+    artifacts,
+    classifier,
+    model_card,
+    promotion,
+    registry,
+    report,
+    serving_check,
+    serving_export,
+    settings,
+    storage,
+    tflite_export,
+)
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 from tasks.phases import FEATURE_EXTRACTION
-from tasks.registry import (CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE,
-                            PREDICTIONS_FILE, REPORT_DIR, SAVED_MODEL_DIR, TEST_RECORDS, TFLITE_DIR)
+from tasks.registry import (
+    CHECKSUMS,
+    MANIFEST_FILE,
+    METRIC,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_DIR,
+    PARAMS_FILE,
+    PREDICTIONS_FILE,
+    REPORT_DIR,
+    SAVED_MODEL_DIR,
+    TEST_RECORDS,
+    TFLITE_DIR,
+)
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -142,7 +165,7 @@ def _run_inputs(cfg: RunConfig) -> tuple[dict[str, str], str, str]:
                                             artifacts.split_records(TEST_SPLIT))
     kept = storage.read_json(uris[0]).get("kept", FEATURE_EXTRACTION)
     (model,) = artifacts.require(cfg, artifacts.MODELS[kept])
-    return {MODEL_DIR: model, **dict(zip(INPUTS, uris))}, golden, test
+    return {MODEL_DIR: model, **dict(zip(INPUTS, uris, strict=False))}, golden, test
 
 
 def _check_metrics(metrics: dict, manifest: dict, evaluation: dict | None) -> None:
