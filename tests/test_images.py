@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import image_fixtures as fx
 from tasks import images
 from tasks.errors import ImageDecodeError, PermanentError
+from tests.helpers import images as fx
 
 SIZE = 24
 
@@ -168,7 +168,7 @@ def test_training_path_and_serving_path_give_identical_pixels(tmp_path):
     records.write_records(path, [(data, index, name) for index, (name, data) in enumerate(files.items())])
     seen = 0
     for batch, _, names in records.image_dataset(path, SIZE, 4, with_paths=True):
-        for pixels, name in zip(batch.numpy(), names.numpy()):
+        for pixels, name in zip(batch.numpy(), names.numpy(), strict=False):
             np.testing.assert_array_equal(pixels, images.decode(files[name.decode()], SIZE), err_msg=name.decode())
             seen += 1
     assert seen == len(files)

@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
-from tasks import approval
+from tasks import approval, artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError, PublishError
 from tasks.records import write_records
 from tasks.steps.promote import promote
 from tasks.steps.publish_version import publish_version
+from tests.helpers.runs import ROOT, write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
 PER_CLASS = 4
@@ -108,7 +107,7 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatc
                         model_name=MODEL_NAME, classes=list(classes), image_size=image_size, **params)
         local = tmp_path / "build" / run_id
         built = colour_classifier(mean_colour_backbone, tuple(classes), correct, image_size, cache_dir)
-        storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.MODEL))
+        storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
         records = test_records(classes, test_seed)
         probabilities, labels, paths = predict_records(built.model, records)
         manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode() + selection.encode())

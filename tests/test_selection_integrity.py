@@ -14,7 +14,7 @@ from tasks.config import RunConfig
 from tasks.datasets import DatasetError
 from tasks.steps.acquire import acquire
 from tasks.steps.subsample import subsample
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 
 def run_subsample(folder: Path, tmp_path: Path, **params) -> tuple[RunConfig, dict, dict]:

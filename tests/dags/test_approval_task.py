@@ -13,7 +13,7 @@ import pytest
 from tasks import registry, storage
 from tasks.config import RunConfig
 from tasks.steps.promote import promote
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 MODEL = "tiny"
 
