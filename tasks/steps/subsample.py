@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tasks import artifacts, images, records, settings, storage, test_source
+from tasks.config import RunConfig
 from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.errors import ImageDecodeError
-from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
 
@@ -234,7 +234,7 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
                     chunk = entries[start:start + INGEST_CHUNK]
                     paths = [root / entry["path"] for entry in chunk]
                     results = pool.map(_read_image, paths, [limits] * len(chunk), chunksize=INGEST_TASK)
-                    for entry, result in zip(chunk, results):
+                    for entry, result in zip(chunk, results, strict=True):
                         if isinstance(result, str):
                             skipped.append({**entry, "reason": result})
                             continue
