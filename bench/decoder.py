@@ -6,8 +6,7 @@ first N files of its test split (28 px grayscale PNGs). Measures, in images/s:
 - ingestion: before, subsample decoded each file with tf.data
   (`tf.io.decode_image`, parallel) only to check it and stored the original
   bytes; now it reads, checks the header, decodes with `to_rgb` and stores a
-  canonical PNG: `subsample._ingest`, in processes from INGEST_PROCESSES_MIN
-  images (`ingest_after_threads`: the same in threads); a file that already is
+  canonical PNG (threads): `subsample._ingest`; a file that already is
   the canonical PNG (`images.is_plain_png`, as every Fashion-MNIST file) is
   stored as it is and once, not again as the original;
 - the training/evaluation input pipeline at the default image size: before,
@@ -111,13 +110,6 @@ def main() -> None:
         new_s = time.perf_counter() - started
         assert not skipped and len(kept["train"]) == len(files)
         split = scratch / "train.tfrecord"
-        pool_min = subsample.INGEST_PROCESSES_MIN
-        subsample.INGEST_PROCESSES_MIN = len(files) + 1  # the same, decoded in threads
-        started = time.perf_counter()
-        with scratch_dir("bench-decoder-threads") as threads:
-            subsample._ingest(folder.root, selection, ["all"], threads)
-        result["ingest_after_threads_images_per_s"] = rate(len(files), time.perf_counter() - started)
-        subsample.INGEST_PROCESSES_MIN = pool_min
         result.update(ingest_before_images_per_s=rate(len(files), old_s),
                       ingest_after_images_per_s=rate(len(files), new_s),
                       stored_bytes_per_image={"original": round(sum((folder.root / p).stat().st_size for p in files)

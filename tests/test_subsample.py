@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import struct
 import zlib
@@ -266,24 +265,3 @@ def test_an_original_is_stored_once_when_it_is_already_the_canonical_image(tmp_p
     assert records.originals(path, 2) == [(plain.getvalue(), "a/plain.png"), (photo.getvalue(), "b/photo.jpg")]
     canonical = stored[1]["image"].bytes_list.value[0]
     assert canonical != photo.getvalue() and (images.to_rgb(canonical) == images.to_rgb(photo.getvalue())).all()
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="processes decode only with several cores")
-def test_decoding_in_processes_writes_what_threads_write(image_folder, tmp_path, monkeypatch):
-    (image_folder / "train" / "apple" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    threaded = config(image_folder, tmp_path / "threads", train_percent=100)
-    acquired_subsample(threaded)
-    monkeypatch.setattr(subsample_module, "INGEST_PROCESSES_MIN", 1)
-    monkeypatch.setattr(subsample_module, "INGEST_CHUNK", 5)  # several chunks, so order across them is checked
-    in_processes = config(image_folder, tmp_path / "processes", train_percent=100)
-    pools = []
-    real_pool = subsample_module._decode_pool
-    monkeypatch.setattr(subsample_module, "_decode_pool", lambda count: pools.append(real_pool(count)) or pools[-1])
-    acquired_subsample(in_processes)
-    assert [type(pool).__name__ for pool in pools] == ["ProcessPoolExecutor"]
-    assert manifest_of(in_processes) == manifest_of(threaded)
-    assert manifest_of(threaded)["skipped"][0]["path"] == "train/apple/broken.png"
-    for split in records.SPLITS:
-        files = [storage.download(cfg.artifact(artifacts.split_records(split)), tmp_path / name / f"{split}.tfrecord")
-                 for name, cfg in (("t", threaded), ("p", in_processes))]
-        assert files[0].read_bytes() == files[1].read_bytes(), split

@@ -16,7 +16,7 @@ Every selected file is checked before it is read (its size against
 TLP_MAX_IMAGE_BYTES), before it is decoded (the dimensions its header declares,
 parsed by tasks.images itself, against TLP_MAX_IMAGE_PIXELS: a decompression
 bomb is never decoded, whatever Pillow thinks of the file), then hashed and
-decoded once by the one decoder (tasks.images) in parallel, and stored
+decoded once by the one decoder (tasks.images) in parallel threads, and stored
 in the split files as the canonical pixels every later step reads. Files that
 fail are listed in the manifest as skipped with the reason, never silently
 dropped. The
@@ -30,18 +30,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import multiprocessing
 import os
 import zlib
 from collections import Counter
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 from tasks import artifacts, images, records, settings, storage, test_source
-from tasks.config import RunConfig
 from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.errors import ImageDecodeError
+from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
 
@@ -50,9 +49,6 @@ log = logging.getLogger(__name__)
 REQUIRED_SPLITS = ("train", "test")
 MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
 INGEST_CHUNK = 256  # images decoded in parallel and held at once
-INGEST_TASK = 32  # images a decoding process gets at a time
-INGEST_PROCESSES_MIN = 2_000  # selected images from which decoding uses processes (they take ~1 s to start)
-INGEST_PROCESSES_MAX = 8  # each holds numpy and Pillow (~100 MB)
 MIN_CLASSES = 2
 
 Selection = dict[str, list[tuple[str, int]]]
@@ -215,15 +211,15 @@ def _val_count(selected: int, fraction: float) -> int:
 def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path) -> tuple[dict, list[dict[str, Any]]]:
     """Check, hash and decode every selected file once; write the kept ones to scratch/<split>.tfrecord.
 
-    Files are decoded in parallel (`_decode_pool`), in chunks so that memory
-    holds a chunk of images, not a split; records keep selection order.
+    Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
+    that memory holds a chunk of images, not a split; records keep selection order.
     A test image byte-identical to a train or validation image is kept in the
     returned selection (for _drop_test_duplicates to list) but not written.
     """
     limits = settings.load().limits
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
-    with _decode_pool(sum(len(pairs) for pairs in selection.values())) as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for split in records.SPLITS:
             entries = [{"split": split, "path": path, "label": label, "class": classes[label]}
                        for path, label in selection[split]]
@@ -232,9 +228,7 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
             def stored():
                 for start in range(0, len(entries), INGEST_CHUNK):
                     chunk = entries[start:start + INGEST_CHUNK]
-                    paths = [root / entry["path"] for entry in chunk]
-                    results = pool.map(_read_image, paths, [limits] * len(chunk), chunksize=INGEST_TASK)
-                    for entry, result in zip(chunk, results, strict=True):
+                    for entry, result in zip(chunk, pool.map(lambda e: _read_image(root / e["path"], limits), chunk)):
                         if isinstance(result, str):
                             skipped.append({**entry, "reason": result})
                             continue
@@ -249,22 +243,6 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
-
-
-def _decode_pool(count: int) -> Executor:
-    """Processes (one a core, up to INGEST_PROCESSES_MAX) for `count` >= INGEST_PROCESSES_MIN images, else threads.
-
-    Decoding a small image is mostly Pillow's Python code, which holds the GIL:
-    threads barely overlap, processes do. Spawned, not forked (the task's process
-    may hold TensorFlow's threads); starting them costs about a second, so small
-    selections stay in threads, as they do under a daemonic process (which may
-    not start any).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores > 1 and count >= INGEST_PROCESSES_MIN and not multiprocessing.current_process().daemon:
-        return ProcessPoolExecutor(max_workers=min(cores, INGEST_PROCESSES_MAX),
-                                   mp_context=multiprocessing.get_context("spawn"))
-    return ThreadPoolExecutor(max_workers=cores)
 
 
 def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, list[dict[str, Any]]]:
