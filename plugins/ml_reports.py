@@ -140,10 +140,12 @@ def registry(publish_uri: Annotated[str | None, Query()] = None,
     e = html.escape
     chosen = (publish_uri, model_name)
     listing = "".join(
-        f"<li><code>{e(location)}</code>: " + (f"<span class='muted'>{e(names)}</span>" if isinstance(names, str)
-                                               else ", ".join(
-            f"<a href='{_registry_link(location, name)}'>"
-            f"{f'<b>{e(name)}</b>' if (location, name) == chosen else e(name)}</a>" for name in names) or "<span class='muted'>no model published yet</span>") + "</li>"
+        f"<li><code>{e(location)}</code>: " + (
+            f"<span class='muted'>{e(names)}</span>" if isinstance(names, str)
+            else ", ".join(
+                f"<a href='{_registry_link(location, name)}'>"
+                f"{f'<b>{e(name)}</b>' if (location, name) == chosen else e(name)}</a>" for name in names)
+            or "<span class='muted'>no model published yet</span>") + "</li>"
         for location, names in models.items())
     if champion:
         summary = (f"<p>Champion: <b>{e(champion['version'])}</b>, {e(champion.get('metric', 'accuracy'))} "

@@ -41,7 +41,8 @@ def test_a_drop_beyond_noise_says_the_test_images_differ_and_what_to_expect():
 def test_a_rise_beyond_noise_also_says_the_images_differ():
     gap = compare(0.70, 1000, 0.90, 1000)
     assert gap["differ"] and gap["difference"] > 0
-    assert gap["statement"].startswith("Your test images differ from your training images: test accuracy is 20.0 points above")
+    assert gap["statement"].startswith("Your test images differ from your training images: "
+                                       "test accuracy is 20.0 points above")
 
 
 def test_a_gap_within_noise_says_they_agree():

@@ -190,8 +190,8 @@ def test_s3_prefix_is_downloaded_once_and_again_only_where_its_listing_changed(s
     storage.delete(f"{source}test/cherry/0003.jpg")
     del downloads[:]
     again = local_dataset(source, cache)
-    assert again != root and sorted(downloads) == sorted([changed, *(f"{source}{split}/date/{n:04d}.jpg"
-                                                                      for split in ("train", "test") for n in range(3))])
+    date_images = [f"{source}{split}/date/{n:04d}.jpg" for split in ("train", "test") for n in range(3)]
+    assert again != root and sorted(downloads) == sorted([changed, *date_images])
     folder = scan(again)
     assert folder.classes == ("apple", "banana", "cherry", "date")
     assert folder.counts()["test"] == {"apple": 4, "banana": 4, "cherry": 3, "date": 3}

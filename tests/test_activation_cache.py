@@ -44,9 +44,9 @@ def test_cached_epoch_is_the_image_epoch_through_the_bottom(lite0, train_records
     on_images = records.image_dataset(train_records, SIZE, BATCH, shuffle_seed=SEED)
     batches = list(zip(on_images, cached.batches(BATCH, SEED), strict=False))
     assert len(batches) == 6 == int(cached.batches(BATCH, SEED).cardinality())
-    for (images, image_labels), (activations, labels) in batches:
+    for (image_batch, image_labels), (activations, labels) in batches:
         np.testing.assert_array_equal(labels, image_labels)
-        np.testing.assert_allclose(activations, split.bottom(images, training=False), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(activations, split.bottom(image_batch, training=False), rtol=1e-5, atol=1e-4)
     shuffled = np.concatenate([labels for _, (_, labels) in batches])
     assert list(shuffled) != sorted(shuffled), "the epoch is shuffled"
     in_file_order = np.concatenate([labels for _, labels in cached.batches(BATCH)])

@@ -244,7 +244,8 @@ def test_set_trainable_top_unfreezes_top_lite0_convs_only():
                  for layer in unit.layers if layer.trainable_weights}
     assert trainable == {"head/head_conv", *unfrozen[1:]}
     assert len(backbone.model.trainable_weights) == 7
-    bn_layers = [layer for layer in backbone.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    bn_layers = [layer for layer in backbone.model._flatten_layers()
+                 if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bn_layers) == 49 and not any(layer.trainable for layer in bn_layers)
     assert [unit.name for unit in backbone.fine_tune_units()] == [unit.name for unit in units], "units are stable"
 

@@ -58,8 +58,8 @@ def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monke
     batch = reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3)) + [Read("gone.jpg", None, None, "cannot be read")]
 
     with ThreadPoolExecutor(2) as pool:
-        scored, probabilities, unreadable = batch_scoring.score(batch, 2, lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3,
-                                                                   pool)
+        scored, probabilities, unreadable = batch_scoring.score(
+            batch, 2, lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3, pool)
 
     assert len(scored) == 73 == len(probabilities)
     assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}

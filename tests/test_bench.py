@@ -55,7 +55,8 @@ def test_selection_holds_out_artists_drops_shared_files_and_left_out_folders(pac
 
 def test_build_copies_the_files_unchanged_and_records_counts_and_licence(package, tmp_path):
     out = openclipart.build(tmp_path / "bench", tmp_path / "deb")
-    assert (out / "train/animals/animals-bugs-spider.png").read_bytes() == (package / "animals/bugs/spider.png").read_bytes()
+    assert ((out / "train/animals/animals-bugs-spider.png").read_bytes()
+            == (package / "animals/bugs/spider.png").read_bytes())
     stamp = json.loads((out / openclipart.STAMP).read_text())
     assert stamp["counts"]["test"]["animals"] == 2 and stamp["counts"]["train"]["people"] == 0
     assert "public domain" in stamp["licence"]

@@ -22,7 +22,8 @@ def test_classes_param_forms(value, expected):
 
 @pytest.mark.parametrize("field, value", [
     ("train_percent", 0), ("train_percent", 101), ("val_fraction", 1.0), ("image_size", 8), ("epochs", 0),
-    ("fine_tune", "sometimes"), ("seed", -1), ("fine_tune_lr_factor", 2.0), ("model_name", "Has Spaces"), ("classes", "a,a"),
+    ("fine_tune", "sometimes"), ("seed", -1), ("fine_tune_lr_factor", 2.0), ("model_name", "Has Spaces"),
+    ("classes", "a,a"),
 ])
 def test_invalid_values_are_rejected_naming_the_param(field, value):
     with pytest.raises(ConfigError, match=field):

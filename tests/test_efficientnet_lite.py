@@ -1,4 +1,5 @@
-"""The offline ImageNet EfficientNet-Lite0/1/2: architecture, weight conversion, the cache digest, the safe pickle reader."""
+"""The offline ImageNet EfficientNet-Lite0/1/2: architecture, weight conversion, the cache digest,
+the safe pickle reader."""
 from __future__ import annotations
 
 import collections
@@ -93,7 +94,8 @@ def test_multipliers_scale_the_middle_stages_and_keep_stem_and_head(name, repeat
     assert [stage[0] for stage in stages] == repeats and [stage[-1] for stage in stages] == widths
     model = lite.build_efficientnet_lite(name, 64, include_top=False)
     assert model.get_layer("stem").output_shape[-1] == 32 and model.output_shape[-1] == 1280
-    assert [layer.name for layer in model.layers if layer.name.startswith("block6")][-1] == f"block6{'abcde'[repeats[5] - 1]}"
+    block6 = [layer.name for layer in model.layers if layer.name.startswith("block6")]
+    assert block6[-1] == f"block6{'abcde'[repeats[5] - 1]}"
 
 
 def test_every_pickle_tensor_is_used_exactly_once(state_dicts):

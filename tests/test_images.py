@@ -104,8 +104,9 @@ def test_header_size_is_what_the_decoder_finds(name):
     assert size == ((height, width) if name == "exif_rotated.jpg" else (width, height))
 
 
-@pytest.mark.parametrize("options", [{}, {"lossless": True}, {"save_all": True, "append_images": [Image.new("RGB", (300, 170))]}],
-                         ids=["VP8", "VP8L", "VP8X"])
+@pytest.mark.parametrize("options", [
+    {}, {"lossless": True}, {"save_all": True, "append_images": [Image.new("RGB", (300, 170))]},
+], ids=["VP8", "VP8L", "VP8X"])
 def test_header_size_reads_every_webp_kind(options):
     data = fx.encoded(Image.new("RGB", (300, 170)), "WEBP", **options)
     assert images.header_size(data) == (300, 170)

@@ -215,8 +215,9 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     objects = version_objects(result)
     checksums = json.loads(objects.pop("checksums.json"))
     assert {name: hashlib.sha256(data).hexdigest() for name, data in objects.items()} == checksums
-    assert {"model/classifier.json", "model/model.weights.h5", "metrics.json", "report/index.html", "report/wrong.csv", "model_card.md",
-            "manifest.json", "params.json", "saved_model/saved_model.pb", "tflite/float32.tflite"} <= set(objects)
+    assert {"model/classifier.json", "model/model.weights.h5", "metrics.json", "report/index.html", "report/wrong.csv",
+            "model_card.md", "manifest.json", "params.json", "saved_model/saved_model.pb",
+            "tflite/float32.tflite"} <= set(objects)
     metrics = json.loads(objects["metrics.json"])
     assert metrics["serving_check"]["n_images"] == len(CLASSES) * PER_CLASS
     assert max(metrics["serving_check"]["max_abs_diff"].values()) <= serving_check.TOLERANCE
@@ -400,7 +401,8 @@ def test_missing_run_inputs_fail_before_anything_is_published(s3_bucket, make_ru
     storage.delete(cfg.artifact(artifacts.METRICS))
     storage.delete(cfg.artifact(artifacts.split_records("test")))
 
-    with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\).*test.tfrecord \(at .*; run subsample first\)"):
+    with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\)"
+                                                r".*test.tfrecord \(at .*; run subsample first\)"):
         publish(cfg)
 
     assert storage.list_files(s3_bucket + "/") == []

@@ -132,6 +132,7 @@ def test_bytes_signature_that_decodes_otherwise_blocks_publishing(tmp_path, cach
     monkeypatch.setattr(images, "BACKGROUND", (0, 0, 0))  # the graph composites onto black, evaluation onto white
     saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
 
-    with pytest.raises(PublishError, match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
+    with pytest.raises(PublishError,
+                       match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
         serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
     assert "saved_model answers" not in str(failure.value) and "model answers" not in str(failure.value)

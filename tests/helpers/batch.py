@@ -52,6 +52,7 @@ def probabilities_of(table, classes=CLASSES) -> np.ndarray:
     """Probability rows (in class order) rebuilt from a predictions table with top-k = all classes."""
     rows = np.zeros((len(table), len(classes)))
     for rank in range(1, len(classes) + 1):
-        for row, (label, probability) in enumerate(zip(table[f"label_{rank}"], table[f"probability_{rank}"], strict=False)):
+        pairs = zip(table[f"label_{rank}"], table[f"probability_{rank}"], strict=False)
+        for row, (label, probability) in enumerate(pairs):
             rows[row, classes.index(label)] = probability
     return rows
