@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decoder.py` finds tasks/
-
-from tasks.config import RunConfig  # noqa: E402
+from tasks.config import RunConfig
 
 BATCH = 64
 

@@ -271,8 +271,8 @@ def decode_in_graph(encoded, image_size: int):
     start = tf.strings.substr(encoded, 0, 12)
     rgba = tf.case([(tf.strings.substr(start, 0, 3) == b"\xff\xd8\xff", jpeg),
                     (tf.strings.substr(start, 0, 8) == PNG_SIGNATURE, png),
-                    (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF", tf.strings.substr(start, 8, 4) == b"WEBP"),
-                     webp)],
+                    (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF",
+                                    tf.strings.substr(start, 8, 4) == b"WEBP"), webp)],
                    default=gif_or_bmp, exclusive=True)
     rgba.set_shape((None, None, 4))
     return resize(_composite_tf(rgba), image_size)

@@ -172,7 +172,7 @@ def test_the_check_catches_an_undeclared_read_and_a_second_writer(tmp_path):
 
 def test_every_catalog_entry_names_real_steps():
     steps = {"acquire", "subsample", "train", "select", "decide", "fine_tune", "evaluate", "publish_version",
-             "promote"}
+             "promote", "list_images", "score_shard", "merge_predictions"}
     for artifact in artifacts.catalog():
         named = {artifact.producer, *artifact.consumers, *artifact.read_through_run_root}
         assert named <= steps, (artifact.path, named - steps)
