@@ -207,13 +207,19 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
         needed = settings.load().approval_required(cfg["publish_uri"], cfg["model_name"])
         return "approve" if needed and published["eligible"] else "promote"
 
-    @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
-    def promote(cfg: dict, published: dict, dag_run=None) -> dict:
+    # ALL_DONE, not ALL_DONE_MIN_ONE_SUCCESS: that rule skips a task with any skipped upstream, and `approve` is
+    # skipped whenever the gate routes straight here
+    @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.ALL_DONE)
+    def promote(cfg: dict, published: dict | None, dag_run=None) -> dict:
         """Moves the champion when the recorded judgement allows it (and an approver approved, where the model
-        needs approval); records who and why. Runs also when `approve` failed or expired, to record that."""
+        needs approval); records who and why. Runs also when `approve` was skipped, failed or expired, to record
+        that; never when publish_version did not publish."""
         from tasks import registry, storage
+        from tasks.errors import PublishError
         from tasks.steps.promote import promote
 
+        if not published:
+            raise PublishError("publish_version published no version in this run: nothing to promote; see its log")
         config = _config(cfg)
         result = promote(config, published["version"], triggered_by=dag_run.triggering_user_name)
         if result["promoted"]:

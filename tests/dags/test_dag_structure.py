@@ -77,8 +77,9 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert downstream["evaluate"] == {"publish_version"}  # the kept model
     assert downstream["publish_version"] == {"approval_gate", "promote"}
     assert downstream["approval_gate"] == {"approve", "promote"} and downstream["approve"] == {"promote"}
-    # promote runs when approve failed or expired too, to record that no approval came
-    assert dag.task_dict["promote"].trigger_rule == "all_done_min_one_success"
+    # promote runs when approve was skipped (the gate routed straight to it), failed or expired too, to record that
+    # no approval came (all_done_min_one_success would skip it whenever approve is skipped)
+    assert dag.task_dict["promote"].trigger_rule == "all_done"
     assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
     assert dag.task_dict["skip_fine_tune"].task_type == "EmptyOperator"
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
