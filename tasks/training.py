@@ -17,7 +17,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks import activation_cache, artifacts, storage
+from tasks import activation_cache, artifacts, feature_store, settings, storage
 from tasks.backbones import Backbone, make_optimizer
 from tasks.config import RunConfig
 from tasks.errors import TrainingError
@@ -151,7 +151,8 @@ def cached_data(cfg: RunConfig, bottom: keras.Model, key: dict[str, Any], uri: s
         cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
     if cached is None:
         records = {split: stage_records(cfg, split, scratch) for split in TRAINING_SPLITS}
-        cached = activation_cache.cache_activations(bottom, records, local, key, cfg.batch_size)
+        cached = activation_cache.cache_activations(bottom, records, local, key, cfg.batch_size,
+                                                    feature_store.FeatureStore(*settings.load().feature_store_args()))
         if storage.is_s3(uri):
             storage.delete(uri.rstrip("/") + "/")
             storage.upload(local, uri)
