@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, TriggerRule, dag,
-                         get_current_context, task)
+from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Label, Param, RetryAction, RetryRule, TriggerRule,
+                         dag, get_current_context, task)
 
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import HITLOperator
 
 from tasks import approval, settings
@@ -104,6 +105,15 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
         return subsample(_config(cfg), acquired)
 
+    @task.branch
+    def check_changes(cfg: dict, data: dict) -> str:
+        """Data and config equal the champion's → nothing to train; else the change report goes on with the run."""
+        from tasks.steps.check_changes import check_changes
+
+        changes = check_changes(_config(cfg), data)
+        get_current_context()["ti"].xcom_push(key="changes", value=changes)
+        return "candidates" if changes["train"] else "nothing_to_train"
+
     @task
     def candidates(cfg: dict) -> list[dict]:
         """The backbones to compare (one unless the `candidates` param lists several): train maps over them."""
@@ -184,7 +194,10 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     cfg = configure()
     data = subsample(cfg, acquire(cfg))
-    trained = train.partial(cfg=cfg, data=data).expand(candidate=candidates(cfg))
+    changes, backbones = check_changes(cfg, data), candidates(cfg)
+    changes >> Label("data or config changed") >> backbones
+    changes >> Label("unchanged since the champion") >> EmptyOperator(task_id="nothing_to_train")
+    trained = train.partial(cfg=cfg, data=data).expand(candidate=backbones)
     best = select(cfg, trained)
     branch = decide(cfg, best)
     evaluation = evaluate(cfg, data, best)
@@ -218,7 +231,22 @@ def transfer_learning() -> None:
     transfer_learning_pipeline("transfer_learning")
 
 
-@dag(dag_id="transfer_learning_retrain", schedule=SETTINGS.retrain_schedule,
+def retrain_schedule():
+    """The cron; or the cron or new training data, when the deployment names the data's prefix to watch
+    (TLP_RETRAIN_WATCH_URI). A producer DAG that lists the same Asset as an outlet also starts a retrain."""
+    if not SETTINGS.retrain_watch_uri:
+        return SETTINGS.retrain_schedule
+    from airflow.sdk import AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
+    from s3_prefix_trigger import S3PrefixChangedTrigger  # plugins/: on the triggerer's and parser's sys.path
+
+    watcher = AssetWatcher(name="tlpipe-training-data-watcher", trigger=S3PrefixChangedTrigger(
+        SETTINGS.retrain_watch_uri, SETTINGS.retrain_watch_interval_s, SETTINGS.model_store_conn_id))
+    data = Asset(name="tlpipe-training-data", uri=SETTINGS.retrain_watch_uri, watchers=[watcher])
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"),
+                               assets=[data])
+
+
+@dag(dag_id="transfer_learning_retrain", schedule=retrain_schedule(),
      tags=["ml", "transfer-learning", "scheduled"], **DAG_SETTINGS)
 def transfer_learning_retrain() -> None:
     transfer_learning_pipeline("transfer_learning_retrain", overrides_variable=SETTINGS.retrain_params_variable)

@@ -36,6 +36,8 @@ ACQUIRED = Artifact(("data", "acquired.json"), "acquire",
                     "the acquired dataset: where it is, its classes and every image per split and class")
 MANIFEST = Artifact(("data", "manifest.json"), "subsample",
                     "the selection: every file, label and split, seed, skipped files, one content hash")
+CHANGES = Artifact(("data", "changes.json"), "check_changes",
+                   "what changed since the champion: fingerprints, files per class, class-prior and embedding shift")
 FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits",
                     per_candidate=True)
 CHECKPOINTS = Artifact(("checkpoints",), "train", "per-epoch training state of each phase", per_candidate=True)

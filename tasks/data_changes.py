@@ -30,6 +30,8 @@ import numpy as np
 
 # config fields that say where a run or model lives, not what is trained
 PLACE_FIELDS = ("run_root", "dag_id", "run_id", "candidate", "publish_uri", "model_name", "cache_dir")
+# params that steer the run, not the model
+CONTROL_FIELDS = ("skip_unchanged",)
 # which backbone a run trained on is decided by the candidate list; the winner's config replaces these two
 CANDIDATE_FIELDS = ("backbone", "image_size")
 TRAINING_SPLITS = ("train", "val")
@@ -61,7 +63,7 @@ def config_fingerprint(params: dict[str, Any]) -> str:
     known = {name: value for name, value in params.items() if name in RunConfig.__dataclass_fields__}
     config = RunConfig.from_params({name: value for name, value in known.items() if name not in PLACE_FIELDS})
     training = {name: value for name, value in config.to_public_dict().items()
-                if name not in PLACE_FIELDS + CANDIDATE_FIELDS}
+                if name not in PLACE_FIELDS + CONTROL_FIELDS + CANDIDATE_FIELDS}
     training["candidates"] = [[c.backbone, c.image_size] for c in candidate_list(config)]
     return _digest(training)
 
@@ -216,7 +218,7 @@ def fingerprints(manifest: dict[str, Any], params: dict[str, Any]) -> dict[str, 
 
 
 def changed_fields(old_params: dict[str, Any], new_params: dict[str, Any],
-                   ignore: Iterable[str] = PLACE_FIELDS) -> list[str]:
+                   ignore: Iterable[str] = PLACE_FIELDS + CONTROL_FIELDS) -> list[str]:
     """The params whose values differ (a hint next to the config fingerprint)."""
     skip = set(ignore)
     return sorted(name for name in set(old_params) | set(new_params)

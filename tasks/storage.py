@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
@@ -57,9 +57,10 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def s3_client():
-    """A boto3 S3 client for the current environment's endpoint and credentials."""
-    env = os.environ
+def s3_client(env: Mapping[str, str] | None = None):
+    """A boto3 S3 client for the endpoint and credentials in `env` (AWS_* names; default: this process's
+    environment)."""
+    env = os.environ if env is None else env
     return _client(env.get("AWS_ENDPOINT_URL"), env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
                    env.get("AWS_DEFAULT_REGION", "us-east-1"))
 
