@@ -176,9 +176,12 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
         return "approval_request" if published["eligible"] else "promote"
 
     @task(multiple_outputs=True)
-    def approval_request(published: dict) -> dict:
-        """What the approver reads: champion vs candidate on the same test images, links to the report."""
-        return approval.approval_request(published)
+    def approval_request(cfg: dict, published: dict) -> dict:
+        """What the approver reads: champion vs candidate on the same test images, what changed in the data, links
+        to the report."""
+        from tasks.steps.check_changes import recorded_changes
+
+        return approval.approval_request(published, recorded_changes(_config(cfg)))
 
     @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
@@ -206,7 +209,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     if dag_id not in SETTINGS.approval_dags:
         promote(cfg, published, None)
         return
-    request = approval_request(published)
+    request = approval_request(cfg, published)
     approve = HITLOperator(task_id="approve", subject=request["subject"], body=request["body"],
                            options=approval.OPTIONS, defaults=[approval.REJECT], params=APPROVAL_PARAMS,
                            response_timeout=timedelta(hours=SETTINGS.approval_timeout_hours))

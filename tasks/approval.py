@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from tasks import data_changes
+
 APPROVE, REJECT = "Approve", "Reject"
 OPTIONS = [APPROVE, REJECT]
 COMMENT = "comment"
@@ -19,7 +21,7 @@ def report_page(published: dict) -> str:
     return REPORT_PAGE.format(dag_id=published["dag_id"], run_id=quote(published["run_id"], safe=""))
 
 
-def approval_request(published: dict) -> dict[str, str]:
+def approval_request(published: dict, changes: dict | None = None) -> dict[str, str]:
     """Subject and Markdown body of the human approval asked before promoting (HITL operator fields).
 
     The reviewer sees champion against candidate on the same test images, what the
@@ -45,6 +47,7 @@ def approval_request(published: dict) -> dict[str, str]:
         f"a gain of at least {published['margin']} over the champion.",
         f"**{'Eligible' if published['eligible'] else 'Not eligible'}**: {published['reason']}."
         + ("" if published["eligible"] else " Approving will not promote it."), "",
+        *([f"Data: {data_changes.summary_line(changes)}.", ""] if changes and changes.get("files") else []),
         f"Serving check: {serving['n_images']} golden images, largest difference "
         + ", ".join(f"{name} {diff:.1e}" for name, diff in serving["max_abs_diff"].items())
         + f" (tolerance {serving['tolerance']:g}).",

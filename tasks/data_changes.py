@@ -223,3 +223,47 @@ def changed_fields(old_params: dict[str, Any], new_params: dict[str, Any],
     skip = set(ignore)
     return sorted(name for name in set(old_params) | set(new_params)
                   if name not in skip and old_params.get(name) != new_params.get(name))
+
+
+def markdown(changes: dict[str, Any]) -> str:
+    """The "Changes since the champion" section of the model card and report."""
+    lines = ["## Changes since the champion"]
+    if changes.get("champion_version") is None:
+        return "\n".join([*lines, changes.get("reason", "no champion to compare with")])
+    lines.append(f"Compared with champion `{changes['champion_version']}`: data "
+                 f"{'changed' if changes.get('data_changed') else 'unchanged'}, config "
+                 f"{'changed' if changes.get('config_changed') else 'unchanged'}"
+                 + (f" ({', '.join(changes['changed_params'])})" if changes.get("changed_params") else "") + ".")
+    files = changes.get("files")
+    if files:
+        lines += ["", "| class | before | after | added | removed | changed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['before']} | {c['after']} | {c['added']} | {c['removed']} | {c['changed']} |"
+                  for name, c in files["per_class"].items()]
+        if files["new_classes"] or files["missing_classes"]:
+            lines += ["", f"New classes: {files['new_classes'] or 'none'}; missing classes: "
+                          f"{files['missing_classes'] or 'none'}."]
+    prior = changes.get("prior_shift") or {}
+    if prior.get("p_value") is not None:
+        lines += ["", f"Class priors: chi-square {prior['chi2']} on {prior['dof']} degrees of freedom, "
+                      f"p = {prior['p_value']:.3g} (small p: the class balance moved)."]
+    shift = changes.get("embedding_shift") or {}
+    if shift.get("auc") is not None:
+        lines += ["", f"Embedding shift: a domain classifier tells the new training images from the champion's with "
+                      f"cross-validated AUC {shift['auc']:.3f}; relabelled at random it reaches "
+                      f"{shift['noise_band'][0]:.3f}-{shift['noise_band'][1]:.3f} (no shift looks like that band, "
+                      f"1.0 is data unlike anything the champion saw)."]
+    elif shift.get("reason"):
+        lines += ["", f"Embedding shift: not measured ({shift['reason']})."]
+    return "\n".join(lines)
+
+
+def shift_hold(changes: dict[str, Any] | None, auc_threshold: float) -> str:
+    """Why promotion should wait for the shift ("" when it need not): the embedding-shift AUC is above the
+    deployment's threshold (TLP_SHIFT_AUC_THRESHOLD; 0 = never hold) and outside its noise band."""
+    shift = (changes or {}).get("embedding_shift") or {}
+    if not auc_threshold or shift.get("auc") is None:
+        return ""
+    if shift["auc"] > auc_threshold and shift.get("shifted"):
+        return (f"embedding shift AUC {shift['auc']:.3f} since champion {changes['champion_version']} is above "
+                f"TLP_SHIFT_AUC_THRESHOLD={auc_threshold:g}")
+    return ""

@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from tasks import data_changes
 from tasks.config import RunConfig
 from tasks.records import SPLITS
 from tasks.redact import redact_text, redact_uri
@@ -37,6 +38,7 @@ class RunRecord:
     decision: dict | None = None
     summary: dict | None = None
     leaderboard: dict | None = None
+    changes: dict | None = None  # tasks.data_changes report (check_changes)
 
     @property
     def backbone(self) -> str:
@@ -95,6 +97,8 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _evaluation_section(metrics),
         _use_section(cfg, metrics, record),
     ]
+    if record.changes is not None:
+        sections.insert(4, data_changes.markdown(record.changes))
     return "\n\n".join(sections) + "\n"
 
 

@@ -92,3 +92,41 @@ def test_auc_of_known_orderings(auc, expected):
     y = np.array([0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.4]) if auc == 1.0 else np.array([0.1, 0.3, 0.1, 0.3])
     assert data_changes._auc(y, scores) == expected
+
+
+REPORT = {"champion_version": "v1", "data_changed": True, "config_changed": False, "changed_params": [],
+          "files": data_changes.file_changes(_manifest({"cat": [("1.jpg", "a")]}),
+                                             _manifest({"cat": [("1.jpg", "a"), ("2.jpg", "b")]})),
+          "prior_shift": {"chi2": 3.2, "dof": 1, "p_value": 0.07},
+          "embedding_shift": {"auc": 0.91, "noise_band": [0.45, 0.58], "shifted": True}}
+
+
+def test_change_report_reads_as_a_model_card_section():
+    text = data_changes.markdown(REPORT)
+    assert text.startswith("## Changes since the champion") and "champion `v1`" in text
+    assert "| cat | 1 | 2 | 1 | 0 | 0 |" in text
+    assert "p = 0.07" in text and "AUC 0.910" in text and "0.450-0.580" in text
+    assert "+1 / -0 / ~0 training images" in data_changes.summary_line(REPORT)
+
+
+def test_shift_beyond_the_threshold_holds_promotion_and_noise_does_not():
+    assert "AUC 0.910" in data_changes.shift_hold(REPORT, 0.8)
+    assert data_changes.shift_hold(REPORT, 0.95) == ""
+    assert data_changes.shift_hold(REPORT, 0.0) == ""
+    noisy = {**REPORT, "embedding_shift": {"auc": 0.9, "noise_band": [0.5, 0.95], "shifted": False}}
+    assert data_changes.shift_hold(noisy, 0.8) == ""
+
+
+PUBLISHED = {"champion_version": "v1", "champion_accuracy": 0.8, "version": "v2", "new_accuracy": 0.9,
+             "serving_check": {"n_images": 4, "max_abs_diff": {"saved_model": 1e-7}, "tolerance": 1e-4},
+             "tflite": {"variants": {}, "status": "skipped"}, "model_name": "m", "n_test": 10, "min_accuracy": 0.0,
+             "margin": 0.0, "eligible": True, "reason": "better", "dag_id": "transfer_learning_retrain",
+             "run_id": "r", "report_uri": "r/index.html", "model_card_uri": "r/card.md", "version_uri": "v/v2"}
+
+
+def test_approval_request_says_what_changed_in_the_data():
+    from tasks import approval
+
+    body = approval.approval_request(PUBLISHED, REPORT)["body"]
+    assert "Data: since champion v1: +1 / -0 / ~0 training images" in body
+    assert "Data:" not in approval.approval_request(PUBLISHED)["body"]

@@ -17,6 +17,7 @@ registry the pipeline wrote; a missing or unreadable one means "train".
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -55,6 +56,12 @@ def check_changes(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     log.info("check_changes: %s -> %s", report["reason"], uri)
     return {"train": report["train"], "reason": report["reason"], "uri": uri,
             "champion_version": report["champion_version"]}
+
+
+def recorded_changes(cfg: RunConfig) -> dict[str, Any] | None:
+    """The change report this run wrote, or None when check_changes did not run."""
+    uri = cfg.artifact(artifacts.CHANGES)
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
 def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> dict[str, Any]:
@@ -121,11 +128,13 @@ def _embedding_shift(cfg: RunConfig, old_manifest: dict, manifest: dict, old_par
     with scratch_dir("check_changes") as scratch:
         records = {split: stage_records(cfg, split, scratch) for split in TRAINING_SPLITS}
         activation_cache.cache_activations(whole.bottom, records, scratch / "features", key, cfg.batch_size, store)
+        meta = json.loads((scratch / "features" / activation_cache.META).read_text())
+    computed = sum(split["computed"] for split in meta["splits"].values())
     rng = np.random.default_rng(cfg.seed)
     old = _sample_features(store, space, seen, rng)
     new = _sample_features(store, space, fresh, rng)
     return {**data_changes.embedding_shift(old, new, cfg.seed), "backbone": old_params["backbone"],
-            "image_size": int(old_params["image_size"])}
+            "image_size": int(old_params["image_size"]), "backbone_images": computed}
 
 
 def _sample_features(store, space: str, hashes: list[str], rng: np.random.Generator) -> np.ndarray:

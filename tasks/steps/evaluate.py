@@ -189,6 +189,7 @@ def _load_record(cfg: RunConfig, data: dict[str, Any]) -> RunRecord:
         decision=_read_optional(cfg.artifact(artifacts.DECISION)),
         summary=_read_optional(cfg.artifact(artifacts.TRAIN_SUMMARY)),
         leaderboard=_read_optional(cfg.artifact(artifacts.LEADERBOARD)),
+        changes=_read_optional(cfg.artifact(artifacts.CHANGES)),
     )
 
 

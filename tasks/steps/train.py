@@ -24,6 +24,7 @@ from tasks.config import Candidate, RunConfig
 from tasks.scratch import scratch_dir
 from tasks.head import augmentation, compose
 from tasks.steps.select import record_failure
+from tasks.warm_start import warm_start
 from tasks.training import (FEATURE_EXTRACTION, cached_data, compile_model, distribution_strategy, fingerprint,
                             image_data, read_manifest, resolve_loss)
 
@@ -54,6 +55,7 @@ def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
         built = classifier.build(spec, cfg.backbone_weights, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         backbone.model.trainable = False
+        warm = warm_start(built, cfg.publish_uri, cfg.model_name, scratch, cfg.cache_dir) if cfg.warm_start else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
             train_epoch, steps, validation = image_data(cfg, scratch, num_classes)
@@ -74,7 +76,7 @@ def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
         "backbone": backbone.name, "weights_source": backbone.weights_source, "feature_dim": backbone.feature_dim,
         "kept": FEATURE_EXTRACTION, "manifest_hash": manifest["hash"],
-        "phases": {FEATURE_EXTRACTION: {**result.record(seconds), "augment": cfg.augment}},
+        "phases": {FEATURE_EXTRACTION: {**result.record(seconds), "augment": cfg.augment, "warm_start": warm}},
         "val_accuracy": {FEATURE_EXTRACTION: result.best_val_accuracy, "fine_tuned": None},
     })
     storage.delete(cfg.artifact(artifacts.TRAINING_ERROR))
