@@ -186,9 +186,10 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
         """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
+        from tasks.steps.check_changes import hold_for_shift
         from tasks.steps.publish import promote
 
-        result = promote(_config(cfg), published, approval)
+        result = promote(_config(cfg), hold_for_shift(_config(cfg), published, approval), approval)
         if result["promoted"]:
             champion = Asset(name=f"champion-{cfg['model_name']}",
                              uri=f"{cfg['publish_uri'].rstrip('/')}/{cfg['model_name']}/champion.json")

@@ -87,12 +87,11 @@ class Settings:
         dag.strip() for dag in _env("TLP_APPROVAL_DAGS", "").split(",") if dag.strip()))
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
     limits: Limits = field(default_factory=Limits)
-    # retraining (tasks.feature_store, tasks.data_changes): the shared feature store, its size cap, and when an
-    # embedding shift (domain-classifier AUC since the champion) holds promotion: "off", "hold" or "approval"
+    # retraining (tasks.feature_store, tasks.data_changes): the shared feature store, its size cap, and the
+    # embedding shift (domain-classifier AUC since the champion) above which promotion waits for a human (0 = off)
     feature_store: str = field(default_factory=lambda: _env("TLP_FEATURE_STORE", ""))
     feature_store_max_bytes: int = field(default_factory=lambda: _env_int("TLP_FEATURE_STORE_MAX_BYTES", 20 * 2**30))
     shift_auc_threshold: float = field(default_factory=lambda: _env_float("TLP_SHIFT_AUC_THRESHOLD", 0.0))
-    shift_action: str = field(default_factory=lambda: _env("TLP_SHIFT_ACTION", "hold"))
     # the retrain DAG's data asset: an s3:// prefix whose new or changed objects start a retrain, polled this often
     retrain_watch_uri: str = field(default_factory=lambda: _env("TLP_RETRAIN_WATCH_URI", ""))
     retrain_watch_interval_s: float = field(default_factory=lambda: _env_float("TLP_RETRAIN_WATCH_INTERVAL_S", 60.0))

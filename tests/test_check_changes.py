@@ -83,3 +83,16 @@ def test_a_handed_over_hash_that_differs_from_the_manifest_is_refused(cfg):
     _run_manifest(cfg, DATA)
     with pytest.raises(TrainingError, match="re-run subsample"):
         check_changes(cfg, {"hash": "something else"})
+
+
+def test_a_shift_beyond_the_threshold_holds_an_unapproved_promotion(cfg, monkeypatch):
+    from tasks.steps.check_changes import hold_for_shift
+
+    storage.write_json(cfg.artifact(artifacts.CHANGES), {"champion_version": VERSION, "embedding_shift": {
+        "auc": 0.97, "noise_band": [0.4, 0.6], "shifted": True}})
+    published = {"eligible": True, "reason": "better than the champion"}
+    assert hold_for_shift(cfg, published, None) == published  # no threshold set
+    monkeypatch.setenv("TLP_SHIFT_AUC_THRESHOLD", "0.9")
+    held = hold_for_shift(cfg, published, None)
+    assert not held["eligible"] and "AUC 0.970" in held["reason"] and held["reason"].startswith("held: ")
+    assert hold_for_shift(cfg, published, {"chosen_options": ["Approve"]}) == published  # a human decides

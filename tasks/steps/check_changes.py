@@ -64,6 +64,17 @@ def recorded_changes(cfg: RunConfig) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def hold_for_shift(cfg: RunConfig, published: dict[str, Any], approval: dict | None) -> dict[str, Any]:
+    """`published`, made ineligible when the data shifted beyond the deployment's threshold and no human was asked
+    (a deployment that asks for approval shows the shift to the approver instead)."""
+    reason = data_changes.shift_hold(recorded_changes(cfg), settings.load().shift_auc_threshold)
+    if not reason or approval is not None or not published.get("eligible"):
+        return published
+    log.warning("promotion held: %s", reason)
+    return {**published, "eligible": False,
+            "reason": f"held: {reason}; ask for approval (TLP_APPROVAL_DAGS) or promote by hand after a look"}
+
+
 def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> dict[str, Any]:
     old_manifest, old_params, version = champion["manifest"], champion["params"], champion["version"]
     same_data = data_changes.data_fingerprint(old_manifest) == data_changes.data_fingerprint(manifest)
