@@ -32,7 +32,7 @@ VERSION = "20260101T000000.000Z-bench0000001"
 
 def build_folder(source: Path, target: Path, per_class: int, test_per_class: int) -> None:
     """`target/<split>/<class>/` with the first `per_class` train and `test_per_class` test images of each class."""
-    from tasks.steps.acquire import scan
+    from tasks.datasets import scan
 
     folder = scan(source)
     if target.exists():
@@ -107,7 +107,7 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
-    from tasks.steps.acquire import local_dataset
+    from tasks.datasets import local_dataset
 
     fashion = local_dataset("idx://fashion_mnist", str(workdir / "cache"))
     new_per_class = max(1, args.per_class // 10)

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Label, Param, RetryAction, RetryRule, TriggerRule,
                          dag, get_current_context, task)
 
-from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import HITLOperator
 
 from tasks import approval, settings
@@ -105,14 +104,15 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
         return subsample(_config(cfg), acquired)
 
-    @task.branch
-    def check_changes(cfg: dict, data: dict) -> str:
-        """Data and config equal the champion's → nothing to train; else the change report goes on with the run."""
+    @task.short_circuit
+    def check_changes(cfg: dict, data: dict) -> bool:
+        """Data and config equal the champion's → every later task is skipped (the reason is in the log and in XCom
+        key `changes`); else the change report goes on with the run."""
         from tasks.steps.check_changes import check_changes
 
         changes = check_changes(_config(cfg), data)
         get_current_context()["ti"].xcom_push(key="changes", value=changes)
-        return "candidates" if changes["train"] else "nothing_to_train"
+        return changes["train"]
 
     @task
     def candidates(cfg: dict) -> list[dict]:
@@ -166,7 +166,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def publish_version(cfg: dict, evaluation: dict, best: dict) -> dict:
         """Serving check, TFLite variants, a verified version of the winner's model; judges whether it may
         replace the champion."""
-        from tasks.steps.publish import publish_version
+        from tasks.steps.publish_version import publish_version
 
         return publish_version(_config(cfg, best), evaluation)
 
@@ -187,7 +187,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
         """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
         from tasks.steps.check_changes import hold_for_shift
-        from tasks.steps.publish import promote
+        from tasks.steps.promote import promote
 
         result = promote(_config(cfg), hold_for_shift(_config(cfg), published, approval), approval)
         if result["promoted"]:
@@ -198,9 +198,8 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     cfg = configure()
     data = subsample(cfg, acquire(cfg))
-    changes, backbones = check_changes(cfg, data), candidates(cfg)
-    changes >> Label("data or config changed") >> backbones
-    changes >> Label("unchanged since the champion") >> EmptyOperator(task_id="nothing_to_train")
+    backbones = candidates(cfg)
+    check_changes(cfg, data) >> Label("data or config changed since the champion") >> backbones
     trained = train.partial(cfg=cfg, data=data).expand(candidate=backbones)
     best = select(cfg, trained)
     branch = decide(cfg, best)

@@ -3,7 +3,7 @@
 - On the page of a DAG run, an "Evaluation report" tab shows `eval/report/index.html` of that run's
   run root, with its CSVs, metrics.json and the model card (rendered from Markdown).
 - A "Model registry" page (Browse menu) lists the published versions of a model, the
-  champion and every promotion decision, read with tasks.steps.publish.
+  champion and every promotion decision, read with tasks.registry.
 
 Runs inside the api-server. Airflow mounts plugin apps without authentication, so every
 route depends on Airflow's own checks: a valid Airflow JWT, as `Authorization: Bearer`
@@ -89,7 +89,7 @@ def run_file(dag_id: str, run_id: str, path: str, session: SessionDep) -> Respon
 def registry(publish_uri: Annotated[str | None, Query()] = None,
              model_name: Annotated[str | None, Query()] = None) -> HTMLResponse:
     """Published versions of a model (champion highlighted) and every promotion decision, newest first."""
-    from tasks.steps.publish import list_decisions, list_versions, read_champion
+    from tasks.registry import list_decisions, list_versions, read_champion
 
     deployment = settings.load()
     publish_uri = publish_uri or deployment.publish_uri

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import keras
 import numpy as np
 
-from tasks import feature_store
+from tasks import feature_store, images
 from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
@@ -94,12 +94,13 @@ def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any
 
 def store_key(bottom: keras.Model, key: dict[str, Any]) -> dict[str, Any]:
     """What one image's activations depend on, for the feature store shared by runs: the cache key without the
-    data, plus a digest of the bottom's own weights and the decoder that turns bytes into pixels."""
+    data, plus a digest of the bottom's own weights, the decoder that turns bytes into pixels and the TensorFlow
+    that runs both."""
     import tensorflow as tf
 
     return {**{name: value for name, value in key.items() if name != "data"},
             "weights_digest": feature_store.weights_digest(bottom.get_weights()),
-            "decoder": f"tf.io.decode_image + bilinear resize, TensorFlow {tf.__version__}"}
+            "decoder": images.DECODER_VERSION, "tensorflow": tf.__version__}
 
 
 def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],

@@ -1,7 +1,7 @@
 """Human approval before a promotion: what the approver reads, the answers offered, and what they meant.
 
 Kept free of heavy imports: the DAG file builds Airflow's HITL operator from
-these names at parse time, and tasks.steps.publish reads the operator's answer with
+these names at parse time, and tasks.steps.promote reads the operator's answer with
 `read_review`. No answer before the timeout selects the default, Reject.
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from tasks import settings
+from tasks.datasets import SUPPORTED_SOURCES
 from tasks.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -66,9 +67,7 @@ class RunConfig:
     """Everything a pipeline run needs to know, with the offline demo as defaults."""
 
     # data
-    source: str = param("idx://fashion_mnist", "Dataset source",
-                        "tfds://<name>, http(s)://…zip|tar.gz, a local folder or file:// URI "
-                        "(<split>/<class>/<image>), s3://bucket/prefix/, or idx://fashion_mnist.",
+    source: str = param("idx://fashion_mnist", "Dataset source", "One of: " + "; ".join(SUPPORTED_SOURCES) + ".",
                         type="string", minLength=3)
     source_sha256: str = param("", "Source sha256", "Expected sha256 of a downloaded archive (empty = "
                                "record it on first download and check it on every later one).",

@@ -64,3 +64,7 @@ class StoreUnavailableError(TransientError):
 
 class DownloadError(TransientError):
     """A download failed on the way (timeout, connection reset, HTTP 5xx / 429): retried."""
+
+
+class ImageDecodeError(PermanentError):
+    """An image file cannot be decoded: not one of the accepted formats, a broken header or data, or too large."""

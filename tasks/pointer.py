@@ -75,7 +75,7 @@ def _check_store(endpoint: str, probe_uri: str) -> None:
         raise PublishError(f"the object store {endpoint or 'AWS S3'} ignores conditional writes (If-None-Match / "
                            f"If-Match on PUT, probed at {probe_uri}), so two publishes could move the champion to "
                            "the worse model; publish to a store that honours them (AWS S3, MinIO, SeaweedFS) or "
-                           "move the champion by hand with `python -m tasks.steps.publish rollback`")
+                           "move the champion by hand with `python -m tasks.registry rollback`")
 
 
 @contextmanager

@@ -53,6 +53,7 @@ class Limits:
     max_archive_bytes: int = _limit("TLP_MAX_ARCHIVE_BYTES", 50 * 2**30)
     max_archive_members: int = _limit("TLP_MAX_ARCHIVE_MEMBERS", 2_000_000)
     max_image_pixels: int = _limit("TLP_MAX_IMAGE_PIXELS", 64 * 2**20)
+    max_image_bytes: int = _limit("TLP_MAX_IMAGE_BYTES", 64 * 2**20)
 
     def exceeded(self, name: str, value: int) -> str:
         """"" when `value` is within the limit `name`; else a clause naming the limit and how to raise it."""

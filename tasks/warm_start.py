@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks import classifier, pointer, storage
+from tasks import classifier, registry, storage
 from tasks.classifier import Classifier
 from tasks.feature_store import weights_digest
 
@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 def champion_head(built: Classifier, publish_uri: str, model_name: str, scratch: Path,
                   cache_dir: str) -> tuple[list | None, str]:
     """(the champion's head weights, why) when they fit `built`, else (None, why not)."""
-    model_root = storage.join(publish_uri, model_name)
-    champion, _ = pointer.read(storage.join(model_root, "champion.json"))
+    champion = registry.read_champion(publish_uri, model_name)
     if champion is None:
         return None, f"no champion of {model_name} yet: fresh head"
     version = str(champion.get("version", ""))
-    model_uri = storage.join(model_root, "versions", version, "model")
+    model_uri = storage.join(registry.version_uri_of(registry.model_root_of(publish_uri, model_name), version),
+                             registry.MODEL_DIR)
     spec = classifier.read_spec(storage.download(model_uri.rstrip("/") + "/", scratch / "champion"))
     if spec.classes != built.spec.classes:
         added = [c for c in built.spec.classes if c not in spec.classes]

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.steps import acquire as acq
+from tasks import datasets as acq
 from tasks import artifacts, scratch, storage
-from tasks.steps.acquire import DatasetError, IdxDataset, IdxFile, acquire, local_dataset, scan
+from tasks.datasets import DatasetError, IdxDataset, IdxFile, local_dataset, scan
+from tasks.steps.acquire import acquire
 from tasks.config import RunConfig
 from tasks.errors import DownloadError
 from tasks.steps.subsample import subsample
@@ -74,7 +75,7 @@ def test_http_archive_is_downloaded_checksummed_and_cached(kind, image_folder, t
     archive = archive_folder(image_folder, www / f"10_food_classes.{kind}", top="10_food_classes")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     cache = tmp_path / "cache"
-    with serve(www) as server, caplog.at_level(logging.INFO, logger="tasks.steps.acquire"):
+    with serve(www) as server, caplog.at_level(logging.INFO, logger="tasks.datasets"):
         source = server.url(archive.name)
         cfg = RunConfig(source=source, source_sha256=digest, run_root=str(tmp_path / "runs"), cache_dir=str(cache))
         first = acquire(cfg)

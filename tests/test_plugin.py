@@ -227,7 +227,7 @@ def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
 
 def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     """Two complete versions (the second the champion), one interrupted upload, two decisions."""
-    from tasks.steps.publish import VERSION_TIME
+    from tasks.registry import VERSION_TIME
 
     old, new, interrupted = (f"{datetime(2026, 1, day):{VERSION_TIME}}-{hex_digit * 12}"
                              for day, hex_digit in ((1, "a"), (2, "b"), (3, "c")))

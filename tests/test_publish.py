@@ -24,13 +24,13 @@ import pytest
 
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, serving_check, storage, tflite_export
-from tasks.steps import publish
+from tasks import artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
 from tasks.approval import approval_request
 from tasks.config import RunConfig
-from tasks.errors import MissingInputError
-from tasks.steps.publish import PublishError
+from tasks.errors import MissingInputError, PublishError
 from tasks.records import write_records
+from tasks.steps.promote import promote
+from tasks.steps.publish_version import publish_version
 
 CLASSES = ("apple", "banana", "cherry")
 PER_CLASS = 4
@@ -167,6 +167,11 @@ def approval(option: str, comment: str = "", user: str | None = "ana") -> dict:
             "responded_at": "2026-11-22T08:15:00+00:00", "timedout": user is None}
 
 
+def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
+    """Publish the run's model and promote it if it may, with no human approval (deployments that ask none)."""
+    return promote(cfg, publish_version(cfg, evaluation))
+
+
 def version_objects(result: dict) -> dict[str, bytes]:
     """Every object of a published version, by relative path."""
     prefix = result["version_uri"] + "/"
@@ -174,7 +179,7 @@ def version_objects(result: dict) -> dict[str, bytes]:
 
 
 def decisions_for(publish_uri: str) -> list[dict]:
-    return publish.list_decisions(publish_uri, MODEL_NAME)
+    return registry.list_decisions(publish_uri, MODEL_NAME)
 
 
 def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_bucket, make_run, tmp_path,
@@ -183,7 +188,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
 
     cfg = make_run("run-1", s3_bucket + "/registry", run_root=s3_bucket + "/runs")
 
-    result = publish.publish(cfg, {"accuracy": 1.0})
+    result = publish(cfg, {"accuracy": 1.0})
 
     assert result["promoted"] and result["reason"] == "no champion yet"
     assert result["new_accuracy"] == 1.0 and result["champion_accuracy"] is None
@@ -199,7 +204,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     kept = {f"tflite/{name}.tflite" for name, entry in metrics["tflite"]["variants"].items() if entry["kept"]}
     assert metrics["tflite"]["status"] == "converted" and kept == {name for name in objects if name.endswith(".tflite")}
     assert json.loads(objects["params.json"]) == cfg.to_dict()
-    champion = publish.read_champion(cfg.publish_uri, MODEL_NAME)
+    champion = registry.read_champion(cfg.publish_uri, MODEL_NAME)
     assert champion["version"] == result["version"] and champion["uri"] == result["version_uri"]
     assert champion["accuracy"] == 1.0 and champion["metric"] == "accuracy" and champion["classes"] == list(CLASSES)
     assert champion["run_id"] == "run-1"
@@ -209,7 +214,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     pixels = np.full((1, 32, 32, 3), class_colours(3)[1], dtype="float32")
     assert int(np.argmax(served.serve(pixels))) == 1
     assert re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}", result["version"])
-    [row] = publish.list_versions(cfg.publish_uri, MODEL_NAME)
+    [row] = registry.list_versions(cfg.publish_uri, MODEL_NAME)
     assert row["version"] == result["version"] and row["champion"] and row["accuracy"] == 1.0
     assert row["created"].startswith(f"{result['version'][:4]}-{result['version'][4:6]}-")
 
@@ -217,49 +222,49 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
 def test_republishing_the_same_run_reuses_its_version_and_decision(s3_bucket, make_run):
     cfg = make_run("run-1", s3_bucket)
 
-    first = publish.publish(cfg)
-    again = publish.publish(cfg)
+    first = publish(cfg)
+    again = publish(cfg)
 
     assert again == first
-    assert len(publish.list_versions(s3_bucket, MODEL_NAME)) == 1
+    assert len(registry.list_versions(s3_bucket, MODEL_NAME)) == 1
     assert len(decisions_for(s3_bucket)) == 1
 
 
 def test_republishing_redoes_an_interrupted_upload_under_the_same_version(s3_bucket, make_run):
     cfg = make_run("run-1", s3_bucket)
-    first = publish.publish(cfg)
+    first = publish(cfg)
     storage.delete(storage.join(first["version_uri"], "checksums.json"))
     storage.write_bytes(storage.join(first["version_uri"], "stray.bin"), b"left over")
-    assert publish.list_versions(s3_bucket, MODEL_NAME) == []
+    assert registry.list_versions(s3_bucket, MODEL_NAME) == []
 
-    again = publish.publish(cfg)
+    again = publish(cfg)
 
     assert again["version"] == first["version"]
     assert "stray.bin" not in version_objects(again)
-    publish.verify_version(again["version_uri"])
+    registry.verify_version(again["version_uri"])
 
 
 def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_split(s3_bucket, make_run, policy):
     champion_cfg = make_run("run-old", s3_bucket, correct=2, image_size=48, selection="older data")
-    old = publish.publish(champion_cfg)
+    old = publish(champion_cfg)
     policy(margin=0.2)
 
-    new = publish.publish(make_run("run-new", s3_bucket, correct=3))
+    new = publish(make_run("run-new", s3_bucket, correct=3))
 
     assert new["promoted"] and new["champion_version"] == old["version"]
     assert new["champion_accuracy"] == pytest.approx(2 / 3) and new["new_accuracy"] == 1.0
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == new["version"]
-    versions = publish.list_versions(s3_bucket, MODEL_NAME)
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == new["version"]
+    versions = registry.list_versions(s3_bucket, MODEL_NAME)
     assert [(row["champion"], row["promoted"]) for row in versions] == [(False, True), (True, True)]
 
 
 def test_champion_evaluated_on_the_same_selection_keeps_its_recorded_accuracy(s3_bucket, make_run, policy):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    old = publish(make_run("run-old", s3_bucket, correct=2))
     policy(margin=0.2)
     # were the champion re-scored, its SavedModel would have to load: the recorded accuracy must be enough
-    storage.delete(storage.join(old["version_uri"], publish.SAVED_MODEL_DIR) + "/")
+    storage.delete(storage.join(old["version_uri"], registry.SAVED_MODEL_DIR) + "/")
 
-    new = publish.publish(make_run("run-new", s3_bucket, correct=3))
+    new = publish(make_run("run-new", s3_bucket, correct=3))
 
     assert new["promoted"] and new["champion_accuracy"] == pytest.approx(2 / 3)
 
@@ -267,13 +272,13 @@ def test_champion_evaluated_on_the_same_selection_keeps_its_recorded_accuracy(s3
 @pytest.mark.parametrize("correct, margin", [(2, 0.0), (3, 0.0), (3, 0.5)], ids=["worse", "tie", "within-margin"])
 def test_model_that_does_not_beat_champion_by_the_margin_is_not_promoted(s3_bucket, make_run, policy, correct,
                                                                          margin):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=3 if margin == 0 else 2))
+    old = publish(make_run("run-old", s3_bucket, correct=3 if margin == 0 else 2))
     policy(margin=margin)
 
-    new = publish.publish(make_run("run-new", s3_bucket, correct=correct))
+    new = publish(make_run("run-new", s3_bucket, correct=correct))
 
     assert not new["promoted"] and not new["eligible"] and "does not beat" in new["reason"]
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
     decision = decisions_for(s3_bucket)[-1]
     assert decision["kind"] == "publish" and decision["promoted"] is False
     assert decision["version"] == new["version"] and decision["champion_version"] == old["version"]
@@ -283,15 +288,15 @@ def test_model_that_does_not_beat_champion_by_the_margin_is_not_promoted(s3_buck
 
 
 def test_class_set_mismatch_is_not_compared_and_is_promoted_only_by_hand(s3_bucket, make_run):
-    old = publish.publish(make_run("run-3-classes", s3_bucket))
+    old = publish(make_run("run-3-classes", s3_bucket))
     two = ("apple", "banana")
 
-    kept = publish.publish(make_run("run-2-classes", s3_bucket, classes=two))
-    by_hand = publish.rollback(s3_bucket, MODEL_NAME, kept["version"], "class change: banana and apple only")
+    kept = publish(make_run("run-2-classes", s3_bucket, classes=two))
+    by_hand = registry.rollback(s3_bucket, MODEL_NAME, kept["version"], "class change: banana and apple only")
 
     assert not kept["promoted"] and kept["champion_accuracy"] is None and "no comparison" in kept["reason"]
     assert "by hand" in kept["reason"] and by_hand["previous_version"] == old["version"]
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["classes"] == list(two)
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["classes"] == list(two)
     assert [(d["version"], d["kind"], d["promoted"]) for d in decisions_for(s3_bucket)] == [
         (old["version"], "publish", True), (kept["version"], "publish", False), (kept["version"], "rollback", True)]
 
@@ -299,23 +304,23 @@ def test_class_set_mismatch_is_not_compared_and_is_promoted_only_by_hand(s3_buck
 def test_model_below_the_deployment_floor_is_not_eligible_even_without_a_champion(s3_bucket, make_run, policy):
     policy(floor=0.9)
 
-    result = publish.publish(make_run("run-1", s3_bucket, correct=2))
+    result = publish(make_run("run-1", s3_bucket, correct=2))
 
     assert not result["eligible"] and not result["promoted"] and "below the deployment's floor 0.9" in result["reason"]
-    assert publish.read_champion(s3_bucket, MODEL_NAME) is None
+    assert registry.read_champion(s3_bucket, MODEL_NAME) is None
     [decision] = decisions_for(s3_bucket)
     assert decision["promoted"] is False and decision["min_accuracy"] == 0.9
 
 
 def test_verify_version_names_tampered_and_missing_objects(s3_bucket, make_run):
-    result = publish.publish(make_run("run-1", s3_bucket))
+    result = publish(make_run("run-1", s3_bucket))
     storage.write_bytes(storage.join(result["version_uri"], "report", "index.html"), b"<html>tampered</html>")
     storage.delete(storage.join(result["version_uri"], "model_card.md"))
 
     with pytest.raises(PublishError, match="model_card.md is missing; report/index.html does not match its sha256"):
-        publish.verify_version(result["version_uri"])
+        registry.verify_version(result["version_uri"])
     with pytest.raises(PublishError, match="report/index.html does not match"):
-        publish.rollback(s3_bucket, MODEL_NAME, result["version"], "try a tampered version")
+        registry.rollback(s3_bucket, MODEL_NAME, result["version"], "try a tampered version")
 
 
 def test_corrupted_upload_fails_and_leaves_no_pointer_to_the_version(s3_bucket, make_run, monkeypatch):
@@ -329,17 +334,17 @@ def test_corrupted_upload_fails_and_leaves_no_pointer_to_the_version(s3_bucket, 
     monkeypatch.setattr(storage, "upload", upload_then_corrupt)
 
     with pytest.raises(PublishError, match="metrics.json does not match its sha256"):
-        publish.publish(cfg)
+        publish(cfg)
 
-    assert publish.read_champion(s3_bucket, MODEL_NAME) is None
-    assert publish.list_versions(s3_bucket, MODEL_NAME) == []
+    assert registry.read_champion(s3_bucket, MODEL_NAME) is None
+    assert registry.list_versions(s3_bucket, MODEL_NAME) == []
     assert decisions_for(s3_bucket) == []
 
 
 def test_rollback_repoints_champion_and_records_it_from_the_command_line(s3_bucket, make_run):
-    first = publish.publish(make_run("run-1", s3_bucket, correct=2))
-    second = publish.publish(make_run("run-2", s3_bucket, correct=3))
-    cli = [sys.executable, "-m", "tasks.steps.publish"]
+    first = publish(make_run("run-1", s3_bucket, correct=2))
+    second = publish(make_run("run-2", s3_bucket, correct=3))
+    cli = [sys.executable, "-m", "tasks.registry"]
     where = ["--publish-uri", s3_bucket, "--model-name", MODEL_NAME]
 
     done = subprocess.run([*cli, "rollback", *where, "--version", first["version"], "--reason", "bad in prod"],
@@ -349,7 +354,7 @@ def test_rollback_repoints_champion_and_records_it_from_the_command_line(s3_buck
     listed = subprocess.run([*cli, "list", *where], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
 
     assert json.loads(done.stdout)["previous_version"] == second["version"]
-    champion = publish.read_champion(s3_bucket, MODEL_NAME)
+    champion = registry.read_champion(s3_bucket, MODEL_NAME)
     assert champion["version"] == first["version"] and champion["accuracy"] == pytest.approx(2 / 3)
     record = decisions_for(s3_bucket)[-1]
     assert record["kind"] == "rollback" and record["reason"] == "rollback: bad in prod"
@@ -359,14 +364,14 @@ def test_rollback_repoints_champion_and_records_it_from_the_command_line(s3_buck
 
 
 def test_retried_publish_does_not_undo_a_later_rollback(s3_bucket, make_run):
-    first = publish.publish(make_run("run-1", s3_bucket, correct=2))
+    first = publish(make_run("run-1", s3_bucket, correct=2))
     second_cfg = make_run("run-2", s3_bucket, correct=3)
-    publish.publish(second_cfg)
-    publish.rollback(s3_bucket, MODEL_NAME, first["version"], "regression")
+    publish(second_cfg)
+    registry.rollback(s3_bucket, MODEL_NAME, first["version"], "regression")
 
-    publish.publish(second_cfg)
+    publish(second_cfg)
 
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == first["version"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == first["version"]
 
 
 def test_missing_run_inputs_fail_before_anything_is_published(s3_bucket, make_run):
@@ -375,7 +380,7 @@ def test_missing_run_inputs_fail_before_anything_is_published(s3_bucket, make_ru
     storage.delete(cfg.artifact(artifacts.split_records("test")))
 
     with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\).*test.tfrecord \(at .*; run subsample first\)"):
-        publish.publish(cfg)
+        publish(cfg)
 
     assert storage.list_files(s3_bucket + "/") == []
 
@@ -384,12 +389,12 @@ def test_missing_bucket_is_created_and_logged(s3, make_run, caplog):
     bucket = f"s3://t-publish-created-{os.getpid()}-{time.time_ns()}"
     cfg = make_run("run-1", bucket)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.steps.publish"):
-        result = publish.publish(cfg)
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.publish_version"):
+        result = publish(cfg)
 
     assert result["promoted"]
     assert any("did not exist and was created" in record.getMessage() for record in caplog.records)
-    publish.verify_version(result["version_uri"])
+    registry.verify_version(result["version_uri"])
 
 
 def test_wrong_credentials_fail_before_anything_is_written(s3, s3_bucket, make_run, monkeypatch):
@@ -397,7 +402,7 @@ def test_wrong_credentials_fail_before_anything_is_written(s3, s3_bucket, make_r
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
 
     with pytest.raises(storage.StorageError, match="access denied") as failure:
-        publish.publish(cfg)
+        publish(cfg)
 
     assert "not-the-secret" not in str(failure.value)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
@@ -410,16 +415,16 @@ def test_unreachable_endpoint_fails_with_a_clear_error_in_bounded_time(s3, make_
 
     started = time.monotonic()
     with pytest.raises(storage.StoreUnavailableError, match="cannot reach S3 endpoint"):
-        publish.publish(cfg)
+        publish(cfg)
 
     assert time.monotonic() - started < 30
 
 
 def test_credentials_never_appear_in_logs_results_or_published_objects(s3, s3_bucket, make_run, caplog):
     caplog.set_level(logging.DEBUG)
-    first = publish.publish(make_run("run-1", s3_bucket + "/registry", correct=2, run_root=s3_bucket + "/runs"))
-    second = publish.publish(make_run("run-2", s3_bucket + "/registry", run_root=s3_bucket + "/runs"))
-    rolled = publish.rollback(s3_bucket + "/registry", MODEL_NAME, first["version"], "check")
+    first = publish(make_run("run-1", s3_bucket + "/registry", correct=2, run_root=s3_bucket + "/runs"))
+    second = publish(make_run("run-2", s3_bucket + "/registry", run_root=s3_bucket + "/runs"))
+    rolled = registry.rollback(s3_bucket + "/registry", MODEL_NAME, first["version"], "check")
 
     secrets = [s3.secret_key.encode(), s3.access_key.encode()]
     published = [storage.read_bytes(item) for item in storage.list_files(s3_bucket + "/")]
@@ -433,29 +438,29 @@ def test_credentials_never_appear_in_logs_results_or_published_objects(s3, s3_bu
 
 
 def test_publish_version_alone_never_moves_the_champion(s3_bucket, make_run):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    old = publish(make_run("run-old", s3_bucket, correct=2))
     cfg = make_run("run-new", s3_bucket)
 
-    published = publish.publish_version(cfg)
+    published = publish_version(cfg)
 
     assert published["eligible"] and published["champion_version"] == old["version"]
     assert published["report_uri"] == f"{published['version_uri']}/report/index.html"
     assert "promoted" not in published and storage.read_json(cfg.artifact(artifacts.PUBLISHED)) == published
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
     assert [d["version"] for d in decisions_for(s3_bucket)] == [old["version"]]
 
 
 def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorded(s3_bucket, make_run):
     cfg = make_run("run-1", s3_bucket)
-    published = publish.publish_version(cfg)
+    published = publish_version(cfg)
 
-    result = publish.promote(cfg, published, approval("Approve", "looks good on the gallery"))
+    result = promote(cfg, published, approval("Approve", "looks good on the gallery"))
 
     assert result["promoted"] and "approved by ana (ana-id): 'looks good on the gallery'" in result["reason"]
     [decision] = decisions_for(s3_bucket)
     assert decision["approval"]["approved"] and decision["approval"]["by"] == "ana (ana-id)"
     assert decision["approval"]["comment"] == "looks good on the gallery" and decision["promoted"]
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["decision"] == decision["decision"] == result["decision"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["decision"] == decision["decision"] == result["decision"]
 
 
 @pytest.mark.parametrize("answer, said", [
@@ -464,14 +469,14 @@ def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorde
 ], ids=["rejected", "timed-out"])
 def test_rejected_or_unanswered_candidate_is_not_promoted_and_who_said_no_is_recorded(s3_bucket, make_run, answer,
                                                                                        said):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    old = publish(make_run("run-old", s3_bucket, correct=2))
     cfg = make_run("run-new", s3_bucket)
-    published = publish.publish_version(cfg)
+    published = publish_version(cfg)
 
-    result = publish.promote(cfg, published, answer)
+    result = promote(cfg, published, answer)
 
     assert published["eligible"] and not result["promoted"] and said in result["reason"]
-    assert publish.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
     decision = decisions_for(s3_bucket)[-1]
     assert decision["version"] == published["version"] and decision["promoted"] is False
     assert decision["approval"]["approved"] is False and decision["approval"] == result["approval"]
@@ -479,8 +484,8 @@ def test_rejected_or_unanswered_candidate_is_not_promoted_and_who_said_no_is_rec
 
 
 def test_approval_request_shows_champion_against_candidate_and_links_the_report(s3_bucket, make_run):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
-    published = publish.publish_version(make_run("run-new", s3_bucket))
+    old = publish(make_run("run-old", s3_bucket, correct=2))
+    published = publish_version(make_run("run-new", s3_bucket))
 
     request = approval_request(published)
 
@@ -502,14 +507,14 @@ def racing_promotions(monkeypatch, first_writer: str) -> None:
     def read(uri):
         found = real_read(uri)
         name = threading.current_thread().name
-        if uri.endswith(publish.CHAMPION) and name in waiting:
+        if uri.endswith(registry.CHAMPION) and name in waiting:
             waiting.discard(name)
             both_read.wait(timeout=60)
         return found
 
     def write_if(uri, value, tag):
         name = threading.current_thread().name
-        if uri.endswith(publish.CHAMPION) and name != first_writer:
+        if uri.endswith(registry.CHAMPION) and name != first_writer:
             first_written.wait(timeout=60)
         written = real_write(uri, value, tag)
         if name == first_writer:
@@ -523,21 +528,21 @@ def racing_promotions(monkeypatch, first_writer: str) -> None:
 @pytest.mark.parametrize("first_writer", ["worse", "better"])
 def test_racing_promotions_end_with_the_better_model_and_report_only_real_promotions(s3_bucket, make_run,
                                                                                       monkeypatch, first_writer):
-    first = publish.publish(make_run("run-first", s3_bucket, correct=1))
+    first = publish(make_run("run-first", s3_bucket, correct=1))
     cfgs = {"worse": make_run("run-worse", s3_bucket, correct=2), "better": make_run("run-better", s3_bucket)}
-    published = {name: publish.publish_version(cfg) for name, cfg in cfgs.items()}
+    published = {name: publish_version(cfg) for name, cfg in cfgs.items()}
     assert all(p["eligible"] and p["champion_version"] == first["version"] for p in published.values())
     racing_promotions(monkeypatch, first_writer)
     results = {}
     threads = [threading.Thread(name=name, target=lambda name=name: results.__setitem__(
-        name, publish.promote(cfgs[name], published[name]))) for name in cfgs]
+        name, promote(cfgs[name], published[name]))) for name in cfgs]
 
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
 
-    champion = publish.read_champion(s3_bucket, MODEL_NAME)
+    champion = registry.read_champion(s3_bucket, MODEL_NAME)
     assert champion["version"] == published["better"]["version"]
     assert results["better"]["promoted"] and results["worse"]["promoted"] == (first_writer == "worse")
     if first_writer == "better":
@@ -576,14 +581,14 @@ def test_store_that_ignores_conditional_writes_is_refused_before_the_champion_mo
     cfg = make_run("run-1", s3_bucket)
 
     with pytest.raises(PublishError, match="ignores conditional writes"):
-        publish.publish(cfg)
+        publish(cfg)
 
-    assert publish.read_champion(s3_bucket, MODEL_NAME) is None and decisions_for(s3_bucket) == []
+    assert registry.read_champion(s3_bucket, MODEL_NAME) is None and decisions_for(s3_bucket) == []
     assert "promoted" not in storage.read_json(cfg.artifact(artifacts.PUBLISHED))
 
 
 def test_pointer_overwritten_right_after_the_write_is_reported_as_no_promotion(s3_bucket, make_run, monkeypatch):
-    old = publish.publish(make_run("run-old", s3_bucket, correct=2))
+    old = publish(make_run("run-old", s3_bucket, correct=2))
     real_write = pointer.write_if
 
     def write_then_overwritten(uri, value, tag):
@@ -593,7 +598,7 @@ def test_pointer_overwritten_right_after_the_write_is_reported_as_no_promotion(s
 
     monkeypatch.setattr(pointer, "write_if", write_then_overwritten)
 
-    result = publish.publish(make_run("run-new", s3_bucket))
+    result = publish(make_run("run-new", s3_bucket))
 
     assert not result["promoted"] and "another writer overwrote it" in result["reason"]
     assert decisions_for(s3_bucket)[-1]["promoted"] is False
@@ -602,22 +607,22 @@ def test_pointer_overwritten_right_after_the_write_is_reported_as_no_promotion(s
 def test_retry_after_a_crash_between_pointer_and_record_records_the_promotion_once(s3_bucket, make_run,
                                                                                     monkeypatch):
     cfg = make_run("run-1", s3_bucket)
-    real_record = publish._record
+    real_record = registry.record
 
     def crash(model_root, decision):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(publish, "_record", crash)
+    monkeypatch.setattr(registry, "record", crash)
     with pytest.raises(RuntimeError):
-        publish.publish(cfg)
-    monkeypatch.setattr(publish, "_record", real_record)
-    assert publish.read_champion(s3_bucket, MODEL_NAME) is not None and decisions_for(s3_bucket) == []
+        publish(cfg)
+    monkeypatch.setattr(registry, "record", real_record)
+    assert registry.read_champion(s3_bucket, MODEL_NAME) is not None and decisions_for(s3_bucket) == []
 
-    result = publish.publish(cfg)
+    result = publish(cfg)
 
     [decision] = decisions_for(s3_bucket)
     assert result["promoted"] and decision["promoted"]
-    assert decision["decision"] == publish.read_champion(s3_bucket, MODEL_NAME)["decision"] == result["decision"]
+    assert decision["decision"] == registry.read_champion(s3_bucket, MODEL_NAME)["decision"] == result["decision"]
 
 
 def test_serving_check_failure_blocks_publishing_and_names_the_artifacts(s3_bucket, make_run, real_checks):
@@ -629,6 +634,6 @@ def test_serving_check_failure_blocks_publishing_and_names_the_artifacts(s3_buck
 
     with pytest.raises(PublishError, match=r"serving check of .* failed, so it is not published: model answers"
                                            r".*; saved_model answers"):
-        publish.publish(cfg)
+        publish(cfg)
 
-    assert publish.list_versions(s3_bucket, MODEL_NAME) == [] and publish.read_champion(s3_bucket, MODEL_NAME) is None
+    assert registry.list_versions(s3_bucket, MODEL_NAME) == [] and registry.read_champion(s3_bucket, MODEL_NAME) is None

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tasks import artifacts, records, storage
 from tasks.steps import subsample as subsample_module
-from tasks.steps.acquire import DatasetError, acquire
+from tasks.datasets import DatasetError
+from tasks.steps.acquire import acquire
 from tasks.config import RunConfig
 from tasks.steps.subsample import subsample
 from tests.conftest import write_image_folder

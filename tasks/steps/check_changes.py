@@ -23,16 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks import artifacts, data_changes, pointer, settings, storage
+from tasks import artifacts, data_changes, registry, settings, storage
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, TrainingError
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
-CHAMPION_FILE = "champion.json"
-MANIFEST_FILE = "manifest.json"
-PARAMS_FILE = "params.json"
 MAX_SHIFT_IMAGES = 1000  # per side: the domain classifier's sample
 
 
@@ -104,15 +101,15 @@ def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> di
 
 def _champion_records(cfg: RunConfig) -> dict[str, Any] | None:
     """The champion's version, manifest and params, or None (no champion yet, or records unreadable)."""
-    model_root = storage.join(cfg.publish_uri, cfg.model_name)
-    champion, _ = pointer.read(storage.join(model_root, CHAMPION_FILE))
+    champion = registry.read_champion(cfg.publish_uri, cfg.model_name)
     if champion is None:
         return None
     version = str(champion.get("version", ""))
-    version_uri = storage.join(model_root, "versions", version)
+    version_uri = registry.version_uri_of(registry.model_root_of(cfg.publish_uri, cfg.model_name), version)
     try:
-        return {"version": version, "manifest": storage.read_json(storage.join(version_uri, MANIFEST_FILE)),
-                "params": storage.read_json(storage.join(version_uri, PARAMS_FILE))}
+        return {"version": version,
+                "manifest": storage.read_json(storage.join(version_uri, registry.MANIFEST_FILE)),
+                "params": storage.read_json(storage.join(version_uri, registry.PARAMS_FILE))}
     except (storage.StorageError, ValueError) as error:
         log.warning("check_changes: champion %s has no readable manifest/params (%s); treating as changed",
                     version, error)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tasks import artifacts, records, settings, storage
-from tasks.steps.acquire import DatasetError, ImageFolder, read_acquired
+from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir

@@ -68,8 +68,8 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
     assert downstream["acquire"] == {"subsample"}
     assert downstream["subsample"] == {"check_changes", "train", "evaluate"}  # the splits train on and evaluate tests
-    assert downstream["check_changes"] == {"candidates", "nothing_to_train"}  # unchanged since the champion: stop
-    assert dag.task_dict["check_changes"].task_type == "_BranchPythonDecoratedOperator"
+    assert downstream["check_changes"] == {"candidates"}  # unchanged since the champion: everything after skips
+    assert dag.task_dict["check_changes"].ignore_downstream_trigger_rules  # evaluate's rule cannot bring it back
     assert downstream["candidates"] == {"train"}
     assert downstream["train"] == {"select"}
     assert downstream["select"] == {"decide", "fine_tune", "evaluate", "publish_version"}  # the winner goes on

@@ -100,6 +100,8 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
 
     third = _retrain_dag().test(run_conf=conf)
     states = _states(third)
-    assert third.state == "success" and states["nothing_to_train"] == "success", states
-    assert states["train"] == "skipped" and states.get("publish_version") == "skipped"
+    assert third.state == "success" and states["check_changes"] == "success", states
+    assert {states[task] for task in ("train", "select", "evaluate", "publish_version", "promote")} == {"skipped"}
+    reason = third.get_task_instance("check_changes").xcom_pull(task_ids="check_changes", key="changes")["reason"]
+    assert reason.startswith("data and config unchanged since champion ") and reason.endswith(": nothing to train")
     assert len(_versions(models)) == 2

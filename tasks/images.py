@@ -1,0 +1,294 @@
+"""The one image decoder: encoded bytes in, 8-bit RGB out, the same for every path.
+
+Training, evaluation, the serving check, TFLite scoring, batch scoring and the
+report's thumbnails all see an image as `to_rgb` makes it:
+
+- JPEG, PNG, GIF, BMP and WebP are accepted, recognised by their signature
+  (never by the file name); anything else is refused with ImageDecodeError.
+- The size is read from the file header by our own parser (`header_size`)
+  and limited before a single pixel is decoded: a few kilobytes can declare
+  100,000 x 100,000 pixels, and a file the decoding library refuses to judge
+  is still measured.
+- EXIF orientation is applied (phone photos are stored sideways).
+- Alpha (RGBA, grayscale + alpha, a palette's or a colour's transparency) is
+  composited onto BACKGROUND: the colours an encoder leaves under fully
+  transparent pixels are arbitrary, and a model would learn them. BMP is
+  opaque (its fourth byte is padding in most files).
+- Grayscale, palette, CMYK (naive conversion, no ICC profile) and 16-bit
+  images become 8-bit RGB; 16 bits keep their high byte (x >> 8).
+- Animations (GIF, WebP, APNG) give their first frame.
+
+Subsample decodes every file once with `to_rgb` and stores the result
+losslessly (`encode_canonical`, a PNG) in the split files, so tf.data decodes
+those canonical bytes exactly (`decode_canonical`) and training and serving
+see identical pixels. Every path then resizes with the one `resize`.
+
+The published SavedModel also takes encoded bytes (`decode_in_graph`): that
+graph does what TensorFlow ops can (formats, alpha, grayscale, 16-bit, first
+frame) but not EXIF orientation, CMYK JPEGs or GIF transparency; a client
+applies those first (README "Images").
+
+DECODER_VERSION is recorded with features, models and predictions; it changes
+whenever the decoded pixels may change (this module's rules, Pillow's version).
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import PIL
+
+from tasks.errors import ImageDecodeError
+
+DECODER_VERSION = f"2+pillow{PIL.__version__}"
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)  # white: how viewers show transparency, and clip art's page
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+RESIZE_METHOD = "bilinear"
+RESIZE_ANTIALIAS = True  # downscaling a photo without it aliases; upscaling (the demo) is unaffected
+CANONICAL_PNG_LEVEL = 1  # zlib level of the stored canonical PNGs: fast to write, decoding speed is the same
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+MAX_SIDE = 2**31 - 1
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone, parsed here; ImageDecodeError when it cannot be read."""
+    _, width, height = _header(data)
+    return width, height
+
+
+def image_format(data: bytes) -> str:
+    """The format its signature names ("JPEG", "PNG", "GIF", "BMP", "WEBP"); ImageDecodeError otherwise."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    raise ImageDecodeError(f"not an accepted image: its first bytes {data[:8]!r} are none of the signatures of "
+                           f"{', '.join(FORMATS)}; convert it to one of them")
+
+
+def to_rgb(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB by the rules above; ImageDecodeError naming what is wrong.
+
+    `max_pixels` (the deployment's TLP_MAX_IMAGE_PIXELS) is checked against the
+    header before anything is decoded.
+    """
+    from PIL import Image, ImageOps
+
+    kind, width, height = _header(data)
+    _check_pixels(kind, width, height, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[kind]) as image:
+                _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _rgb_pixels(image, kind)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        raise ImageDecodeError(f"a {kind} whose data does not decode: {type(error).__name__}: {error}") from error
+
+
+def decode(data: bytes, image_size: int) -> np.ndarray:
+    """Encoded bytes -> (image_size, image_size, 3) float32 in [0, 255]: `to_rgb`, then the model's `resize`."""
+    return resize(to_rgb(data)[np.newaxis], image_size)[0].numpy()
+
+
+def resize(images, image_size: int):
+    """The one resize of every path: float32 [..., image_size, image_size, 3], values kept in [0, 255]."""
+    import tensorflow as tf
+
+    images = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size), method=RESIZE_METHOD,
+                             antialias=RESIZE_ANTIALIAS)
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
+def encode_canonical(rgb: np.ndarray) -> bytes:
+    """`to_rgb`'s pixels as a lossless PNG for the split files (grayscale when R = G = B: smaller, same pixels)."""
+    from PIL import Image
+
+    pixels = rgb[..., 0] if _is_gray(rgb) else rgb
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=CANONICAL_PNG_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_canonical(encoded):
+    """A canonical PNG (tensor) -> (H, W, 3) uint8 tensor: exactly the pixels `to_rgb` gave."""
+    import tensorflow as tf
+
+    return tf.io.decode_png(encoded, channels=3)
+
+
+def decode_in_graph(encoded, image_size: int):
+    """One encoded image (a scalar string tensor) -> (image_size, image_size, 3) float32, in TensorFlow ops.
+
+    The bytes signature of the published model runs this. It matches `to_rgb`
+    except where no TensorFlow op can: EXIF orientation is not applied, a CMYK
+    JPEG is refused, and a GIF's transparent pixels come out black.
+    """
+    import tensorflow as tf
+
+    def jpeg():
+        # the accurate integer DCT is what Pillow's libjpeg uses: the same pixels as to_rgb
+        return _opaque(tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"))
+
+    def other():
+        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint16, expand_animations=False)
+        image = tf.cast(tf.bitwise.right_shift(image, tf.constant(8, tf.uint16)), tf.uint8)  # 16 -> 8 bits
+        channels = tf.shape(image)[-1]
+        bmp = tf.strings.substr(encoded, 0, 2) == b"BM"
+        return tf.case([(tf.equal(channels, 1), lambda: _opaque(tf.repeat(image[..., :1], 3, axis=-1))),
+                        (tf.equal(channels, 2), lambda: tf.concat([tf.repeat(image[..., :1], 3, axis=-1),
+                                                                   image[..., 1:2]], axis=-1)),
+                        (tf.logical_or(tf.equal(channels, 3), bmp), lambda: _opaque(image[..., :3]))],
+                       default=lambda: image[..., :4], exclusive=False)
+
+    rgba = tf.cond(tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff", jpeg, other)
+    rgba.set_shape((None, None, 4))
+    return resize(_composite_tf(rgba), image_size)
+
+
+def _opaque(rgb):
+    import tensorflow as tf
+
+    return tf.concat([rgb, tf.fill(tf.concat([tf.shape(rgb)[:-1], [1]], axis=0), tf.constant(255, tf.uint8))],
+                     axis=-1)
+
+
+def _composite_tf(rgba):
+    """The in-graph twin of `_composite`: the same integer rounding, so the same bytes."""
+    import tensorflow as tf
+
+    rgb = tf.cast(rgba[..., :3], tf.int32)
+    alpha = tf.cast(rgba[..., 3:], tf.int32)
+    background = tf.constant(BACKGROUND, tf.int32)
+    return tf.cast((rgb * alpha + background * (255 - alpha) + 127) // 255, tf.uint8)
+
+
+def _composite(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 onto BACKGROUND, rounded to the nearest 8-bit value."""
+    rgb = rgba[..., :3].astype(np.uint32)
+    alpha = rgba[..., 3:].astype(np.uint32)
+    background = np.asarray(BACKGROUND, np.uint32)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _rgb_pixels(image, kind: str) -> np.ndarray:
+    """A loaded Pillow image of any mode -> (H, W, 3) uint8 RGB."""
+    mode = image.mode
+    transparent = "transparency" in image.info and kind != "BMP"
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        rgb = np.repeat(gray[..., np.newaxis], 3, axis=-1)
+        if transparent and isinstance(image.info["transparency"], int):
+            alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
+            rgb = _composite(np.concatenate([rgb, alpha[..., np.newaxis]], axis=-1))
+        return rgb
+    if kind != "BMP" and (transparent or mode in ("RGBA", "LA", "La", "PA", "RGBa")):
+        return _composite(np.asarray(image.convert("RGBA")))
+    return np.asarray(image if mode == "RGB" else image.convert("RGB"))
+
+
+def _is_gray(rgb: np.ndarray) -> bool:
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
+def _check_pixels(kind: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(f"a {kind} of {width}x{height} = {width * height:,} pixels, above the limit of "
+                               f"{max_pixels:,} pixels; not decoded")
+
+
+def _header(data: bytes) -> tuple[str, int, int]:
+    kind = image_format(data)
+    try:
+        width, height = _PARSERS[kind](data)
+    except (struct.error, IndexError) as error:
+        raise ImageDecodeError(f"a {kind} whose header is cut short ({len(data)} bytes)") from error
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ImageDecodeError(f"a {kind} whose header declares {width}x{height} pixels")
+    return kind, width, height
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    length, chunk = struct.unpack(">I4s", data[8:16])
+    if chunk != b"IHDR" or length != 13:
+        raise ImageDecodeError(f"a PNG whose first chunk is {chunk!r} of {length} bytes, not a 13-byte IHDR")
+    body = data[12:29]
+    if len(body) < 17 or struct.unpack(">I", data[29:33])[0] != zlib.crc32(body):
+        raise ImageDecodeError("a PNG whose IHDR header is damaged (its CRC does not match)")
+    return struct.unpack(">II", data[16:24])
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    position = 2
+    while True:
+        while data[position] != 0xFF:  # bytes between segments are tolerated, as decoders do
+            position += 1
+        while data[position] == 0xFF:  # fill bytes
+            position += 1
+        marker = data[position]
+        position += 1
+        if marker in JPEG_STANDALONE or marker == 0xD8:
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ImageDecodeError("a JPEG with no frame header (SOFn) before its image data")
+        (length,) = struct.unpack(">H", data[position:position + 2])
+        if marker in JPEG_SOF:
+            height, width = struct.unpack(">HH", data[position + 3:position + 7])
+            return width, height
+        if length < 2:
+            raise ImageDecodeError(f"a JPEG with a broken segment length ({length}) at byte {position}")
+        position += length
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    return struct.unpack("<HH", data[6:10])
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    (header,) = struct.unpack("<I", data[14:18])
+    if header == 12:
+        return struct.unpack("<HH", data[18:22])
+    if header < 16:
+        raise ImageDecodeError(f"a BMP with an unknown header of {header} bytes")
+    width, height = struct.unpack("<ii", data[18:26])
+    return width, abs(height)  # negative height: rows stored top-down
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        if data[23:26] != b"\x9d\x01\x2a":
+            raise ImageDecodeError("a WebP whose VP8 frame has no start code")
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        if data[20] != 0x2F:
+            raise ImageDecodeError("a WebP whose VP8L stream has no signature")
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        if len(data) < 30:
+            raise IndexError(30)
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise ImageDecodeError(f"a WebP whose first chunk is {chunk!r}, not VP8, VP8L or VP8X")
+
+
+_PARSERS = {"PNG": _png_size, "JPEG": _jpeg_size, "GIF": _gif_size, "BMP": _bmp_size, "WEBP": _webp_size}

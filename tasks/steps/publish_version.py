@@ -1,0 +1,186 @@
+"""Step 7a: publish the evaluated model as a verified version and judge whether it may replace the champion.
+
+`publish_version` checks that what would be served answers like what was evaluated (a fresh
+process rebuilds the classifier from model/ and loads the SavedModel's serving signature and reproduces
+evaluate's golden batch), converts and measures the TFLite variants, uploads the verified
+version (tasks.registry's layout), and judges whether it MAY be promoted (tasks.promotion).
+The promote step (tasks.steps.promote) then moves the pointer, where a human approved if asked.
+
+A re-run of publish for the same run and model finds its version by the id's suffix and reuses it
+(no second version, and no second decision once one is recorded). A model retrained within the
+same run is a new version.
+
+Store failures raise tasks.storage.StorageError (naming the URI and what to check); one
+authenticated call comes before any upload, so bad credentials or a dead endpoint leave
+nothing behind. A missing bucket is created, with a warning naming it (a typo in
+publish_uri shows up there).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tasks import artifacts, classifier, model_card, promotion, registry, report, serving_check, storage, tflite_export
+from tasks.config import RunConfig
+from tasks.errors import PublishError
+from tasks.registry import CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE, \
+    REPORT_DIR, SAVED_MODEL_DIR, TFLITE_DIR
+from tasks.scratch import scratch_dir
+
+log = logging.getLogger(__name__)
+
+# what the run root must hold, and the name each input gets inside a version
+INPUTS = {
+    MODEL_DIR: artifacts.MODEL,
+    METRICS_FILE: artifacts.METRICS,
+    REPORT_DIR: artifacts.REPORT,
+    MODEL_CARD_FILE: artifacts.MODEL_CARD,
+    MANIFEST_FILE: artifacts.MANIFEST,
+}
+TEST_SPLIT = promotion.TEST_SPLIT
+RUN_HASH_CHARS = 12
+TOLERANCE = promotion.TOLERANCE
+
+
+def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
+    """Upload this run's model as a verified version and judge whether it may replace the champion.
+
+    `evaluation` is the evaluate step's result; when given, its accuracy must match the
+    run root's metrics.json (a stale metrics file would otherwise be published). Before
+    anything is uploaded, the serving check must pass and the TFLite variants are made.
+    Returns what promote and the approval request need: the version, `eligible` and why,
+    both accuracies, the rule's floor and margin, and where the report is.
+    """
+    inputs, golden_uri, test_uri = _run_inputs(cfg)
+    model_root = registry.model_root_of(cfg.publish_uri, cfg.model_name)
+    if storage.ensure_bucket(cfg.publish_uri):
+        log.warning("publish: bucket of %s did not exist and was created; check publish_uri if that is a surprise",
+                    cfg.publish_uri)
+    with scratch_dir("publish") as scratch:
+        stage = scratch / "version"
+        for name, uri in inputs.items():
+            storage.download(uri, stage / name)
+        metrics = json.loads((stage / METRICS_FILE).read_text())
+        _check_metrics(metrics, json.loads((stage / MANIFEST_FILE).read_text()), evaluation)
+        model_sha256 = storage.sha256_file(stage / MODEL_DIR / classifier.WEIGHTS_FILE)
+        version, complete = _version_for(model_root, cfg.run_id, model_sha256)
+        version_uri = registry.version_uri_of(model_root, version)
+        test_records = storage.download(test_uri, scratch / f"{TEST_SPLIT}.tfrecord")
+        if complete:
+            log.info("publish: %s is already published and verified; not uploading again", version_uri)
+            metrics = storage.read_json(storage.join(version_uri, METRICS_FILE))
+        else:
+            golden = storage.download(golden_uri, scratch / "golden.npz")
+            metrics = _complete_stage(cfg, stage, metrics, golden, test_records, version_uri)
+            _upload_verified(stage, version_uri)
+        recorded = registry.recorded_decision(model_root, version)
+        if recorded is None:
+            judged = promotion.judge(registry.champion_at(model_root), metrics, test_records, cfg.batch_size, scratch)
+        else:
+            log.info("publish: decision for %s already recorded at %s; not judging again", version,
+                     recorded["decision"])
+            judged = {key: recorded[key] for key in ("eligible", "reason", "new_accuracy", "champion_accuracy",
+                                                     "min_accuracy", "margin", "champion_version", "champion_decision")}
+    published = {
+        **judged,
+        "version": version,
+        "version_uri": version_uri,
+        "model_name": cfg.model_name,
+        "dag_id": cfg.dag_id,
+        "run_id": cfg.run_id,
+        "classes": list(metrics["classes"]),
+        "n_test": metrics["n_test"],
+        "report_uri": storage.join(version_uri, REPORT_DIR, "index.html"),
+        "model_card_uri": storage.join(version_uri, MODEL_CARD_FILE),
+        "serving_check": metrics["serving_check"],
+        "tflite": tflite_summary(metrics["tflite"]),
+    }
+    log.info("publish: %s published; %s to promote (%s)", version_uri, "eligible" if published["eligible"] else
+             "not eligible", published["reason"])
+    storage.write_json(cfg.artifact(artifacts.PUBLISHED), published)
+    return published
+
+
+def tflite_summary(section: dict) -> dict:
+    """The TFLite numbers worth showing (report, model card, approval): status and per variant
+    accuracy, size, latency and whether it was kept."""
+    fields = ("accuracy", "size_bytes", "latency_ms", "kept", "reason")
+    return {"status": section["status"],
+            "variants": {name: {key: entry[key] for key in fields if key in entry}
+                         for name, entry in section["variants"].items()}}
+
+
+def _run_inputs(cfg: RunConfig) -> tuple[dict[str, str], str, str]:
+    """The version's inputs by name in the version, the golden batch, and the test split: all checked up
+    front, so a missing one fails before any upload."""
+    *uris, golden, test = artifacts.require(cfg, *INPUTS.values(), artifacts.GOLDEN,
+                                            artifacts.split_records(TEST_SPLIT))
+    return dict(zip(INPUTS, uris)), golden, test
+
+
+def _check_metrics(metrics: dict, manifest: dict, evaluation: dict | None) -> None:
+    """Refuse metrics computed on another data selection, or older than the evaluation that ran."""
+    if metrics.get("manifest_hash") != manifest["hash"]:
+        raise PublishError(f"metrics.json was computed on data selection {metrics.get('manifest_hash')!r}, "
+                           f"but manifest.json is {manifest['hash']!r}; re-run evaluate for this run")
+    if list(metrics["classes"]) != list(manifest["classes"]):
+        raise PublishError(f"metrics.json classes {metrics['classes']} differ from manifest.json classes "
+                           f"{manifest['classes']}; re-run evaluate for this run")
+    if evaluation is not None and "accuracy" in evaluation \
+            and not math.isclose(evaluation["accuracy"], metrics[METRIC], abs_tol=TOLERANCE):
+        raise PublishError(f"metrics.json accuracy {metrics[METRIC]} differs from the evaluation's "
+                           f"{evaluation['accuracy']}; re-run evaluate for this run")
+
+
+def _version_for(model_root: str, run_id: str, model_sha256: str) -> tuple[str, bool]:
+    """(version id, complete?) for this run's model: the existing one if published before, else a new id.
+
+    An incomplete earlier attempt is deleted, so the upload starts from nothing.
+    """
+    run_hash = hashlib.sha256(f"{run_id}\n{model_sha256}".encode()).hexdigest()[:RUN_HASH_CHARS]
+    for version, files in registry.version_files(model_root).items():
+        if version.endswith(f"-{run_hash}"):
+            if CHECKSUMS in files:
+                return version, True
+            log.info("publish: deleting incomplete earlier upload of %s", version)
+            storage.delete(registry.version_uri_of(model_root, version) + "/")
+            return version, False
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{run_hash}", False
+
+
+def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, test_records: Path,
+                    version_uri: str) -> dict:
+    """Add what the run root does not hold: the SavedModel export, the run's params, the TFLite variants, and
+    the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
+    model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
+    model.export(str(stage / SAVED_MODEL_DIR), verbose=False)
+    (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
+    checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
+                                          version_uri)
+    variants = tflite_export.export_variants(stage / SAVED_MODEL_DIR, test_records, float(metrics[METRIC]),
+                                             stage / TFLITE_DIR)
+    metrics = {**metrics, "serving_check": checked, "tflite": variants}
+    (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    release = model_card.release_section(metrics)
+    with (stage / MODEL_CARD_FILE).open("a", encoding="utf-8") as card:
+        card.write("\n\n" + release + "\n")
+    report.write_release_page(stage / REPORT_DIR, cfg.model_name, release)
+    return metrics
+
+
+def _upload_verified(stage: Path, version_uri: str) -> None:
+    """Hash, upload, read everything back, and only then write checksums.json: the mark of a complete version."""
+    checksums = {path.relative_to(stage).as_posix(): storage.sha256_file(path)
+                 for path in sorted(stage.rglob("*")) if path.is_file()}
+    storage.upload(stage, version_uri)
+    registry.verify_version(version_uri, checksums)
+    storage.write_json(storage.join(version_uri, CHECKSUMS), checksums)
+    log.info("publish: uploaded and verified %d files (%.1f MB) to %s", len(checksums),
+             sum(path.stat().st_size for path in stage.rglob("*") if path.is_file()) / 1e6, version_uri)
+
+
