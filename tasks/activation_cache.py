@@ -126,7 +126,7 @@ def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: 
         space_key = store_key(bottom, key)
         space = feature_store.namespace(space_key)
         store.describe(space, space_key)
-    splits = {name: _write_split(run, path, image_size, batch_size, directory, name, store, space)
+    splits = {name: _write_split(run, path, image_size, batch_size, directory, store, space, name)
               for name, path in records.items()}
     if store is not None:
         store.evict()
@@ -170,7 +170,7 @@ def _traced(bottom: keras.Model, image_size: int) -> Callable:
 
 
 def _write_split(run: Callable, records: Path, image_size: int, batch_size: int, directory: Path,
-                 name: str, store: FeatureStore | None = None, space: str | None = None) -> dict[str, Any]:
+                 store: FeatureStore | None, space: str | None, name: str) -> dict[str, Any]:
     """Stream one split through the bottom into `<name>.f32` and `<name>-labels.npy`; returns count, shape and
     how many images the bottom computed (the others came from the store)."""
     labels, shape = [], None

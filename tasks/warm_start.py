@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tasks import classifier, registry, storage
 from tasks.classifier import Classifier
+from tasks.errors import StorageError, StoreUnavailableError, TrainingError
 from tasks.feature_store import weights_digest
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ def champion_head(built: Classifier, publish_uri: str, model_name: str, scratch:
 
 def warm_start(built: Classifier, publish_uri: str, model_name: str, scratch: Path, cache_dir: str) -> str:
     """Load the champion's head into `built` when it fits; returns what was done and why (also logged)."""
-    weights, reason = champion_head(built, publish_uri, model_name, scratch, cache_dir)
+    try:
+        weights, reason = champion_head(built, publish_uri, model_name, scratch, cache_dir)
+    except (StorageError, StoreUnavailableError, TrainingError) as error:
+        weights, reason = None, f"the champion of {model_name} could not be read ({error}): fresh head"
     if weights is not None:
         built.head.set_weights(weights)
     log.info("warm start: %s", reason)
