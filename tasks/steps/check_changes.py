@@ -65,7 +65,7 @@ def hold_for_shift(cfg: RunConfig, published: dict[str, Any], approval: dict | N
     """`published`, made ineligible when the data shifted beyond the deployment's threshold and no human was asked
     (a deployment that asks for approval shows the shift to the approver instead)."""
     reason = data_changes.shift_hold(recorded_changes(cfg), settings.load().shift_auc_threshold)
-    if not reason or approval is not None or not published.get("eligible"):
+    if not reason or approval is not None or not (published or {}).get("eligible"):
         return published
     log.warning("promotion held: %s", reason)
     return {**published, "eligible": False,
