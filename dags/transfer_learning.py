@@ -48,13 +48,22 @@ PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_sp
 
 
 def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
-    """Rebuild the validated config in this task's process and point storage at the model store.
+    """Rebuild the config in this task's process and point storage at the model store.
 
+    `cfg` comes from XCom, which whoever may trigger runs may also edit: it is
+    validated again as the trigger form is, with the run root from the deployment
+    settings, the run's identity from Airflow and the publish location checked
+    (tasks.config.trusted_config). A `conn://<connection id>` source is resolved
+    here, in this process only: its credentials never reach XCom or a log.
     Steps after `select` get the winning candidate's config: its backbone, image size and artifacts.
     """
+    import dataclasses
+
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from tasks.config import trusted_config
+    from tasks.datasets import connection_id, connection_source
     from tasks.storage import s3_env
 
     try:
@@ -62,7 +71,19 @@ def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
         os.environ.update(s3_env(conn.login, conn.password, conn.extra_dejson))
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
-    config = RunConfig.from_params(cfg)
+    dag_run = get_current_context()["dag_run"]
+    config = trusted_config(cfg, dag_run.run_id, dag_run.dag_id, settings.load())
+    if connection_id(config.source):
+        try:
+            source = Connection.get(connection_id(config.source))
+        except AirflowNotFoundException as error:
+            from tasks.errors import DatasetError
+
+            raise DatasetError(f"source {config.source}: no Airflow connection {connection_id(config.source)!r}; "
+                               "create it (Admin > Connections) or fix the id") from error
+        config = dataclasses.replace(config, source=connection_source(
+            config.source, source.conn_type, source.host, source.login, source.password, source.port,
+            source.schema, source.extra_dejson))
     if winner is None:
         return config
     from tasks.config import Candidate
@@ -74,10 +95,10 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     """The task graph shared by the manual and the scheduled DAG (with an approval step where the deployment
     asks for one: TLP_APPROVAL_DAGS)."""
 
-    @task
+    @task(show_return_value_in_logs=False)  # the config may hold a source URL with credentials
     def configure(params: dict | None = None, dag_run=None) -> dict:
-        """Refuse undeclared conf keys, validate the params once; later tasks get this config."""
-        from tasks.config import check_conf, check_publish_location
+        """Refuse undeclared conf keys, validate the params once; later tasks get this config (and check it again)."""
+        from tasks.config import check_conf, trusted_config
 
         check_conf(dag_run.conf or {})
         overrides = {}
@@ -86,10 +107,7 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
             overrides = Variable.get(overrides_variable, default={}, deserialize_json=True)
             check_conf(overrides, origin=f"Variable {overrides_variable}")
-        deployment = settings.load()
-        cfg = RunConfig.from_params({**params, **overrides}, run_id=dag_run.run_id, dag_id=dag_run.dag_id,
-                                    run_root=deployment.run_root)
-        check_publish_location(cfg, deployment.readable_publish_locations())
+        cfg = trusted_config({**params, **overrides}, dag_run.run_id, dag_run.dag_id, settings.load())
         return cfg.to_dict()
 
     @task

@@ -33,6 +33,7 @@ import keras
 from tasks import settings, storage
 from tasks.errors import BackboneError
 from tasks.redact import redact_text
+from tasks.savedmodel_scan import check_saved_model
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,46 @@ def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
         if weights != "imagenet":
             raise BackboneError(f"backbone {spec!r} is a SavedModel and carries its own weights; weights={weights!r} "
                                 "cannot apply to it: leave weights='imagenet' (= as published)")
+        check_backbone_location(name, settings.load())
         return _public(_load_saved_model(name, image_size, cache))
     raise BackboneError(f"unknown backbone {spec!r}; use one of {available_backbones()}, a TF Hub handle "
                         "(https://tfhub.dev/... or https://www.kaggle.com/models/...), or a SavedModel "
                         "directory (local path or s3:// prefix)")
+
+
+def check_backbone_location(spec: str, deployment: settings.Settings) -> None:
+    """A SavedModel or TF Hub backbone is code that runs on the workers: refuse one the deployment does not trust.
+
+    Trusted are the local folders and s3:// prefixes of TLP_BACKBONE_LOCATIONS
+    (a local path after resolving links) and, with TLP_ALLOW_HUB_BACKBONES, TF
+    Hub handles. Registered backbones (efficientnet_lite0, ...) are always allowed.
+    """
+    shown = redact_text(spec)
+    if spec.startswith(HUB_PREFIXES):
+        if not deployment.allow_hub_backbones:
+            raise BackboneError(f"backbone {shown!r}: TF Hub handles are code from the internet and this deployment "
+                                "does not run them (TLP_ALLOW_HUB_BACKBONES); use one of "
+                                f"{available_backbones()} or a SavedModel from a trusted location")
+        return
+    locations = deployment.backbone_locations
+    if "*" in locations:
+        return
+    if storage.is_s3(spec):
+        target = spec.rstrip("/")
+        trusted = any(target == loc.rstrip("/") or target.startswith(loc.rstrip("/") + "/")
+                      for loc in locations if storage.is_s3(loc))
+    else:
+        try:
+            target_path = storage.local_path(spec).expanduser().resolve()
+        except storage.StorageError as error:
+            raise BackboneError(f"backbone {shown!r}: {error}") from error
+        trusted = any(target_path.is_relative_to(storage.local_path(loc).expanduser().resolve())
+                      for loc in locations if not storage.is_s3(loc))
+    if not trusted:
+        raise BackboneError(f"backbone {shown!r} is not in one of this deployment's backbone locations "
+                            f"{list(locations)}: a SavedModel is code that runs on the workers, so only an operator "
+                            f"can trust a location (TLP_BACKBONE_LOCATIONS); use one of {available_backbones()} or "
+                            "a SavedModel stored there")
 
 
 def _public(backbone: Backbone) -> Backbone:
@@ -309,6 +346,7 @@ def _load_saved_model(spec: str, image_size: int, cache: Path) -> Backbone:
     with another input convention must be wrapped accordingly before export.
     """
     path = _local_saved_model(spec, cache)
+    check_saved_model(path, f"SavedModel {redact_text(spec)!r}")
     layer = _tfsm_layer(spec, path)
     _sanitize_variable_names(layer)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")

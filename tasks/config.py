@@ -308,6 +308,18 @@ def check_publish_location(cfg: RunConfig, allowed: tuple[str, ...]) -> None:
                           f"of {list(allowed)} (an operator adds locations with TLP_PUBLISH_LOCATIONS)")
 
 
+def trusted_config(values: dict[str, Any], run_id: str, dag_id: str, deployment: settings.Settings) -> RunConfig:
+    """A run's config rebuilt from values anyone who may trigger runs can also write (a conf, an XCom entry).
+
+    Validated as the trigger form is; the run root comes from the deployment
+    settings and the run's identity from Airflow, never from the values; the
+    publish location must be one of the deployment's.
+    """
+    cfg = RunConfig.from_params(values, run_id=run_id, dag_id=dag_id, run_root=deployment.run_root)
+    check_publish_location(cfg, deployment.readable_publish_locations())
+    return cfg
+
+
 def safe_name(run_id: str) -> str:
     """A run id as one path/key segment, injectively: distinct run ids never share a folder.
 

@@ -20,13 +20,21 @@ so subsample has one thing to read whatever the source was:
 - `idx://fashion_mnist[?dir=DIR]`: the IDX files from DIR, else from the Debian
   package's folder, else from the public URLs; each file's content is checked
   against its known sha256.
+- `conn://<connection id>`: one of the above, with its credentials, kept in an
+  Airflow connection; the DAG resolves it in the task (`connection_source`).
 
 Everything that is downloaded or converted lives in the cache under a key
-derived from the source URI: a second call with the same source is a cache hit
-and fetches nothing (so a changed object behind the same URI needs a new URI,
-a checksum, or a cleared cache). Each cache entry is built in a scratch folder
-and renamed into place, so a failed or refused fetch leaves nothing behind.
-Downloads stop at the deployment's download limit. A failure that may pass (a
+derived from the source URI and, for an s3:// prefix or an archive in S3 or on
+disk, from its listing (key, size, ETag / modification time): a changed listing
+is a new entry, for which only the changed objects are downloaded (the rest is
+linked from the previous entry), and an unchanged one a cache hit that fetches
+nothing. A folder is read in place. acquire records the content's `snapshot`,
+so a worker that materialises the source again, or reads a folder that changed
+since, refuses data other than what acquire indexed. An http(s) archive is
+re-fetched only when `sha256` changes. Each cache entry is built in a scratch
+folder and renamed into place, so a failed or refused fetch leaves nothing behind.
+Downloads stop at the deployment's download limit and at the disk's free space
+(TLP_MIN_FREE_BYTES); archives also at a compression ratio (TLP_MAX_COMPRESSION_RATIO). A failure that may pass (a
 timeout, a reset connection, HTTP 5xx or 429) raises DownloadError, which the
 DAG retries; one that will not (another 4xx, a bad archive or checksum) raises
 DatasetError. What is written or logged about a source has its credentials
@@ -61,12 +69,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 from tasks import artifacts, settings, storage
 from tasks.errors import DatasetError, DownloadError
 from tasks.redact import redact_uri
-from tasks.scratch import scratch_dir
+from tasks.scratch import atomic_file, scratch_dir
 
 if TYPE_CHECKING:
     from tasks.config import RunConfig
@@ -79,15 +87,19 @@ SUPPORTED_SOURCES = (
     "a local path, file:// or s3:// URI of such an archive",
     "a local folder or file://<folder> laid out as <split>/<class>/<image>",
     "s3://<bucket>/<prefix>/ laid out as <split>/<class>/<image>",
-    "idx://fashion_mnist[?dir=<folder with the IDX .gz files>]",
+    "idx://fashion_mnist, optionally ?dir=<folder with the IDX .gz files>",
+    "conn://<Airflow connection id> whose extra {\"url\": …} (or host) is one of these, its login and password "
+    "the URL's credentials",
 )
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CLASSES_FILE = "classes.json"
+CONNECTION_SCHEME = "conn://"
 IMAGES_DIR = "images"
 RECORD_FILE = "source.json"
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 DOWNLOAD_TIMEOUT_S = 60
 UNKNOWN_SIZE_LOG_BYTES = 10 << 20
+RATIO_FREE_BYTES = 1 << 20  # members this small may compress as well as they like
 IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
                (b"RIFF", ".webp"))
 
@@ -154,6 +166,7 @@ class ImageFolder:
     root: Path
     classes: tuple[str, ...]
     files: dict[str, tuple[tuple[str, ...], ...]]
+    skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of entries that cannot be dataset files
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: {name: len(paths) for name, paths in zip(self.classes, per_class)}
@@ -164,18 +177,24 @@ def local_dataset(source: str, cache_dir: str | Path, sha256: str = "") -> Path:
     """The local root of a source's image folder, fetched into the cache when needed."""
     scheme = urlparse(source).scheme
     if _is_archive(source):
-        return _cached(source, cache_dir, sha256, lambda work: _archive_folder(source, sha256, work))
+        return _cached(source, cache_dir, sha256, lambda work, _: _archive_folder(source, sha256, work),
+                       _archive_version(source))
     if sha256:
         raise DatasetError(f"source_sha256 is given but {redact_uri(source)} is not an archive; checksums are "
                            "checked for archive sources only, so leave source_sha256 empty")
     if scheme in ("", "file"):
         return find_root(storage.local_path(source))
     if scheme == "s3":
-        return _cached(source, cache_dir, "", lambda work: _s3_folder(source, work))
+        listing = _s3_listing(source)
+        return _cached(source, cache_dir, "", lambda work, previous: _s3_folder(source, work, listing, previous),
+                       _digest(listing))
     if scheme == "tfds":
-        return _cached(source, cache_dir, "", lambda work: _tfds_folder(source, cache_dir, work))
+        return _cached(source, cache_dir, "", lambda work, _: _tfds_folder(source, cache_dir, work))
     if scheme == "idx":
-        return _cached(source, cache_dir, "", lambda work: _idx_folder(source, work))
+        return _cached(source, cache_dir, "", lambda work, _: _idx_folder(source, work))
+    if scheme == "conn":
+        raise DatasetError(f"{source}: a conn:// source is resolved by the DAG from its Airflow connection; outside "
+                           "Airflow give the URL itself")
     raise DatasetError(f"unsupported dataset source {redact_uri(source)!r}; use one of: "
                        + "; ".join(SUPPORTED_SOURCES))
 
@@ -196,26 +215,71 @@ def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
     if not root.is_dir():
         log.info("dataset root %s is not on this worker; materialising %s into its cache", root, index["source"])
         root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
+    now = snapshot(root)
+    if now != index.get("snapshot", now):
+        raise DatasetError(f"{index['source']} changed after acquire indexed it (snapshot {index['snapshot']}, now "
+                           f"{now}): this run cannot see the data it selected from; trigger a new run")
     files = {split: tuple(tuple(paths) for paths in per_class) for split, per_class in index["files"].items()}
-    return ImageFolder(root=root, classes=tuple(index["classes"]), files=files)
+    return ImageFolder(root=root, classes=tuple(index["classes"]), files=files,
+                       skipped=tuple(index.get("skipped", ())))
+
+
+def connection_id(source: str) -> str:
+    """The Airflow connection a `conn://<id>` source names; "" for any other source."""
+    if not source.startswith(CONNECTION_SCHEME):
+        return ""
+    conn_id = source[len(CONNECTION_SCHEME):]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", conn_id):
+        raise DatasetError(f"source {source!r}: write conn://<connection id> (letters, digits, _ . -)")
+    return conn_id
+
+
+def connection_source(source: str, conn_type: str | None, host: str | None, login: str | None,
+                      password: str | None, port: int | None, schema: str | None, extra: dict[str, Any]) -> str:
+    """The real source URL of a `conn://` source, from its Airflow connection's fields.
+
+    The URL is the connection's extra `url` (else its host); a login and
+    password, when set, become the URL's user info. Resolved in the task's own
+    process only, so the credentials stay in the connection, out of XCom and logs.
+    """
+    url = str(extra.get("url") or host or "").strip()
+    if not url or "://" not in url or url.startswith(CONNECTION_SCHEME):
+        raise DatasetError(f"source {source}: its connection holds no dataset URL; set the connection's extra to "
+                           '{"url": "<source URI>"} (any form but conn://) or its host to that URI')
+    if login or password:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or "@" in parts.netloc:
+            raise DatasetError(f"source {source}: a login/password is added to an http(s) URL without user info "
+                               f"only, not to {redact_uri(url)}; for s3:// use the model store connection")
+        userinfo = quote(login or "", safe="") + (":" + quote(password, safe="") if password else "")
+        url = urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+    return url
 
 
 def scan(root: Path) -> ImageFolder:
-    """List a dataset root's classes and files; `classes.json`, when present, fixes names and order."""
-    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
-    classes, folders = _read_classes(root, splits)
+    """List a dataset root's classes and files; `classes.json`, when present, fixes names and order.
+
+    A file or folder whose name is not valid UTF-8 is no dataset file: it is
+    left out and listed in `skipped` with the reason, under a printable name.
+    """
+    skipped: list[dict[str, str]] = []
+    splits = sorted(p.name for p in _entries_named(root, skipped, root) if p.is_dir() and not _hidden(p.name))
+    classes, folders = _read_classes(root, splits, skipped)
     if not classes:
         raise DatasetError(f"no class folders under {root}; expected <split>/<class>/<image>, "
                            "e.g. train/pizza/1.jpg")
     files = {}
     for split in splits:
-        present = {p.name for p in (root / split).iterdir() if p.is_dir() and not _hidden(p.name)}
+        present = {p.name for p in _entries_named(root / split, skipped, root) if p.is_dir() and not _hidden(p.name)}
         unknown = sorted(present - set(folders))
         if unknown:
             raise DatasetError(f"{root / split}: class folders {unknown} are not listed in {root / CLASSES_FILE}; "
                                "add them there or remove the folders")
-        files[split] = tuple(_list_class(root, split, folder) for folder in folders)
-    return ImageFolder(root=root, classes=classes, files=files)
+        files[split] = tuple(_list_class(root, split, folder, skipped) for folder in folders)
+    if skipped:
+        log.warning("%s: left out %d entries whose names are not valid UTF-8, e.g. %s", root, len(skipped),
+                    skipped[0]["path"])
+    return ImageFolder(root=root, classes=classes, files=files, skipped=tuple(skipped))
 
 
 def find_root(folder: Path) -> Path:
@@ -231,17 +295,51 @@ def find_root(folder: Path) -> Path:
                        "<split>/<class>/<image>, e.g. train/pizza/1.jpg and test/pizza/2.jpg")
 
 
-def cache_entry(source: str, cache_dir: str | Path) -> Path:
-    """Where a source's image folder is cached: readable name plus a hash of the whole URI."""
-    stem = PurePosixPath(urlparse(source).path).name or urlparse(source).netloc
+def cache_entry(source: str, cache_dir: str | Path, version: str = "") -> Path:
+    """Where a source's image folder is cached: readable name, a hash of the whole URI, and the content's version.
+
+    A version (a digest of the source's listing) gives each content its own
+    entry, never changed once made: a run that reads one is not disturbed when
+    the next run caches newer content.
+    """
+    stem = PurePosixPath(_source_path(source)).name or urlparse(source).netloc
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:40] or "dataset"
-    return Path(cache_dir) / "datasets" / f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    name = f"{slug}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    return Path(cache_dir) / "datasets" / (f"{name}-{version}" if version else name)
 
 
 def cache_record(source: str, cache_dir: str | Path) -> dict[str, Any]:
-    """What was recorded when the source was cached (e.g. the archive's sha256); {} if not cached."""
-    path = cache_entry(source, cache_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """What was recorded when the source was last cached (e.g. the archive's sha256); {} if not cached."""
+    entries = _entries(source, cache_dir)
+    return json.loads((entries[-1] / RECORD_FILE).read_text()) if entries else {}
+
+
+def entry_record(root: Path) -> dict[str, Any]:
+    """What was recorded with the cache entry whose images are `root`; {} for a folder used in place."""
+    record = root.parent / RECORD_FILE
+    in_cache = root.name == IMAGES_DIR and root.parent.parent.name == "datasets"
+    return json.loads(record.read_text()) if in_cache and record.is_file() else {}
+
+
+def snapshot(root: Path) -> str:
+    """What identifies the content of a dataset root: its cache entry's version, or a folder's listing digest.
+
+    A folder used in place has no entry: its digest is of every file's path,
+    size and modification time, so a changed, added or removed file changes it.
+    """
+    record = entry_record(root)
+    if record:
+        return record.get("snapshot", "")
+    listing = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                info = os.stat(path)
+                listing.append([os.path.relpath(path, root), info.st_size, info.st_mtime_ns])
+            except OSError:  # a dangling link: no content, but its presence still counts
+                listing.append([os.path.relpath(path, root), -1, 0])
+    return _digest(sorted(listing))
 
 
 def folder_names(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -277,6 +375,7 @@ def extract_archive(archive: Path, target: Path) -> None:
     end-of-archive marker (a truncated download would otherwise look complete).
     """
     limits = settings.load().limits
+    packed = archive.stat().st_size
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as bundle:
@@ -286,6 +385,8 @@ def extract_archive(archive: Path, target: Path) -> None:
                     _check_member(archive, info.filename)
                     if stat.S_ISLNK(info.external_attr >> 16):
                         _refuse(archive, info.filename, "is a symbolic link")
+                    _check_ratio(archive, info.filename, info.file_size, info.compress_size, limits)
+                _check_free_space(archive.name, target, sum(info.file_size for info in infos), limits)
                 bundle.extractall(target)
             return
         with tarfile.open(archive, "r:*") as bundle:
@@ -299,10 +400,13 @@ def extract_archive(archive: Path, target: Path) -> None:
                     _refuse(archive, member.name, f"is a link to {member.linkname!r}")
                 if not (member.isfile() or member.isdir()):
                     _refuse(archive, member.name, "is a device, FIFO or other special file")
+                # a tar is compressed as one stream: the members so far against the whole archive's bytes
+                _check_ratio(archive, member.name, size, packed, limits)
             # the loop ends at the zero block that closes a tar, or at a short read where the file was cut
             if bundle.fileobj.tell() < bundle.offset + tarfile.BLOCKSIZE:
                 raise DatasetError(f"{archive.name}: the tar archive ends without its end-of-archive marker after "
                                    f"{len(members)} members: it is truncated; download it again")
+            _check_free_space(archive.name, target, size, limits)
             bundle.extractall(target, members=members, filter="data")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise DatasetError(f"{archive}: not a readable archive ({error}); it may be truncated or damaged: check the "
@@ -317,6 +421,28 @@ def _check_archive_size(archive: Path, members: int, size: int, limits: settings
     too_large = limits.exceeded("max_archive_bytes", size)
     if too_large:
         raise DatasetError(f"{archive.name}: {size:,}+ bytes uncompressed, {too_large}; nothing was extracted")
+
+
+def _check_ratio(archive: Path, member: str, unpacked: int, packed: int, limits: settings.Limits) -> None:
+    """Refuse a member that expands far more than images do (a compression bomb), before extracting anything."""
+    if unpacked <= RATIO_FREE_BYTES:
+        return
+    too_dense = limits.exceeded("max_compression_ratio", unpacked // max(packed, 1))
+    if too_dense:
+        _refuse(archive, member, f"expands {unpacked:,} bytes from {packed:,} (ratio {unpacked // max(packed, 1):,}), "
+                f"{too_dense}")
+
+
+def _check_free_space(what: str, target: Path, needed: int, limits: settings.Limits) -> None:
+    """Refuse to write `needed` bytes below `target` when that would leave less than the deployment keeps free."""
+    folder = target
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free - needed < limits.min_free_bytes:
+        raise DatasetError(f"{what}: {needed:,} bytes to write but {free:,} free on the disk of {folder}, and "
+                           f"{limits.min_free_bytes:,} must stay free (TLP_MIN_FREE_BYTES); nothing was written: free "
+                           "space (e.g. clear the dataset cache, TLP_CACHE_DIR) or use a smaller dataset")
 
 
 def download(url: str, target: Path) -> None:
@@ -334,9 +460,10 @@ def download(url: str, target: Path) -> None:
         response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as error:  # urllib's URLError and HTTPError are OSErrors
         raise _download_error(shown, error) from error
-    with response, open(target, "wb") as out:
+    with response, atomic_file(target) as out:
         total = int(response.headers.get("Content-Length") or 0)
         _check_download_size(shown, total, limits)
+        _check_free_space(shown, target.parent, total, limits)
         done, next_mark = 0, 10
         while chunk := _read_chunk(shown, response):
             done += len(chunk)
@@ -348,8 +475,8 @@ def download(url: str, target: Path) -> None:
                 next_mark = percent // 10 * 10 + 10
             elif not total and done // UNKNOWN_SIZE_LOG_BYTES > (done - len(chunk)) // UNKNOWN_SIZE_LOG_BYTES:
                 log.info("downloading %s: %.1f MB", shown, done / 1e6)
-    if total and done != total:
-        raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
+        if total and done != total:
+            raise DownloadError(f"{shown}: the connection closed after {done:,} of {total:,} bytes; retrying")
 
 
 def _read_chunk(shown: str, response: http.client.HTTPResponse) -> bytes:
@@ -379,26 +506,36 @@ def _check_download_size(shown: str, size: int, limits: settings.Limits) -> None
 
 
 def _download_s3(source: str, local: Path) -> Path:
-    """storage.download of an object or a prefix (ending in "/"), refused up front above the download limit."""
-    size = sum(item.size for item in storage.list_stored(source) if source.endswith("/") or item.uri == source)
-    _check_download_size(redact_uri(source), size, settings.load().limits)
+    """storage.download of one object, refused up front above the download limit or the disk's free space."""
+    size = sum(item.size for item in storage.list_stored(source) if item.uri == source)
+    limits = settings.load().limits
+    _check_download_size(redact_uri(source), size, limits)
+    _check_free_space(redact_uri(source), local, size, limits)
     return storage.download(source, local)
 
 
-def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Path], tuple[Path, dict]]) -> Path:
-    """Return the cached folder of a source, building it first on a miss (or a changed checksum)."""
-    entry = cache_entry(source, cache_dir)
-    record = cache_record(source, cache_dir)
+def _cached(source: str, cache_dir: str | Path, sha256: str,
+            build: Callable[[Path, Path | None], tuple[Path, dict]], version: str = "") -> Path:
+    """Return the cached folder of a source's content `version`, building it first on a miss (or a changed checksum).
+
+    `build` gets a scratch folder and the newest earlier entry of the source
+    (or None), from which it may reuse what did not change. Entries of the
+    source other than this one and the one before it are removed afterwards.
+    """
+    entry = cache_entry(source, cache_dir, version)
+    record = json.loads((entry / RECORD_FILE).read_text()) if (entry / RECORD_FILE).is_file() else {}
     shown = redact_uri(source)
     if record and (not sha256 or record.get("sha256") == sha256):
         log.info("dataset cache hit for %s: %s", shown, entry / IMAGES_DIR)
         return entry / IMAGES_DIR
+    previous = next((old for old in reversed(_entries(source, cache_dir)) if old != entry), None)
     with scratch_dir("acquire", entry.parent) as work:
-        root, info = build(work)
+        root, info = build(work, previous)
         staged = work / "entry"
         staged.mkdir()
         root.rename(staged / IMAGES_DIR)
-        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, **info}, indent=2, sort_keys=True))
+        (staged / RECORD_FILE).write_text(json.dumps({"source": shown, "snapshot": version, **info}, indent=2,
+                                                     sort_keys=True))
         if entry.exists():
             shutil.rmtree(entry)
         try:
@@ -407,17 +544,59 @@ def _cached(source: str, cache_dir: str | Path, sha256: str, build: Callable[[Pa
             if not (entry / RECORD_FILE).is_file():
                 raise
             log.info("another process cached %s first; using its copy", shown)
+    for old in _entries(source, cache_dir)[:-2]:
+        if old != entry:
+            shutil.rmtree(old, ignore_errors=True)
     log.info("cached %s at %s", shown, entry / IMAGES_DIR)
     return entry / IMAGES_DIR
+
+
+def _entries(source: str, cache_dir: str | Path) -> list[Path]:
+    """The complete cache entries of a source, oldest first."""
+    base = cache_entry(source, cache_dir)
+    found = [base, *base.parent.glob(f"{base.name}-*")] if base.parent.is_dir() else []
+    complete = [(entry / RECORD_FILE) for entry in found if (entry / RECORD_FILE).is_file()]
+    return [record.parent for record in sorted(complete, key=lambda record: record.stat().st_mtime_ns)]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _s3_listing(source: str) -> list[list]:
+    """[relative key, size, ETag] of every object below an s3:// prefix: what identifies its content."""
+    prefix = source.rstrip("/") + "/"
+    listing = [[item.uri[len(prefix):], item.size, item.version] for item in storage.list_stored(prefix)
+               if not item.uri.endswith("/")]  # keys ending in "/" are folder markers, not files
+    if not listing:
+        raise DatasetError(f"{redact_uri(source)}: nothing below this prefix; upload the image folder "
+                           "(<split>/<class>/<image>) there or fix the URI")
+    for key, _, _ in listing:
+        reason = storage.escape_reason(key)
+        if reason:
+            raise DatasetError(f"{redact_uri(prefix + key)}: the key below {redact_uri(prefix)} {reason}, so it would "
+                               "be written outside the cache; nothing was downloaded: rename or delete that object")
+    return listing
+
+
+def _archive_version(source: str) -> str:
+    """For an archive in S3 or on disk, a digest of its size and ETag / modification time; "" for http(s)."""
+    if storage.is_s3(source):
+        found = [item for item in storage.list_stored(source) if item.uri == source]
+        return _digest([[item.size, item.version] for item in found]) if found else ""
+    if urlparse(source).scheme in ("", "file"):
+        path = storage.local_path(source)
+        return _digest([path.stat().st_size, path.stat().st_mtime_ns]) if path.is_file() else ""
+    return ""
 
 
 def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
     scheme = urlparse(source).scheme
     if scheme in ("http", "https"):
-        archive = work / PurePosixPath(urlparse(source).path).name
+        archive = work / PurePosixPath(_source_path(source)).name
         download(source, archive)
     elif scheme == "s3":
-        archive = _download_s3(source, work / PurePosixPath(urlparse(source).path).name)
+        archive = _download_s3(source, work / PurePosixPath(_source_path(source)).name)
     else:
         archive = storage.local_path(source)
         if not archive.is_file():
@@ -431,9 +610,47 @@ def _archive_folder(source: str, sha256: str, work: Path) -> tuple[Path, dict]:
     return find_root(work / "extracted"), {"sha256": digest}
 
 
-def _s3_folder(source: str, work: Path) -> tuple[Path, dict]:
-    download_dir = _download_s3(source.rstrip("/") + "/", work / "download")
-    return find_root(download_dir), {}
+def _s3_folder(source: str, work: Path, listing: list[list], previous: Path | None) -> tuple[Path, dict]:
+    """Download the objects below a prefix; those the previous entry holds unchanged (key, size, ETag) are linked
+    from it instead."""
+    prefix = source.rstrip("/") + "/"
+    limits = settings.load().limits
+    _check_download_size(redact_uri(prefix), sum(size for _, size, _ in listing), limits)
+    old = json.loads((previous / RECORD_FILE).read_text()) if previous else {}
+    unchanged = {tuple(item) for item in old.get("listing", [])}
+    download = work / "download"
+    fetch = []
+    for key, size, version in listing:
+        target = download / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        reused = _kept_copy(previous, old.get("top"), key) if (key, size, version) in unchanged else None
+        if reused is None:
+            fetch.append((key, size))
+        else:
+            try:
+                os.link(reused, target)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(reused, target)
+    _check_free_space(redact_uri(prefix), download, sum(size for _, size in fetch), limits)
+    for key, _ in fetch:
+        storage.download(prefix + key, download / key)
+    if fetch or not previous:
+        log.info("downloaded %d of %d files of %s (%d unchanged since the last copy)", len(fetch), len(listing),
+                 redact_uri(prefix), len(listing) - len(fetch))
+    root = find_root(download)
+    return root, {"listing": listing, "top": root.relative_to(download).as_posix()}
+
+
+def _kept_copy(previous: Path | None, top: str | None, key: str) -> Path | None:
+    """The file an earlier entry made of `key`, if it kept one (files outside the dataset root are not kept)."""
+    if previous is None or top is None:
+        return None
+    if top not in ("", "."):
+        if not key.startswith(top + "/"):
+            return None
+        key = key[len(top) + 1:]
+    path = previous / IMAGES_DIR / key
+    return path if path.is_file() else None
 
 
 def _tfds_folder(source: str, cache_dir: str | Path, work: Path) -> tuple[Path, dict]:
@@ -546,10 +763,11 @@ def _write_classes(root: Path, classes: tuple[str, ...], folders: tuple[str, ...
     (root / CLASSES_FILE).write_text(json.dumps({"classes": list(classes), "folders": list(folders)}, indent=2))
 
 
-def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _read_classes(root: Path, splits: list[str], skipped: list[dict[str, str]]
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     path = root / CLASSES_FILE
     if not path.is_file():
-        folders = sorted({p.name for split in splits for p in (root / split).iterdir()
+        folders = sorted({p.name for split in splits for p in _entries_named(root / split, skipped, root)
                           if p.is_dir() and not _hidden(p.name)})
         return tuple(folders), tuple(folders)
     try:
@@ -570,12 +788,28 @@ def _read_classes(root: Path, splits: list[str]) -> tuple[tuple[str, ...], tuple
     return classes, folders
 
 
-def _list_class(root: Path, split: str, folder: str) -> tuple[str, ...]:
+def _list_class(root: Path, split: str, folder: str, skipped: list[dict[str, str]]) -> tuple[str, ...]:
     directory = root / split / folder
     if not directory.is_dir():
         return ()
-    return tuple(sorted(f"{split}/{folder}/{entry.name}" for entry in os.scandir(directory)
+    return tuple(sorted(f"{split}/{folder}/{entry.name}" for entry in _entries_named(directory, skipped, root)
                         if entry.is_file() and not _hidden(entry.name)))
+
+
+def _entries_named(directory: Path, skipped: list[dict[str, str]], root: Path) -> list[Path]:
+    """The entries of a folder whose names are valid UTF-8; the others are added to `skipped`, with the reason."""
+    named = []
+    for entry in directory.iterdir():
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:  # os.listdir gives undecodable bytes as surrogates
+            shown = os.fsencode(entry.relative_to(root)).decode("utf-8", "backslashreplace")
+            found = {"path": shown, "reason": "the name is not valid UTF-8; rename it to use it"}
+            if found not in skipped:
+                skipped.append(found)
+            continue
+        named.append(entry)
+    return named
 
 
 def _check_member(archive: Path, name: str) -> None:
@@ -590,7 +824,16 @@ def _refuse(archive: Path, member: str, why: str) -> None:
 
 
 def _is_archive(source: str) -> bool:
-    return urlparse(source).path.lower().endswith(ARCHIVE_SUFFIXES)
+    return _source_path(source).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _source_path(source: str) -> str:
+    """The path part of a source: an S3 key and a local path are taken whole (`?` and `#` are name characters)."""
+    if storage.is_s3(source):
+        return "/" + storage.split_s3(source)[1]
+    if "://" not in source:
+        return source
+    return urlparse(source).path
 
 
 def _image_suffix(data: bytes) -> str:

@@ -9,12 +9,21 @@ answer, an object store that is down) is retried with backoff. Anything else
 """
 from __future__ import annotations
 
+from tasks.redact import redact_text
 
-class PermanentError(Exception):
+
+class RedactedError(Exception):
+    """An error whose message has the credentials of every URI in it redacted: messages reach logs, XCom and the UI."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(arg) if isinstance(arg, str) else arg for arg in args))
+
+
+class PermanentError(RedactedError):
     """Bad input: fix what the message names and trigger again; never retried."""
 
 
-class TransientError(Exception):
+class TransientError(RedactedError):
     """A failure of something outside the pipeline that may pass: retried."""
 
 

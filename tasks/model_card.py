@@ -137,7 +137,9 @@ def _data_section(cfg: RunConfig, record: RunRecord) -> str:
         f"- Selection: {selection}, {cfg.val_fraction:g} of it held out for validation, "
         f"{cfg.test_percent:g} % of the test split; seed {manifest.get('seed', cfg.seed)}",
         f"- Manifest hash: {markdown_code(manifest['hash'])} (identifies the exact selection of files and labels)",
-        f"- Unreadable images skipped: {len(manifest.get('skipped', []))}",
+        f"- Unreadable images skipped: {len(manifest.get('skipped', []))}; files with names that are not UTF-8 "
+        f"left out: {len(manifest.get('skipped_names', []))}; test images identical to a training or validation "
+        f"image removed: {len(manifest.get('test_duplicates', []))}",
         "",
         _table(["class", *splits], rows),
     ]

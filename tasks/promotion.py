@@ -143,8 +143,10 @@ def _rescored_accuracy(champion: dict, test_records: Path, batch_size: int, n_te
     import tensorflow as tf
 
     from tasks.records import image_dataset
+    from tasks.savedmodel_scan import check_saved_model
 
     path = storage.download(storage.join(champion["uri"], SAVED_MODEL_DIR) + "/", scratch / "champion")
+    check_saved_model(path, f"the champion's SavedModel {champion['uri']}")
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     [(name, spec)] = serve.structured_input_signature[1].items()
     outputs, labels = [], []

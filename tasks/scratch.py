@@ -20,7 +20,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,28 @@ def scratch_dir(name: str, parent: str | Path | None = None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """A file opened for writing that appears at `path` whole when the block ends, or not at all.
+
+    It is written as a hidden temporary file next to `path` and renamed into
+    place; if the block or the write fails (a full disk, a kill signal turned
+    into an exception) the temporary file is removed, never left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    try:
+        with handle:
+            yield handle
+        os.chmod(handle.name, mode)  # NamedTemporaryFile makes 0600; readers (UI, other users) need 0644
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
 
 
 def remove_stale(parent: Path) -> list[Path]:

@@ -112,6 +112,9 @@ def _keras_probabilities(model: Path, images: np.ndarray) -> np.ndarray:
 def _saved_model_probabilities(saved_model: Path, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf
 
+    from tasks.savedmodel_scan import check_saved_model
+
+    check_saved_model(saved_model, f"SavedModel {saved_model}")
     serve = tf.saved_model.load(str(saved_model)).signatures[SERVING_SIGNATURE]
     [name] = serve.structured_input_signature[1]
     [output] = serve(**{name: tf.constant(images)}).values()

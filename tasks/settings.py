@@ -51,7 +51,11 @@ class Limits:
 
     max_download_bytes: int = _limit("TLP_MAX_DOWNLOAD_BYTES", 20 * 2**30)
     max_archive_bytes: int = _limit("TLP_MAX_ARCHIVE_BYTES", 50 * 2**30)
-    max_archive_members: int = _limit("TLP_MAX_ARCHIVE_MEMBERS", 2_000_000)
+    max_archive_members: int = _limit("TLP_MAX_ARCHIVE_MEMBERS", 250_000)
+    # uncompressed / compressed bytes, per zip member and over a whole tar stream: a zip bomb is ~1000
+    max_compression_ratio: int = _limit("TLP_MAX_COMPRESSION_RATIO", 100)
+    # what must stay free on the cache's disk after an extraction or a download
+    min_free_bytes: int = _limit("TLP_MIN_FREE_BYTES", 2**30)
     max_image_pixels: int = _limit("TLP_MAX_IMAGE_PIXELS", 64 * 2**20)
     max_image_bytes: int = _limit("TLP_MAX_IMAGE_BYTES", 64 * 2**20)
 
@@ -88,6 +92,12 @@ class Settings:
         dag.strip() for dag in _env("TLP_APPROVAL_DAGS", "").split(",") if dag.strip()))
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
     limits: Limits = field(default_factory=Limits)
+    # SavedModel backbones are code that runs on the workers: only these local folders and s3:// prefixes may
+    # hold one ("*" = anywhere: a single-user deployment only), and TF Hub handles only when allowed
+    backbone_locations: tuple[str, ...] = field(default_factory=lambda: tuple(
+        uri.strip() for uri in _env("TLP_BACKBONE_LOCATIONS", "").split(",") if uri.strip()))
+    allow_hub_backbones: bool = field(default_factory=lambda: _env("TLP_ALLOW_HUB_BACKBONES", "false").lower()
+                                      in ("1", "true", "yes"))
     # retraining (tasks.feature_store, tasks.data_changes): the shared feature store, its size cap, and the
     # embedding shift (domain-classifier AUC since the champion) above which promotion waits for a human (0 = off)
     feature_store: str = field(default_factory=lambda: _env("TLP_FEATURE_STORE", ""))

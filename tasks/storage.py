@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from tasks.errors import StorageError, StoreUnavailableError
 from tasks.redact import redact_uri
+from tasks.scratch import atomic_file
 
 import functools
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
 S3_TIMEOUT_S = 10
@@ -42,19 +41,34 @@ def join(base: str, *parts: str) -> str:
 
 
 def local_path(uri: str) -> Path:
-    """The filesystem path of a local path or `file://` URI."""
+    """The filesystem path of a local path or `file://` URI.
+
+    A `file://` URI is taken whole: a `?` or `#` in it (which URI syntax would
+    cut off, turning `file:///proc/self/environ#/run/metrics.json` into
+    `/proc/self/environ`) or a host other than localhost is refused, never
+    silently dropped. A plain path may hold any character.
+    """
     uri = str(uri)
     if is_s3(uri):
         raise StorageError(f"{uri} is not a local path; download it first")
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+    if not uri.startswith("file://"):
+        return Path(uri)
+    host, slash, path = uri[len("file://"):].partition("/")
+    if "?" in uri or "#" in uri:
+        raise StorageError(f"{redact_uri(uri)}: a file:// URI may not contain '?' or '#' (they would cut the path "
+                           "short); give the plain path instead of a file:// URI")
+    if host not in ("", "localhost") or not slash:
+        raise StorageError(f"{redact_uri(uri)}: a file:// URI names a path on this machine, file:///<absolute path>; "
+                           f"{host!r} would be read as a host and dropped")
+    return Path("/" + path)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key/part` -> ("bucket", "key/part")."""
-    parsed = urlparse(uri)
-    if not parsed.netloc:
-        raise StorageError(f"{uri} has no bucket; write s3://<bucket>/<prefix>")
-    return parsed.netloc, parsed.path.lstrip("/")
+    """`s3://bucket/key/part` -> ("bucket", "key/part"); everything after the bucket is key, `?` and `#` included."""
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    if not is_s3(uri) or not bucket or any(char in bucket for char in "?#@"):
+        raise StorageError(f"{redact_uri(str(uri))} has no valid bucket; write s3://<bucket>/<prefix>")
+    return bucket, key
 
 
 def s3_client(env: Mapping[str, str] | None = None):
@@ -147,12 +161,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
         _s3_call(uri, s3_client().put_object, Bucket=bucket, Key=key, Body=data)
         return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes 0600; readers (UI, other users) need 0644
-    os.replace(tmp.name, path)
+    with atomic_file(local_path(uri)) as out:
+        out.write(data)
 
 
 def read_text(uri: str) -> str:

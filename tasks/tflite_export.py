@@ -70,6 +70,9 @@ def convert(saved_model: Path, variant: str) -> bytes:
     """One TFLite flatbuffer of the SavedModel's serving signature."""
     import tensorflow as tf
 
+    from tasks.savedmodel_scan import check_saved_model
+
+    check_saved_model(saved_model, f"SavedModel {saved_model}")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -13,6 +13,9 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TLP_S3_RETRY_ATTEMPTS", "2")
+# tests build their SavedModel backbones anywhere; tests of the allowlist set these themselves
+os.environ.setdefault("TLP_BACKBONE_LOCATIONS", "*")
+os.environ.setdefault("TLP_ALLOW_HUB_BACKBONES", "true")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

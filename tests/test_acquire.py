@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -27,6 +28,7 @@ from tasks.steps.acquire import acquire
 from tasks.config import RunConfig
 from tasks.errors import DownloadError
 from tasks.steps.subsample import subsample
+from tests.conftest import write_image_folder
 from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
                                      truncated_copy)
 
@@ -158,15 +160,67 @@ def test_archive_member_escaping_the_target_is_refused_and_nothing_is_written(na
     assert [p for p in tmp_path.rglob("evil.txt")] == []
 
 
-def test_s3_prefix_is_downloaded_once_into_the_cache(s3_bucket, image_folder, tmp_path):
+@pytest.fixture
+def downloads(monkeypatch) -> list[str]:
+    """The URIs storage.download fetches from from now on."""
+    fetched = []
+    original = storage.download
+
+    def counting(uri, local):
+        fetched.append(uri)
+        return original(uri, local)
+
+    monkeypatch.setattr(storage, "download", counting)
+    return fetched
+
+
+def test_s3_prefix_is_downloaded_once_and_again_only_where_its_listing_changed(s3_bucket, image_folder, tmp_path,
+                                                                                downloads):
     source = f"{s3_bucket}/datasets/food/"
     storage.upload(image_folder, source)
     cache = tmp_path / "cache"
     root = local_dataset(source, cache)
     assert root.is_relative_to(cache)
-    assert scan(root).counts() == scan(image_folder).counts()
-    storage.delete(source)
-    assert local_dataset(source, cache) == root
+    assert scan(root).counts() == scan(image_folder).counts() and len(downloads) == 48
+    assert local_dataset(source, cache) == root and len(downloads) == 48  # unchanged: nothing fetched
+
+    added = write_image_folder(tmp_path / "more", {"date": 3}, splits=("train", "test"), seed=7)
+    storage.upload(added, source)  # a third... fourth class, 6 images
+    changed = f"{source}train/apple/0000.jpg"
+    storage.write_bytes(changed, (added / "train" / "date" / "0000.jpg").read_bytes())
+    storage.delete(f"{source}test/cherry/0003.jpg")
+    del downloads[:]
+    again = local_dataset(source, cache)
+    assert again != root and sorted(downloads) == sorted([changed, *(f"{source}{split}/date/{n:04d}.jpg"
+                                                                      for split in ("train", "test") for n in range(3))])
+    folder = scan(again)
+    assert folder.classes == ("apple", "banana", "cherry", "date")
+    assert folder.counts()["test"] == {"apple": 4, "banana": 4, "cherry": 3, "date": 3}
+    assert (again / "train/apple/0000.jpg").read_bytes() == storage.read_bytes(changed)
+    assert (root / "train/apple/0000.jpg").read_bytes() == (image_folder / "train/apple/0000.jpg").read_bytes()
+
+
+def test_another_worker_sees_the_data_acquire_indexed_or_refuses(s3_bucket, image_folder, tmp_path):
+    source = f"{s3_bucket}/food/"
+    storage.upload(image_folder, source)
+    cfg = RunConfig(source=source, run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "worker-a"))
+    acquired = acquire(cfg)
+    indexed = acq.read_acquired(cfg, acquired)
+    (tmp_path / "worker-a").rename(tmp_path / "elsewhere")  # worker-a's disk is not on the other workers
+    seen = acq.read_acquired(dataclasses.replace(cfg, cache_dir=str(tmp_path / "worker-b")), acquired)
+    assert seen.root.is_relative_to(tmp_path / "worker-b") and seen.files == indexed.files
+    storage.write_bytes(f"{source}train/apple/0000.jpg", b"changed")
+    with pytest.raises(DatasetError, match="changed after acquire indexed it"):
+        acq.read_acquired(dataclasses.replace(cfg, cache_dir=str(tmp_path / "worker-c")), acquired)
+
+
+def test_a_folder_changed_after_acquire_is_refused_not_half_read(image_folder, tmp_path):
+    cfg = RunConfig(source=str(image_folder), run_root=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    acquired = acquire(cfg)
+    assert acq.read_acquired(cfg, acquired).root == image_folder
+    (image_folder / "train" / "apple" / "0000.jpg").write_bytes(b"replaced")
+    with pytest.raises(DatasetError, match="changed after acquire indexed it"):
+        acq.read_acquired(cfg, acquired)
 
 
 def test_s3_archive_is_fetched_and_extracted(s3_bucket, image_folder, tmp_path):
@@ -451,3 +505,68 @@ def test_a_killed_acquire_leaves_no_scratch_behind_for_ever(image_folder, tmp_pa
     root = local_dataset(str(archive), tmp_path / "cache")
     assert not killed.exists()
     assert sorted(p.name for p in datasets.iterdir()) == [root.parent.name]
+
+
+def _bomb(image_folder: Path, archive: Path) -> Path:
+    """The image folder plus one member of 8 MB of zeros (a few KB compressed)."""
+    archive_folder(image_folder, archive)
+    zeros = bytes(8 << 20)
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as bundle:
+            bundle.writestr("train/apple/zeros.png", zeros)
+    else:
+        with tarfile.open(archive, "w:gz") as bundle:
+            bundle.add(image_folder, "")
+            add_tar_member(bundle, "train/apple/zeros.png", zeros)
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_compression_bomb_is_refused_before_extracting(kind, image_folder, tmp_path):
+    archive = _bomb(image_folder, tmp_path / "in" / f"food.{kind}")
+    assert archive.stat().st_size < (8 << 20) // 100  # far under the 50 GiB and member limits
+    with pytest.raises(DatasetError, match=r"zeros.png.*expands .*TLP_MAX_COMPRESSION_RATIO.*nothing was extracted"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_extraction_that_would_fill_the_disk_is_refused(kind, image_folder, tmp_path, monkeypatch):
+    archive = archive_folder(image_folder, tmp_path / "in" / f"food.{kind}")
+    monkeypatch.setenv("TLP_MIN_FREE_BYTES", str(shutil.disk_usage(tmp_path).free))
+    with pytest.raises(DatasetError, match="free on the disk .*TLP_MIN_FREE_BYTES.*nothing was written"):
+        local_dataset(str(archive), tmp_path / "cache")
+    assert files_below(tmp_path / "cache") == []
+
+
+def test_default_member_limit_fits_a_workers_memory():
+    from tasks.settings import Limits
+
+    # each listed member holds a TarInfo/ZipInfo (~0.5 KB) in memory until extraction and an inode after it
+    assert Limits().max_archive_members * 512 <= 256 << 20
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "record.json"
+    storage.write_json(str(target), {"kept": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scratch.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_json(str(target), {"kept": 2})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["record.json"]
+    assert storage.read_json(str(target)) == {"kept": 1}
+
+
+def test_a_download_cut_short_leaves_no_partial_file(image_folder, tmp_path, monkeypatch):
+    www = tmp_path / "www"
+    archive = archive_folder(image_folder, www / "food.zip")
+    monkeypatch.setattr(acq, "DOWNLOAD_CHUNK_BYTES", 1024)
+    monkeypatch.setenv("TLP_MAX_DOWNLOAD_BYTES", str(archive.stat().st_size // 2))
+    target = tmp_path / "down" / "food.zip"
+    target.parent.mkdir()
+    with serve(www) as server, pytest.raises(DatasetError):
+        acq.download(server.url(archive.name), target)
+    assert list(target.parent.iterdir()) == []

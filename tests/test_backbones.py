@@ -309,3 +309,26 @@ def test_lite0_model_round_trips_through_a_keras_file(tmp_path):
     np.testing.assert_allclose(reloaded(images, training=False), backbone.model(images, training=False), atol=1e-5)
     assert not any(layer.trainable for layer in reloaded._flatten_layers()
                    if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_saved_model_backbones_only_come_from_the_deployments_locations(tmp_path, monkeypatch):
+    from tasks import settings
+
+    trusted, elsewhere = tmp_path / "trusted", tmp_path / "elsewhere"
+    (trusted / "encoder").mkdir(parents=True)
+    (elsewhere / "encoder").mkdir(parents=True)
+    (trusted / "link").symlink_to(elsewhere / "encoder")
+    monkeypatch.setenv("TLP_BACKBONE_LOCATIONS", f"{trusted},s3://models/backbones")
+    monkeypatch.delenv("TLP_ALLOW_HUB_BACKBONES")
+    deployment = settings.load()
+    backbones.check_backbone_location(str(trusted / "encoder"), deployment)
+    backbones.check_backbone_location("s3://models/backbones/encoder/", deployment)
+    refused = [str(elsewhere / "encoder"), str(trusted / "link"), f"file://{trusted}/../elsewhere/encoder",
+               "s3://models/backbones-evil/encoder", "s3://other/backbones/encoder",
+               "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"]
+    for spec in refused:
+        with pytest.raises(BackboneError, match="backbone locations|TF Hub handles"):
+            backbones.check_backbone_location(spec, deployment)
+    with pytest.raises(BackboneError, match="backbone locations"):
+        load_backbone(str(elsewhere / "encoder"), SIZE)
+    assert load_backbone("mobilenet_v2", SIZE, weights="none").feature_dim == 1280

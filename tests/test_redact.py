@@ -35,3 +35,31 @@ def test_uris_without_credentials_are_unchanged(uri):
 def test_every_uri_inside_a_message_is_redacted():
     message = "https://u:p@h/x.zip: HTTP 503; mirror s3://K:S@b/x.zip?sig=1 failed too"
     assert redact_text(message) == "https://***@h/x.zip: HTTP 503; mirror s3://***@b/x.zip?sig=*** failed too"
+
+
+def test_every_pipeline_error_message_is_redacted_where_it_is_made():
+    from tasks.errors import ConfigError, DatasetError, DownloadError
+
+    for error in (DatasetError("s3://AKIA:SeCrEt@bucket/x.zip: no such archive file"),
+                  DownloadError("https://me:pass@host/d.zip?sig=abc: HTTP 503"),
+                  ConfigError("source='https://host/d.zip?X-Amz-Signature=abc' is invalid")):
+        assert "SeCrEt" not in str(error) and "pass" not in str(error) and "abc" not in str(error)
+        assert "SeCrEt" not in repr(error.args) and "***" in str(error)
+
+
+def test_failed_candidates_specs_and_errors_are_written_redacted(tmp_path):
+    from tasks import artifacts, storage
+    from tasks.config import RunConfig, candidate_list
+    from tasks.errors import TrainingError
+    from tasks.steps.select import record_failure, select
+
+    specs = "s3://AKIA:SeCrEt@models/encoder@96, https://tok:SeCrEt@host/model@128"
+    cfg = RunConfig(run_root=str(tmp_path), candidates=specs)
+    for candidate in candidate_list(cfg):
+        run = cfg.for_candidate(candidate)
+        record_failure(run, ValueError(f"cannot load {run.backbone}"))
+    with pytest.raises(TrainingError) as failed:
+        select(cfg, [None, None])
+    assert "SeCrEt" not in str(failed.value) and "s3://***@models/encoder@96" in str(failed.value)
+    written = "".join(path.read_text() for path in tmp_path.rglob("*.json"))
+    assert "cannot load" in written and "SeCrEt" not in written

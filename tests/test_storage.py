@@ -180,3 +180,30 @@ def test_listing_carries_size_and_a_version_that_changes_with_content(base):
     [second] = storage.list_stored(storage.join(base, "v"))
     assert (first.uri, first.size, second.size) == (uri, 3, 5)
     assert first.version != second.version
+
+
+@pytest.mark.parametrize("suffix", ["#", "#/run/eval/metrics.json", "?x=1"])
+def test_file_uri_with_query_or_fragment_is_refused_not_cut_short(tmp_path, suffix):
+    secret = tmp_path / "environ"
+    secret.write_text("JWT_SECRET=hunter2")
+    with pytest.raises(storage.StorageError, match="may not contain"):
+        storage.read_bytes(f"file://{secret}{suffix}")
+    with pytest.raises(storage.StorageError):
+        storage.read_json(f"file:///proc/self/environ{suffix}")
+
+
+def test_file_uri_with_a_host_is_refused(tmp_path):
+    with pytest.raises(storage.StorageError, match="file:///"):
+        storage.local_path("file://etc/passwd")
+    assert storage.local_path(f"file://{tmp_path}/a") == tmp_path / "a"
+    assert storage.local_path(f"{tmp_path}/a#b?c") == tmp_path / "a#b?c"
+
+
+def test_s3_keys_keep_question_marks_and_hashes(s3_bucket, tmp_path):
+    uri = f"{s3_bucket}/odd/what?is#this.txt"
+    storage.write_text(uri, "kept")
+    assert storage.read_text(uri) == "kept"
+    assert storage.list_files(f"{s3_bucket}/odd/") == [uri]
+    assert storage.split_s3(uri) == (s3_bucket[len("s3://"):], "odd/what?is#this.txt")
+    downloaded = storage.download(f"{s3_bucket}/odd/", tmp_path / "down")
+    assert (downloaded / "what?is#this.txt").read_text() == "kept"

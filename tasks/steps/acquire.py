@@ -9,7 +9,7 @@ from typing import Any
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tasks.datasets import cache_record, local_dataset, scan
+from tasks.datasets import entry_record, local_dataset, scan, snapshot
 from tasks.redact import redact_uri
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ def acquire(cfg: RunConfig) -> dict[str, Any]:
         "classes": list(folder.classes),
         "files": {split: [list(paths) for paths in per_class] for split, per_class in folder.files.items()},
         "counts": folder.counts(),
-        "sha256": cache_record(cfg.source, cfg.cache_dir).get("sha256", ""),
+        "skipped": list(folder.skipped),
+        "sha256": entry_record(root).get("sha256", ""),
+        "snapshot": snapshot(root),
     }
     uri = cfg.artifact(artifacts.ACQUIRED)
     storage.write_json(uri, index)

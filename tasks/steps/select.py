@@ -17,6 +17,7 @@ from typing import Any
 from tasks import artifacts, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import TrainingError
+from tasks.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
 
 def _row(cfg: RunConfig, order: int) -> dict[str, Any]:
     """How one candidate ended: its best validation accuracy and time, or its error."""
-    row = {"candidate": cfg.candidate, "spec": f"{cfg.backbone}@{cfg.image_size}", "backbone": cfg.backbone,
+    row = {"candidate": cfg.candidate, "spec": redact_text(f"{cfg.backbone}@{cfg.image_size}"),
+           "backbone": cfg.backbone,
            "image_size": cfg.image_size, "order": order, "val_accuracy": None, "seconds": None, "error": None,
            "history_uri": cfg.artifact(artifacts.HISTORY), "manifest_hash": None}
     summary_uri, error_uri = cfg.artifact(artifacts.TRAIN_SUMMARY), cfg.artifact(artifacts.TRAINING_ERROR)
@@ -79,4 +81,5 @@ def _reason(winner: dict[str, Any], others: list[dict[str, Any]], failed: list[d
 
 def record_failure(cfg: RunConfig, error: Exception) -> None:
     """Leave a candidate's error where select looks for it (the task still fails, so Airflow shows it)."""
-    storage.write_json(cfg.artifact(artifacts.TRAINING_ERROR), {"error": f"{type(error).__name__}: {error}"})
+    message = redact_text(f"{type(error).__name__}: {error}")
+    storage.write_json(cfg.artifact(artifacts.TRAINING_ERROR), {"error": message})

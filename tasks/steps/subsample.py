@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "test")
 MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
+MIN_CLASSES = 2
 
 Selection = dict[str, list[tuple[str, int]]]
 
@@ -56,6 +57,7 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     classes = [folder.classes[label] for label in labels]
     selection = select(folder, labels, cfg)
     kept, skipped = _check_images(root, selection, classes)
+    kept, duplicates = _drop_test_duplicates(kept)
     tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
     counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
     _require_images(counts, skipped, source)
@@ -71,6 +73,8 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "counts": counts,
         "files": [file for split in records.SPLITS for file in kept[split]],
         "skipped": skipped,
+        "skipped_names": list(folder.skipped),
+        "test_duplicates": duplicates,
         "hash": selection_hash(kept),
     }
     with scratch_dir("subsample") as scratch:
@@ -82,25 +86,36 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
-    log.info("subsampled %s: %d classes, %s, %d skipped -> %s (hash %s)", source, len(classes),
-             " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped), uri, manifest["hash"][:12])
+    log.info("subsampled %s: %d classes, %s, %d skipped, %d test duplicates of train/val removed -> %s (hash %s)",
+             source, len(classes), " ".join(f"{split}={n}" for split, n in totals.items()), len(skipped),
+             len(duplicates), uri, manifest["hash"][:12])
     return {"manifest": uri, "hash": manifest["hash"], "counts": totals, "n_classes": len(classes),
-            "n_skipped": len(skipped)}
+            "n_skipped": len(skipped), "n_test_duplicates": len(duplicates)}
 
 
 def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, source: str) -> list[int]:
-    """The dataset labels of the requested classes, in the dataset's class order."""
+    """The dataset labels of the requested classes, in the dataset's class order; at least two.
+
+    One class would train a model that is always right (100 % on any test
+    split) and could become a new model's first champion.
+    """
     if classes is None:
-        return list(range(len(folder.classes)))
-    if isinstance(classes, int):
+        labels = list(range(len(folder.classes)))
+    elif isinstance(classes, int):
         if not 1 <= classes <= len(folder.classes):
             raise DatasetError(f"classes={classes}, but {source} has {len(folder.classes)} classes; "
-                               f"use 1..{len(folder.classes)}")
-        return list(range(classes))
-    unknown = [name for name in classes if name not in folder.classes]
-    if unknown:
-        raise DatasetError(f"classes {unknown} are not in {source}; available: {list(folder.classes)}")
-    return sorted(folder.classes.index(name) for name in classes)
+                               f"use {MIN_CLASSES}..{len(folder.classes)}")
+        labels = list(range(classes))
+    else:
+        unknown = [name for name in classes if name not in folder.classes]
+        if unknown:
+            raise DatasetError(f"classes {unknown} are not in {source}; available: {list(folder.classes)}")
+        labels = sorted(folder.classes.index(name) for name in classes)
+    if len(labels) < MIN_CLASSES:
+        raise DatasetError(f"the selection has {len(labels)} class ({[folder.classes[i] for i in labels]} of {source}),"
+                           f" but a classifier needs at least {MIN_CLASSES}: select more classes (classes=empty for all"
+                           f" {len(folder.classes)}), or add class folders to the dataset")
+    return labels
 
 
 def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
@@ -204,6 +219,21 @@ def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
+
+
+def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, list[dict[str, Any]]]:
+    """Remove the test images byte-identical to a train or validation image: a model is not tested on what it saw.
+
+    Returns the kept selection and the removed images, each with the path of
+    the train/val image it repeats.
+    """
+    seen = {f["sha256"]: f["path"] for split in ("train", "val") for f in kept[split]}
+    duplicates = [{"path": f["path"], "class": f["class"], "same_as": seen[f["sha256"]]}
+                  for f in kept["test"] if f["sha256"] in seen]
+    if duplicates:
+        log.warning("removed %d test images identical to train/val images, e.g. %s = %s", len(duplicates),
+                    duplicates[0]["path"], duplicates[0]["same_as"])
+    return {**kept, "test": [f for f in kept["test"] if f["sha256"] not in seen]}, duplicates
 
 
 def _too_many_pixels(path: Path, limits: settings.Limits) -> str:
