@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from tasks import data_changes
-
 APPROVE, REJECT = "Approve", "Reject"
 OPTIONS = [APPROVE, REJECT]
 COMMENT = "comment"
@@ -47,7 +45,7 @@ def approval_request(published: dict, changes: dict | None = None) -> dict[str, 
         f"a gain of at least {published['margin']} over the champion.",
         f"**{'Eligible' if published['eligible'] else 'Not eligible'}**: {published['reason']}."
         + ("" if published["eligible"] else " Approving will not promote it."), "",
-        *([f"Data: {data_changes.summary_line(changes)}.", ""] if changes and changes.get("files") else []),
+        *([f"Data: {_changes_line(changes)}.", ""] if changes and changes.get("files") else []),
         f"Serving check: {serving['n_images']} golden images, largest difference "
         + ", ".join(f"{name} {diff:.1e}" for name, diff in serving["max_abs_diff"].items())
         + f" (tolerance {serving['tolerance']:g}).",
@@ -58,6 +56,12 @@ def approval_request(published: dict, changes: dict | None = None) -> dict[str, 
     ])
     return {"subject": f"Promote {published['model_name']} {published['version']} "
                        f"({published['new_accuracy']:.4f} vs {champion_score})?", "body": body}
+
+
+def _changes_line(changes: dict) -> str:
+    from tasks.data_changes import summary_line  # numpy: kept out of DAG parsing, which imports this module
+
+    return summary_line(changes)
 
 
 def read_review(approval: dict | None) -> dict | None:
