@@ -1,5 +1,5 @@
 """Transfer learning on Airflow: acquire → subsample → train (per candidate) → select → decide → fine-tune? →
-evaluate → publish.
+evaluate → publish_version → (approve, for a model the deployment wants approved) → promote.
 
 Two DAGs run the same pipeline:
 - `transfer_learning`: triggered by hand from the UI form (defaults = the offline demo);
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import Any
 
 from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Label, Param, RetryAction, RetryRule, TriggerRule,
                          dag, get_current_context, task)
@@ -41,6 +42,10 @@ DEFAULT_ARGS = {
     "execution_timeout": timedelta(hours=2),
     "retry_policy": RETRY_POLICY,
 }
+# A run may take RUN_TIMEOUT besides the approval wait; its timeout covers both and promote after them, so a late
+# answer is recorded, never cut off (checked at parse time: check_timeouts).
+RUN_TIMEOUT = timedelta(hours=SETTINGS.run_timeout_hours)
+APPROVAL_TIMEOUT = timedelta(hours=SETTINGS.approval_timeout_hours)
 APPROVAL_PARAMS = {approval.COMMENT: Param("", type="string", title="Comment",
                                            description="Why (kept with the promotion decision)")}
 # The trigger form, generated from RunConfig's own field metadata (one place per rule).
@@ -92,8 +97,8 @@ def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
 
 
 def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = None) -> None:
-    """The task graph shared by the manual and the scheduled DAG (with an approval step where the deployment
-    asks for one: TLP_APPROVAL_DAGS)."""
+    """The task graph shared by the manual and the scheduled DAG. Every run can wait for approval: the gate sends an
+    eligible candidate of a model the deployment wants approved (TLP_APPROVAL_MODELS) to `approve`."""
 
     @task(show_return_value_in_logs=False)  # the config may hold a source URL with credentials
     def configure(params: dict | None = None, dag_run=None) -> dict:
@@ -189,25 +194,19 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
         return publish_version(_config(cfg, best), evaluation)
 
     @task.branch
-    def approval_gate(published: dict) -> str:
-        """Only a candidate the rule would promote waits for a human; the others go straight to promote."""
-        return "approval_request" if published["eligible"] else "promote"
+    def approval_gate(cfg: dict, published: dict) -> str:
+        """Routes an eligible candidate of a model that needs approval to a human; the rest go straight to promote.
+        Routing only: promote checks both again from the store and fails closed."""
+        needed = settings.load().approval_required(cfg["publish_uri"], cfg["model_name"])
+        return "approve" if needed and published["eligible"] else "promote"
 
-    @task(multiple_outputs=True)
-    def approval_request(cfg: dict, published: dict) -> dict:
-        """What the approver reads: champion vs candidate on the same test images, what changed in the data, links
-        to the report."""
-        from tasks.steps.check_changes import recorded_changes
-
-        return approval.approval_request(published, recorded_changes(_config(cfg)))
-
-    @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def promote(cfg: dict, published: dict, approval: dict | None) -> dict:
-        """Moves the champion when eligible (and approved, where approval is asked); records who and why."""
-        from tasks.steps.check_changes import hold_for_shift
+    @task(outlets=[CHAMPION_ALIAS], trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+    def promote(cfg: dict, published: dict, dag_run=None) -> dict:
+        """Moves the champion when the recorded judgement allows it (and an approver approved, where the model
+        needs approval); records who and why. Runs also when `approve` failed or expired, to record that."""
         from tasks.steps.promote import promote
 
-        result = promote(_config(cfg), hold_for_shift(_config(cfg), published, approval), approval)
+        result = promote(_config(cfg), published["version"], triggered_by=dag_run.triggering_user_name)
         if result["promoted"]:
             champion = Asset(name=f"champion-{cfg['model_name']}",
                              uri=f"{cfg['publish_uri'].rstrip('/')}/{cfg['model_name']}/champion.json")
@@ -224,15 +223,49 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     evaluation = evaluate(cfg, data, best)
     branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
     published = publish_version(cfg, evaluation, best)
-    if dag_id not in SETTINGS.approval_dags:
-        promote(cfg, published, None)
-        return
-    request = approval_request(cfg, published)
-    approve = HITLOperator(task_id="approve", subject=request["subject"], body=request["body"],
-                           options=approval.OPTIONS, defaults=[approval.REJECT], params=APPROVAL_PARAMS,
-                           response_timeout=timedelta(hours=SETTINGS.approval_timeout_hours))
-    approval_gate(published) >> [request, promote(cfg, published, approve.output)]
-    request >> approve
+    approve = ApprovePromotion(task_id="approve", params=APPROVAL_PARAMS)
+    promoted = promote(cfg, published)
+    approval_gate(cfg, published) >> [approve, promoted]
+    approve >> promoted
+
+
+class ApprovePromotion(HITLOperator):
+    """Airflow's human approval of a published version, read and recorded without trusting XCom.
+
+    The request (subject, body) comes from the judgement publish_version recorded in the store; only the
+    deployment's approvers but the user who triggered the run are assigned. The answer is taken from the
+    event Airflow resumes this task with (its own HITL record: responded_by_user, chosen_options,
+    responded_at, timedout) and written to the store, where promote reads it. A task can read no other
+    task's HITL record (Airflow 3.3's execution API serves HITL details to their own task instance only,
+    and the worker supervisor does not relay GetHITLDetailResponse), so the answer is recorded here.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{"subject": "Promote a model?", "options": approval.OPTIONS, "defaults": [approval.REJECT],
+                            "response_timeout": APPROVAL_TIMEOUT, **kwargs})
+
+    def execute(self, context) -> Any:
+        cfg, version = self._published(context)
+        request = approval.ask(cfg.publish_uri, cfg.model_name, version, cfg.run_id, cfg.dag_id)
+        from tasks.steps.check_changes import changes_note
+
+        self.subject, self.body = request["subject"], request["body"] + changes_note(cfg)
+        self.assigned_users = approval.assignees(settings.load().approvers,
+                                                 context["dag_run"].triggering_user_name)
+        return super().execute(context)
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict:
+        super().execute_complete(context, event)
+        cfg, version = self._published(context)
+        answer = approval.answer_from_hitl(event, version=version,
+                                           triggered_by=context["dag_run"].triggering_user_name)
+        approval.record_answer(cfg.publish_uri, cfg.model_name, answer)
+        return answer
+
+    @staticmethod
+    def _published(context) -> tuple[RunConfig, str]:
+        ti = context["ti"]
+        return _config(ti.xcom_pull(task_ids="configure")), ti.xcom_pull(task_ids="publish_version")["version"]
 
 
 # shared by both DAGs: one run at a time (runs share the champion), bounded, retried, documented
@@ -240,7 +273,7 @@ DAG_SETTINGS = {
     "start_date": datetime(2026, 1, 1),
     "catchup": False,
     "max_active_runs": 1,
-    "dagrun_timeout": timedelta(hours=8),
+    "dagrun_timeout": RUN_TIMEOUT + APPROVAL_TIMEOUT + DEFAULT_ARGS["execution_timeout"],
     "default_args": DEFAULT_ARGS,
     "params": PARAMS,
     "doc_md": __doc__,
@@ -273,5 +306,20 @@ def transfer_learning_retrain() -> None:
     transfer_learning_pipeline("transfer_learning_retrain", overrides_variable=SETTINGS.retrain_params_variable)
 
 
-transfer_learning()
-transfer_learning_retrain()
+def check_timeouts(dag) -> None:
+    """Refuse, at parse time, a DAG whose run timeout would kill a run still waiting for approval (or promoting
+    after it): training may take RUN_TIMEOUT, then the approval wait, then promote."""
+    approve, promote_ = dag.task_dict["approve"], dag.task_dict["promote"]
+    needed = RUN_TIMEOUT + approve.response_timeout + promote_.execution_timeout
+    if dag.dagrun_timeout is None or dag.dagrun_timeout < needed:
+        raise ValueError(f"{dag.dag_id}: dagrun_timeout {dag.dagrun_timeout} is shorter than training "
+                         f"({RUN_TIMEOUT}, TLP_RUN_TIMEOUT_HOURS) + the approval wait ({approve.response_timeout}, "
+                         f"TLP_APPROVAL_TIMEOUT_HOURS) + promote ({promote_.execution_timeout})")
+    longest = max(task.execution_timeout for task in dag.tasks if task.task_id != "approve")
+    if longest > RUN_TIMEOUT:
+        raise ValueError(f"{dag.dag_id}: a task may run {longest}, longer than the run's training budget {RUN_TIMEOUT} "
+                         "(TLP_RUN_TIMEOUT_HOURS)")
+
+
+for built in (transfer_learning(), transfer_learning_retrain()):
+    check_timeouts(built)

@@ -272,6 +272,15 @@ def markdown(changes: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def held(judgement: dict[str, Any], changes: dict[str, Any] | None, auc_threshold: float) -> dict[str, Any]:
+    """A promotion judgement, made ineligible (with the reason) when the data shifted beyond the threshold."""
+    reason = shift_hold(changes, auc_threshold)
+    if not reason or not judgement.get("eligible"):
+        return judgement
+    return {**judgement, "eligible": False,
+            "reason": f"held: {reason}; have a human approve it (TLP_APPROVAL_MODELS) after a look at the data"}
+
+
 def shift_hold(changes: dict[str, Any] | None, auc_threshold: float) -> str:
     """Why promotion should wait for the shift ("" when it need not): the embedding-shift AUC is above the
     deployment's threshold (TLP_SHIFT_AUC_THRESHOLD; 0 = never hold) and outside its noise band."""

@@ -5,8 +5,14 @@ Everything lives under `<publish_uri>/<model_name>/`:
 - `versions/<version>/`: model/ (classifier spec + weights), saved_model/ (for serving),
   tflite/<variant>.tflite (the TFLite variants that kept the accuracy), metrics.json (with the serving
   check and TFLite sections), report/ (with release.html: those checks), model_card.md (with a release
-  section), manifest.json, params.json and checksums.json ({relative path: sha256}).
+  section), manifest.json, params.json, test/test.tfrecord (the run's test split: a later candidate is also
+  judged on it), predictions.json (the model's answer per judged image, by sha256) and checksums.json
+  ({relative path: sha256}).
   Versions are immutable once complete.
+- `judgements/<version>.json`: what publish_version judged (eligible or not and why, both scores on the same
+  test images, the paired test); promote reads eligibility and scores from here, never from XCom.
+- `approvals/<version>.json`: the human answer to the approval request, copied from Airflow's own HITL
+  record by the approval task (who, what, when, the comment; or that the request expired).
 - `champion.json`: the pointer serving follows, moved only by conditional writes (tasks.pointer).
 - `promotions/<decided_at>-<version>.json`: one object per decision (promoted or not, both
   scores, the rule's numbers, who approved or rejected and their comment), and one
@@ -29,6 +35,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,7 +55,10 @@ SAVED_MODEL_DIR = "saved_model"
 TFLITE_DIR = "tflite"
 REPORT_DIR = "report"
 MODEL_CARD_FILE = "model_card.md"
+PREDICTIONS_FILE = "predictions.json"
+TEST_RECORDS = "test/test.tfrecord"
 VERSION_TIME = "%Y%m%dT%H%M%S.%fZ"  # %f as milliseconds
+VERSION_ID = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}")
 PROMOTE_ATTEMPTS = 5  # pointer writes lost to other promotions before giving up
 
 
@@ -147,6 +157,53 @@ def list_decisions(publish_uri: str, model_name: str) -> list[dict]:
 def read_champion(publish_uri: str, model_name: str) -> dict | None:
     """The current champion pointer, or None before the first promotion."""
     return champion_at(model_root_of(publish_uri, model_name))
+
+
+def check_version_id(version: object) -> str:
+    """`version` if it has the form of a version id; PublishError otherwise (it names a location under versions/,
+    so nothing else may pass: no '/', no '..')."""
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
+        raise PublishError(f"{version!r} is not a version id (like 20261122T081500.123Z-3fa2b1c9d0e4); promote takes "
+                           "the id publish_version returned")
+    return version
+
+
+def write_judgement(model_root: str, judgement: dict) -> None:
+    """Record what publish_version judged for a version (the one place promote reads eligibility and scores)."""
+    storage.write_json(_record_uri(model_root, "judgements", judgement["version"]), judgement)
+
+
+def read_judgement(model_root: str, version: str) -> dict | None:
+    uri = _record_uri(model_root, "judgements", version)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def judgement_of_run(model_root: str, version: str, run_id: str, dag_id: str) -> dict:
+    """The judgement recorded for `version`; PublishError when there is none, or when another run (or another
+    location) published it: a run promotes, and asks approval for, only what it published."""
+    judgement = read_judgement(model_root, version)
+    if judgement is None:
+        raise PublishError(f"{version} has no recorded judgement under {model_root}/judgements/: it was never "
+                           "published there; run publish_version for this run first")
+    expected = (run_id, dag_id, version_uri_of(model_root, version))
+    if (judgement["run_id"], judgement["dag_id"], judgement["version_uri"]) != expected:
+        raise PublishError(f"{version} was published by run {judgement['run_id']!r} of {judgement['dag_id']!r}, not by "
+                           f"this run ({run_id!r} of {dag_id!r}): a run promotes only what it published")
+    return judgement
+
+
+def write_approval(model_root: str, version: str, answer: dict) -> None:
+    """Record the answer to a version's approval request (replacing an earlier one: a new request resets it)."""
+    storage.write_json(_record_uri(model_root, "approvals", version), answer)
+
+
+def read_approval(model_root: str, version: str) -> dict | None:
+    uri = _record_uri(model_root, "approvals", version)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _record_uri(model_root: str, kind: str, version: str) -> str:
+    return storage.join(model_root, kind, f"{check_version_id(version)}.json")
 
 
 def champion_fields(champion: dict | None) -> dict:

@@ -36,6 +36,30 @@ def _env_float(name: str, default: float) -> float:
     return float(_env_number(name, default, float))
 
 
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated setting, blanks dropped."""
+    return tuple(item.strip() for item in _env(name, "").split(",") if item.strip())
+
+
+def _pairs(name: str) -> tuple[tuple[str, str], ...]:
+    """A comma-separated `key=value` setting; an entry without `=` names the variable and the form."""
+    pairs = []
+    for item in _list(name):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"environment variable {name}: {item!r} is not of the form model=uri")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _approval_models() -> tuple[str, ...]:
+    if _list("TLP_APPROVAL_DAGS"):
+        raise ValueError("TLP_APPROVAL_DAGS is no longer read: approval is per model now. Set TLP_APPROVAL_MODELS to "
+                         "the model names (or <publish_uri>/<model> roots, or *) whose promotions need approval, and "
+                         "TLP_APPROVERS to who may approve")
+    return _list("TLP_APPROVAL_MODELS")
+
+
 def _default_run_root() -> str:
     return str(Path(_env("AIRFLOW_HOME", str(Path.home() / "airflow"))) / "tlpipe-runs")
 
@@ -84,13 +108,22 @@ class Settings:
     retrain_params_variable: str = "tlp_retrain_params"
     # heavy steps can go to a GPU worker: `airflow celery worker -q gpu` and TLP_TRAIN_QUEUE=gpu
     train_queue: str = field(default_factory=lambda: _env("TLP_TRAIN_QUEUE", "default"))
-    # promotion policy: a candidate replaces the champion only above the floor and by at least the gain
+    # promotion policy (tasks.promotion): a candidate replaces the champion only when, judged on test images it did
+    # not choose, it reaches the floor, on at least the minimum test size, and beats the champion on the same
+    # images by at least the minimum effect with a paired test below alpha
     min_accuracy: float = field(default_factory=lambda: _env_float("TLP_MIN_ACCURACY", 0.0))
-    promotion_margin: float = field(default_factory=lambda: _env_float("TLP_PROMOTION_MARGIN", 0.0))
-    # human approval before promotion, per DAG: e.g. TLP_APPROVAL_DAGS=transfer_learning_retrain
-    approval_dags: tuple[str, ...] = field(default_factory=lambda: tuple(
-        dag.strip() for dag in _env("TLP_APPROVAL_DAGS", "").split(",") if dag.strip()))
+    promotion_margin: float = field(default_factory=lambda: _env_float("TLP_PROMOTION_MARGIN", 0.01))
+    promotion_alpha: float = field(default_factory=lambda: _env_float("TLP_PROMOTION_ALPHA", 0.05))
+    min_test_images: int = field(default_factory=lambda: _env_int("TLP_MIN_TEST_IMAGES", 1000))
+    # deployment-owned evaluation sets, per model: `model=uri` pairs, each an image folder `<class>/<image>`
+    evaluation_sets: tuple[tuple[str, str], ...] = field(default_factory=lambda: _pairs("TLP_EVALUATION_SETS"))
+    # human approval before promotion, per model: model names or `<publish_uri>/<model>` roots, `*` for all
+    approval_models: tuple[str, ...] = field(default_factory=lambda: _approval_models())
+    # who may answer an approval request (Airflow user ids; the user who triggered the run never may)
+    approvers: tuple[str, ...] = field(default_factory=lambda: _list("TLP_APPROVERS"))
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
+    # how long a run may take besides waiting for approval; the DAG's run timeout adds the approval timeout
+    run_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_RUN_TIMEOUT_HOURS", 8.0))
     limits: Limits = field(default_factory=Limits)
     # SavedModel backbones are code that runs on the workers: only these local folders and s3:// prefixes may
     # hold one ("*" = anywhere: a single-user deployment only), and TF Hub handles only when allowed
@@ -116,6 +149,21 @@ class Settings:
     def feature_store_args(self) -> tuple[str, int]:
         """(root, size cap in bytes) of the feature store: tasks.feature_store.FeatureStore's arguments."""
         return self.feature_store_root(), self.feature_store_max_bytes
+
+    def __post_init__(self) -> None:
+        if self.approval_models and not self.approvers:
+            raise ValueError(f"TLP_APPROVAL_MODELS={','.join(self.approval_models)} asks for approval but "
+                             "TLP_APPROVERS names nobody who may give it: set TLP_APPROVERS to the approvers' Airflow "
+                             "user ids")
+
+    def approval_required(self, publish_uri: str, model_name: str) -> bool:
+        """Whether promoting `model_name` at `publish_uri` waits for a human (TLP_APPROVAL_MODELS)."""
+        root = f"{publish_uri.rstrip('/')}/{model_name}"
+        return any(entry in ("*", model_name) or entry.rstrip("/") == root for entry in self.approval_models)
+
+    def evaluation_set(self, model_name: str) -> str | None:
+        """The deployment's own evaluation set for a model (TLP_EVALUATION_SETS), if it has one."""
+        return dict(self.evaluation_sets).get(model_name)
 
     def readable_publish_locations(self) -> tuple[str, ...]:
         """Where published models may be read from by the UI: the configured ones plus the default."""

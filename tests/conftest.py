@@ -107,8 +107,9 @@ def model_store_connection(s3, monkeypatch):
 
 
 def deployment_env(run_root: str, publish_uri: str) -> dict[str, str]:
-    """The deployment settings a test run needs: where runs live and the publish location it may use."""
-    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri}
+    """The deployment settings a test run needs: where runs live, the publish location it may use, and a minimum
+    test size a tiny run meets (its first model may become champion)."""
+    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri, "TLP_MIN_TEST_IMAGES": "1"}
 
 
 def tiny_conf(tmp_path: Path, fine_tune: str, publish_uri: str) -> dict:

@@ -85,14 +85,11 @@ def test_a_handed_over_hash_that_differs_from_the_manifest_is_refused(cfg):
         check_changes(cfg, {"hash": "something else"})
 
 
-def test_a_shift_beyond_the_threshold_holds_an_unapproved_promotion(cfg, monkeypatch):
-    from tasks.steps.check_changes import hold_for_shift
+def test_the_approval_request_note_says_what_changed(cfg):
+    from tasks.steps.check_changes import changes_note
 
-    storage.write_json(cfg.artifact(artifacts.CHANGES), {"champion_version": VERSION, "embedding_shift": {
-        "auc": 0.97, "noise_band": [0.4, 0.6], "shifted": True}})
-    published = {"eligible": True, "reason": "better than the champion"}
-    assert hold_for_shift(cfg, published, None) == published  # no threshold set
-    monkeypatch.setenv("TLP_SHIFT_AUC_THRESHOLD", "0.9")
-    held = hold_for_shift(cfg, published, None)
-    assert not held["eligible"] and "AUC 0.970" in held["reason"] and held["reason"].startswith("held: ")
-    assert hold_for_shift(cfg, published, {"chosen_options": ["Approve"]}) == published  # a human decides
+    assert changes_note(cfg) == ""
+    _champion(cfg, DATA, cfg.to_public_dict())
+    check_changes(cfg, _run_manifest(cfg, _manifest({"cat": [("1.jpg", "a")], "dog": [("1.jpg", "c"),
+                                                                                     ("2.jpg", "d")]})))
+    assert changes_note(cfg).startswith(f"\n\nData: since champion {VERSION}: +0 / -1 / ~0 training images")

@@ -117,16 +117,9 @@ def test_shift_beyond_the_threshold_holds_promotion_and_noise_does_not():
     assert data_changes.shift_hold(noisy, 0.8) == ""
 
 
-PUBLISHED = {"champion_version": "v1", "champion_accuracy": 0.8, "version": "v2", "new_accuracy": 0.9,
-             "serving_check": {"n_images": 4, "max_abs_diff": {"saved_model": 1e-7}, "tolerance": 1e-4},
-             "tflite": {"variants": {}, "status": "skipped"}, "model_name": "m", "n_test": 10, "min_accuracy": 0.0,
-             "margin": 0.0, "eligible": True, "reason": "better", "dag_id": "transfer_learning_retrain",
-             "run_id": "r", "report_uri": "r/index.html", "model_card_uri": "r/card.md", "version_uri": "v/v2"}
-
-
-def test_approval_request_says_what_changed_in_the_data():
-    from tasks import approval
-
-    body = approval.approval_request(PUBLISHED, REPORT)["body"]
-    assert "Data: since champion v1: +1 / -0 / ~0 training images" in body
-    assert "Data:" not in approval.approval_request(PUBLISHED)["body"]
+def test_a_shift_beyond_the_threshold_makes_the_judgement_ineligible():
+    judgement = {"eligible": True, "reason": "better than the champion"}
+    assert data_changes.held(judgement, REPORT, 0.0) == judgement
+    held = data_changes.held(judgement, REPORT, 0.8)
+    assert not held["eligible"] and held["reason"].startswith("held: embedding shift AUC 0.910")
+    assert data_changes.held({"eligible": False, "reason": "worse"}, REPORT, 0.8)["reason"] == "worse"

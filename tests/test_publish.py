@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
 from tasks import artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
+from tasks import approval
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError, PublishError
@@ -75,38 +76,40 @@ def colour_classifier(backbone: str, classes: tuple[str, ...], correct: int, ima
 def test_records(tmp_path_factory):
     """Builds (and caches) a test split per class list: PER_CLASS small JPEGs per class."""
     root = tmp_path_factory.mktemp("splits")
-    made: dict[tuple[str, ...], Path] = {}
+    made: dict[tuple[tuple[str, ...], int], Path] = {}
 
-    def records(classes: tuple[str, ...]) -> Path:
-        if classes not in made:
-            folder = write_image_folder(root / "-".join(classes), {name: PER_CLASS for name in classes},
-                                        splits=("test",), seed=3)
+    def records(classes: tuple[str, ...], seed: int = 3) -> Path:
+        if (classes, seed) not in made:
+            folder = write_image_folder(root / f"{'-'.join(classes)}-{seed}", {name: PER_CLASS for name in classes},
+                                        splits=("test",), seed=seed)
             examples = [(path.read_bytes(), classes.index(path.parent.name), path.relative_to(folder).as_posix())
                         for path in sorted(folder.glob("test/*/*.jpg"))]
-            made[classes] = root / f"{'-'.join(classes)}.tfrecord"
-            write_records(made[classes], examples)
-        return made[classes]
+            made[classes, seed] = root / f"{'-'.join(classes)}-{seed}.tfrecord"
+            write_records(made[classes, seed], examples)
+        return made[classes, seed]
 
     return records
 
 
 @pytest.fixture
-def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir):
+def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatch):
     """Writes what evaluate leaves under a run root, for a model that gets `correct` classes right.
 
     Runs share one test split; `selection` names a different subsample of the data around it (another
     manifest hash), as a run on other training data would have."""
 
     def make(run_id: str, publish_uri: str, *, correct: int = 3, classes: tuple[str, ...] = CLASSES,
-             image_size: int = 32, run_root: str | None = None, selection: str = "", **params) -> RunConfig:
+             image_size: int = 32, run_root: str | None = None, selection: str = "", test_seed: int = 3,
+             **params) -> RunConfig:
         from tasks.predict import predict_records
 
+        monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", publish_uri)  # a publish location of this deployment
         cfg = RunConfig(run_id=run_id, run_root=run_root or str(tmp_path / "runs"), publish_uri=publish_uri,
                         model_name=MODEL_NAME, classes=list(classes), image_size=image_size, **params)
         local = tmp_path / "build" / run_id
         built = colour_classifier(mean_colour_backbone, tuple(classes), correct, image_size, cache_dir)
         storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.MODEL))
-        records = test_records(classes)
+        records = test_records(classes, test_seed)
         probabilities, labels, paths = predict_records(built.model, records)
         manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode() + selection.encode())
                     .hexdigest()}
@@ -152,24 +155,41 @@ def real_checks(monkeypatch):
 def policy(monkeypatch):
     """Sets the deployment's promotion policy (floor, margin) for this test."""
 
-    def set_policy(*, margin: float = 0.0, floor: float = 0.0) -> None:
+    def set_policy(*, margin: float = 0.0, floor: float = 0.0, alpha: float = 0.05, min_test: int = 1) -> None:
         monkeypatch.setenv("TLP_PROMOTION_MARGIN", str(margin))
         monkeypatch.setenv("TLP_MIN_ACCURACY", str(floor))
+        monkeypatch.setenv("TLP_PROMOTION_ALPHA", str(alpha))
+        monkeypatch.setenv("TLP_MIN_TEST_IMAGES", str(min_test))
 
     set_policy()
     return set_policy
 
 
-def approval(option: str, comment: str = "", user: str | None = "ana") -> dict:
-    """What Airflow's ApprovalOperator returns once a human answered (or, with user=None, nobody did)."""
-    return {"chosen_options": [option], "params_input": {"comment": comment},
-            "responded_by_user": {"id": f"{user}-id", "name": user} if user else None,
-            "responded_at": "2026-11-22T08:15:00+00:00", "timedout": user is None}
+@pytest.fixture
+def approval_required(monkeypatch):
+    """From when it is called, this deployment asks ana-id (or bea-id) to approve the model's promotions."""
+
+    def ask() -> None:
+        monkeypatch.setenv("TLP_APPROVAL_MODELS", MODEL_NAME)
+        monkeypatch.setenv("TLP_APPROVERS", "ana-id,bea-id")
+
+    return ask
+
+
+def answer(cfg: RunConfig, version: str, option: str, comment: str = "", user: str | None = "ana") -> None:
+    """Record what the approval task records once a human answered (or, with user=None, the request expired)."""
+    from datetime import datetime, timezone
+
+    event = {"chosen_options": [option], "params_input": {"comment": comment},
+             "responded_by_user": {"id": f"{user}-id", "name": user} if user else None,
+             "responded_at": datetime.now(timezone.utc), "timedout": user is None}
+    approval.record_answer(cfg.publish_uri, cfg.model_name,
+                           approval.answer_from_hitl(event, version=version, triggered_by="tom"))
 
 
 def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     """Publish the run's model and promote it if it may, with no human approval (deployments that ask none)."""
-    return promote(cfg, publish_version(cfg, evaluation))
+    return promote(cfg, publish_version(cfg, evaluation)["version"])
 
 
 def version_objects(result: dict) -> dict[str, bytes]:
@@ -190,7 +210,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
 
     result = publish(cfg, {"accuracy": 1.0})
 
-    assert result["promoted"] and result["reason"] == "no champion yet"
+    assert result["promoted"] and result["reason"].startswith("no champion yet")
     assert result["new_accuracy"] == 1.0 and result["champion_accuracy"] is None
     assert result["version_uri"] == f"{s3_bucket}/registry/{MODEL_NAME}/versions/{result['version']}"
     objects = version_objects(result)
@@ -244,10 +264,12 @@ def test_republishing_redoes_an_interrupted_upload_under_the_same_version(s3_buc
     registry.verify_version(again["version_uri"])
 
 
-def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_split(s3_bucket, make_run, policy):
+def test_better_model_is_promoted_after_rescoring_champion_through_its_saved_model(s3_bucket, make_run, policy):
     champion_cfg = make_run("run-old", s3_bucket, correct=2, image_size=48, selection="older data")
     old = publish(champion_cfg)
     policy(margin=0.2)
+    # a champion without per-image predictions (published before they were kept) is scored at its own size
+    storage.delete(storage.join(old["version_uri"], registry.PREDICTIONS_FILE))
 
     new = publish(make_run("run-new", s3_bucket, correct=3))
 
@@ -258,7 +280,7 @@ def test_better_model_is_promoted_after_rescoring_champion_on_the_same_test_spli
     assert [(row["champion"], row["promoted"]) for row in versions] == [(False, True), (True, True)]
 
 
-def test_champion_evaluated_on_the_same_selection_keeps_its_recorded_accuracy(s3_bucket, make_run, policy):
+def test_champion_with_recorded_predictions_on_these_images_is_not_rescored(s3_bucket, make_run, policy):
     old = publish(make_run("run-old", s3_bucket, correct=2))
     policy(margin=0.2)
     # were the champion re-scored, its SavedModel would have to load: the recorded accuracy must be enough
@@ -450,11 +472,14 @@ def test_publish_version_alone_never_moves_the_champion(s3_bucket, make_run):
     assert [d["version"] for d in decisions_for(s3_bucket)] == [old["version"]]
 
 
-def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorded(s3_bucket, make_run):
+def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorded(s3_bucket, make_run,
+                                                                                    approval_required):
+    approval_required()
     cfg = make_run("run-1", s3_bucket)
     published = publish_version(cfg)
+    answer(cfg, published["version"], "Approve", "looks good on the gallery")
 
-    result = promote(cfg, published, approval("Approve", "looks good on the gallery"))
+    result = promote(cfg, published["version"], triggered_by="tom")
 
     assert result["promoted"] and "approved by ana (ana-id): 'looks good on the gallery'" in result["reason"]
     [decision] = decisions_for(s3_bucket)
@@ -463,17 +488,22 @@ def test_approved_candidate_is_promoted_and_the_approver_and_comment_are_recorde
     assert registry.read_champion(s3_bucket, MODEL_NAME)["decision"] == decision["decision"] == result["decision"]
 
 
-@pytest.mark.parametrize("answer, said", [
-    (approval("Reject", "confuses apples and cherries"), "rejected by ana (ana-id): 'confuses apples and cherries'"),
-    (approval("Reject", user=None), "nobody answered the approval request before it timed out"),
-], ids=["rejected", "timed-out"])
-def test_rejected_or_unanswered_candidate_is_not_promoted_and_who_said_no_is_recorded(s3_bucket, make_run, answer,
-                                                                                       said):
+@pytest.mark.parametrize("option, comment, user, said", [
+    ("Reject", "confuses apples and cherries", "ana", "rejected by ana (ana-id): 'confuses apples and cherries'"),
+    ("Reject", "", None, "the approval request expired"),
+    (None, "", None, "no answer to its approval request is recorded"),
+], ids=["rejected", "expired", "unanswered"])
+def test_rejected_or_unanswered_candidate_is_not_promoted_and_who_said_no_is_recorded(s3_bucket, make_run,
+                                                                                       approval_required, option,
+                                                                                       comment, user, said):
     old = publish(make_run("run-old", s3_bucket, correct=2))
+    approval_required()
     cfg = make_run("run-new", s3_bucket)
     published = publish_version(cfg)
+    if option:
+        answer(cfg, published["version"], option, comment, user)
 
-    result = promote(cfg, published, answer)
+    result = promote(cfg, published["version"], triggered_by="tom")
 
     assert published["eligible"] and not result["promoted"] and said in result["reason"]
     assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
@@ -489,13 +519,62 @@ def test_approval_request_shows_champion_against_candidate_and_links_the_report(
 
     request = approval_request(published)
 
-    assert request["subject"] == f"Promote {MODEL_NAME} {published['version']} (1.0000 vs 0.6667)?"
+    assert request["subject"] == f"Promote {MODEL_NAME} {published['version']} (1.0000, champion 0.6667)?"
     body = request["body"]
     assert f"| candidate | `{published['version']}` | 1.0000 |" in body
     assert f"| champion | `{old['version']}` | 0.6667 |" in body
-    assert "**Eligible**" in body and published["reason"] in body
-    assert f"Report: {published['report_uri']}" in body and published["model_card_uri"] in body
+    assert "**Eligible**" in body and published["reason"] in body and "95% interval" in body
+    assert f"- Report: {published['report_uri']}" in body.splitlines()
+    assert f"- Model card: {published['model_card_uri']}" in body.splitlines()
     assert "(/ml-reports/runs/transfer_learning/run-new/eval/report/)" in body  # the report inside Airflow
+
+
+def test_a_version_keeps_its_test_split_and_predictions_and_its_card_states_the_verdict(s3_bucket, make_run):
+    publish(make_run("run-old", s3_bucket, correct=2))
+
+    new = publish(make_run("run-new", s3_bucket))
+
+    objects = version_objects(new)
+    assert objects["test/test.tfrecord"] == storage.read_bytes(
+        make_run("run-new", s3_bucket).artifact(artifacts.split_records("test")))
+    predictions = json.loads(objects["predictions.json"])["predictions"]
+    assert len(predictions) == len(CLASSES) * PER_CLASS and set(predictions.values()) == set(CLASSES)
+    card = objects["model_card.md"].decode()
+    assert "## Promotion" in card and "95% interval" in card and f"p = {new['p_value']:.3g}" in card
+    assert new["gain"] == pytest.approx(1 / 3) and new["n_test"] == len(CLASSES) * PER_CLASS
+
+
+def test_the_candidate_is_judged_on_the_champions_test_images_too(s3_bucket, make_run):
+    old = publish(make_run("run-old", s3_bucket, correct=2, test_seed=5))
+
+    new = publish(make_run("run-new", s3_bucket, test_seed=3))
+
+    assert new["n_test"] == 2 * len(CLASSES) * PER_CLASS  # its own test split and the champion's, no image twice
+    assert f"champion {old['version']}'s" in new["judged_on"] and new["champion_accuracy"] == pytest.approx(2 / 3)
+    assert new["promoted"] and new["gain"] == pytest.approx(1 / 3)
+
+
+def test_a_deployment_evaluation_set_is_the_ground_for_both_when_configured(s3_bucket, make_run, monkeypatch,
+                                                                             tmp_path):
+    folder = write_image_folder(tmp_path / "eval", {name: 2 for name in CLASSES}, splits=("all",), seed=11) / "all"
+    storage.upload(folder, f"{s3_bucket}/eval/{MODEL_NAME}")
+    monkeypatch.setenv("TLP_EVALUATION_SETS", f"{MODEL_NAME}={s3_bucket}/eval/{MODEL_NAME}")
+    old = publish(make_run("run-old", s3_bucket, correct=2, test_seed=5))
+
+    new = publish(make_run("run-new", s3_bucket, test_seed=3))
+
+    for result in (old, new):
+        assert result["n_test"] == 2 * len(CLASSES) and "evaluation set" in result["reason"]
+    assert new["champion_accuracy"] == pytest.approx(2 / 3) and new["new_accuracy"] == 1.0
+
+
+def test_the_deployment_minimum_test_size_holds_for_a_first_model(s3_bucket, make_run, policy):
+    policy(min_test=100)
+
+    result = publish(make_run("run-1", s3_bucket))
+
+    assert not result["promoted"] and "fewer than the deployment's minimum 100" in result["reason"]
+    assert registry.read_champion(s3_bucket, MODEL_NAME) is None
 
 
 def racing_promotions(monkeypatch, first_writer: str) -> None:
@@ -535,7 +614,7 @@ def test_racing_promotions_end_with_the_better_model_and_report_only_real_promot
     racing_promotions(monkeypatch, first_writer)
     results = {}
     threads = [threading.Thread(name=name, target=lambda name=name: results.__setitem__(
-        name, promote(cfgs[name], published[name]))) for name in cfgs]
+        name, promote(cfgs[name], published[name]["version"]))) for name in cfgs]
 
     for thread in threads:
         thread.start()

@@ -61,15 +61,12 @@ def recorded_changes(cfg: RunConfig) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def hold_for_shift(cfg: RunConfig, published: dict[str, Any], approval: dict | None) -> dict[str, Any]:
-    """`published`, made ineligible when the data shifted beyond the deployment's threshold and no human was asked
-    (a deployment that asks for approval shows the shift to the approver instead)."""
-    reason = data_changes.shift_hold(recorded_changes(cfg), settings.load().shift_auc_threshold)
-    if not reason or approval is not None or not (published or {}).get("eligible"):
-        return published
-    log.warning("promotion held: %s", reason)
-    return {**published, "eligible": False,
-            "reason": f"held: {reason}; ask for approval (TLP_APPROVAL_DAGS) or promote by hand after a look"}
+def changes_note(cfg: RunConfig) -> str:
+    """What the approval request adds about the data: one line since the champion, or "" when nothing was compared."""
+    changes = recorded_changes(cfg)
+    if not changes or not changes.get("files"):
+        return ""
+    return f"\n\nData: {data_changes.summary_line(changes)}."
 
 
 def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> dict[str, Any]:

@@ -21,14 +21,16 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import artifacts, classifier, model_card, promotion, registry, report, serving_check, storage, tflite_export
+from tasks import (artifacts, classifier, model_card, promotion, registry, report, serving_check, settings, storage,
+                   tflite_export)
 from tasks.config import RunConfig
 from tasks.errors import PublishError
-from tasks.registry import CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE, \
-    REPORT_DIR, SAVED_MODEL_DIR, TFLITE_DIR
+from tasks.registry import (CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE,
+                            PREDICTIONS_FILE, REPORT_DIR, SAVED_MODEL_DIR, TEST_RECORDS, TFLITE_DIR)
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -51,15 +53,18 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
 
     `evaluation` is the evaluate step's result; when given, its accuracy must match the
     run root's metrics.json (a stale metrics file would otherwise be published). Before
-    anything is uploaded, the serving check must pass and the TFLite variants are made.
-    Returns what promote and the approval request need: the version, `eligible` and why,
-    both accuracies, the rule's floor and margin, and where the report is.
+    anything is uploaded, the serving check must pass, the TFLite variants are made and the
+    candidate is judged against the champion on test images it did not choose (tasks.promotion);
+    the model card carries that verdict. The judgement is recorded in the store
+    (`judgements/<version>.json`), where promote reads it; the returned dict (the same fields)
+    is for the approval request and the logs.
     """
     inputs, golden_uri, test_uri = _run_inputs(cfg)
     model_root = registry.model_root_of(cfg.publish_uri, cfg.model_name)
     if storage.ensure_bucket(cfg.publish_uri):
         log.warning("publish: bucket of %s did not exist and was created; check publish_uri if that is a surprise",
                     cfg.publish_uri)
+    evaluation_set = settings.load().evaluation_set(cfg.model_name)
     with scratch_dir("publish") as scratch:
         stage = scratch / "version"
         for name, uri in inputs.items():
@@ -70,39 +75,54 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
         version, complete = _version_for(model_root, cfg.run_id, model_sha256)
         version_uri = registry.version_uri_of(model_root, version)
         test_records = storage.download(test_uri, scratch / f"{TEST_SPLIT}.tfrecord")
-        if complete:
-            log.info("publish: %s is already published and verified; not uploading again", version_uri)
+        classes = list(metrics["classes"])
+        champion = registry.champion_at(model_root)
+        judgement = registry.read_judgement(model_root, version)
+        if complete and judgement is not None:
+            log.info("publish: %s is already published, verified and judged; not uploading or judging again",
+                     version_uri)
+        elif complete:
+            log.info("publish: %s is already published and verified; judging it (its judgement was not recorded)",
+                     version_uri)
             metrics = storage.read_json(storage.join(version_uri, METRICS_FILE))
+            judged, _ = promotion.judge(champion, classes, storage.join(version_uri, SAVED_MODEL_DIR),
+                                        promotion.recorded_predictions(version_uri), test_records, evaluation_set,
+                                        cfg.batch_size, scratch)
         else:
             golden = storage.download(golden_uri, scratch / "golden.npz")
-            metrics = _complete_stage(cfg, stage, metrics, golden, test_records, version_uri)
+            metrics = _checked_stage(cfg, stage, metrics, golden, test_records, version_uri)
+            if judgement is None:
+                judged, predictions = promotion.judge(champion, classes, stage / SAVED_MODEL_DIR, {}, test_records,
+                                                      evaluation_set, cfg.batch_size, scratch)
+            else:  # an interrupted upload of a version judged before: the judgement stands, its answers are redone
+                log.info("publish: re-uploading %s, judged before at %s", version_uri, judgement["judged_at"])
+                judged = judgement
+                own = promotion.judging_set(classes, test_records, None, evaluation_set, scratch)
+                predictions = promotion.score_missing(stage / SAVED_MODEL_DIR, classes, own, {}, cfg.batch_size,
+                                                      scratch)
+            _finish_stage(cfg.model_name, stage, metrics, judged, predictions, test_records)
             _upload_verified(stage, version_uri)
-        recorded = registry.recorded_decision(model_root, version)
-        if recorded is None:
-            judged = promotion.judge(registry.champion_at(model_root), metrics, test_records, cfg.batch_size, scratch)
-        else:
-            log.info("publish: decision for %s already recorded at %s; not judging again", version,
-                     recorded["decision"])
-            judged = {key: recorded[key] for key in ("eligible", "reason", "new_accuracy", "champion_accuracy",
-                                                     "min_accuracy", "margin", "champion_version", "champion_decision")}
-    published = {
-        **judged,
-        "version": version,
-        "version_uri": version_uri,
-        "model_name": cfg.model_name,
-        "dag_id": cfg.dag_id,
-        "run_id": cfg.run_id,
-        "classes": list(metrics["classes"]),
-        "n_test": metrics["n_test"],
-        "report_uri": storage.join(version_uri, REPORT_DIR, "index.html"),
-        "model_card_uri": storage.join(version_uri, MODEL_CARD_FILE),
-        "serving_check": metrics["serving_check"],
-        "tflite": tflite_summary(metrics["tflite"]),
-    }
-    log.info("publish: %s published; %s to promote (%s)", version_uri, "eligible" if published["eligible"] else
-             "not eligible", published["reason"])
-    storage.write_json(cfg.artifact(artifacts.PUBLISHED), published)
-    return published
+        if judgement is None:
+            judgement = {
+                **judged,
+                "version": version,
+                "version_uri": version_uri,
+                "model_name": cfg.model_name,
+                "dag_id": cfg.dag_id,
+                "run_id": cfg.run_id,
+                "classes": classes,
+                "test_accuracy": float(metrics[METRIC]),
+                "report_uri": storage.join(version_uri, REPORT_DIR, "index.html"),
+                "model_card_uri": storage.join(version_uri, MODEL_CARD_FILE),
+                "serving_check": metrics["serving_check"],
+                "tflite": tflite_summary(metrics["tflite"]),
+                "judged_at": datetime.now(timezone.utc).isoformat(),
+            }
+            registry.write_judgement(model_root, judgement)
+    log.info("publish: %s published; %s to promote (%s)", version_uri, "eligible" if judgement["eligible"] else
+             "not eligible", judgement["reason"])
+    storage.write_json(cfg.artifact(artifacts.PUBLISHED), judgement)
+    return judgement
 
 
 def tflite_summary(section: dict) -> dict:
@@ -153,8 +173,8 @@ def _version_for(model_root: str, run_id: str, model_sha256: str) -> tuple[str, 
     return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{run_hash}", False
 
 
-def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, test_records: Path,
-                    version_uri: str) -> dict:
+def _checked_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, test_records: Path,
+                   version_uri: str) -> dict:
     """Add what the run root does not hold: the SavedModel export, the run's params, the TFLite variants, and
     the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
@@ -166,11 +186,20 @@ def _complete_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, te
                                              stage / TFLITE_DIR)
     metrics = {**metrics, "serving_check": checked, "tflite": variants}
     (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    release = model_card.release_section(metrics)
+    return metrics
+
+
+def _finish_stage(model_name: str, stage: Path, metrics: dict, judged: dict, predictions: dict[str, str],
+                  test_records: Path) -> None:
+    """The release and promotion sections in the model card and release page, the per-image predictions and the
+    test split (a later candidate is judged on it too)."""
+    release = model_card.release_section(metrics) + "\n\n" + promotion.card_section(judged)
     with (stage / MODEL_CARD_FILE).open("a", encoding="utf-8") as card:
         card.write("\n\n" + release + "\n")
-    report.write_release_page(stage / REPORT_DIR, cfg.model_name, release)
-    return metrics
+    report.write_release_page(stage / REPORT_DIR, model_name, release)
+    (stage / PREDICTIONS_FILE).write_text(promotion.predictions_document(predictions, judged["judged_on"]))
+    (stage / TEST_RECORDS).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(test_records, stage / TEST_RECORDS)
 
 
 def _upload_verified(stage: Path, version_uri: str) -> None:

@@ -142,7 +142,7 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
     from airflow.dag_processing.dagbag import DagBag
 
     deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
-    for key, value in {**AIRFLOW_ENV, "TLP_APPROVAL_DAGS": "transfer_learning"}.items():
+    for key, value in {**AIRFLOW_ENV, "TLP_APPROVAL_MODELS": "tiny-model", "TLP_APPROVERS": "admin"}.items():
         monkeypatch.setenv(key, value)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
     stop = threading.Event()
@@ -156,7 +156,7 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
 
     states = run_states(dag_run)
     assert dag_run.state == "success", states
-    assert states["approval_request"] == states["approve"] == states["promote"] == "success"
+    assert states["approval_gate"] == states["approve"] == states["promote"] == "success"
     promoted = dag_run.get_task_instance("promote").xcom_pull(task_ids="promote")
     assert promoted["promoted"] is False and "rejected by admin" in promoted["reason"]
     assert promoted["approval"]["comment"] == "not this week"

@@ -76,7 +76,10 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
     assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
     assert downstream["evaluate"] == {"publish_version"}
-    assert downstream["publish_version"] == {"promote"}  # no approval asked by default
+    assert downstream["publish_version"] == {"approval_gate", "promote"}
+    assert downstream["approval_gate"] == {"approve", "promote"} and downstream["approve"] == {"promote"}
+    # promote runs when approve failed or expired too, to record that no approval came
+    assert dag.task_dict["promote"].trigger_rule == "all_done_min_one_success"
     assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
     # select runs when every candidate is done (it lists the failed ones, and fails if all failed), but not when
@@ -85,19 +88,47 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert type(dag.task_dict["train"]).__name__.endswith("MappedOperator")  # one task instance per candidate
 
 
-def test_a_deployment_can_ask_for_human_approval_before_promotion():
-    code = ("from airflow.dag_processing.dagbag import DagBag; import sys, json; "
-            "dags = DagBag(dag_folder=sys.argv[1]).dags; "
-            "print(json.dumps({d: {t.task_id: sorted(t.downstream_task_ids) for t in dags[d].tasks} for d in dags}))")
+def parsed(env: dict[str, str], expression: str) -> str:
+    """`expression` evaluated over the DAG bag parsed in a fresh process with `env` added to the environment."""
+    code = ("from airflow.dag_processing.dagbag import DagBag; import sys, json, datetime; "
+            f"bag = DagBag(dag_folder=sys.argv[1]); dags = bag.dags; print(json.dumps({expression}, default=str))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env={**__import__("os").environ,
-                                                    "TLP_APPROVAL_DAGS": "transfer_learning_retrain"})
-    graphs = json.loads(out.stdout.strip().splitlines()[-1])
-    retrain, manual = graphs["transfer_learning_retrain"], graphs["transfer_learning"]
-    assert retrain["publish_version"] == ["approval_gate", "approval_request", "promote"]
-    assert retrain["approval_gate"] == ["approval_request", "promote"]  # only an eligible candidate waits
-    assert retrain["approval_request"] == ["approve"] and retrain["approve"] == ["promote"]
-    assert "approve" not in manual and manual["publish_version"] == ["promote"]
+                         check=True, cwd=ROOT, env={**__import__("os").environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_approval_is_asked_per_model_by_the_deployments_approvers_in_every_dag():
+    env = {"TLP_APPROVAL_MODELS": "fashion-mnist-classifier", "TLP_APPROVERS": "ana,bea"}
+    graphs = parsed(env, "{d: sorted(dags[d].task_dict['approval_gate'].downstream_task_ids) for d in dags}")
+    assert graphs == {"transfer_learning": ["approve", "promote"], "transfer_learning_retrain": ["approve", "promote"]}
+    old = parsed({"TLP_APPROVAL_DAGS": "transfer_learning_retrain"}, "bag.import_errors")
+    assert "TLP_APPROVAL_MODELS" in "".join(old.values())  # the per-DAG setting is refused, not silently ignored
+    nobody = parsed({"TLP_APPROVAL_MODELS": "fashion-mnist-classifier"}, "bag.import_errors")
+    assert "TLP_APPROVERS names nobody" in "".join(nobody.values())
+
+
+@pytest.mark.parametrize("hours", ["24", "72"])
+def test_a_run_outlasts_training_and_the_approval_wait(hours):
+    timeouts = parsed({"TLP_APPROVAL_TIMEOUT_HOURS": hours, "TLP_RUN_TIMEOUT_HOURS": "8"},
+                      "{d: [dags[d].dagrun_timeout.total_seconds(), "
+                      "dags[d].task_dict['approve'].response_timeout.total_seconds()] for d in dags}")
+    for run, approval in timeouts.values():
+        assert approval == float(hours) * 3600 and run > approval + 8 * 3600
+
+
+def test_a_dag_whose_run_timeout_cannot_hold_the_approval_wait_is_refused_at_parse_time(dagbag):
+    import importlib.util
+    from datetime import timedelta
+
+    spec = importlib.util.spec_from_file_location("tlp_dag_under_test", ROOT / "dags" / "transfer_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = dagbag.dags["transfer_learning"]
+    short = mock.Mock(dag_id=dag.dag_id, task_dict=dag.task_dict, tasks=dag.tasks, dagrun_timeout=timedelta(hours=8))
+
+    with pytest.raises(ValueError, match="shorter than training"):
+        module.check_timeouts(short)
+    module.check_timeouts(dag)
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)

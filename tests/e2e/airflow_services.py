@@ -18,6 +18,8 @@ from tests.conftest import ROOT
 
 COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
+APPROVER = "approver"  # a second user: the one who triggers a run may not approve it
+PASSWORDS = {USER: PASSWORD, APPROVER: "approver-e2e"}
 PARKED_SETTLE_S = 5.0  # several scheduler loops: see answer_approval
 STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
 
@@ -43,7 +45,7 @@ class AirflowServices:
         self.base_url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
         passwords = home / "passwords.json"
-        passwords.write_text(json.dumps({USER: PASSWORD}))
+        passwords.write_text(json.dumps(PASSWORDS))
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -62,7 +64,7 @@ class AirflowServices:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin,{APPROVER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
@@ -108,14 +110,14 @@ class AirflowServices:
             parts.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:])
         return "\n".join(parts)
 
-    def token(self) -> str:
-        response = self.request("POST", "/auth/token", {"username": USER, "password": PASSWORD}, auth=False)
+    def token(self, user: str = USER) -> str:
+        response = self.request("POST", "/auth/token", {"username": user, "password": PASSWORDS[user]}, auth=False)
         return response["access_token"]
 
-    def request(self, method: str, path: str, body: dict | None = None, auth: bool = True):
+    def request(self, method: str, path: str, body: dict | None = None, auth: bool = True, user: str = USER):
         headers = {"Content-Type": "application/json"}
         if auth:
-            headers["Authorization"] = f"Bearer {self.token()}"
+            headers["Authorization"] = f"Bearer {self.token(user)}"
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -149,7 +151,7 @@ class AirflowServices:
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
 
     def answer_approval(self, dag_id: str, run_id: str, task_id: str, option: str, comment: str,
-                        timeout_s: float) -> dict:
+                        timeout_s: float, user: str = APPROVER) -> dict:
         """Wait until the run waits for a human at `task_id`, then answer as in the UI.
 
         The answer goes in only once the same try has stayed parked (state awaiting_input) for
@@ -173,7 +175,7 @@ class AirflowServices:
                 parked_since = (ti["try_number"], time.monotonic())
             elif time.monotonic() - parked_since[1] >= PARKED_SETTLE_S:
                 return self.request("PATCH", f"{instance}/-1/hitlDetails",
-                                    {"chosen_options": [option], "params_input": {"comment": comment}})
+                                    {"chosen_options": [option], "params_input": {"comment": comment}}, user=user)
             time.sleep(1)
         raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n"
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
