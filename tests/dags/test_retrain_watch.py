@@ -46,7 +46,7 @@ async def _first_event(trigger, seconds: float):
     events = trigger.run()
     try:
         return await asyncio.wait_for(events.__anext__(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
     finally:
         await events.aclose()
