@@ -36,7 +36,7 @@ from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
 from tasks.feature_store import FeatureStore
-from tasks.records import decode_image, epoch_order, image_dataset, iter_records
+from tasks.records import epoch_order, image_dataset, record_image
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,18 @@ def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any
     """What the activations depend on: a cache with another key is recomputed."""
     return {"backbone": backbone.name, "weights": backbone.weights_source,
             "image_size": int(backbone.model.input_shape[1]), "cut": split.cut, "units": split.units,
-            "data": data_hash}
+            "data": data_hash, "decoder": images.DECODER_VERSION}
 
 
 def store_key(bottom: keras.Model, key: dict[str, Any]) -> dict[str, Any]:
-    """What one image's activations depend on, for the feature store shared by runs: the cache key without the
-    data, plus a digest of the bottom's own weights, the decoder that turns bytes into pixels and the TensorFlow
-    that runs both."""
+    """What one image's activations depend on, for the feature store shared by runs: the cache key (backbone,
+    image size, cut, decoder) without the data, plus a digest of the bottom's own weights and the TensorFlow
+    that runs it."""
     import tensorflow as tf
 
     return {**{name: value for name, value in key.items() if name != "data"},
             "weights_digest": feature_store.weights_digest(bottom.get_weights()),
-            "decoder": images.DECODER_VERSION, "tensorflow": tf.__version__}
+            "tensorflow": tf.__version__}
 
 
 def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],
@@ -185,10 +185,7 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
                 labels.append(batch_labels.numpy())
             computed = sum(len(batch) for batch in labels)
         else:
-            hashes, split_labels = [], []
-            for image, label, _ in iter_records(records):
-                hashes.append(hashlib.sha256(image).hexdigest())
-                split_labels.append(label)
+            hashes, split_labels = _hashes_and_labels(records)
             labels = [np.asarray(split_labels, dtype=np.int64)] if split_labels else []
             extracted = feature_store.extract(
                 store, space, hashes, lambda indices: _computed(run, records, indices, len(hashes), image_size,
@@ -205,6 +202,19 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
     return {"count": int(sum(len(batch) for batch in labels)), "shape": list(shape), "computed": computed}
 
 
+def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
+    """Each record's original file sha256 (the manifest's content hash) and label, in file order."""
+    import tensorflow as tf
+
+    spec = {"original": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+    hashes, labels = [], []
+    for serialized in tf.data.TFRecordDataset(str(records)):
+        record = tf.io.parse_single_example(serialized, spec)
+        hashes.append(hashlib.sha256(record["original"].numpy()).hexdigest())
+        labels.append(int(record["label"].numpy()))
+    return hashes, labels
+
+
 def _computed(run: Callable, records: Path, indices: list[int], count: int, image_size: int,
               batch_size: int) -> Iterator[np.ndarray]:
     """The bottom's activations of the records at `indices` (ascending), one array per image, streamed in batches."""
@@ -218,7 +228,7 @@ def _computed(run: Callable, records: Path, indices: list[int], count: int, imag
     spec = {"image": tf.io.FixedLenFeature([], tf.string)}
     images = (tf.data.TFRecordDataset(str(records)).enumerate()
               .filter(lambda index, _: tf.gather(wanted, index))
-              .map(lambda _, record: decode_image(tf.io.parse_single_example(record, spec)["image"], image_size),
+              .map(lambda _, record: record_image(tf.io.parse_single_example(record, spec)["image"], image_size),
                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
     for batch in images:

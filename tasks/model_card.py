@@ -96,10 +96,36 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _training_section(record),
         _evaluation_section(metrics),
         _use_section(cfg, metrics, record),
+        input_images_section(cfg.image_size),
     ]
     if record.changes is not None:
         sections.insert(4, data_changes.markdown(record.changes))
     return "\n\n".join(sections) + "\n"
+
+
+def input_images_section(image_size: int) -> str:
+    """How the model sees an image, and what a client of the encoded-bytes signature must do first."""
+    from tasks import images
+    from tasks.serving_export import BYTES_INPUT, BYTES_SIGNATURE, PIXELS_SIGNATURE
+
+    background = "white" if images.BACKGROUND == (255, 255, 255) else f"RGB {images.BACKGROUND}"
+    return "\n".join([
+        "## Input images",
+        f"- Decoder {markdown_code(images.DECODER_VERSION)} (tasks/images.py), the same in training, evaluation and "
+        "serving: JPEG, PNG, GIF, BMP or WebP; EXIF orientation applied; transparency composited onto "
+        f"{background} {tuple(images.BACKGROUND)}; grayscale, palette, CMYK and 16-bit images made 8-bit RGB "
+        "(16 bits keep their high byte); the first frame of an animation; then resized to "
+        f"{image_size}x{image_size} (bilinear, antialiased, aspect ratio not kept).",
+        f"- SavedModel signature {markdown_code(BYTES_SIGNATURE)}: input {markdown_code(BYTES_INPUT)} (a batch of "
+        "encoded image files, tf.string) → `probabilities` and `labels` (the top class's name). It decodes in the "
+        "graph all of the above except what TensorFlow cannot do, which the client does first: **apply the EXIF "
+        "orientation**, and send as PNG (the first frame, composited onto the background) any **GIF with a "
+        "transparent colour** and any **animated WebP without alpha**; everything else is sent as the file is. "
+        "`tasks.images.client_bytes(data)` is exactly that preprocessing.",
+        f"- SavedModel signature {markdown_code(PIXELS_SIGNATURE)} and the TFLite files: float32 RGB "
+        f"[batch, {image_size}, {image_size}, 3] in [0, 255], decoded and resized as above "
+        "(`tasks.images.decode(data, image_size)`).",
+    ])
 
 
 def _model_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:

@@ -1,23 +1,37 @@
-"""The on-disk form of a subsampled split: one TFRecord file of encoded images.
+"""The on-disk form of a subsampled split: one TFRecord file of decoded-once images.
 
 Subsample writes `data/<split>.tfrecord` under the run root; train, fine-tune and
 evaluate read it back as a streaming tf.data pipeline (parallel decode,
 prefetch), so no step ever holds a whole dataset in memory and no step depends
-on the machine that acquired the source. Each record keeps the original encoded
-bytes (the report shows them as thumbnails), the integer label and the image's
-path relative to the dataset root.
+on the machine that acquired the source. Each record holds the image as the one
+decoder (tasks.images.to_rgb) made it, stored losslessly (a canonical PNG that
+TensorFlow decodes to exactly those pixels), the original file's bytes (what a
+client would send to the published model: the serving check sends them), the
+integer label and the image's path relative to the dataset root.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tasks import images
+
 SPLITS = ("train", "val", "test")
 SHUFFLE_BUFFER = 10_000  # larger than most subsampled splits: an epoch's order is then a full permutation
 
 
 def write_records(path: str | Path, examples: Iterable[tuple[bytes, int, str]]) -> int:
-    """Write (encoded image, label, relative path) triples; returns how many."""
+    """Write (encoded image file, label, relative path) triples, each decoded once; returns how many.
+
+    ImageDecodeError for an image the decoder refuses (subsample checks and
+    lists them first, then writes with `write_canonical`).
+    """
+    return write_canonical(path, ((images.canonical_png(original), original, label, rel_path)
+                                  for original, label, rel_path in examples))
+
+
+def write_canonical(path: str | Path, examples: Iterable[tuple[bytes, bytes, int, str]]) -> int:
+    """Write (canonical image, original bytes, label, relative path); returns how many."""
     import tensorflow as tf
 
     path = Path(path)
@@ -25,9 +39,10 @@ def write_records(path: str | Path, examples: Iterable[tuple[bytes, int, str]]) 
     count = 0
     tmp = path.with_name(f".{path.name}.tmp")
     with tf.io.TFRecordWriter(str(tmp)) as writer:
-        for image, label, rel_path in examples:
+        for image, original, label, rel_path in examples:
             feature = {
                 "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                "original": tf.train.Feature(bytes_list=tf.train.BytesList(value=[original])),
                 "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
                 "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rel_path.encode("utf-8")])),
             }
@@ -48,12 +63,9 @@ def _parse(serialized):
     return tf.io.parse_single_example(serialized, spec)
 
 
-def decode_image(encoded, image_size: int):
-    """Encoded bytes -> float32 RGB in [0, 255], resized to image_size x image_size."""
-    import tensorflow as tf
-
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size))
+def record_image(encoded, image_size: int):
+    """A record's canonical image -> float32 RGB in [0, 255] at image_size: the pixels `images.decode` gives."""
+    image = images.resize(images.decode_canonical(encoded), image_size)
     image.set_shape((image_size, image_size, 3))
     return image
 
@@ -73,7 +85,7 @@ def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle
     dataset = dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     def to_example(record):
-        image = decode_image(record["image"], image_size)
+        image = record_image(record["image"], image_size)
         if with_paths:
             return image, record["label"], record["path"]
         return image, record["label"]
@@ -93,9 +105,19 @@ def epoch_order(dataset, shuffle_seed: int):
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[bytes, int, str]]:
-    """The raw (encoded image, label, relative path) triples, in file order."""
+    """The (canonical image, label, relative path) triples, in file order."""
     import tensorflow as tf
 
     for serialized in tf.data.TFRecordDataset(str(path)):
         record = _parse(serialized)
         yield record["image"].numpy(), int(record["label"].numpy()), record["path"].numpy().decode("utf-8")
+
+
+def originals(path: str | Path, count: int) -> list[tuple[bytes, str]]:
+    """(original file bytes, relative path) of the first `count` records: what a client would have sent."""
+    import tensorflow as tf
+
+    spec = {"original": tf.io.FixedLenFeature([], tf.string), "path": tf.io.FixedLenFeature([], tf.string)}
+    return [(record["original"].numpy(), record["path"].numpy().decode("utf-8"))
+            for record in tf.data.TFRecordDataset(str(path)).take(count).map(
+                lambda serialized: tf.io.parse_single_example(serialized, spec))]

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from tasks import model_card
+from tasks import images, model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
 from tasks.records import iter_records
@@ -146,9 +146,8 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
 
 
 def thumbnail_data_uri(encoded: bytes, size: int = THUMBNAIL_PX) -> str:
-    """A PNG data: URI of an encoded image, shrunk to fit size x size (small images are kept as they are)."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        thumbnail = image.convert("RGB")
+    """A PNG data: URI of an encoded image as the model sees it (tasks.images), shrunk to fit size x size."""
+    thumbnail = Image.fromarray(images.to_rgb(encoded))
     thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="PNG", optimize=True)

@@ -7,8 +7,11 @@ evaluation (no traced functions, no cached layers), rebuilds the Keras
 classifier from its folder (spec + weights: nothing is deserialised as code, see
 tasks/classifier.py) and loads the SavedModel through its serving signature,
 runs the golden batch through both, and reports how far each lands from the
-stored probabilities. A load failure or a difference above
-TOLERANCE blocks publishing: what would be served is not what was measured.
+stored probabilities. The SavedModel is asked twice: with decoded pixels
+(`serving_default`) and with the golden images' original files through its
+encoded-bytes signature (prepared as a client must, tasks.images.client_bytes),
+which decodes in the graph. A load failure or a difference above TOLERANCE
+blocks publishing: what would be served is not what was measured.
 
 Run as `python -m tasks.serving_check --model ... --saved-model ... --golden
 ... --records ... --out result.json`; `check_serving` does that and judges.
@@ -26,21 +29,25 @@ import numpy as np
 
 from tasks.errors import PublishError
 from tasks.scratch import scratch_dir
+from tasks.serving_export import BYTES_INPUT, BYTES_SIGNATURE, PIXELS_SIGNATURE
 
 GOLDEN_SIZE = 32
 TOLERANCE = 1e-4  # float32 round-off between graph and eager runs stays far below this
-SERVING_SIGNATURE = "serving_default"
 CHILD_TIMEOUT_S = 600
 MESSAGE_CHARS = 500
 KERAS_CAUSE = "Exception encountered: "
 KERAS_CONFIG_DUMP = " Full object config"
 KERAS_ARTIFACT = "model"
 SAVED_MODEL_ARTIFACT = "saved_model"
+BYTES_ARTIFACT = "saved_model_bytes"
 FIXES = {
     KERAS_ARTIFACT: "the classifier folder must rebuild from its classifier.json with the weights it holds: "
                     "re-run the train (and fine_tune) step for this run",
     SAVED_MODEL_ARTIFACT: "the SavedModel export does not serve what was evaluated: re-run evaluate and publish "
                           "for this run, and check that the model has no training-only behaviour at inference",
+    BYTES_ARTIFACT: f"the SavedModel's {BYTES_SIGNATURE} signature does not decode the original files as the "
+                    "pipeline's decoder (tasks.images) did: re-run publish; if it persists, the in-graph decoder "
+                    "(tasks.images.decode_in_graph) disagrees with to_rgb on these files",
 }
 
 
@@ -102,6 +109,17 @@ def _golden_images(golden: dict, test_records: Path) -> np.ndarray:
     return images.numpy()
 
 
+def _golden_files(golden: dict, test_records: Path) -> list[bytes]:
+    """The golden batch's original files, as stored beside their decoded pixels in the test split."""
+    from tasks.records import originals
+
+    found = originals(test_records, len(golden["paths"]))
+    if [path for _, path in found] != list(golden["paths"]):
+        raise PublishError(f"{test_records}: the first {len(golden['paths'])} test records are not the golden batch "
+                           "evaluate stored; re-run evaluate for this run")
+    return [original for original, _ in found]
+
+
 def _keras_probabilities(model: Path, images: np.ndarray) -> np.ndarray:
     from tasks import classifier, settings
 
@@ -115,16 +133,28 @@ def _saved_model_probabilities(saved_model: Path, images: np.ndarray) -> np.ndar
     from tasks.savedmodel_scan import check_saved_model
 
     check_saved_model(saved_model, f"SavedModel {saved_model}")
-    serve = tf.saved_model.load(str(saved_model)).signatures[SERVING_SIGNATURE]
+    serve = tf.saved_model.load(str(saved_model)).signatures[PIXELS_SIGNATURE]
     [name] = serve.structured_input_signature[1]
     [output] = serve(**{name: tf.constant(images)}).values()
     return output.numpy()
 
 
-def _answer(run, path: Path, images: np.ndarray, expected: np.ndarray) -> dict:
+def _bytes_probabilities(saved_model: Path, files: list[bytes]) -> np.ndarray:
+    """The bytes signature's answer for the files a client would send (tasks.images.client_bytes)."""
+    import tensorflow as tf
+
+    from tasks.images import client_bytes
+    from tasks.savedmodel_scan import check_saved_model
+
+    check_saved_model(saved_model, f"SavedModel {saved_model}")
+    serve = tf.saved_model.load(str(saved_model)).signatures[BYTES_SIGNATURE]
+    return serve(**{BYTES_INPUT: tf.constant([client_bytes(data) for data in files])})["probabilities"].numpy()
+
+
+def _answer(run, path: Path, inputs, expected: np.ndarray) -> dict:
     """One artifact's verdict: its largest difference from the evaluation, or why it could not answer."""
     try:
-        probabilities = run(path, images)
+        probabilities = run(path, inputs)
     except Exception as error:  # any load or call failure is the finding, reported by the parent
         return {"error": _cause(error)}
     if probabilities.shape != expected.shape:
@@ -151,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     answers = {
         KERAS_ARTIFACT: _answer(_keras_probabilities, args.model, images, expected),
         SAVED_MODEL_ARTIFACT: _answer(_saved_model_probabilities, args.saved_model, images, expected),
+        BYTES_ARTIFACT: _answer(_bytes_probabilities, args.saved_model, _golden_files(golden, args.records),
+                                expected),
     }
     args.out.write_text(json.dumps({"artifacts": answers, "n_images": len(images)}))
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.serving_export import PIXELS_SIGNATURE
+
 log = logging.getLogger(__name__)
 
 # float32, and float16 weights (half the size, the same accuracy; XNNPACK runs it at float32 speed on CPUs, GPU
@@ -73,7 +75,8 @@ def convert(saved_model: Path, variant: str) -> bytes:
     from tasks.savedmodel_scan import check_saved_model
 
     check_saved_model(saved_model, f"SavedModel {saved_model}")
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    # the pixels signature only: the encoded-bytes one decodes with ops TFLite does not have
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[PIXELS_SIGNATURE])
     if variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tests.test_train import _examples
 
-from tasks import activation_cache, records
+from tasks import activation_cache, images, records
 from tasks.activation_cache import cache_activations, cache_key, open_cache
 from tasks.backbone_split import split_backbone
 from tasks.backbones import load_backbone, make_optimizer, set_trainable_top
@@ -59,7 +59,7 @@ def test_epoch_order_matches_the_image_pipeline_beyond_one_shuffle_buffer(tmp_pa
 
     count = records.SHUFFLE_BUFFER + 500
     path = tmp_path / "many.tfrecord"
-    records.write_records(path, ((b"", index, "") for index in range(count)))
+    records.write_canonical(path, ((b"", b"", index, "") for index in range(count)))
     labels = np.arange(count)
     cached = activation_cache.CachedSplit(np.zeros((count, 1), np.float32), labels)
 
@@ -75,7 +75,7 @@ def test_matching_key_reuses_the_cache_and_another_key_recomputes(lite0, train_r
     split = split_backbone(lite0, 1)
     key = cache_key(lite0, split, data_hash="abc")
     assert key == {"backbone": "efficientnet_lite0", "weights": lite0.weights_source, "image_size": SIZE,
-                   "cut": "head", "units": 1, "data": "abc"}
+                   "cut": "head", "units": 1, "data": "abc", "decoder": images.DECODER_VERSION}
     first = cache_activations(split.bottom, {"train": train_records}, tmp_path, key, BATCH)["train"]
     passes = []
     write = activation_cache._write_split

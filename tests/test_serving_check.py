@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from tests import evaluation_fixtures as fx
-from tasks import artifacts, classifier, serving_check, storage
+from tests import image_fixtures
+from tasks import artifacts, classifier, images, serving_check, serving_export, storage
 from tasks.errors import PublishError
 from tasks.steps.evaluate import evaluate
 from tasks.predict import predict_records
+from tasks.records import write_records
 
 
 def tiny_classifier(cache_dir: str) -> classifier.Classifier:
@@ -26,7 +28,7 @@ def staged(work: Path, built: classifier.Classifier) -> tuple[Path, Path, Path, 
     records = work / "test.tfrecord"
     fx.write_test_records(records, work)
     folder = classifier.save(built, work / "model")
-    built.model.export(str(work / "saved_model"), verbose=False)
+    serving_export.export(built.model, built.spec.classes, work / "saved_model")
     probabilities, _, paths = predict_records(built.model, records)
     return folder, work / "saved_model", records, probabilities, paths
 
@@ -57,7 +59,7 @@ def test_model_that_serves_what_was_evaluated_passes(tmp_path, cache_dir):
                                                                            paths), records, "s3://m/v1")
 
     assert checked["n_images"] == len(paths) and checked["tolerance"] == serving_check.TOLERANCE
-    assert set(checked["max_abs_diff"]) == {"model", "saved_model"}
+    assert set(checked["max_abs_diff"]) == {"model", "saved_model", "saved_model_bytes"}
     assert max(checked["max_abs_diff"].values()) <= serving_check.TOLERANCE
 
 
@@ -89,3 +91,47 @@ def test_golden_batch_of_other_test_records_is_refused(tmp_path, cache_dir):
 
     with pytest.raises(PublishError, match="are not the golden batch evaluate stored; re-run evaluate"):
         serving_check.check_serving(model, saved_model, golden, records, "s3://m/v1")
+
+
+def seeing_classifier(cache_dir: str) -> classifier.Classifier:
+    """Lite0 with its ImageNet weights: its answers move with the pixels (a random backbone's barely do)."""
+    spec = classifier.ClassifierSpec("efficientnet_lite0", fx.IMAGE_SIZE, tuple(fx.CLASSES), 0.2)
+    return classifier.build(spec, "imagenet", cache_dir)
+
+
+def staged_crafted(work: Path, built: classifier.Classifier) -> tuple[Path, Path, np.ndarray, dict[str, bytes]]:
+    """(classifier folder, test records, probabilities, files): a golden batch of every kind of image file."""
+    files = image_fixtures.crafted_files()
+    records = work / "test.tfrecord"
+    write_records(records, [(data, index % len(fx.CLASSES), name) for index, (name, data) in enumerate(files.items())])
+    probabilities, _, paths = predict_records(built.model, records)
+    write_golden(work / "golden.npz", probabilities, paths)
+    return classifier.save(built, work / "model"), records, probabilities, files
+
+
+def test_bytes_signature_answers_the_original_files_of_every_kind_as_evaluated(tmp_path, cache_dir):
+    import tensorflow as tf
+
+    built = seeing_classifier(cache_dir)
+    model, records, probabilities, files = staged_crafted(tmp_path, built)
+    saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
+
+    checked = serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
+
+    assert checked["n_images"] == len(files)
+    assert checked["max_abs_diff"]["saved_model_bytes"] <= serving_check.TOLERANCE
+    serve = tf.saved_model.load(str(saved_model)).signatures[serving_export.BYTES_SIGNATURE]
+    answer = serve(images=tf.constant([images.client_bytes(data) for data in files.values()]))
+    np.testing.assert_allclose(answer["probabilities"].numpy(), probabilities, atol=serving_check.TOLERANCE)
+    assert [label.decode() for label in answer["labels"].numpy()] == [fx.CLASSES[i] for i in probabilities.argmax(1)]
+
+
+def test_bytes_signature_that_decodes_otherwise_blocks_publishing(tmp_path, cache_dir, monkeypatch):
+    built = seeing_classifier(cache_dir)
+    model, records, _, _ = staged_crafted(tmp_path, built)
+    monkeypatch.setattr(images, "BACKGROUND", (0, 0, 0))  # the graph composites onto black, evaluation onto white
+    saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
+
+    with pytest.raises(PublishError, match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
+        serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
+    assert "saved_model answers" not in str(failure.value) and "model answers" not in str(failure.value)

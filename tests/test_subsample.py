@@ -96,7 +96,7 @@ def test_corrupt_truncated_and_non_image_files_are_skipped_with_reasons(image_fo
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {"train/apple/truncated.jpg", "train/apple/notes.jpg", "train/apple/empty.png"}
     assert all(reason.startswith("not a decodable image: ") for reason in reasons.values())
-    assert "Unknown image file format" in reasons["train/apple/notes.jpg"]
+    assert "none of the signatures of JPEG, PNG, GIF, BMP, WEBP" in reasons["train/apple/notes.jpg"]
     assert result["n_skipped"] == 3
     assert result["counts"]["train"] + result["counts"]["val"] == 36
     assert not set(reasons) & {f["path"] for f in manifest["files"]}
@@ -178,17 +178,71 @@ def _png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _png_with_bad_text_crc(width: int, height: int) -> bytes:
+    """A PNG that Pillow refuses (its tEXt chunk's CRC is wrong) while TensorFlow would decode it."""
+    data = _png_declaring(width, height)
+    iend = data.index(b"IDAT") - 4
+    text = struct.pack(">I", 5) + b"tEXtk\x00abc" + b"\xde\xad\xbe\xef"
+    return data[:iend] + text + data[iend:]
+
+
 def test_images_above_the_pixel_limit_are_skipped_before_decoding(image_folder, tmp_path, monkeypatch):
     apples = image_folder / "train" / "apple"
     (apples / "bomb.png").write_bytes(_png_declaring(100_000, 100_000))
+    (apples / "refused-by-pillow.png").write_bytes(_png_with_bad_text_crc(50_000, 50_000))
     Image.new("RGB", (64, 64)).save(apples / "large.png")
     monkeypatch.setenv("TLP_MAX_IMAGE_PIXELS", str(48 * 48))
     decoded = []
-    monkeypatch.setattr(subsample_module, "_decodable", lambda paths: decoded.extend(paths) or set(range(len(paths))))
+    canonical = subsample_module.images.canonical_png
+    monkeypatch.setattr(subsample_module.images, "canonical_png",
+                        lambda data, **kw: decoded.append(data) or canonical(data, **kw))
     cfg = config(image_folder, tmp_path, train_percent=100)
     acquired_subsample(cfg)
     reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}
-    assert set(reasons) == {"train/apple/bomb.png", "train/apple/large.png"}
+    assert set(reasons) == {"train/apple/bomb.png", "train/apple/large.png", "train/apple/refused-by-pillow.png"}
     assert reasons["train/apple/large.png"].startswith("decompression bomb: 64x64 pixels, above the limit of 2,304")
-    assert reasons["train/apple/bomb.png"].startswith("decompression bomb: ")
-    assert not any(path.endswith(("bomb.png", "large.png")) for path in decoded)
+    assert reasons["train/apple/bomb.png"].startswith("decompression bomb: 100000x100000 pixels")
+    assert reasons["train/apple/refused-by-pillow.png"].startswith("decompression bomb: 50000x50000 pixels")
+    assert decoded, "the other images were decoded"
+    too_large = {(apples / name).read_bytes() for name in ("bomb.png", "large.png", "refused-by-pillow.png")}
+    assert not too_large & set(decoded), "no file above the limit reached the decoder"
+
+
+def test_a_file_above_the_byte_limit_is_skipped_unread(image_folder, tmp_path, monkeypatch):
+    apples = image_folder / "train" / "apple"
+    Image.effect_noise((200, 200), 64).save(apples / "heavy.png")
+    monkeypatch.setenv("TLP_MAX_IMAGE_BYTES", "20000")
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **kw: opened.append(self.name) or real_open(self, *a, **kw))
+    cfg = config(image_folder, tmp_path, train_percent=100)
+    acquired_subsample(cfg)
+    reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}
+    assert list(reasons) == ["train/apple/heavy.png"]
+    assert reasons["train/apple/heavy.png"].startswith("too large: ")
+    assert "TLP_MAX_IMAGE_BYTES" in reasons["train/apple/heavy.png"]
+    assert "heavy.png" not in opened
+
+
+def test_an_unreadable_header_is_skipped_and_listed(image_folder, tmp_path):
+    apples = image_folder / "train" / "apple"
+    broken = bytearray(_png_declaring(8, 8))
+    broken[20] ^= 0xFF  # the IHDR's CRC no longer matches
+    (apples / "broken-header.png").write_bytes(bytes(broken))
+    cfg = config(image_folder, tmp_path, train_percent=100)
+    acquired_subsample(cfg)
+    reasons = {s["path"]: s["reason"] for s in manifest_of(cfg)["skipped"]}
+    assert reasons == {"train/apple/broken-header.png": "not a decodable image: a PNG whose IHDR header is damaged "
+                                                        "(its CRC does not match)"}
+
+
+def test_records_store_the_decoded_pixels_and_the_original_file(image_folder, tmp_path):
+    from tasks import images
+
+    cfg = config(image_folder, tmp_path)
+    acquired_subsample(cfg)
+    local = storage.download(cfg.artifact(artifacts.split_records("test")), tmp_path / "test.tfrecord")
+    [(stored, _, path)] = list(records.iter_records(local))[:1]
+    [(original, original_path)] = records.originals(local, 1)
+    assert original_path == path and original == (image_folder / path).read_bytes()
+    assert (images.to_rgb(stored) == images.to_rgb(original)).all()

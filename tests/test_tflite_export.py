@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests import evaluation_fixtures as fx
-from tasks import tflite_export
+from tasks import serving_export, tflite_export
 from tasks.predict import predict_records
 
 
@@ -17,7 +17,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, float]:
     records = work / "test.tfrecord"
     fx.write_test_records(records, work)
     model = fx.colour_model()
-    model.export(str(work / "saved_model"), verbose=False)
+    serving_export.export(model, tuple(fx.CLASSES), work / "saved_model")  # both signatures: TFLite takes pixels
     probabilities, labels, _ = predict_records(model, records)
     return work / "saved_model", records, float((probabilities.argmax(axis=1) == labels).mean())
 

@@ -25,8 +25,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import (artifacts, classifier, model_card, promotion, registry, report, serving_check, settings, storage,
-                   tflite_export)
+from tasks import (artifacts, classifier, model_card, promotion, registry, report, serving_check, serving_export,
+                   settings, storage, tflite_export)
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 from tasks.registry import (CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE,
@@ -178,7 +178,7 @@ def _checked_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, tes
     """Add what the run root does not hold: the SavedModel export, the run's params, the TFLite variants, and
     the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
-    model.export(str(stage / SAVED_MODEL_DIR), verbose=False)
+    serving_export.export(model, classifier.read_spec(stage / MODEL_DIR).classes, stage / SAVED_MODEL_DIR)
     (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
     checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
                                           version_uri)

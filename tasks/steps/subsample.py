@@ -12,10 +12,14 @@ by (seed, split, class name), over sorted file lists: the same seed picks the
 same images whatever the filesystem order, and adding a class never changes
 another's.
 
-Every selected file is read, hashed and fully decoded (in parallel, by tf.data)
-with the decoder training uses, once its header shows no more pixels than the
-deployment's limit (a decompression bomb is never decoded); those that fail are
-listed in the manifest as skipped with the reason, never silently dropped. The
+Every selected file is checked before it is read (its size against
+TLP_MAX_IMAGE_BYTES), before it is decoded (the dimensions its header declares,
+parsed by tasks.images itself, against TLP_MAX_IMAGE_PIXELS: a decompression
+bomb is never decoded, whatever Pillow thinks of the file), then hashed and
+decoded once by the one decoder (tasks.images) in parallel threads, and stored
+in the split files as the canonical pixels every later step reads. Files that
+fail are listed in the manifest as skipped with the reason, never silently
+dropped. The
 manifest (every file with label, class, split and sha256; counts; seed; source,
 with any credentials redacted; params; skipped; one hash of the whole
 selection) holds no paths or times of the machine that wrote it, so it is
@@ -26,15 +30,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
-import warnings
+import os
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks import artifacts, records, settings, storage
+from tasks import artifacts, images, records, settings, storage
 from tasks.datasets import DatasetError, ImageFolder, read_acquired
+from tasks.errors import ImageDecodeError
 from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "test")
 MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
+INGEST_CHUNK = 256  # images decoded in parallel and held at once
 MIN_CLASSES = 2
 
 Selection = dict[str, list[tuple[str, int]]]
@@ -56,11 +62,14 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     labels = selected_labels(folder, cfg.classes, source)
     classes = [folder.classes[label] for label in labels]
     selection = select(folder, labels, cfg)
-    kept, skipped = _check_images(root, selection, classes)
-    kept, duplicates = _drop_test_duplicates(kept)
-    tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
-    counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
-    _require_images(counts, skipped, source)
+    with scratch_dir("subsample") as scratch:
+        kept, skipped = _ingest(root, selection, classes, scratch)
+        kept, duplicates = _drop_test_duplicates(kept)
+        tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
+        counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
+        _require_images(counts, skipped, source)
+        for split in records.SPLITS:
+            storage.upload(scratch / f"{split}.tfrecord", cfg.artifact(artifacts.split_records(split)))
 
     manifest = {
         "source": source,
@@ -77,12 +86,6 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "test_duplicates": duplicates,
         "hash": selection_hash(kept),
     }
-    with scratch_dir("subsample") as scratch:
-        for split in records.SPLITS:
-            local = scratch / f"{split}.tfrecord"
-            records.write_records(local, (((root / f["path"]).read_bytes(), f["label"], f["path"])
-                                          for f in kept[split]))
-            storage.upload(local, cfg.artifact(artifacts.split_records(split)))
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
@@ -199,22 +202,37 @@ def _val_count(selected: int, fraction: float) -> int:
     return min(selected - 1, max(1, int(selected * fraction + 0.5)))
 
 
-def _check_images(root: Path, selection: Selection, classes: list[str]) -> tuple[dict, list[dict[str, Any]]]:
-    """Check every selected file's size, fully decode and hash it; split the selection into kept and skipped."""
-    items = [(split, path, label) for split in records.SPLITS for path, label in selection[split]]
+def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path) -> tuple[dict, list[dict[str, Any]]]:
+    """Check, hash and decode every selected file once; write the kept ones to scratch/<split>.tfrecord.
+
+    Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
+    that memory holds a chunk of images, not a split; records keep selection order.
+    A test image byte-identical to a train or validation image is kept in the
+    returned selection (for _drop_test_duplicates to list) but not written.
+    """
     limits = settings.load().limits
-    too_large = [_too_many_pixels(root / path, limits) for _, path, _ in items]
-    checked = [index for index, reason in enumerate(too_large) if not reason]
-    decodable = {checked[position] for position in _decodable([str(root / items[index][1]) for index in checked])}
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
-    for index, (split, path, label) in enumerate(items):
-        entry = {"split": split, "path": path, "label": label, "class": classes[label]}
-        reason = too_large[index] or ("" if index in decodable else _failure(root / path))
-        if reason:
-            skipped.append({**entry, "reason": reason})
-        else:
-            kept[split].append({**entry, "sha256": hashlib.sha256((root / path).read_bytes()).hexdigest()})
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for split in records.SPLITS:
+            entries = [{"split": split, "path": path, "label": label, "class": classes[label]}
+                       for path, label in selection[split]]
+            seen = {f["sha256"] for done in ("train", "val") if split == "test" for f in kept[done]}
+
+            def stored():
+                for start in range(0, len(entries), INGEST_CHUNK):
+                    chunk = entries[start:start + INGEST_CHUNK]
+                    for entry, result in zip(chunk, pool.map(lambda e: _read_image(root / e["path"], limits), chunk)):
+                        if isinstance(result, str):
+                            skipped.append({**entry, "reason": result})
+                            continue
+                        image, original = result
+                        sha256 = hashlib.sha256(original).hexdigest()
+                        kept[split].append({**entry, "sha256": sha256})
+                        if sha256 not in seen:
+                            yield image, original, entry["label"], entry["path"]
+
+            records.write_canonical(scratch / f"{split}.tfrecord", stored())
     if skipped:
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
@@ -236,68 +254,36 @@ def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, 
     return {**kept, "test": [f for f in kept["test"] if f["sha256"] not in seen]}, duplicates
 
 
-def _too_many_pixels(path: Path, limits: settings.Limits) -> str:
-    """Why a file must not be decoded, read from its header alone: "" when within the pixel limit.
+def _read_image(path: Path, limits: settings.Limits) -> tuple[bytes, bytes] | str:
+    """(canonical image, original bytes) of one file, or why it is skipped.
 
-    A few kilobytes of PNG can declare 100,000 x 100,000 pixels (a decompression
-    bomb); decoding it would take tens of gigabytes. A header Pillow cannot
-    read is left to the decoder, which refuses it with its own reason.
+    The byte limit holds before the file is read, the pixel limit before it is
+    decoded: a few kilobytes of PNG can declare 100,000 x 100,000 pixels, and
+    the header is parsed by tasks.images itself, so a file Pillow would refuse to
+    judge (a bad CRC in a text chunk) is measured all the same.
     """
-    from PIL import Image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                frames = image.n_frames if getattr(image, "is_animated", False) else 1
-    except Image.DecompressionBombError as error:
-        return f"decompression bomb: {error}"
-    except Exception:  # noqa: BLE001 - any header Pillow cannot parse is for the decoder to judge
-        return ""
-    over = limits.exceeded("max_image_pixels", width * height * frames)
-    shape = f"{width}x{height} pixels" + (f" x {frames} frames" if frames > 1 else "")
-    return f"decompression bomb: {shape}, {over}" if over else ""
-
-
-def _decode(data):
-    """The decode call of records.decode_image, which training uses: what it rejects, training would too."""
-    import tensorflow as tf
-
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
-
-
-def _decodable(paths: list[str]) -> set[int]:
-    """Indices of the files that read and decode, checked in parallel by tf.data (errors dropped)."""
-    import tensorflow as tf
-
-    def check(index, path):
-        return index, tf.shape(_decode(tf.io.read_file(path)))[0]
-
-    indices = tf.range(len(paths), dtype=tf.int64)
-    dataset = (tf.data.Dataset.from_tensor_slices((indices, tf.constant(paths, tf.string)))
-               .map(check, num_parallel_calls=tf.data.AUTOTUNE)
-               .ignore_errors()
-               .batch(1024))
-    return {int(index) for indices, _ in dataset.as_numpy_iterator() for index in indices}
-
-
-def _failure(path: Path) -> str:
-    """Why one file does not decode ("" if it does after all), from an eager decode."""
-    import tensorflow as tf
-
-    try:
-        _decode(path.read_bytes())
+        size = path.stat().st_size
+        over = limits.exceeded("max_image_bytes", size)
+        if over:
+            return f"too large: {size:,} bytes, {over}"
+        with path.open("rb") as file:
+            original = file.read(limits.max_image_bytes + 1)
     except OSError as error:
         return f"unreadable: {error.strerror or error}"
-    except tf.errors.OpError as error:
-        return "not a decodable image: " + _tf_message(error.message)
-    return ""
-
-
-def _tf_message(message: str) -> str:
-    """TF's error text without its graph-node prefix and op suffix."""
-    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", message).strip()
+    if len(original) > limits.max_image_bytes:  # it grew after stat
+        return f"too large: {limits.exceeded('max_image_bytes', len(original))}"
+    try:
+        width, height = images.header_size(original)
+    except ImageDecodeError as error:
+        return f"not a decodable image: {error}"
+    over = limits.exceeded("max_image_pixels", width * height)
+    if over:
+        return f"decompression bomb: {width}x{height} pixels, {over}"
+    try:
+        return images.canonical_png(original, max_pixels=limits.max_image_pixels), original
+    except ImageDecodeError as error:
+        return f"not a decodable image: {error}"
 
 
 def _require_images(counts: dict[str, dict[str, int]], skipped: list[dict[str, Any]], source: str) -> None:

@@ -1,0 +1,50 @@
+"""The published SavedModel: one classifier, two ways in.
+
+- `serving_default` takes float32 pixels [batch, size, size, 3] in [0, 255], as
+  tasks.images decodes and resizes them (what TFLite is converted from and the
+  champion is re-scored through).
+- `serve_bytes` takes a batch of encoded image files (tf.string [batch]) and
+  returns `probabilities` [batch, classes] and `labels` (the top class's name)
+  [batch]: it decodes in the graph (tasks.images.decode_in_graph) what
+  TensorFlow can. What it cannot (EXIF orientation, a GIF's transparency, an
+  animated WebP without alpha) a client does first: tasks.images.client_bytes,
+  stated in the model card and the README.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks import images
+
+PIXELS_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serve_bytes"
+BYTES_INPUT = "images"
+
+
+def export(model, classes: tuple[str, ...], directory: Path) -> Path:
+    """Write `model` (raw pixels in, probabilities out) as a SavedModel with both signatures into `directory`."""
+    import keras
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    names = list(classes)
+
+    def from_pixels(image):
+        return model(image, training=False)
+
+    def from_bytes(encoded):
+        pixels = tf.map_fn(lambda one: images.decode_in_graph(one, size), encoded,
+                           fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+        probabilities = model(pixels, training=False)
+        return {"probabilities": probabilities,
+                "labels": tf.gather(tf.constant(names), tf.argmax(probabilities, axis=-1))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # the first endpoint is also served as serving_default
+    archive.add_endpoint("serve", from_pixels,
+                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")])
+    archive.add_endpoint(BYTES_SIGNATURE, from_bytes,
+                         input_signature=[tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)])
+    archive.write_out(str(directory), verbose=False)
+    return directory

@@ -1,0 +1,143 @@
+"""Crafted image files, one per case the decoder must handle (tasks/images.py), and what each must decode to."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from tasks.images import BACKGROUND
+
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
+EXIF_ORIENTATION = 0x0112
+ROTATE_90_CW = 6  # the value a phone writes when it was held upright
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def raw_png(pixels: np.ndarray, color_type: int, extra_chunks: bytes = b"") -> bytes:
+    """A PNG written by hand (Pillow cannot write 16-bit colour): big-endian samples, filter 0 on every row."""
+    height, width = pixels.shape[:2]
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    rows = pixels.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    data = b"".join(b"\x00" + rows[row * stride:(row + 1) * stride] for row in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra_chunks + chunk(b"IDAT", zlib.compress(data))
+            + chunk(b"IEND", b""))
+
+
+def halves(width: int, height: int, left, right) -> Image.Image:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :width // 2], pixels[:, width // 2:] = left, right
+    return Image.fromarray(pixels)
+
+
+def composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The documented rule, written out: round((colour * a + background * (255 - a)) / 255)."""
+    a = alpha.astype(np.float64)[..., np.newaxis] / 255
+    return np.floor(rgb * a + np.asarray(BACKGROUND) * (1 - a) + 0.5).astype(np.uint8)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """40 x 20 stored, red left half, blue right half; EXIF says: rotate 90 degrees clockwise to display."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATE_90_CW
+    return encoded(halves(40, 20, RED, BLUE), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def cmyk_jpeg() -> bytes:
+    return encoded(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95)  # pure cyan ink
+
+
+def gray16_png() -> tuple[bytes, np.ndarray]:
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1021 + 0x00FF).astype(np.uint16)
+    return raw_png(values, color_type=0), values
+
+
+def rgb16_png() -> tuple[bytes, np.ndarray]:
+    values = np.random.default_rng(3).integers(0, 65536, (6, 7, 3)).astype(np.uint16)
+    return raw_png(values, color_type=2), values
+
+
+def rgba16_png() -> tuple[bytes, np.ndarray]:
+    values = np.random.default_rng(4).integers(0, 65536, (6, 7, 4)).astype(np.uint16)
+    values[0, :, 3] = 0
+    return raw_png(values, color_type=6), values
+
+
+def palette_png_with_transparent_index() -> bytes:
+    """Index 0 red, index 1 green and transparent (tRNS), in a checkerboard."""
+    image = Image.new("P", (8, 8))
+    image.putpalette([*RED, *GREEN] + [0] * 762)
+    image.putdata([(x + y) % 2 for y in range(8) for x in range(8)])
+    return encoded(image, "PNG", transparency=1)
+
+
+def la_png() -> tuple[bytes, np.ndarray, np.ndarray]:
+    gray = np.full((4, 6), 100, np.uint8)
+    alpha = np.array([[0, 64, 128, 200, 254, 255]] * 4, np.uint8)
+    return encoded(Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)]), "PNG"), gray, alpha
+
+
+def rgba_png_with_garbage_under_transparency(seed: int) -> tuple[bytes, np.ndarray]:
+    """The same visible picture each seed; under alpha 0, colours that differ from seed to seed."""
+    pixels = noise(10, 12, 4, seed=99)
+    pixels[..., 3] = 255
+    pixels[:5, :, 3] = 0
+    pixels[:5, :, :3] = noise(5, 12, seed=seed)
+    return encoded(Image.fromarray(pixels), "PNG"), pixels
+
+
+def animation(format: str) -> bytes:
+    """Two frames: red, then blue."""
+    frames = [Image.new("RGB", (10, 8), RED), Image.new("RGB", (10, 8), BLUE)]
+    options = {"lossless": True} if format == "WEBP" else {}
+    return encoded(frames[0], format, save_all=True, append_images=frames[1:], duration=100, **options)
+
+
+def transparent_gif() -> bytes:
+    image = Image.new("P", (8, 8))
+    image.putpalette([*RED, *GREEN] + [0] * 762)
+    image.putdata([(x + y) % 2 for y in range(8) for x in range(8)])
+    return encoded(image, "GIF", transparency=1)
+
+
+def crafted_files() -> dict[str, bytes]:
+    """Every case by name: what a real dataset or a client may hold."""
+    return {
+        "exif_rotated.jpg": exif_rotated_jpeg(),
+        "cmyk.jpg": cmyk_jpeg(),
+        "photo.jpg": encoded(Image.fromarray(noise(20, 30)), "JPEG", quality=90),
+        "gray.jpg": encoded(Image.fromarray(noise(20, 30)[..., 0]), "JPEG", quality=90),
+        "gray16.png": gray16_png()[0],
+        "rgb16.png": rgb16_png()[0],
+        "rgba16.png": rgba16_png()[0],
+        "palette_transparent.png": palette_png_with_transparent_index(),
+        "la.png": la_png()[0],
+        "rgba_garbage.png": rgba_png_with_garbage_under_transparency(1)[0],
+        "gray.png": encoded(Image.fromarray(noise(9, 11)[..., 0]), "PNG"),
+        "animated.gif": animation("GIF"),
+        "transparent.gif": transparent_gif(),
+        "animated.webp": animation("WEBP"),
+        "animated_alpha.webp": encoded(Image.fromarray(noise(8, 10, 4)), "WEBP", save_all=True, lossless=True,
+                                       append_images=[Image.new("RGBA", (10, 8), BLUE + (255,))]),
+        "animated.png": animation("PNG"),
+        "picture.bmp": encoded(Image.fromarray(noise(7, 9)), "BMP"),
+        "lossless.webp": encoded(Image.fromarray(noise(7, 9, 4)), "WEBP", lossless=True),
+        "lossy.webp": encoded(Image.fromarray(noise(16, 16)), "WEBP", quality=80),
+    }

@@ -1,0 +1,208 @@
+"""The one decoder: each case a real dataset holds, pinned with a crafted file; train and serve see the same pixels."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import image_fixtures as fx
+from tasks import images
+from tasks.errors import ImageDecodeError, PermanentError
+
+SIZE = 24
+
+
+def test_exif_orientation_is_applied():
+    rgb = images.to_rgb(fx.exif_rotated_jpeg())
+    assert rgb.shape == (40, 20, 3), "stored 40 wide x 20 high, displayed 20 wide x 40 high"
+    top, bottom = rgb[5, 10].astype(int), rgb[-5, 10].astype(int)
+    assert top[0] > 200 and top[2] < 60, "the stored left (red) half is on top after a clockwise turn"
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    rgb = images.to_rgb(fx.cmyk_jpeg())
+    assert rgb.shape == (16, 16, 3)
+    np.testing.assert_allclose(rgb[8, 8], (0, 255, 255), atol=3)  # cyan ink
+
+
+@pytest.mark.parametrize("case", [fx.gray16_png, fx.rgb16_png])
+def test_16_bit_pngs_keep_their_high_byte(case):
+    data, values = case()
+    expected = (values >> 8).astype(np.uint8)
+    if expected.ndim == 2:
+        expected = np.repeat(expected[..., np.newaxis], 3, axis=-1)
+    np.testing.assert_array_equal(images.to_rgb(data), expected)
+
+
+def test_16_bit_rgba_png_is_composited_from_its_high_bytes():
+    data, values = fx.rgba16_png()
+    high = (values >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(images.to_rgb(data), fx.composite(high[..., :3], high[..., 3]))
+    assert (images.to_rgb(data)[0] == images.BACKGROUND).all()
+
+
+def test_palette_transparent_index_shows_the_background():
+    rgb = images.to_rgb(fx.palette_png_with_transparent_index())
+    assert tuple(rgb[0, 0]) == fx.RED and tuple(rgb[0, 1]) == images.BACKGROUND
+
+
+def test_grayscale_with_alpha_is_composited_with_rounding():
+    data, gray, alpha = fx.la_png()
+    rgb = images.to_rgb(data)
+    np.testing.assert_array_equal(rgb, fx.composite(np.repeat(gray[..., np.newaxis], 3, axis=-1), alpha))
+    assert tuple(rgb[0, 0]) == images.BACKGROUND and tuple(rgb[0, -1]) == (100, 100, 100)
+
+
+def test_colours_under_full_transparency_never_reach_the_pixels():
+    (first, pixels), (second, _) = (fx.rgba_png_with_garbage_under_transparency(seed) for seed in (1, 2))
+    assert first != second
+    np.testing.assert_array_equal(images.to_rgb(first), images.to_rgb(second))
+    assert (images.to_rgb(first)[:5] == images.BACKGROUND).all()
+    np.testing.assert_array_equal(images.to_rgb(first)[5:], pixels[5:, :, :3])
+
+
+@pytest.mark.parametrize("format", ["GIF", "WEBP", "PNG"])
+def test_animations_give_their_first_frame(format):
+    rgb = images.to_rgb(fx.animation(format))
+    assert rgb.shape == (8, 10, 3) and (rgb == fx.RED).all()
+
+
+@pytest.mark.parametrize("format,options", [("BMP", {}), ("WEBP", {"lossless": True}), ("PNG", {})])
+def test_lossless_formats_round_trip_exactly(format, options):
+    pixels = fx.noise(7, 9)
+    np.testing.assert_array_equal(images.to_rgb(fx.encoded(Image.fromarray(pixels), format, **options)), pixels)
+
+
+def test_lossy_webp_and_jpeg_decode_close_to_their_source():
+    pixels = np.full((16, 16, 3), (200, 40, 90), np.uint8)
+    for format in ("WEBP", "JPEG"):
+        np.testing.assert_allclose(images.to_rgb(fx.encoded(Image.fromarray(pixels), format, quality=90)), pixels,
+                                   atol=6)
+
+
+def test_grayscale_is_repeated_into_three_channels():
+    gray = fx.noise(9, 11)[..., 0]
+    np.testing.assert_array_equal(images.to_rgb(fx.encoded(Image.fromarray(gray), "PNG")),
+                                  np.repeat(gray[..., np.newaxis], 3, axis=-1))
+
+
+def test_bmp_fourth_byte_is_not_alpha():
+    pixels = fx.noise(5, 6, 4)
+    pixels[..., 3] = 0
+    np.testing.assert_array_equal(images.to_rgb(fx.encoded(Image.fromarray(pixels), "BMP")), pixels[..., :3])
+
+
+@pytest.mark.parametrize("name", sorted(fx.crafted_files()))
+def test_header_size_is_what_the_decoder_finds(name):
+    data = fx.crafted_files()[name]
+    height, width, _ = images.to_rgb(data).shape
+    size = images.header_size(data)
+    assert size == ((height, width) if name == "exif_rotated.jpg" else (width, height))
+
+
+@pytest.mark.parametrize("options", [{}, {"lossless": True}, {"save_all": True, "append_images": [Image.new("RGB", (300, 170))]}],
+                         ids=["VP8", "VP8L", "VP8X"])
+def test_header_size_reads_every_webp_kind(options):
+    data = fx.encoded(Image.new("RGB", (300, 170)), "WEBP", **options)
+    assert images.header_size(data) == (300, 170)
+
+
+def test_jpeg_header_is_found_past_large_metadata_segments():
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 60_000  # ImageDescription: a 60 kB APP1 segment before the frame header
+    data = fx.encoded(Image.new("RGB", (33, 21)), "JPEG", exif=exif.tobytes())
+    assert images.header_size(data) == (33, 21)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "none of the signatures of JPEG, PNG, GIF, BMP, WEBP"),
+    (b"%PDF-1.7 not an image", "none of the signatures"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "header is cut short"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 10 + b"\xff\xda", "no frame header"),
+    (b"GIF89a\x00\x00\x05\x00", "declares 0x5 pixels"),
+])
+def test_unreadable_headers_are_refused_with_a_reason(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        images.header_size(data)
+
+
+def test_damaged_ihdr_is_an_unreadable_header():
+    data = bytearray(fx.encoded(Image.new("RGB", (4, 4)), "PNG"))
+    data[18] ^= 1
+    with pytest.raises(ImageDecodeError, match="IHDR header is damaged"):
+        images.header_size(bytes(data))
+
+
+def test_pixel_limit_holds_before_decoding_even_where_pillow_would_refuse_the_file(monkeypatch):
+    bomb = fx.raw_png(np.zeros((1, 1), np.uint8), 0)
+    bomb = bomb[:16] + struct.pack(">II", 60_000, 60_000) + bomb[24:]
+    bomb = bomb[:29] + struct.pack(">I", zlib.crc32(bomb[12:29])) + bomb[33:]
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("decoded a file above the limit"))
+    with pytest.raises(ImageDecodeError, match=r"60000x60000 = 3,600,000,000 pixels, above the limit of 1,000,000"):
+        images.to_rgb(bomb, max_pixels=1_000_000)
+
+
+def test_truncated_and_corrupt_data_is_an_image_decode_error_naming_the_format():
+    whole = fx.encoded(Image.fromarray(fx.noise(64, 64)), "PNG")
+    with pytest.raises(ImageDecodeError, match="a PNG whose data does not decode") as error:
+        images.to_rgb(whole[:len(whole) // 2])
+    assert isinstance(error.value, PermanentError)
+
+
+def test_the_decoder_version_names_the_pillow_that_decodes():
+    import PIL
+
+    assert images.DECODER_VERSION.endswith(PIL.__version__)
+
+
+def test_training_path_and_serving_path_give_identical_pixels(tmp_path):
+    """Split records (subsample -> tf.data, as train and evaluate read them) against `decode` (scoring a new file)."""
+    from tasks import records
+
+    files = fx.crafted_files()
+    path = tmp_path / "split.tfrecord"
+    records.write_records(path, [(data, index, name) for index, (name, data) in enumerate(files.items())])
+    seen = 0
+    for batch, _, names in records.image_dataset(path, SIZE, 4, with_paths=True):
+        for pixels, name in zip(batch.numpy(), names.numpy()):
+            np.testing.assert_array_equal(pixels, images.decode(files[name.decode()], SIZE), err_msg=name.decode())
+            seen += 1
+    assert seen == len(files)
+
+
+def test_in_graph_decoder_matches_for_what_a_client_sends():
+    """The bytes signature's decoder against `decode`, for every case, on the bytes `client_bytes` says to send."""
+    import tensorflow as tf
+
+    for name, data in fx.crafted_files().items():
+        graph = images.decode_in_graph(tf.constant(images.client_bytes(data)), SIZE).numpy()
+        np.testing.assert_array_equal(graph, images.decode(data, SIZE), err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["exif_rotated.jpg", "transparent.gif", "animated.webp"])
+def test_clients_decode_what_the_graph_cannot_and_send_the_rest_as_is(name):
+    data = fx.crafted_files()[name]
+    sent = images.client_bytes(data)
+    assert sent != data and sent.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(images.to_rgb(sent), images.to_rgb(data))
+    photo = fx.crafted_files()["photo.jpg"]
+    assert images.client_bytes(photo) is photo
+
+
+def test_in_graph_decoder_refuses_an_opaque_animated_webp_instead_of_crashing():
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="animated WebP without alpha"):
+        images.decode_in_graph(tf.constant(fx.animation("WEBP")), SIZE)
+
+
+def test_resize_averages_when_shrinking_instead_of_sampling():
+    """A photo shrunk 8x: each output pixel averages its 8x8 block (sampling two pixels would alias)."""
+    pixels = fx.noise(64, 64)
+    shrunk = images.resize(pixels[np.newaxis], 8)[0].numpy()
+    blocks = pixels.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
+    assert np.abs(shrunk - blocks)[1:-1, 1:-1].mean() < 10 < np.abs(pixels[::8, ::8] - blocks).mean()
