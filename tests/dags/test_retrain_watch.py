@@ -59,6 +59,7 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
     prefix, models = f"{s3_bucket}/data/", f"{s3_bucket}/models"
     monkeypatch.setenv("TLP_RUN_ROOT", f"{s3_bucket}/runs")
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", models)
+    monkeypatch.setenv("TLP_MIN_TEST_IMAGES", "1")  # a tiny test split: the first run must become the champion
     monkeypatch.setenv("TLP_CACHE_DIR", str(tmp_path / "cache-1"))
     folder = write_image_folder(tmp_path / "images", {"dark": 8, "mid": 8, "light": 8}, splits=("train", "test"))
     storage.upload(folder, prefix)
