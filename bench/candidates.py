@@ -31,7 +31,7 @@ def main() -> None:
     from tasks.steps.acquire import acquire
     from tasks.steps.select import select
     from tasks.steps.subsample import subsample
-    from tasks.steps.train import train_candidate
+    from tasks.steps.train import train
 
     base = RunConfig(candidates=args.candidates, epochs=args.epochs, patience=args.epochs, run_root=args.run_root)
     specs = candidate_list(base)
@@ -46,12 +46,12 @@ def main() -> None:
     for candidate in specs:
         cfg, data = fresh(f"bench-single-{candidate.slug}")
         started = time.perf_counter()
-        train_candidate(cfg, data, dataclasses.asdict(candidate))
+        train(cfg, data, dataclasses.asdict(candidate))
         singles[candidate] = time.perf_counter() - started
 
     cfg, data = fresh("bench-sweep")
     started = time.perf_counter()
-    trained = [train_candidate(cfg, data, dataclasses.asdict(candidate)) for candidate in specs]
+    trained = [train(cfg, data, dataclasses.asdict(candidate)) for candidate in specs]
     winner = select(cfg, trained)
     sweep = time.perf_counter() - started
 

@@ -21,7 +21,8 @@ Activation caches persist under `--cache-root` and are reused by later runs
 `--ratio-units` also times one fine-tuning epoch on images against one on
 cached activations for the same cut (second epochs, after tracing).
 
-    python -m bench.fine_tune_sweep [--image-size 96] [--ratio-units 20] [--jsonl results.jsonl]
+    python -m bench.fine_tune_sweep [--benchmark fashion_mnist|openclipart] [--backbone efficientnet_lite0]
+        [--image-size 96] [--ratio-units 20] [--jsonl results.jsonl]
         [--recipe units=34,lr=1e-3,epochs=8,schedule=cosine,smoothing=0.1 ...]
 
 Logs one line per step and recipe; ends with ONE JSON line of flat keys.
@@ -45,11 +46,11 @@ from tasks import artifacts, storage
 from tasks.activation_cache import CachedSplit, cache_activations, cache_key
 from tasks.backbone_split import Split, split_backbone
 from tasks.backbones import Backbone, load_backbone, set_trainable_top
-from tasks.checkpoints import fit_resumable
+from tasks.checkpoints import Stopping, fit_resumable
 from tasks.config import RunConfig
 from tasks.head import build_head, compose
 from tasks.records import image_dataset
-from tasks.training import compile_model, epoch_seed, read_manifest, targets
+from tasks.training import Feed, compile_model
 
 log = logging.getLogger("bench.fine_tune_sweep")
 
@@ -150,13 +151,17 @@ def accuracy(model: keras.Model, cached: CachedSplit, batch_size: int) -> float:
 def train_on_cache(model: keras.Model, cfg: RunConfig, cached: dict[str, CachedSplit], phase: str, start: int,
                    epochs: int, num_classes: int, scratch: Path) -> dict[str, Any]:
     """fit_resumable over cached activations (fresh: no checkpoint of an earlier bench is resumed)."""
-    storage.delete(cfg.artifact(artifacts.CHECKPOINTS, phase))
-    shape = targets(cfg, num_classes)
+    checkpoint_uri = storage.join(cfg.run_uri, "bench-checkpoints", phase)
+    storage.delete(checkpoint_uri)
+    feed = Feed.of(cfg, num_classes)
+    shape = feed.targets()
     result, seconds, cpu = cpu_timed(
-        fit_resumable, model, cfg, phase=phase, first_epoch=start, last_epoch=start + epochs,
-        train_epoch=lambda epoch: cached["train"].batches(cfg.batch_size, epoch_seed(cfg, epoch)).map(shape),
+        fit_resumable, model, phase=phase, first_epoch=start, last_epoch=start + epochs,
+        train_epoch=lambda epoch: cached["train"].batches(cfg.batch_size, feed.epoch_seed(epoch)).map(shape),
         steps_per_epoch=math.ceil(len(cached["train"]) / cfg.batch_size),
-        validation=cached["val"].batches(cfg.batch_size).map(shape), fingerprint={"phase": phase}, scratch=scratch)
+        validation=cached["val"].batches(cfg.batch_size).map(shape), stopping=Stopping(cfg.patience, cfg.min_delta),
+        fingerprint={"phase": phase}, checkpoint_uri=checkpoint_uri,
+        tensorboard_uri=storage.join(cfg.run_uri, "bench-tensorboard", phase), scratch=scratch)
     return {"val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch - start,
             "epochs_run": len(result.history), "train_s": round(seconds, 1),
             "epoch_s": round(seconds / len(result.history), 2), "epoch_cpu_s": round(cpu / len(result.history), 2),
@@ -176,7 +181,7 @@ def feature_extraction(cfg: RunConfig, backbone: Backbone, records: dict[str, Pa
     cached, cache_seconds = cached_splits(split, backbone, cfg, records, data_hash, cache_root)
     keras.utils.set_random_seed(cfg.seed)
     head = build_head(split.boundary_shape, num_classes, cfg.dropout)
-    compile_model(head, cfg, keras.losses.get(cfg.loss), cfg.learning_rate, backbone)
+    compile_model(head, cfg.optimizer, keras.losses.get(cfg.loss), cfg.learning_rate, backbone)
     trained = train_on_cache(head, cfg, cached, "sweep-feature-extraction", 0, cfg.epochs, num_classes, scratch)
     return head, {**trained, "cache_train_val_s": round(cache_seconds["fit"], 1),
                   "cache_test_s": round(cache_seconds["test"], 1),
@@ -194,7 +199,7 @@ def run_recipe(recipe: Recipe, split: Split, cached: dict[str, CachedSplit], cfg
     loss = (keras.losses.CategoricalCrossentropy(label_smoothing=recipe.smoothing) if recipe.smoothing
             else keras.losses.get(cfg.loss))
     model = on_top(split, head)
-    compile_model(model, smoothing_cfg, loss, learning_rate, backbone)
+    compile_model(model, smoothing_cfg.optimizer, loss, learning_rate, backbone)
     trained = train_on_cache(model, smoothing_cfg, cached, "sweep-fine-tune", start, recipe.epochs, num_classes,
                              scratch)
     tuned_test = accuracy(model, cached["test"], cfg.batch_size)
@@ -209,17 +214,21 @@ def epoch_seconds_on_images(cfg: RunConfig, backbone: Backbone, head: keras.Mode
     """(Wall, CPU) seconds of the second fine-tuning epoch on images (the step before caching existed)."""
     set_trainable_top(backbone, units)
     model = compose(backbone, head)
-    compile_model(model, cfg, keras.losses.get(cfg.loss), cfg.learning_rate * cfg.fine_tune_lr_factor, backbone)
-    epochs = image_dataset(records["train"], cfg.image_size, cfg.batch_size, shuffle_seed=epoch_seed(cfg, 0))
-    return _second_epoch_seconds(model, epochs.map(targets(cfg, num_classes)).repeat(2), steps)
+    compile_model(model, cfg.optimizer, keras.losses.get(cfg.loss), cfg.learning_rate * cfg.fine_tune_lr_factor,
+                  backbone)
+    feed = Feed.of(cfg, num_classes)
+    epochs = image_dataset(records["train"], cfg.image_size, cfg.batch_size, shuffle_seed=feed.epoch_seed(0))
+    return _second_epoch_seconds(model, epochs.map(feed.targets()).repeat(2), steps)
 
 
 def epoch_seconds_on_cache(cfg: RunConfig, split: Split, head: keras.Model, cached: CachedSplit,
                            backbone: Backbone, num_classes: int) -> tuple[float, float]:
     """(Wall, CPU) seconds of the second fine-tuning epoch on cached activations, same cut and settings."""
     model = on_top(split, head)
-    compile_model(model, cfg, keras.losses.get(cfg.loss), cfg.learning_rate * cfg.fine_tune_lr_factor, backbone)
-    epochs = cached.batches(cfg.batch_size, epoch_seed(cfg, 0)).map(targets(cfg, num_classes))
+    compile_model(model, cfg.optimizer, keras.losses.get(cfg.loss), cfg.learning_rate * cfg.fine_tune_lr_factor,
+                  backbone)
+    feed = Feed.of(cfg, num_classes)
+    epochs = cached.batches(cfg.batch_size, feed.epoch_seed(0)).map(feed.targets())
     return _second_epoch_seconds(model, epochs.repeat(2), math.ceil(len(cached) / cfg.batch_size))
 
 
@@ -271,6 +280,9 @@ def main() -> None:
     parser.add_argument("--run-root", default="/tmp/tlp-bench/runs")
     parser.add_argument("--cache-root", default="/tmp/tlp-bench/activations")
     parser.add_argument("--image-size", type=int, default=RunConfig.image_size)
+    parser.add_argument("--benchmark", choices=("fashion_mnist", "openclipart"), default="fashion_mnist",
+                        help="openclipart: all of bench/openclipart.py's train split, its held-out-artist test split")
+    parser.add_argument("--backbone", default=RunConfig.backbone)
     parser.add_argument("--recipe", action="append", help=f"repeatable; default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ratio-units", type=int, default=20,
                         help="time an epoch on images vs on cached activations at this cut; 0 skips")
@@ -280,15 +292,23 @@ def main() -> None:
     recipes = [Recipe.parse(text) for text in args.recipe or DEFAULT_RECIPES]
 
     started = time.perf_counter()
-    cfg = RunConfig(run_root=args.run_root, run_id="fine-tune-sweep", image_size=args.image_size)
+    data: dict[str, Any] = {}
+    if args.benchmark == "openclipart":
+        from bench import openclipart
+
+        data = {"source": str(openclipart.build().resolve()), "train_percent": 100.0}
+    cfg = RunConfig(run_root=args.run_root, run_id=f"fine-tune-sweep-{args.benchmark}", image_size=args.image_size,
+                    backbone=args.backbone, **data)
     data_s = prepare_data(cfg)
-    manifest = read_manifest(cfg, {})
+    manifest_uri = cfg.artifact(artifacts.MANIFEST)  # as subsample would hand it over
+    manifest = artifacts.read_manifest(cfg, {"manifest": manifest_uri, "hash": storage.read_json(manifest_uri)["hash"]})
     num_classes = len(manifest["classes"])
     records = {split: storage.local_path(cfg.artifact(artifacts.split_records(split)))
                for split in ("train", "val", "test")}
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     pretrained = backbone.model.get_weights()
-    flat: dict[str, Any] = {"image_size": cfg.image_size, "data_s": round(data_s, 1),
+    flat: dict[str, Any] = {"benchmark": args.benchmark, "backbone": cfg.backbone, "image_size": cfg.image_size,
+                            "data_s": round(data_s, 1),
                             "train_images": len(manifest["files"])}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-fine-tune-") as scratch_dir:

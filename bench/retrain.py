@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from tasks import artifacts, storage
-from tasks.config import RunConfig
+from tasks.config import RunConfig, candidate_list
 
 VERSION = "20260101T000000.000Z-bench0000001"
 
@@ -60,10 +60,17 @@ def run_steps(cfg: RunConfig, train: bool) -> dict:
     checked = time.perf_counter() - started
     result = {"changes": changes, "check_seconds": round(checked, 2), "data": data}
     if train and changes["train"]:
-        result["train"] = train_step(cfg, data)
-        meta = storage.read_json(storage.join(cfg.artifact(artifacts.FEATURES), "meta.json"))
+        (only,) = candidate_list(cfg)
+        result["train"] = train_step(cfg, data, dataclasses.asdict(only))
+        meta = storage.read_json(storage.join(_candidate(cfg).artifact(artifacts.FEATURES), "meta.json"))
         result["train_backbone_images"] = sum(split["computed"] for split in meta["splits"].values())
     return result
+
+
+def _candidate(cfg: RunConfig) -> RunConfig:
+    """The config of the run's one candidate: its artifacts live under candidates/<slug>/."""
+    (only,) = candidate_list(cfg)
+    return cfg.for_candidate(only)
 
 
 def register_champion(cfg: RunConfig) -> None:
@@ -71,7 +78,8 @@ def register_champion(cfg: RunConfig) -> None:
     version = storage.join(cfg.publish_uri, cfg.model_name, "versions", VERSION)
     storage.write_json(storage.join(version, "manifest.json"), storage.read_json(cfg.artifact(artifacts.MANIFEST)))
     storage.write_json(storage.join(version, "params.json"), cfg.to_public_dict())
-    storage.upload(storage.local_path(cfg.artifact(artifacts.MODEL)), storage.join(version, "model"))
+    storage.upload(storage.local_path(_candidate(cfg).artifact(artifacts.FEATURE_EXTRACTION_MODEL)),
+                   storage.join(version, "model"))
     storage.write_json(storage.join(cfg.publish_uri, cfg.model_name, "champion.json"), {"version": VERSION})
 
 
@@ -86,12 +94,13 @@ def features_diff(cfg: RunConfig, workdir: Path) -> float:
 
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     whole = split_backbone(backbone, 0)
-    records = {split: stage_records(cfg, split, workdir / "fresh-records") for split in TRAINING_SPLITS}
+    records = stage_records(cfg, workdir / "fresh-records", TRAINING_SPLITS)
+    features = _candidate(cfg).artifact(artifacts.FEATURES)
     fresh = activation_cache.cache_activations(whole.bottom, records, workdir / "fresh", {"fresh": 1},
                                                cfg.batch_size)
-    used = activation_cache.open_cache(storage.local_path(cfg.artifact(artifacts.FEATURES)),
-                                       storage.read_json(storage.join(cfg.artifact(artifacts.FEATURES),
-                                                                      "meta.json"))["key"], list(TRAINING_SPLITS))
+    used = activation_cache.open_cache(storage.local_path(features),
+                                       storage.read_json(storage.join(features, "meta.json"))["key"],
+                                       list(TRAINING_SPLITS))
     return max(float(np.max(np.abs(np.asarray(used[s].activations) - np.asarray(fresh[s].activations))))
                for s in TRAINING_SPLITS)
 
@@ -147,9 +156,9 @@ def main() -> None:
         "embedding_shift_noise_band": shift["embedding_shift"].get("noise_band"),
         "prior_shift_p_value": shift["prior_shift"]["p_value"],
         "fresh_head_epochs": fresh_train["epochs_run"], "fresh_head_best_epoch": fresh_train["best_epoch"],
-        "fresh_head_val_accuracy": fresh_train["best_val_accuracy"],
+        "fresh_head_val_accuracy": fresh_train["val_accuracy"],
         "warm_start_epochs": warm_train["epochs_run"], "warm_start_best_epoch": warm_train["best_epoch"],
-        "warm_start_val_accuracy": warm_train["best_val_accuracy"],
+        "warm_start_val_accuracy": warm_train["val_accuracy"],
         "warm_start_epochs_saved": fresh_train["epochs_run"] - warm_train["epochs_run"],
         "per_class": args.per_class, "new_per_class": new_per_class, "image_size": args.image_size,
     }))

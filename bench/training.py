@@ -1,7 +1,15 @@
-"""Transfer learning against training from scratch, on the very same split, in one run.
+"""Transfer learning against training from scratch, on the very same splits, for each benchmark, in one run.
 
-The offline default of the issue: Fashion-MNIST, 10 % of train (5400 train /
-600 val, stratified), the full 10k test split, seed 42. Measures:
+Two benchmarks, each through the project's own acquire/subsample/train/
+fine_tune steps with the default params (plus any `--set`):
+
+- `fashion_mnist`: Fashion-MNIST, 10 % of train (5400 train / 600 val,
+  stratified), the full 10k test split, seed 42 (28 px grayscale, centred);
+- `openclipart`: clip art with transparency, 8 classes, all of train (about
+  985 train / 110 val) and test images by other artists than the training
+  images (bench/openclipart.py builds it from Debian's openclipart-png), seed 42.
+
+Measures per benchmark:
 
 - a small 2-conv CNN trained from scratch on the same train/val split (early
   stopping on validation), tested on the same test split;
@@ -10,15 +18,21 @@ The offline default of the issue: Fashion-MNIST, 10 % of train (5400 train /
   pass of the backbone over the same train+val images;
 - fine-tuning with the default recipe (the pipeline's own `fine_tune` step, on
   cached boundary activations) and what the kept model scores on test;
-- the cost of one fine-tune epoch on cached activations against one on images,
-  for a cut at the top 20 units, and what that ratio is by counting
-  floating-point work (bench/fine_tune_sweep.py has the recipe sweep).
+- both models' test accuracy with test-time augmentation too (`*_tta_test_accuracy`:
+  the mean of the probabilities of each image and its mirror image), and the
+  validation -> test gap of the kept model (`ft_val_test_gap`);
+- Fashion-MNIST only: the cost of one fine-tune epoch on cached activations
+  against one on images, for a cut at the top 20 units, and what that ratio is
+  by counting floating-point work (bench/fine_tune_sweep.py has the recipe sweep).
 
-Ends with one JSON line of flat keys: scratch_test_accuracy, fe_test_accuracy,
-ft_test_accuracy, fe_ratio_to_forward, ft_epoch_ratio_cached_to_images,
-ft_epoch_ratio_by_flops, demo_params, and the timings behind them.
+Ends with one JSON line of flat keys, each prefixed by the benchmark's name:
+fashion_mnist_scratch_test_accuracy, fashion_mnist_fe_test_accuracy,
+fashion_mnist_ft_test_accuracy, openclipart_ft_test_accuracy,
+openclipart_ft_val_test_gap, ..., fashion_mnist_ft_epoch_ratio_cached_to_images,
+and demo_params (the recipe measured).
 
     python bench/training.py [--run-root .bench-runs] [--scratch-epochs 30]
+        [--benchmarks fashion_mnist openclipart] [--set image_size=128 --set fine_tune=always ...] [--no-scratch]
 """
 from __future__ import annotations
 
@@ -31,8 +45,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
 from tasks import artifacts, storage
-from tasks.config import RunConfig, param_specs
+from tasks.config import RunConfig, candidate_list, param_specs
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 
 if TYPE_CHECKING:
     import keras
@@ -40,7 +58,9 @@ if TYPE_CHECKING:
     from tasks.backbone_split import Split
 
 RATIO_UNITS = 20
-SCRATCH_IMAGE_SIZE = 28  # Fashion-MNIST's own size: the from-scratch CNN sees every pixel, nothing more
+BENCHMARKS = ("fashion_mnist", "openclipart")
+# The from-scratch CNN's input: Fashion-MNIST's own 28 px (every pixel, nothing more); clip art at 64 px.
+SCRATCH_IMAGE_SIZE = {"fashion_mnist": 28, "openclipart": 64}
 
 
 def timed(step, *args, **kwargs) -> tuple[object, float]:
@@ -58,48 +78,67 @@ def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
 
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     whole = split_backbone(backbone, 0)
-    records = {split: stage_records(cfg, split, scratch) for split in ("train", "val")}
+    records = stage_records(cfg, scratch)
     return timed(activation_cache.cache_activations, whole.bottom, records, scratch / "forward", {"bench": True},
                  cfg.batch_size)[1]
 
 
-def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> float:
-    """The saved classifier's accuracy on the run's test split."""
+def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> tuple[float, float]:
+    """The saved classifier's accuracy on the run's test split: plain, and with test-time augmentation
+    (the mean of the probabilities of each image and its mirror image)."""
+    import tensorflow as tf
+
     from tasks import classifier
-    from tasks.predict import predict_records
+    from tasks.records import image_dataset
 
     model = classifier.fetch(cfg.artifact(artifact), scratch, cfg.cache_dir).model
     test = storage.download(cfg.artifact(artifacts.split_records("test")), scratch / "test.tfrecord")
-    probabilities, labels, _ = predict_records(model, test, cfg.batch_size)
-    return float((probabilities.argmax(axis=1) == labels).mean())
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    plain, mirrored, labels = [], [], []
+    for images, batch_labels in image_dataset(test, int(model.input_shape[1]), cfg.batch_size):
+        plain.append(forward(images).numpy())
+        mirrored.append(forward(tf.reverse(images, axis=[2])).numpy())
+        labels.append(batch_labels.numpy())
+    probabilities, truth = np.concatenate(plain), np.concatenate(labels)
+    averaged = (probabilities + np.concatenate(mirrored)) / 2
+    return float((probabilities.argmax(axis=1) == truth).mean()), float((averaged.argmax(axis=1) == truth).mean())
 
 
-def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int) -> tuple[float, float, int]:
+def scratch_cnn(cfg: RunConfig, scratch: Path, epochs: int, image_size: int,
+                num_classes: int) -> tuple[float, float, int]:
     """(test accuracy, seconds, epochs run) of a 2-conv CNN trained from random weights on the same split."""
     import keras
 
     from tasks.records import image_dataset
-    from tasks.training import epoch_seed, stage_records
+    from tasks.training import stage_records
 
     keras.utils.set_random_seed(cfg.seed)
-    paths = {split: stage_records(cfg, split, scratch) for split in ("train", "val", "test")}
+    paths = stage_records(cfg, scratch, ("train", "val", "test"))
     model = keras.Sequential([
-        keras.Input((SCRATCH_IMAGE_SIZE, SCRATCH_IMAGE_SIZE, 3)),
+        keras.Input((image_size, image_size, 3)),
         keras.layers.Rescaling(1 / 255),
         keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
         keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
         keras.layers.Flatten(), keras.layers.Dropout(0.3),
-        keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10, activation="softmax"),
+        keras.layers.Dense(128, activation="relu"), keras.layers.Dense(num_classes, activation="softmax"),
     ])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    train = image_dataset(paths["train"], SCRATCH_IMAGE_SIZE, cfg.batch_size, shuffle_seed=epoch_seed(cfg, 0))
-    val = image_dataset(paths["val"], SCRATCH_IMAGE_SIZE, cfg.batch_size)
+    # Decoded once into memory: large PNGs would otherwise be decoded again every epoch.
+    (x_train, y_train), val, test = (arrays(image_dataset(paths[split], image_size, cfg.batch_size))
+                                     for split in ("train", "val", "test"))
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
     started = time.perf_counter()
-    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0)
+    history = model.fit(x_train, y_train, batch_size=cfg.batch_size, validation_data=val, epochs=epochs,
+                        callbacks=[stop], verbose=0)
     seconds = time.perf_counter() - started
-    _, accuracy = model.evaluate(image_dataset(paths["test"], SCRATCH_IMAGE_SIZE, cfg.batch_size), verbose=0)
+    _, accuracy = model.evaluate(*test, batch_size=cfg.batch_size, verbose=0)
     return float(accuracy), seconds, len(history.history["loss"])
+
+
+def arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a batched (image, label) dataset, in memory."""
+    images, labels = zip(*((np.asarray(x), np.asarray(y)) for x, y in dataset), strict=False)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float, str, float]:
@@ -115,7 +154,7 @@ def epoch_ratio(cfg: RunConfig, scratch: Path, units: int) -> tuple[float, float
 
     built = classifier.fetch(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL), scratch, cfg.cache_dir)
     split = split_backbone(built.backbone, units)
-    records = {split_name: stage_records(cfg, split_name, scratch) for split_name in ("train", "val")}
+    records = stage_records(cfg, scratch)
     manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
     cached = activation_cache.cache_activations(split.bottom, records, scratch / "ratio",
                                                 activation_cache.cache_key(built.backbone, split, manifest["hash"]),
@@ -149,63 +188,111 @@ def forward_flops(model: keras.Model, shape: tuple[int, ...]) -> int:
     return tf.compat.v1.profiler.profile(graph=traced.graph, options=options).total_float_ops
 
 
-def demo_params() -> str:
-    """The default recipe `make demo` runs, as one flat string."""
+def demo_params(overrides: dict[str, str] | None = None) -> str:
+    """The recipe measured (the default `make demo` runs, with any `--set` overrides), as one flat string."""
     keys = ("image_size", "epochs", "learning_rate", "fine_tune", "fine_tune_layers", "fine_tune_epochs",
             "fine_tune_lr_factor", "fine_tune_schedule", "augment")
     specs = param_specs(RunConfig())
-    return ",".join(f"{key}={specs[key][0]}" for key in keys)
+    values = {key: specs[key][0] for key in keys} | dict(overrides or {})
+    return ",".join(f"{key}={value}" for key, value in values.items())
+
+
+def benchmark_config(name: str, run_root: str, overrides: dict[str, str]) -> RunConfig:
+    """The run config of one benchmark: the defaults, the benchmark's data, then `--set` overrides."""
+    data: dict[str, object] = {}
+    if name == "openclipart":
+        data = {"source": str(openclipart.build().resolve()), "train_percent": 100.0,
+                "model_name": "openclipart-classifier"}
+    specs = param_specs(RunConfig())
+    values = {key: type(specs[key][0])(value) if not isinstance(specs[key][0], bool) else value.lower() == "true"
+              for key, value in overrides.items()}
+    base = dataclasses.replace(RunConfig(run_root=run_root, run_id=f"bench-training-{name}"), **data, **values)
+    (candidate,) = candidate_list(base)
+    return base.for_candidate(candidate)
+
+
+def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) -> dict[str, object]:
+    """Scratch / feature extraction / fine-tuned test accuracy (and timings) of one benchmark, keys unprefixed."""
+    from tasks.scratch import scratch_dir
+    from tasks.steps.acquire import acquire
+    from tasks.steps.decide import decide
+    from tasks.steps.fine_tune import fine_tune
+    from tasks.steps.subsample import subsample
+    from tasks.steps.train import train
+
+    log = logging.getLogger("bench.training")
+    storage.delete(cfg.run_uri + "/")
+    data = subsample(cfg, acquire(cfg))
+    manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
+    result: dict[str, object] = {}
+    with scratch_dir(f"bench-training-{name}") as scratch:
+        if scratch_epochs:
+            scratch_accuracy, scratch_s, epochs = scratch_cnn(cfg, scratch, scratch_epochs, SCRATCH_IMAGE_SIZE[name],
+                                                              len(manifest["classes"]))
+            log.info("%s from scratch: test accuracy %.4f after %d epochs in %.1f s", name, scratch_accuracy, epochs,
+                     scratch_s)
+            result.update(scratch_test_accuracy=round(scratch_accuracy, 4), scratch_seconds=round(scratch_s, 1),
+                          scratch_epochs=epochs)
+        forward_s = forward_seconds(cfg, scratch)
+        (candidate,) = candidate_list(cfg)
+        trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
+        decision = decide(cfg, data, trained)
+        fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
+        tuned, ft_s = timed(fine_tune, cfg, data, trained)
+        kept = FINE_TUNE if tuned["val_accuracy"] > trained["val_accuracy"] else FEATURE_EXTRACTION
+        ft_accuracy, ft_tta = test_accuracy(cfg, artifacts.MODELS[kept], scratch / "kept")
+        val_after = max(tuned["val_accuracy"], trained["val_accuracy"])
+        result.update({
+            "fe_test_accuracy": round(fe_accuracy, 4),
+            "fe_tta_test_accuracy": round(fe_tta, 4),
+            "fe_val_accuracy": round(trained["val_accuracy"], 4),
+            "fe_seconds": round(fe_s, 1),
+            "forward_pass_seconds": round(forward_s, 1),
+            "fe_ratio_to_forward": round(fe_s / forward_s, 2),
+            "ft_test_accuracy": round(ft_accuracy, 4),
+            "ft_tta_test_accuracy": round(ft_tta, 4),
+            "ft_val_accuracy": round(val_after, 4),
+            "ft_val_test_gap": round(val_after - ft_accuracy, 4),
+            "ft_kept": kept,
+            "ft_cut": tuned.get("cut"),
+            "ft_seconds": round(ft_s, 1),
+            "auto_would_fine_tune": decision["fine_tune"],
+            "images": data["counts"],
+        })
+        if scratch_epochs:
+            result["transfer_gain_over_scratch"] = round(ft_accuracy - scratch_accuracy, 4)
+        if ratios:
+            on_cache, on_images, cut, by_flops = epoch_ratio(cfg, scratch, RATIO_UNITS)
+            result.update({
+                "ft_epoch_cut": cut,
+                "ft_epoch_seconds_cached": round(on_cache, 2),
+                "ft_epoch_seconds_images": round(on_images, 2),
+                "ft_epoch_ratio_cached_to_images": round(on_cache / on_images, 2),
+                "ft_epoch_ratio_by_flops": round(by_flops, 2),
+            })
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-root", default=".bench-runs")
     parser.add_argument("--scratch-epochs", type=int, default=30)
+    parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch CNNs")
+    parser.add_argument("--no-ratio", action="store_true", help="skip the cached/images epoch ratio")
+    parser.add_argument("--benchmarks", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                        help="override a run param for every benchmark (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    from tasks.steps.acquire import acquire
-    from tasks.steps.fine_tune import fine_tune
-    from tasks.scratch import scratch_dir
-    from tasks.steps.subsample import subsample
-    from tasks.steps.train import train
-
-    cfg = dataclasses.replace(RunConfig(run_root=args.run_root, run_id="bench-training"), candidate="bench")
-    storage.delete(cfg.run_uri + "/")
-    data = subsample(cfg, acquire(cfg))
-    log = logging.getLogger("bench.training")
-    with scratch_dir("bench-training") as scratch:
-        scratch_accuracy, scratch_s, scratch_epochs = scratch_cnn(cfg, scratch, args.scratch_epochs)
-        log.info("from scratch: test accuracy %.4f after %d epochs in %.1f s", scratch_accuracy, scratch_epochs,
-                 scratch_s)
-        forward_s = forward_seconds(cfg, scratch)
-        trained, fe_s = timed(train, cfg, data)
-        fe_accuracy = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
-        tuned, ft_s = timed(fine_tune, cfg, trained)
-        ft_accuracy = test_accuracy(cfg, artifacts.MODEL, scratch / "kept")
-        on_cache, on_images, cut, by_flops = epoch_ratio(cfg, scratch, RATIO_UNITS)
-    print(json.dumps({
-        "scratch_test_accuracy": round(scratch_accuracy, 4),
-        "scratch_seconds": round(scratch_s, 1),
-        "scratch_epochs": scratch_epochs,
-        "fe_test_accuracy": round(fe_accuracy, 4),
-        "fe_val_accuracy": round(trained["val_accuracy"], 4),
-        "fe_seconds": round(fe_s, 1),
-        "forward_pass_seconds": round(forward_s, 1),
-        "fe_ratio_to_forward": round(fe_s / forward_s, 2),
-        "ft_test_accuracy": round(ft_accuracy, 4),
-        "ft_val_accuracy": round(tuned["val_accuracy_after"], 4),
-        "ft_kept": tuned["kept"],
-        "ft_cut": tuned["cut"],
-        "ft_seconds": round(ft_s, 1),
-        "transfer_gain_over_scratch": round(ft_accuracy - scratch_accuracy, 4),
-        "ft_epoch_cut": cut,
-        "ft_epoch_seconds_cached": round(on_cache, 2),
-        "ft_epoch_seconds_images": round(on_images, 2),
-        "ft_epoch_ratio_cached_to_images": round(on_cache / on_images, 2),
-        "ft_epoch_ratio_by_flops": round(by_flops, 2),
-        "demo_params": demo_params(),
-    }))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    line: dict[str, object] = {}
+    for name in args.benchmarks:
+        cfg = benchmark_config(name, args.run_root, overrides)
+        result = run_benchmark(name, cfg, 0 if args.no_scratch else args.scratch_epochs,
+                               ratios=name == "fashion_mnist" and not args.no_ratio)
+        line.update({f"{name}_{key}": value for key, value in result.items()})
+    line["demo_params"] = demo_params(overrides)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -6,23 +6,38 @@ Two DAGs run the same pipeline:
 - `transfer_learning_retrain`: on a cron schedule (env `TLP_RETRAIN_SCHEDULE`), with production params
   from the Airflow Variable `tlp_retrain_params` (JSON) over the same defaults.
 Every task body is one call into `tasks/`; TensorFlow is only imported inside task bodies. Each edge
-carries the small dict (URIs, hashes, metrics, decisions) the next step reads; big artifacts stay under
-the run's run root. Object storage credentials come from the Airflow connection `model_store`.
+carries the small dict (URIs, hashes, metrics, decisions) the next step reads, the model included: select
+hands the winner's model to fine_tune and evaluate, fine_tune hands over its own, and evaluate keeps the
+better one and hands it to publish. Big artifacts stay under the run's run root (tasks/artifacts.py says
+which step writes and which reads each). The graph has three groups: data, training and release. Object
+storage credentials come from the Airflow connection `model_store`.
 """
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import (Asset, AssetAlias, ExceptionRetryPolicy, Label, Param, RetryAction, RetryRule, TriggerRule,
-                         dag, get_current_context, task)
-
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import (
+    Asset,
+    AssetAlias,
+    ExceptionRetryPolicy,
+    Label,
+    Param,
+    RetryAction,
+    RetryRule,
+    TaskGroup,
+    TriggerRule,
+    dag,
+    get_current_context,
+    task,
+)
 
-from tasks import approval, settings
+from tasks import approval, settings, tf_logging
 from tasks.config import RunConfig, param_specs
 
+tf_logging.install()  # every task process parses this file: its first TensorFlow import starts quietly
 SETTINGS = settings.load()
 CHAMPION_ALIAS = AssetAlias("tlpipe-champion")
 
@@ -46,8 +61,9 @@ DEFAULT_ARGS = {
 # answer is recorded, never cut off (checked at parse time: check_timeouts).
 RUN_TIMEOUT = timedelta(hours=SETTINGS.run_timeout_hours)
 APPROVAL_TIMEOUT = timedelta(hours=SETTINGS.approval_timeout_hours)
-APPROVAL_PARAMS = {approval.COMMENT: Param("", type="string", title="Comment",
-                                           description="Why (kept with the promotion decision)")}
+# optional ("null" in its type): Airflow's form marks a plain string left empty as missing
+APPROVAL_PARAMS = {approval.COMMENT: Param(None, type=["null", "string"], title="Comment",
+                                           description="Why (optional; kept with the promotion decision)")}
 # The trigger form, generated from RunConfig's own field metadata (one place per rule).
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs(RunConfig()).items()}
 
@@ -69,26 +85,27 @@ def _config(cfg: dict, winner: dict | None = None) -> RunConfig:
 
     from tasks.config import trusted_config
     from tasks.datasets import connection_id, connection_source
-    from tasks.storage import s3_env
+    from tasks.storage import use_credentials
 
     try:
-        conn = Connection.get(settings.load().model_store_conn_id)
-        os.environ.update(s3_env(conn.login, conn.password, conn.extra_dejson))
+        use_credentials(Connection.get(settings.load().model_store_conn_id))
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
     dag_run = get_current_context()["dag_run"]
     config = trusted_config(cfg, dag_run.run_id, dag_run.dag_id, settings.load())
-    if connection_id(config.source):
-        try:
-            source = Connection.get(connection_id(config.source))
-        except AirflowNotFoundException as error:
-            from tasks.errors import DatasetError
+    for name in ("source", "test_source"):  # the test source may be kept in a connection too
+        uri = getattr(config, name)
+        if connection_id(uri):
+            try:
+                source = Connection.get(connection_id(uri))
+            except AirflowNotFoundException as error:
+                from tasks.errors import DatasetError
 
-            raise DatasetError(f"source {config.source}: no Airflow connection {connection_id(config.source)!r}; "
-                               "create it (Admin > Connections) or fix the id") from error
-        config = dataclasses.replace(config, source=connection_source(
-            config.source, source.conn_type, source.host, source.login, source.password, source.port,
-            source.schema, source.extra_dejson))
+                raise DatasetError(f"{name} {uri}: no Airflow connection {connection_id(uri)!r}; "
+                                   "create it (Admin > Connections) or fix the id") from error
+            config = dataclasses.replace(config, **{name: connection_source(
+                uri, source.conn_type, source.host, source.login, source.password, source.port,
+                source.schema, source.extra_dejson)})
     if winner is None:
         return config
     from tasks.config import Candidate
@@ -148,42 +165,42 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     @task(queue=SETTINGS.train_queue)
     def train(cfg: dict, data: dict, candidate: dict) -> dict:
-        from tasks.steps.train import train_candidate
+        """Feature extraction for one candidate; returns its model, history and summary."""
+        from tasks.steps.train import train
 
-        return train_candidate(_config(cfg), data, candidate)
+        return train(_config(cfg), data, candidate)
 
     @task(trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)  # runs when every candidate is done, failed or not
     def select(cfg: dict, trained: list) -> dict:
-        """Rank the candidates on validation accuracy (a failed one is listed with its error); the winner goes on."""
+        """Rank the candidates on validation accuracy (a failed one is listed with its error); the winner's model
+        goes on."""
         from tasks.steps.select import select
 
         return select(_config(cfg), list(trained))
 
     @task.branch
-    def decide(cfg: dict, best: dict) -> str:
+    def decide(cfg: dict, data: dict, best: dict) -> str:
         """Branch on the plateau rule; the decision and its reason also go to XCom key `decision`."""
-        from tasks.steps.decide import decide_step
+        from tasks.steps.decide import decide
 
-        decision = decide_step(_config(cfg, best), best)
+        decision = decide(_config(cfg, best), data, best)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "fine_tune" if decision["fine_tune"] else "skip_fine_tune"
 
     @task(queue=SETTINGS.train_queue)
-    def fine_tune(cfg: dict, best: dict) -> dict:
+    def fine_tune(cfg: dict, data: dict, best: dict) -> dict:
+        """Fine-tunes the winner's model; returns the fine-tuned model, history and summary."""
         from tasks.steps.fine_tune import fine_tune
 
-        return fine_tune(_config(cfg, best), best)
-
-    @task
-    def skip_fine_tune() -> dict:
-        return {"fine_tuned": False}
+        return fine_tune(_config(cfg, best), data, best)
 
     @task(queue=SETTINGS.train_queue, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def evaluate(cfg: dict, data: dict, best: dict) -> dict:
-        """Evaluates the winner's kept model (the better phase): runs after whichever branch ran."""
+    def evaluate(cfg: dict, data: dict, best: dict, tuned: dict | None) -> dict:
+        """Keeps the better of the winner's model and the fine-tuned one (None when skipped) and scores it on the
+        test split: runs after whichever branch ran."""
         from tasks.steps.evaluate import evaluate
 
-        return evaluate(_config(cfg, best), data)
+        return evaluate(_config(cfg, best), data, best, tuned)
 
     @task
     def publish_version(cfg: dict, evaluation: dict, best: dict) -> dict:
@@ -204,29 +221,43 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
     def promote(cfg: dict, published: dict, dag_run=None) -> dict:
         """Moves the champion when the recorded judgement allows it (and an approver approved, where the model
         needs approval); records who and why. Runs also when `approve` failed or expired, to record that."""
+        from tasks import registry, storage
         from tasks.steps.promote import promote
 
-        result = promote(_config(cfg), published["version"], triggered_by=dag_run.triggering_user_name)
+        config = _config(cfg)
+        result = promote(config, published["version"], triggered_by=dag_run.triggering_user_name)
         if result["promoted"]:
-            champion = Asset(name=f"champion-{cfg['model_name']}",
-                             uri=f"{cfg['publish_uri'].rstrip('/')}/{cfg['model_name']}/champion.json")
+            root = registry.model_root_of(config.publish_uri, config.model_name)
+            champion = Asset(name=f"champion-{config.model_name}", uri=storage.join(root, registry.CHAMPION))
             get_current_context()["outlet_events"][CHAMPION_ALIAS].add(champion, extra=result)
         return result
 
     cfg = configure()
-    data = subsample(cfg, acquire(cfg))
-    backbones = candidates(cfg)
-    check_changes(cfg, data) >> Label("data or config changed since the champion") >> backbones
-    trained = train.partial(cfg=cfg, data=data).expand(candidate=backbones)
-    best = select(cfg, trained)
-    branch = decide(cfg, best)
-    evaluation = evaluate(cfg, data, best)
-    branch >> [fine_tune(cfg, best), skip_fine_tune()] >> evaluation
-    published = publish_version(cfg, evaluation, best)
-    approve = ApprovePromotion(task_id="approve", params=APPROVAL_PARAMS)
-    promoted = promote(cfg, published)
-    approval_gate(cfg, published) >> [approve, promoted]
-    approve >> promoted
+    # groups keep the graph readable at its default zoom; task ids stay unprefixed (README, plugin and tests use them)
+    with TaskGroup("data", prefix_group_id=False,
+                   tooltip="acquire the source, subsample it into split files, compare them with the champion's"):
+        data = subsample(cfg, acquire(cfg))
+        changed = check_changes(cfg, data)
+    with TaskGroup("training", prefix_group_id=False,
+                   tooltip="feature extraction per candidate, select the winner, fine-tune on a plateau"):
+        backbones = candidates(cfg)
+        changed >> Label("data or config changed since the champion") >> backbones
+        trained = train.partial(cfg=cfg, data=data).expand(candidate=backbones)
+        best = select(cfg, trained)
+        branch = decide(cfg, data, best)
+        tuned = fine_tune(cfg, data, best)
+        skip = EmptyOperator(task_id="skip_fine_tune")
+        branch >> Label("plateau below target: fine-tune") >> tuned
+        branch >> Label("no plateau, or target reached: keep feature extraction") >> skip
+    with TaskGroup("release", prefix_group_id=False,
+                   tooltip="keep the better model, evaluate it, publish a verified version, promote it"):
+        evaluation = evaluate(cfg, data, best, tuned)
+        skip >> evaluation
+        published = publish_version(cfg, evaluation, best)
+        approve = ApprovePromotion(task_id="approve", params=APPROVAL_PARAMS)
+        promoted = promote(cfg, published)
+        approval_gate(cfg, published) >> [approve, promoted]
+        approve >> promoted
 
 
 class ApprovePromotion(HITLOperator):

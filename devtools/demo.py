@@ -8,15 +8,17 @@ Airflow itself runs as a subprocess (its CLI), so this module imports no Airflow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from devtools import seaweed
-from tasks import artifacts
+from tasks import artifacts, settings
 from tasks.config import RunConfig, check_conf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +27,9 @@ AIRFLOW_HOME = PROJECT_ROOT / ".airflow"
 RUN_ROOT = PROJECT_ROOT / ".runs"
 DAG_ID = "transfer_learning"
 PUBLISH_URI = "s3://models"
-UI_PORT = int(os.environ.get("TLP_UI_PORT", "8080"))
-UI_USER, UI_PASSWORD = "admin", os.environ.get("TLP_UI_PASSWORD", "admin")
+UI_PORT = settings.load().ui_port
+UI_USER, UI_PASSWORD = "admin", settings.load().ui_password
+STOP_GRACE_S = 15.0  # the triggerer alone takes ~11 s to exit on SIGTERM
 
 
 def airflow_env(store: seaweed.SeaweedServer) -> dict[str, str]:
@@ -84,16 +87,17 @@ def summary(started: float, store: seaweed.SeaweedServer) -> str:
     decision = _read(winner, artifacts.DECISION)
     if decision:
         lines.append(f"Fine-tuning {'taken' if decision['fine_tune'] else 'skipped'}: {decision['reason']}")
-    kept = _read(winner, artifacts.TRAIN_SUMMARY)
-    if kept:
+    scores = [(phase, _read(winner, summary)) for phase, summary in (
+        ("feature extraction", artifacts.TRAIN_SUMMARY), ("fine-tune", artifacts.FINE_TUNE_SUMMARY))]
+    if scores[0][1]:
         lines.append("Validation accuracy: " + ", ".join(
-            f"{phase} {value:.4f}" for phase, value in kept["val_accuracy"].items() if value is not None)
-            + f"; kept {kept['kept']}")
+            f"{phase} {summary['best_val_accuracy']:.4f}" for phase, summary in scores if summary)
+            + f"; kept {(metrics or {}).get('kept', 'not recorded')}")
     published = _read(run_dir, artifacts.PUBLISHED)
     if published:
         state = "promoted to champion" if published.get("promoted") else "not promoted"
         lines.append(f"Published: {published['version_uri']} ({state}: {published.get('reason', '')})")
-    report = run_dir.joinpath(*artifacts.REPORT.parts, "index.html")
+    report = run_dir.joinpath(*artifacts.REPORT.parts, artifacts.REPORT_PAGE)
     if report.exists():
         lines.append(f"Report: {report}")
     return "\n".join(lines)
@@ -106,26 +110,89 @@ def _read(folder: Path, artifact: artifacts.Artifact) -> dict | None:
 
 
 def run_airflow() -> int:
-    """`airflow standalone` with this repo's DAGs and plugins; Ctrl-C stops everything."""
+    """`airflow standalone` with this repo's DAGs and plugins, sized to this machine; Ctrl-C or SIGTERM stops
+    every process it started."""
     store = start_store()
-    env = airflow_env(store)
-    passwords = AIRFLOW_HOME / "simple_auth_manager_passwords.json"
-    AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
-    passwords.write_text(json.dumps({UI_USER: UI_PASSWORD}))
-    env.update({
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{UI_USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API__PORT": str(UI_PORT),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{UI_PORT}",
-    })
-    print(f"Airflow UI: http://127.0.0.1:{UI_PORT}  login: {UI_USER} / {UI_PASSWORD}", flush=True)
-    print("Trigger 'transfer_learning' with the ▶ button; the run page's 'Evaluation report' tab shows its report.", flush=True)
     try:
-        return subprocess.run(["airflow", "standalone"], env=env).returncode
-    except KeyboardInterrupt:
-        return 0
+        env = airflow_env(store)
+        passwords = AIRFLOW_HOME / "simple_auth_manager_passwords.json"
+        AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+        passwords.write_text(json.dumps({UI_USER: UI_PASSWORD}))
+        env.update({
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{UI_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__API__PORT": str(UI_PORT),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{UI_PORT}",
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism()),
+        })
+        print(f"Airflow UI: http://127.0.0.1:{UI_PORT}  login: {UI_USER} / {UI_PASSWORD}  "
+              f"({env['AIRFLOW__CORE__PARALLELISM']} task slots)", flush=True)
+        print("Trigger 'transfer_learning' with the ▶ button; the run page's 'Evaluation report' tab shows its report "
+              "and release.", flush=True)
+        return supervise(["airflow", "standalone"], env)
     finally:
         store.stop()
+
+
+def parallelism() -> int:
+    """LocalExecutor task slots: one per core this process may use (a TensorFlow task keeps a core busy), at least
+    two so that a light task can run beside a training one. Airflow's default, 32, swamps a small machine."""
+    return max(2, len(os.sched_getaffinity(0)))
+
+
+def supervise(command: list[str], env: dict[str, str], grace_s: float = STOP_GRACE_S) -> int:
+    """Run `command` in its own process group until it exits or this process gets Ctrl-C or SIGTERM; then stop
+    every process it started (`airflow standalone` leaves its scheduler, api-server and triggerer running when it
+    is stopped itself): SIGTERM to all, SIGKILL to whatever is left after `grace_s`."""
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    process = None
+    try:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        return process.wait()
+    except _Stop:
+        print("Stopping Airflow and everything it started …", flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if process is not None:
+            _stop_all(process, grace_s)
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM arrived."""
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _stop_all(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process, its group and every descendant (also one that left the group); SIGKILL the rest."""
+    import psutil
+
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    family += [p for p in psutil.process_iter() if _group_of(p) == process.pid and p not in family]
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+
+
+def _group_of(member) -> int | None:
+    try:
+        return os.getpgid(member.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def main() -> None:

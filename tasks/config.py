@@ -33,9 +33,24 @@ MODEL_NAME_PATTERN = "^[a-z0-9][a-z0-9._-]{0,62}$"
 SCHEMA_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
 
 
-def param(default: Any, title: str, description: str, **schema: Any) -> Any:
-    """A RunConfig field that is a trigger-form param: its default plus the JSON schema the form and checks use."""
-    return field(default=default, metadata={"param": {"title": title, "description": description, **schema}})
+# The trigger form's sections, in the order the form shows them (Airflow groups params by `schema.section`);
+# the rare settings come last. Airflow opens none of them at first: their titles are the form's overview.
+DATA, MODEL, FEATURE_EXTRACTION, FINE_TUNING, PUBLISHING, ADVANCED = (
+    "Data", "Model", "Feature extraction", "Fine-tuning", "Evaluation and publishing", "Advanced (rarely changed)")
+SECTIONS = (DATA, MODEL, FEATURE_EXTRACTION, FINE_TUNING, PUBLISHING, ADVANCED)
+
+
+def param(default: Any, title: str, description: str, section: str, optional: bool = False, **schema: Any) -> Any:
+    """A RunConfig field that is a trigger-form param: its default plus the JSON schema the form and checks use.
+
+    `optional` params may be left empty (None or ""), which means the default the
+    description names; their schema type includes "null", which is also how
+    Airflow's form tells an optional field from a required one.
+    """
+    if optional:
+        schema["type"] = ["null", schema["type"]]
+    return field(default=default, metadata={"param": {"title": title, "description": description,
+                                                      "section": section, **schema}})
 
 
 def parse_classes(value: str | int | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | int | None:
@@ -68,97 +83,118 @@ class RunConfig:
 
     # data
     source: str = param("idx://fashion_mnist", "Dataset source", "One of: " + "; ".join(SUPPORTED_SOURCES) + ".",
-                        type="string", minLength=3)
+                        section=DATA, type="string", minLength=3)
     source_sha256: str = param("", "Source sha256", "Expected sha256 of a downloaded archive (empty = "
                                "record it on first download and check it on every later one).",
-                               type="string", pattern="^([0-9a-f]{64})?$")
+                               section=ADVANCED, optional=True, type="string", pattern="^([0-9a-f]{64})?$")
     classes: tuple[str, ...] | int | None = param("", "Classes", "Empty = all classes; a number N = the first N; "
-                                                  "or comma-separated class names.", type="string")
+                                                  "or comma-separated class names.",
+                                                  section=DATA, optional=True, type="string")
     train_percent: float = param(10.0, "Train % per class", "Percent of each class's training images.",
-                                 type="number", exclusiveMinimum=0, maximum=100)
+                                 section=DATA, type="number", exclusiveMinimum=0, maximum=100)
     train_count: int = param(0, "Train images per class", "A fixed number of training images per class "
-                             "instead of a percentage (0 = use Train %).", type="integer", minimum=0)
+                             "instead of a percentage (0 = use Train %).",
+                             section=ADVANCED, type="integer", minimum=0)
     val_fraction: float = param(0.1, "Validation fraction", "Stratified share of the selected training images "
                                 "held out for validation (the test split is never used for selection).",
-                                type="number", exclusiveMinimum=0, exclusiveMaximum=1)
+                                section=DATA, type="number", exclusiveMinimum=0, exclusiveMaximum=1)
     test_percent: float = param(100.0, "Test % per class", "Percent of each class's test images (100 for any "
                                 "result you compare; less only for quick trials).",
-                                type="number", exclusiveMinimum=0, maximum=100)
-    seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", type="integer", minimum=0)
+                                section=DATA, type="number", exclusiveMinimum=0, maximum=100)
+    test_source: str = param("", "Test source", "Test on images from elsewhere: the test/ split of another source "
+                             "(any form Dataset source takes, e.g. a folder test/<class>/<image>, an s3:// prefix or "
+                             "an archive URL) replaces the source's own test split; it must have the selected "
+                             "classes and no others. Empty = the source's test split.",
+                             section=DATA, optional=True, type="string")
+    seed: int = param(42, "Seed", "Seeds the subsample, shuffles and initialisation.", section=DATA,
+                      type="integer", minimum=0)
     # model
-    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0 (offline ImageNet), "
+    backbone: str = param("efficientnet_lite0", "Backbone", "efficientnet_lite0, _lite1, _lite2 (offline "
+                          "ImageNet; native 224, 240, 260 px), "
                           "efficientnet_b0, resnet50_v2, mobilenet_v2, a TF Hub handle, or a SavedModel path / "
-                          "s3:// prefix.", type="string", minLength=1)
+                          "s3:// prefix.", section=MODEL, type="string", minLength=1)
     candidates: str = param("", "Candidate backbones", "Compare several backbones in one run: comma-separated "
                             "specs, each optionally @size (e.g. efficientnet_lite0@96, efficientnet_lite0@160, a TF "
                             "Hub handle, s3://models/encoder@224). Each trains as its own mapped task; the best on "
-                            "validation continues. Empty = the one Backbone at Image size.", type="string")
+                            "validation continues. Empty = the one Backbone at Image size.",
+                            section=MODEL, optional=True, type="string")
     backbone_weights: str = param("imagenet", "Backbone weights", "imagenet, none (random init), or a local / "
-                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0).",
-                                  type="string", minLength=1)
+                                  "s3:// Keras weights file (.weights.h5; .pth for efficientnet_lite0/1/2).",
+                                  section=ADVANCED, type="string", minLength=1)
     image_size: int = param(96, "Image size (px)", "Square input size of the backbone.",
-                            type="integer", minimum=32, maximum=1024)
-    batch_size: int = param(64, "Batch size", "Images per training step.", type="integer", minimum=1, maximum=1024)
+                            section=MODEL, type="integer", minimum=32, maximum=1024)
+    batch_size: int = param(64, "Batch size", "Images per training step.", section=MODEL, type="integer",
+                            minimum=1, maximum=1024)
     dropout: float = param(0.2, "Head dropout", "Dropout before the new dense head.",
-                           type="number", minimum=0, exclusiveMaximum=1)
+                           section=MODEL, type="number", minimum=0, exclusiveMaximum=1)
     # feature extraction
     epochs: int = param(10, "Feature-extraction epochs", "Maximum epochs; early stopping may end sooner.",
-                        type="integer", minimum=1, maximum=500)
+                        section=FEATURE_EXTRACTION, type="integer", minimum=1, maximum=500)
     learning_rate: float = param(1e-3, "Learning rate", "Of the head in feature extraction.",
-                                 type="number", exclusiveMinimum=0, maximum=1)
-    optimizer: str = param("adam", "Optimizer", "Keras optimizer of both phases.", type="string",
-                           enum=["adam", "adamw", "sgd", "rmsprop"])
-    loss: str = param("sparse_categorical_crossentropy", "Loss", "Keras loss of both phases.", type="string",
+                                 section=FEATURE_EXTRACTION, type="number", exclusiveMinimum=0, maximum=1)
+    optimizer: str = param("adam", "Optimizer", "Keras optimizer of both phases.", section=ADVANCED,
+                           type="string", enum=["adam", "adamw", "sgd", "rmsprop"])
+    loss: str = param("sparse_categorical_crossentropy", "Loss", "Keras loss of both phases.",
+                      section=ADVANCED, type="string",
                       enum=["sparse_categorical_crossentropy", "categorical_crossentropy"])
     augment: bool = param(False, "Augment", "Random flips/rotations/zooms; the backbone then runs every epoch "
-                          "instead of once (slower).", type="boolean")
+                          "instead of once (slower).", section=FEATURE_EXTRACTION, type="boolean")
     patience: int = param(3, "Patience (epochs)", "Early stopping and plateau window.",
-                          type="integer", minimum=1, maximum=100)
+                          section=FEATURE_EXTRACTION, type="integer", minimum=1, maximum=100)
     min_delta: float = param(0.005, "Min improvement", "Smaller val_accuracy gains count as no improvement "
                              "(the plateau rule also allows for the validation set's sampling noise).",
-                             type="number", minimum=0, maximum=1)
+                             section=FEATURE_EXTRACTION, type="number", minimum=0, maximum=1)
     # fine-tuning
     fine_tune: FineTuneMode = param("auto", "Fine-tune", "auto = only when validation accuracy plateaus below "
-                                    "the target; always; never.", type="string", enum=list(FINE_TUNE_MODES))
+                                    "the target; always; never.", section=FINE_TUNING, type="string",
+                                    enum=list(FINE_TUNE_MODES))
     target_accuracy: float | None = param(0.95, "Target accuracy", "Fine-tune only below this validation "
-                                          "accuracy (0 = no target).", type="number", minimum=0, maximum=1)
+                                          "accuracy (0 = no target).", section=FINE_TUNING,
+                                          type="number", minimum=0, maximum=1)
     fine_tune_layers: int = param(34, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
-                                  "stays frozen); rounded to whole blocks.", type="integer", minimum=1, maximum=1000)
+                                  "stays frozen); rounded to whole blocks.", section=FINE_TUNING,
+                                  type="integer", minimum=1, maximum=1000)
     fine_tune_epochs: int = param(7, "Fine-tune epochs", "Extra epochs after feature extraction.",
-                                  type="integer", minimum=1, maximum=500)
+                                  section=FINE_TUNING, type="integer", minimum=1, maximum=500)
     fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "
-                                       "this.", type="number", exclusiveMinimum=0, maximum=1)
-    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: one epoch of linear warm-up, then "
-                                    "decays to 0 over the fine-tune epochs; constant.", type="string", enum=["cosine", "constant"])
+                                       "this.", section=FINE_TUNING, type="number", exclusiveMinimum=0, maximum=1)
+    fine_tune_schedule: str = param("cosine", "Fine-tune LR schedule", "cosine: linear warm-up for one epoch (at most "
+                                    "15 % of a short fine-tune), then decays to 0 over the fine-tune epochs; constant.",
+                                    section=FINE_TUNING, type="string", enum=["cosine", "constant"])
     # evaluation and publishing
-    top_k: int = param(5, "Top-k", "k of the top-k accuracy.", type="integer", minimum=1, maximum=100)
+    top_k: int = param(5, "Top-k", "k of the top-k accuracy.", section=PUBLISHING, type="integer",
+                       minimum=1, maximum=100)
     top_k_wrong: int = param(50, "Most-wrong gallery size", "Most confidently wrong test images shown.",
-                             type="integer", minimum=1, maximum=1000)
+                             section=PUBLISHING, type="integer", minimum=1, maximum=1000)
     model_name: str = param("fashion-mnist-classifier", "Model name", "Lowercase letters, digits, . _ -; names "
-                            "the published model.", type="string", pattern=MODEL_NAME_PATTERN)
+                            "the published model.", section=PUBLISHING, type="string", pattern=MODEL_NAME_PATTERN)
     warm_start: bool = param(True, "Warm start", "Start the head from the champion's when the classes, backbone and "
-                             "image size are the same (else a fresh head, with the reason logged).", type="boolean")
+                             "image size are the same (else a fresh head, with the reason logged).",
+                             section=FEATURE_EXTRACTION, type="boolean")
     skip_unchanged: bool = param(True, "Skip when unchanged", "End the run early, training nothing, when the data "
-                                 "and config equal those of the champion.", type="boolean")
+                                 "and config equal those of the champion.", section=DATA, type="boolean")
     publish_uri: str = param(settings.load().publish_uri, "Publish to", "Model registry root; one of the "
                              "deployment's publish locations (TLP_PUBLISH_URI, TLP_PUBLISH_LOCATIONS).",
-                             type="string", minLength=1)
+                             section=PUBLISHING, type="string", minLength=1)
     # filled in by the DAG, not params
     run_root: str = field(default_factory=lambda: settings.load().run_root)
     dag_id: str = "transfer_learning"
     run_id: str = "manual"
     candidate: str = ""  # the slug of the candidate whose training artifacts a step reads and writes
+    asked: dict = field(default_factory=dict, compare=False)  # params for_candidate replaced: {name: as asked}
     cache_dir: str = field(default_factory=lambda: settings.load().cache_dir)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", parse_classes(self.classes))
-        if self.target_accuracy in (0, 0.0):
-            object.__setattr__(self, "target_accuracy", None)
         for spec in dataclasses.fields(self):
             if "param" in spec.metadata and spec.name != "classes":
                 value = getattr(self, spec.name)
                 if not (spec.name == "target_accuracy" and value is None):
                     check_value(spec.name, value, spec.metadata["param"])
+                if value is None and _nullable(spec.metadata["param"]):
+                    object.__setattr__(self, spec.name, spec.default)  # left empty: the default
+        object.__setattr__(self, "classes", parse_classes(self.classes))
+        if self.target_accuracy in (0, 0.0):
+            object.__setattr__(self, "target_accuracy", None)
         _check(bool(self.run_root), "run_root", self.run_root, "give a local directory or an s3:// URI")
         _check(bool(self.run_id), "run_id", self.run_id, "give the Airflow run_id or any non-empty name")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.dag_id)), "dag_id", self.dag_id, "give the Airflow dag_id")
@@ -179,7 +215,7 @@ class RunConfig:
         config handed to another worker must use that worker's own cache.
         """
         values = dataclasses.asdict(self)
-        del values["cache_dir"]
+        del values["cache_dir"], values["asked"]
         if isinstance(self.classes, tuple):
             values["classes"] = list(self.classes)
         return values
@@ -193,6 +229,7 @@ class RunConfig:
 
         values = self.to_dict()
         values["source"] = redact_uri(self.source)
+        values["test_source"] = redact_uri(self.test_source)
         for key in ("backbone", "backbone_weights", "candidates", "publish_uri"):
             values[key] = redact_text(values[key])
         return values
@@ -218,7 +255,8 @@ class RunConfig:
     def for_candidate(self, candidate: "Candidate") -> "RunConfig":
         """This config for one candidate: its backbone, image size, and its own training artifacts."""
         return dataclasses.replace(self, backbone=candidate.backbone, image_size=candidate.image_size,
-                                   candidate=candidate.slug)
+                                   candidate=candidate.slug,
+                                   asked=self.asked or {"backbone": self.backbone, "image_size": self.image_size})
 
 
 @dataclass(frozen=True)
@@ -256,22 +294,47 @@ def candidate_list(cfg: RunConfig) -> list[Candidate]:
 
 
 def param_specs(defaults: RunConfig) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """{param name: (default, JSON schema with title and description)}: what the trigger form is built from."""
+    """{param name: (default, JSON schema with title, description and section)}: what the trigger form is built
+    from, section by section. The description ends with the bounds the checks apply; an optional param left
+    empty has the default None (shown as an empty field)."""
     specs = {}
-    for spec in dataclasses.fields(RunConfig):
-        if "param" in spec.metadata:
-            default = getattr(defaults, spec.name)
-            if spec.name == "classes":
-                default = ",".join(default) if isinstance(default, tuple) else ("" if default is None else str(default))
-            if spec.name == "target_accuracy" and default is None:
-                default = 0.0
-            specs[spec.name] = (default, dict(spec.metadata["param"]))
+    fields = [spec for spec in dataclasses.fields(RunConfig) if "param" in spec.metadata]
+    for spec in sorted(fields, key=lambda spec: SECTIONS.index(spec.metadata["param"]["section"])):
+        schema = dict(spec.metadata["param"])
+        default = getattr(defaults, spec.name)
+        if spec.name == "classes":
+            default = ",".join(default) if isinstance(default, tuple) else ("" if default is None else str(default))
+        if spec.name == "target_accuracy" and default is None:
+            default = 0.0
+        if default == "" and _nullable(schema):
+            default = None
+        bounds = _bounds_text(schema)
+        if bounds:
+            schema["description"] = f"{schema['description']} {bounds}"
+        specs[spec.name] = (default, schema)
     return specs
 
 
-def check_conf(conf: dict[str, Any], origin: str = "trigger conf") -> None:
-    """Refuse keys that are not declared params, naming each and the closest param (a misspelling)."""
-    declared = sorted(param_specs(RunConfig()))
+def _bounds_text(schema: dict[str, Any]) -> str:
+    """The numeric bounds of a schema in words ("Allowed: 1 to 500."), as the checks apply them."""
+    low = (f"more than {schema['exclusiveMinimum']}" if "exclusiveMinimum" in schema
+           else f"at least {schema['minimum']}" if "minimum" in schema else "")
+    high = (f"less than {schema['exclusiveMaximum']}" if "exclusiveMaximum" in schema
+            else f"at most {schema['maximum']}" if "maximum" in schema else "")
+    if "minimum" in schema and "maximum" in schema:
+        return f"Allowed: {schema['minimum']} to {schema['maximum']}."
+    return f"Allowed: {' and '.join(part for part in (low, high) if part)}." if low or high else ""
+
+
+def _nullable(schema: dict[str, Any]) -> bool:
+    """An optional param: its schema type lists "null" (Airflow's form then lets it stay empty)."""
+    return isinstance(schema.get("type"), list) and "null" in schema["type"]
+
+
+def check_conf(conf: dict[str, Any], origin: str = "trigger conf", params: Any = None) -> None:
+    """Refuse keys that are not declared params (RunConfig's, or those in `params`), naming each and the closest
+    param (a misspelling)."""
+    declared = sorted(param_specs(RunConfig()) if params is None else params)
     unknown = sorted(set(conf) - set(declared))
     if unknown:
         hints = []
@@ -285,6 +348,10 @@ def check_conf(conf: dict[str, Any], origin: str = "trigger conf") -> None:
 def check_value(name: str, value: Any, schema: dict[str, Any]) -> None:
     """One param value against its JSON schema (type, bounds, enum, pattern, length), naming the param and fix."""
     kind = schema.get("type")
+    if _nullable(schema):
+        if value is None or value == "":
+            return  # an optional param left empty: its default applies
+        kind = next(kind for kind in schema["type"] if kind != "null")
     if kind and (not isinstance(value, SCHEMA_TYPES[kind]) or (kind != "boolean" and isinstance(value, bool))):
         raise ConfigError(f"{name}={value!r} is invalid: expected a {kind}")
     bounds = (("minimum", lambda v, b: v >= b, ">="), ("maximum", lambda v, b: v <= b, "<="),

@@ -169,7 +169,7 @@ class ImageFolder:
     skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of entries that cannot be dataset files
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {split: {name: len(paths) for name, paths in zip(self.classes, per_class)}
+        return {split: {name: len(paths) for name, paths in zip(self.classes, per_class, strict=False)}
                 for split, per_class in self.files.items()}
 
 
@@ -210,11 +210,33 @@ def read_acquired(cfg: RunConfig, acquired: dict[str, Any]) -> ImageFolder:
     if acquired.get("uri") not in (None, uri):
         raise DatasetError(f"acquire wrote its index to {acquired['uri']}, but this run's index is {uri}; "
                            "re-run acquire for this run")
-    index = storage.read_json(uri)
+    return indexed_folder(storage.read_json(uri), cfg.source, cfg.cache_dir, cfg.source_sha256)
+
+
+def source_index(source: str, cache_dir: str | Path, sha256: str = "") -> dict[str, Any]:
+    """Fetch a source into the cache and describe it for an acquire index: where its images are (on this worker),
+    its classes in label order, every file per split and class, and what identifies its content."""
+    root = local_dataset(source, cache_dir, sha256)
+    folder = scan(root)
+    return {
+        "source": redact_uri(source),
+        "root": str(root),
+        "classes": list(folder.classes),
+        "files": {split: [list(paths) for paths in per_class] for split, per_class in folder.files.items()},
+        "counts": folder.counts(),
+        "skipped": list(folder.skipped),
+        "sha256": entry_record(root).get("sha256", ""),
+        "snapshot": snapshot(root),
+    }
+
+
+def indexed_folder(index: dict[str, Any], source: str, cache_dir: str | Path, sha256: str = "") -> ImageFolder:
+    """The ImageFolder an acquire index entry describes, its root readable on this worker (`source` is the real,
+    unredacted URI the entry was made from)."""
     root = Path(index["root"])
     if not root.is_dir():
         log.info("dataset root %s is not on this worker; materialising %s into its cache", root, index["source"])
-        root = local_dataset(cfg.source, cfg.cache_dir, cfg.source_sha256)
+        root = local_dataset(source, cache_dir, sha256)
     now = snapshot(root)
     if now != index.get("snapshot", now):
         raise DatasetError(f"{index['source']} changed after acquire indexed it (snapshot {index['snapshot']}, now "
@@ -283,16 +305,22 @@ def scan(root: Path) -> ImageFolder:
 
 
 def find_root(folder: Path) -> Path:
-    """The folder holding `train/`: the folder itself or its one top-level directory."""
+    """The folder holding `train/` (or only `test/`, as a test source may): the folder itself or its one top-level
+    directory."""
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder; give a folder laid out as <split>/<class>/<image>")
-    if (folder / "train").is_dir():
+    if _has_split(folder):
         return folder
     entries = [p for p in folder.iterdir() if not _hidden(p.name) and p.name != "__MACOSX"]
-    if len(entries) == 1 and (entries[0] / "train").is_dir():
+    if len(entries) == 1 and _has_split(entries[0]):
         return entries[0]
     raise DatasetError(f"no train/ folder in {folder} (found {sorted(p.name for p in entries)}); expected "
-                       "<split>/<class>/<image>, e.g. train/pizza/1.jpg and test/pizza/2.jpg")
+                       "<split>/<class>/<image>, e.g. train/pizza/1.jpg and test/pizza/2.jpg (a test_source needs "
+                       "test/ only)")
+
+
+def _has_split(folder: Path) -> bool:
+    return (folder / "train").is_dir() or (folder / "test").is_dir()
 
 
 def cache_entry(source: str, cache_dir: str | Path, version: str = "") -> Path:

@@ -77,3 +77,7 @@ class DownloadError(TransientError):
 
 class ImageDecodeError(PermanentError):
     """An image file cannot be decoded: not one of the accepted formats, a broken header or data, or too large."""
+
+
+class ScoringError(PermanentError):
+    """A batch-scoring run cannot go on: no such model or version, or an incomplete or altered one."""

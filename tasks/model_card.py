@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tasks import data_changes
+from tasks import accuracy_gap, data_changes
 from tasks.config import RunConfig
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE, LABELS, PhaseSummary
 from tasks.records import SPLITS
 from tasks.redact import redact_text, redact_uri
 
-PHASES = (("feature_extraction", "feature extraction"), ("fine_tune", "fine-tune"))
 WORST_CLASSES = 3
 CONFUSED_PAIRS = 5
 # what makes Markdown or HTML out of text: escapes, code, emphasis, links/images, tags, entities, tables;
@@ -34,19 +34,27 @@ class RunRecord:
     """What the earlier steps of a run recorded; optional parts are None when a step did not write them."""
 
     manifest: dict
-    history: dict | None = None
+    history: dict | None = None  # both phases' epochs as one curve (tasks.phases.curves)
     decision: dict | None = None
-    summary: dict | None = None
+    phases: dict[str, PhaseSummary] = field(default_factory=dict)  # the phases that ran
+    kept: str | None = None  # the phase whose model the run kept (and evaluated)
     leaderboard: dict | None = None
     changes: dict | None = None  # tasks.data_changes report (check_changes)
 
     @property
     def backbone(self) -> str:
-        return (self.summary or {}).get("backbone", "")
+        first = self.phases.get(FEATURE_EXTRACTION)
+        return first.backbone if first else ""
 
     @property
     def weights_source(self) -> str:
-        return (self.summary or {}).get("weights_source", "")
+        first = self.phases.get(FEATURE_EXTRACTION)
+        return first.weights_source if first else ""
+
+    def val_accuracy(self, phase: str) -> float | None:
+        """The phase's best validation accuracy; None when it did not run."""
+        summary = self.phases.get(phase)
+        return None if summary is None else summary.best_val_accuracy
 
     def decision_text(self) -> str:
         """One sentence: did fine-tuning run, and why."""
@@ -55,13 +63,10 @@ class RunRecord:
         verdict = "fine-tune" if self.decision.get("fine_tune") else "no fine-tuning"
         return f"{verdict}: {self.decision.get('reason') or 'no reason recorded'}"
 
-
     def transfer_text(self) -> str:
         """What transfer learning did on this run, in words a user can act on: which phase was kept, what
         fine-tuning added (validation accuracy before -> after, on how many images) and on which data."""
-        summary = self.summary or {}
-        scores = summary.get("val_accuracy", {})
-        before, after = scores.get("feature_extraction"), scores.get("fine_tuned")
+        before, after = self.val_accuracy(FEATURE_EXTRACTION), self.val_accuracy(FINE_TUNE)
         n_val = sum(self.manifest.get("counts", {}).get("val", {}).values())
         on = f"on {n_val} validation images of {redact_uri(str(self.manifest.get('source', 'the source')))}"
         if before is None:
@@ -70,7 +75,7 @@ class RunRecord:
             return (f"the frozen backbone with a new head (feature extraction) reached {percent(before)} validation "
                     f"accuracy {on}; fine-tuning did not run, so that model is the one kept")
         gain = (after - before) * 100
-        kept = summary.get("kept") == "fine_tuned"
+        kept = self.kept == FINE_TUNE
         return (f"fine-tuning the top of the backbone {'added' if gain >= 0 else 'changed'} {gain:+.1f} points of "
                 f"validation accuracy ({percent(before)} after feature extraction -> {percent(after)}) {on}; "
                 + ("the fine-tuned model is kept" if kept else
@@ -95,12 +100,14 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _data_section(cfg, record),
         _training_section(record),
         _evaluation_section(metrics),
+        accuracy_gap.card_section(metrics.get("validation_vs_test"),
+                                  redact_uri(record.manifest.get("source", cfg.source))),
         _use_section(cfg, metrics, record),
         input_images_section(cfg.image_size),
     ]
     if record.changes is not None:
         sections.insert(4, data_changes.markdown(record.changes))
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def input_images_section(image_size: int) -> str:
@@ -129,20 +136,18 @@ def input_images_section(image_size: int) -> str:
 
 
 def _model_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
-    summary = record.summary or {}
-    kept = summary.get("kept", "not recorded")
-    val = summary.get("val_accuracy", {})
+    first = record.phases.get(FEATURE_EXTRACTION)
     lines = [
         "## Model",
         f"- Backbone: {markdown_text(redact_text(record.backbone or cfg.backbone))} "
         f"(weights: {markdown_text(redact_text(record.weights_source or cfg.backbone_weights))})",
         f"- Head: global pooling -> dropout {cfg.dropout} -> dense softmax over {len(metrics['classes'])} classes"
-        + (f" on {summary['feature_dim']}-d features" if "feature_dim" in summary else ""),
+        + (f" on {first.feature_dim}-d features" if first else ""),
         f"- Input: {cfg.image_size}x{cfg.image_size} RGB, raw pixel values in [0, 255] "
         "(the model applies the backbone's own preprocessing)",
-        f"- Kept model: {kept}"
-        + (f" (validation accuracy: feature extraction {percent(val.get('feature_extraction'))}, "
-           f"fine-tuned {percent(val.get('fine_tuned'))})" if val else ""),
+        f"- Kept model: {LABELS.get(record.kept, 'not recorded')}"
+        + (f" (validation accuracy: feature extraction {percent(record.val_accuracy(FEATURE_EXTRACTION))}, "
+           f"fine-tuned {percent(record.val_accuracy(FINE_TUNE))})" if first else ""),
     ]
     return "\n".join(lines)
 
@@ -158,7 +163,7 @@ def _data_section(cfg: RunConfig, record: RunRecord) -> str:
     rows.append(["**total**", *(f"**{sum(counts[split].values())}**" for split in splits)])
     lines = [
         "## Data",
-        f"- Source: {_source(cfg, record)}",
+        f"- Source: {_source(cfg.source, record)}",
         f"- Classes ({len(classes)}): {', '.join(markdown_text(name) for name in classes)}",
         f"- Selection: {selection}, {cfg.val_fraction:g} of it held out for validation, "
         f"{cfg.test_percent:g} % of the test split; seed {manifest.get('seed', cfg.seed)}",
@@ -173,10 +178,8 @@ def _data_section(cfg: RunConfig, record: RunRecord) -> str:
 
 
 def _training_section(record: RunRecord) -> str:
-    phases = (record.summary or {}).get("phases", {})
-    rows = [[label, str(phases[key].get("epochs", "")), _seconds(phases[key].get("seconds")),
-             percent(phases[key].get("best_val_accuracy"))]
-            for key, label in PHASES if key in phases]
+    rows = [[LABELS[phase], str(summary.epochs), _seconds(summary.seconds), percent(summary.best_val_accuracy)]
+            for phase, summary in record.phases.items()]
     lines = ["## Training"]
     if rows:
         lines += [_table(["phase", "epochs", "time", "best validation accuracy"], rows), ""]
@@ -231,7 +234,7 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
             if metrics["per_class"][name]["f1"] < macro_f1]
     return "\n".join([
         "## Intended use",
-        f"- Sorting images that look like those of {_source(cfg, record)} into "
+        f"- Sorting images that look like those of {_source(cfg.source, record)} into "
         f"the {len(classes)} classes above; a transfer-learning baseline to compare later models against.",
         "",
         "## Limitations",
@@ -241,7 +244,8 @@ def _use_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         "wide error bars. Check the per-class metrics before relying on a class"
         + (f"; below the average here: {', '.join(weak)}." if weak else "."),
         f"- Images are resized to {cfg.image_size}x{cfg.image_size}; accuracy on images from other cameras, "
-        "sources or conditions than the training data is unknown.",
+        "sources or conditions than the training data is unknown"
+        + (" beyond the test source measured above." if record.manifest.get("test_source") else "."),
         "- Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.",
     ])
 
@@ -301,8 +305,8 @@ def markdown_code(text: str) -> str:
     return f"{fence}{padding}{text}{padding}{fence}"
 
 
-def _source(cfg: RunConfig, record: RunRecord) -> str:
-    return markdown_code(redact_uri(record.manifest.get("source", cfg.source)))
+def _source(source: str, record: RunRecord) -> str:
+    return markdown_code(redact_uri(record.manifest.get("source", source)))
 
 
 def percent(value: float | None) -> str:

@@ -90,8 +90,8 @@ def paired_comparison(candidate_correct: list[bool], champion_correct: list[bool
         raise ValueError(f"paired comparison needs both models' answers on the same images "
                          f"(got {len(candidate_correct)} and {len(champion_correct)})")
     n = len(candidate_correct)
-    b = sum(1 for new, old in zip(candidate_correct, champion_correct) if new and not old)
-    c = sum(1 for new, old in zip(candidate_correct, champion_correct) if old and not new)
+    b = sum(1 for new, old in zip(candidate_correct, champion_correct, strict=True) if new and not old)
+    c = sum(1 for new, old in zip(candidate_correct, champion_correct, strict=True) if old and not new)
     b_adj, c_adj, n_adj = b + 0.5, c + 0.5, n + 2
     centre = (b_adj - c_adj) / n_adj
     spread = INTERVAL_Z * math.sqrt(max((b_adj + c_adj) - (b_adj - c_adj) ** 2 / n_adj, 0.0)) / n_adj
@@ -216,7 +216,6 @@ def score_missing(saved_model: Path | str, classes: list[str], judged: JudgingSe
     import tensorflow as tf
 
     from tasks.records import image_dataset, write_records
-
     from tasks.savedmodel_scan import check_saved_model
 
     path = saved_model
@@ -232,7 +231,7 @@ def score_missing(saved_model: Path | str, classes: list[str], judged: JudgingSe
     for images, _ in image_dataset(records, int(spec.shape[1]), batch_size):
         [probabilities] = serve(**{name: images}).values()
         predicted.append(np.argmax(probabilities.numpy(), axis=1))
-    for key, index in zip(missing, np.concatenate(predicted)):
+    for key, index in zip(missing, np.concatenate(predicted), strict=False):
         predictions[key] = classes[int(index)]
     return predictions
 

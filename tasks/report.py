@@ -12,6 +12,7 @@ import base64
 import functools
 import io
 import json
+import math
 from pathlib import Path
 
 import jinja2
@@ -23,13 +24,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from tasks import images, model_card
+from tasks import artifacts, images, model_card
 from tasks.config import RunConfig
 from tasks.model_card import RunRecord, percent
+from tasks.phases import LABELS
 from tasks.records import iter_records
 from tasks.redact import redact_text, redact_uri
 
-INDEX = "index.html"
 CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 PREDICTIONS = "predictions.csv"
@@ -48,9 +49,10 @@ ANNOTATED_CLASSES = 25  # above this the confusion matrix cells get too small fo
 CONFUSED_PAIRS = 10
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
+
 def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunRecord, *, predictions: pd.DataFrame,
                  wrong: pd.DataFrame, pairs: list[dict], test_records: Path, model_card: str) -> Path:
-    """Write index.html, the two plots and the two CSVs into `directory`; returns it.
+    """Write the page (artifacts.REPORT_PAGE), the two plots and the two CSVs into `directory`; returns it.
 
     `wrong` is every wrong prediction, surest first; the gallery shows the first
     cfg.top_k_wrong of them with thumbnails from the test records.
@@ -63,16 +65,14 @@ def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunReco
     gallery = wrong.head(cfg.top_k_wrong)
     thumbnails = {index: thumbnail_data_uri(encoded) for index, encoded in _encoded_images(test_records, gallery.index)}
     page = _page(cfg, metrics, record, directory, wrong, gallery, thumbnails, pairs, model_card)
-    (directory / INDEX).write_text(page, encoding="utf-8")
+    (directory / artifacts.REPORT_PAGE).write_text(page, encoding="utf-8")
     return directory
 
 
 def write_release_page(directory: Path, model_name: str, release_markdown: str) -> Path:
     """release.html beside the report: the release checks publish ran (Markdown rendered, raw HTML escaped)."""
-    from markdown_it import MarkdownIt
-
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(release_markdown)
-    page = _environment().get_template(RELEASE_TEMPLATE).render(model_name=model_name, body=Markup(body))
+    page = _environment().get_template(RELEASE_TEMPLATE).render(model_name=model_name,
+                                                                body=markdown_html(release_markdown))
     (directory / RELEASE).write_text(page, encoding="utf-8")
     return directory / RELEASE
 
@@ -101,7 +101,7 @@ def plot_curves(history: dict | None, path: Path) -> None:
     epochs = (history or {}).get("epochs", [])
     start = (history or {}).get("fine_tune_start_epoch")
     x = [epoch["epoch"] for epoch in epochs]
-    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+    for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
         axes.plot(x, _series(epochs, metric), "o-", color=TRAIN_COLOR, label="train")
         axes.plot(x, _series(epochs, f"val_{metric}"), "o-", color=VAL_COLOR, label="validation")
         if start is not None:
@@ -177,26 +177,36 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
     counts = manifest.get("counts", {})
     splits = model_card.ordered_splits(counts)
     class_rows, class_row_classes = _class_rows(metrics, pairs)
+    gap = metrics.get("validation_vs_test")
     return _environment().get_template(TEMPLATE).render(
         model_name=cfg.model_name,
         run_id=cfg.run_id,
         backbone=redact_text(record.backbone or cfg.backbone),
         weights=redact_text(record.weights_source or cfg.backbone_weights),
-        kept=(record.summary or {}).get("kept", "not recorded"),
+        kept=LABELS.get(record.kept, "not recorded"),
         cards=[
             (percent(metrics["accuracy"]), "test accuracy"),
+            *([(percent(gap["validation"]["accuracy"]), "validation accuracy")] if gap else []),
             (percent(top_k["value"]), f"top-{top_k['k']} accuracy"),
             (f"{metrics['macro_avg']['f1']:.3f}", "macro F1"),
             (f"{metrics['loss']:.4f}", "test loss"),
             (str(metrics["n_test"]), "test images"),
             (str(len(wrong)), "wrong"),
         ],
+        gap=gap,
+        gap_rows=[[name, entry.get("source") or redact_uri(str(manifest.get("source", ""))), entry["n"],
+                   percent(entry["accuracy"]), f"{percent(entry['interval'][0])} to {percent(entry['interval'][1])}"]
+                  for name, entry in (("validation", gap["validation"]), ("test", gap["test"]))] if gap else [],
         decision=record.decision_text(),
         transfer=record.transfer_text(),
         candidates=record.candidates_text(),
         candidate_rows=[[row.get("rank", ""), redact_text(row["spec"]), percent(row["val_accuracy"]),
+                         gap_text(row["val_accuracy"], _winner_accuracy(record), _n_val(manifest)),
                          "" if row["seconds"] is None else f"{row['seconds']:.0f}", redact_text(row["error"] or "")]
                         for row in (record.leaderboard or {}).get("candidates", [])],
+        leaderboard_noise=(f"Validation accuracy is measured on {_n_val(manifest)} images: a gap within its ± noise "
+                           "(95 %, as if the two scores were independent) may be chance, and another sample of "
+                           "images could rank these candidates differently."),
         curves=_data_uri((directory / CURVES).read_bytes()),
         confusion=_data_uri((directory / CONFUSION).read_bytes()),
         pairs=[[p["true"], p["predicted"], p["count"], percent(p["share"])] for p in pairs[:CONFUSED_PAIRS]],
@@ -214,14 +224,44 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         data_rows=[[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
         + [["total", *(sum(counts[split].values()) for split in splits)]],
         data_numeric=tuple(range(1, len(splits) + 1)),
-        params=[[name, redact_text(value if isinstance(value, str) else json.dumps(value))]
+        params=[[name, _param_text(value) + (f" (asked: {_param_text(cfg.asked[name])}; resolved from the winning "
+                                              "candidate)" if name in cfg.asked and cfg.asked[name] != value else "")]
                 for name, value in cfg.to_dict().items()],
+        params_resolved=any(cfg.asked.get(name, value) != value for name, value in cfg.to_dict().items()),
         predictions_csv=PREDICTIONS,
         most_wrong_csv=MOST_WRONG,
         metrics_link=METRICS_LINK,
         model_card_link=MODEL_CARD_LINK,
-        model_card=card,
+        model_card=markdown_html(card),
     )
+
+
+def markdown_html(text: str) -> Markup:
+    """Markdown (headings, lists, tables, code) as HTML; raw HTML in the text is escaped, never rendered."""
+    from markdown_it import MarkdownIt
+
+    return Markup(MarkdownIt("commonmark", {"html": False}).enable("table").render(text))
+
+
+def gap_text(accuracy: float | None, winner: float | None, n: int) -> str:
+    """A candidate's validation-accuracy gap to the winner with its 95 % sampling noise on n images."""
+    if accuracy is None or winner is None or not n:
+        return ""
+    noise = 1.96 * math.sqrt((accuracy * (1 - accuracy) + winner * (1 - winner)) / n)
+    return f"{accuracy - winner:+.3f} ± {noise:.3f}"
+
+
+def _winner_accuracy(record: RunRecord) -> float | None:
+    ranked = [row for row in (record.leaderboard or {}).get("candidates", []) if row.get("val_accuracy") is not None]
+    return max((row["val_accuracy"] for row in ranked), default=None)
+
+
+def _n_val(manifest: dict) -> int:
+    return sum((manifest.get("counts") or {}).get("val", {}).values())
+
+
+def _param_text(value) -> str:
+    return redact_text(value if isinstance(value, str) else json.dumps(value))
 
 
 @functools.lru_cache(maxsize=1)

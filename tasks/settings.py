@@ -124,7 +124,23 @@ class Settings:
     approval_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_APPROVAL_TIMEOUT_HOURS", 24.0))
     # how long a run may take besides waiting for approval; the DAG's run timeout adds the approval timeout
     run_timeout_hours: float = field(default_factory=lambda: _env_float("TLP_RUN_TIMEOUT_HOURS", 8.0))
+    # attempts per S3 call (botocore's standard retry mode) before a StoreUnavailableError
+    s3_retry_attempts: int = field(default_factory=lambda: _env_int("TLP_S3_RETRY_ATTEMPTS", 5))
+    # the model the registry page shows when none is named ("" = the trigger form's default model_name)
+    ui_model_name: str = field(default_factory=lambda: _env("TLP_MODEL_NAME", ""))
+    # dev tools: the demo's UI port and admin password; a worker's name when several share one machine
+    ui_port: int = field(default_factory=lambda: _env_int("TLP_UI_PORT", 8080))
+    ui_password: str = field(default_factory=lambda: _env("TLP_UI_PASSWORD", "admin"))
+    worker_name: str = field(default_factory=lambda: _env("TLP_WORKER_NAME", ""))
     limits: Limits = field(default_factory=Limits)
+    # batch scoring (dags/batch_predict.py): where predictions go by default, the other places they may go, the
+    # queue of the scoring tasks (a GPU worker can take them) and how many shards of one run score at once
+    predictions_uri: str = field(default_factory=lambda: _env("TLP_PREDICTIONS_URI", _env(
+        "TLP_RUN_ROOT", _default_run_root()).rstrip("/") + "-predictions"))
+    prediction_locations: tuple[str, ...] = field(default_factory=lambda: tuple(
+        uri.strip() for uri in _env("TLP_PREDICTION_LOCATIONS", "").split(",") if uri.strip()))
+    score_queue: str = field(default_factory=lambda: _env("TLP_SCORE_QUEUE", _env("TLP_TRAIN_QUEUE", "default")))
+    score_parallelism: int = field(default_factory=lambda: _env_int("TLP_SCORE_PARALLELISM", 4))
     # SavedModel backbones are code that runs on the workers: only these local folders and s3:// prefixes may
     # hold one ("*" = anywhere: a single-user deployment only), and TF Hub handles only when allowed
     backbone_locations: tuple[str, ...] = field(default_factory=lambda: tuple(
@@ -168,6 +184,10 @@ class Settings:
     def readable_publish_locations(self) -> tuple[str, ...]:
         """Where published models may be read from by the UI: the configured ones plus the default."""
         return tuple(dict.fromkeys((self.publish_uri, *self.publish_locations)))
+
+    def writable_prediction_locations(self) -> tuple[str, ...]:
+        """Where a batch-scoring run may write its predictions: the configured ones plus the default."""
+        return tuple(dict.fromkeys((self.predictions_uri, *self.prediction_locations)))
 
 
 def load() -> Settings:

@@ -9,10 +9,6 @@ TensorFlow needs local files, so steps stage in with `download` and out with
 """
 from __future__ import annotations
 
-from tasks.errors import StorageError, StoreUnavailableError
-from tasks.redact import redact_uri
-from tasks.scratch import atomic_file
-
 import functools
 import hashlib
 import json
@@ -22,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-S3_RETRY_ATTEMPTS = int(os.environ.get("TLP_S3_RETRY_ATTEMPTS", "5"))
+from tasks import settings
+from tasks.errors import StorageError, StoreUnavailableError
+from tasks.redact import redact_uri
+from tasks.scratch import atomic_file
+
+S3_RETRY_ATTEMPTS = settings.load().s3_retry_attempts
 S3_TIMEOUT_S = 10
 
 
@@ -102,8 +103,14 @@ THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", 
 
 def _s3_error(uri: str, error: Exception) -> StorageError | StoreUnavailableError:
     """Translate botocore failures into an error that says what to fix, of the kind that says whether to retry."""
-    from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
-                                     NoCredentialsError, ReadTimeoutError)
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
     uri = redact_uri(uri)
@@ -308,7 +315,7 @@ def download(uri: str, local: str | Path) -> Path:
     if not items:
         raise StorageError(f"{uri}: nothing to download (no object or prefix)")
     targets = [local / _relative_key(prefix, item, local) for item in items]
-    for item, target in zip(items, targets):
+    for item, target in zip(items, targets, strict=False):
         target.parent.mkdir(parents=True, exist_ok=True)
         item_bucket, item_key = split_s3(item)
         _s3_call(item, client.download_file, item_bucket, item_key, str(target))
@@ -384,3 +391,9 @@ def s3_env(access_key: str | None, secret_key: str | None, extra: dict[str, Any]
         "AWS_DEFAULT_REGION": extra.get("region_name"),
     }
     return {key: str(value) for key, value in values.items() if value}
+
+
+def use_credentials(connection: Any) -> None:
+    """Point this process's S3 calls at the store an Airflow `aws` connection describes (its login, password and
+    extra, see s3_env): the one place the DAG's tasks and the UI plugin export credentials."""
+    os.environ.update(s3_env(connection.login, connection.password, connection.extra_dejson))

@@ -135,8 +135,11 @@ def _interpreter(flatbuffer: bytes, threads: int | None = None):
     """A LiteRT interpreter for the model (its default threads unless given), and the image size it takes."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
-    interpreter.allocate_tensors()
+    from tasks.tf_logging import quiet_stderr
+
+    with quiet_stderr():  # LiteRT prints its XNNPACK "INFO: Created ... delegate" line to stderr
+        interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+        interpreter.allocate_tensors()
     return interpreter, int(interpreter.get_input_details()[0]["shape"][1])
 
 

@@ -1,16 +1,16 @@
 """What both training phases (feature extraction, fine-tuning) share.
 
-The phase names, the distribution strategy, the manifest and split files a
-phase reads from the run root, the epoch-keyed data pipelines (the same epoch
-always sees the same order, so a resumed run repeats an uninterrupted one),
-compile settings, and the fingerprint that ties a checkpoint to its settings.
+The distribution strategy, the split files a phase reads from the run root,
+the epoch-keyed data pipelines (the same epoch always sees the same order, so a
+resumed run repeats an uninterrupted one), compile settings, and the
+fingerprint that ties a checkpoint to its settings. The phase names and what a
+phase records live in tasks/phases.py (no TensorFlow there).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,10 +25,37 @@ from tasks.records import image_dataset
 
 log = logging.getLogger(__name__)
 
-FEATURE_EXTRACTION = "feature_extraction"
-FINE_TUNE = "fine_tune"
-PHASES = (FEATURE_EXTRACTION, FINE_TUNE)
 TRAINING_SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How a phase's batches are made: image size, batch size, the seed that orders each epoch, the label shape."""
+
+    image_size: int
+    batch_size: int
+    seed: int
+    num_classes: int
+    one_hot: bool  # the loss wants one-hot labels (any loss but the sparse_ ones)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, num_classes: int) -> Feed:
+        return cls(cfg.image_size, cfg.batch_size, cfg.seed, num_classes, not cfg.loss.startswith("sparse_"))
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The shuffle seed of one epoch: the same epoch gets the same order in a resumed run."""
+        return self.seed * 100_003 + epoch
+
+    def targets(self) -> Callable:
+        """A tf.data map that shapes labels for the loss: integers for sparse losses, one-hot for the others."""
+        import tensorflow as tf
+
+        if not self.one_hot:
+            return lambda x, y: (x, y)
+        return lambda x, y: (x, tf.one_hot(y, self.num_classes))
+
+    def batches(self, count: int) -> int:
+        return math.ceil(count / self.batch_size)
 
 
 def strategy_for(gpus: list[str]):
@@ -47,23 +74,6 @@ def distribution_strategy():
     return strategy_for([device.name for device in tf.config.list_logical_devices("GPU")])
 
 
-def read_manifest(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
-    """The manifest subsample handed over (`data`), plus its sha256: checkpoints and caches hold only for it.
-
-    A manifest whose selection hash differs from the one subsample returned was
-    rewritten since (another subsample of this run): the phase refuses it.
-    """
-    (uri,) = artifacts.require(cfg, artifacts.MANIFEST)
-    raw = storage.read_bytes(uri)
-    manifest = json.loads(raw)
-    if data.get("hash") not in (None, manifest.get("hash")):
-        raise TrainingError(f"{uri} holds selection {manifest.get('hash')!r}, but subsample handed over "
-                            f"{data['hash']!r}; re-run subsample and the steps after it for run {cfg.run_id!r}")
-    if not manifest.get("classes"):
-        raise TrainingError(f"{uri} lists no classes; rerun subsample with at least two classes")
-    return {**manifest, "sha256": hashlib.sha256(raw).hexdigest()}
-
-
 def fingerprint(cfg: RunConfig, backbone: Backbone, manifest: dict[str, Any], phase: str,
                 **extra: Any) -> dict[str, Any]:
     """The settings a phase's checkpoint depends on; a checkpoint with another fingerprint is not resumed.
@@ -77,10 +87,11 @@ def fingerprint(cfg: RunConfig, backbone: Backbone, manifest: dict[str, Any], ph
             "seed": cfg.seed, **extra}
 
 
-def stage_records(cfg: RunConfig, split: str, scratch: Path) -> Path:
-    """A local copy of one split's TFRecord file (TensorFlow reads local files)."""
-    (uri,) = artifacts.require(cfg, artifacts.split_records(split))
-    return storage.download(uri, scratch / "data" / f"{split}.tfrecord")
+def stage_records(cfg: RunConfig, scratch: Path, splits: tuple[str, ...] = TRAINING_SPLITS) -> dict[str, Path]:
+    """Local copies of the splits' TFRecord files (TensorFlow reads local files), from the run root."""
+    uris = artifacts.require(cfg, *(artifacts.split_records(split) for split in splits))
+    return {split: storage.download(uri, scratch / "data" / f"{split}.tfrecord")
+            for split, uri in zip(splits, uris, strict=True)}
 
 
 def count_records(path: Path) -> int:
@@ -92,55 +103,40 @@ def count_records(path: Path) -> int:
     return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), add_one))
 
 
-def targets(cfg: RunConfig, num_classes: int) -> Callable:
-    """A tf.data map that shapes labels for the loss: integers for sparse losses, one-hot for the others."""
-    import tensorflow as tf
-
-    if cfg.loss.startswith("sparse_"):
-        return lambda x, y: (x, y)
-    return lambda x, y: (x, tf.one_hot(y, num_classes))
-
-
-def epoch_seed(cfg: RunConfig, epoch: int) -> int:
-    """The shuffle seed of one epoch: the same epoch gets the same order in a resumed run."""
-    return cfg.seed * 100_003 + epoch
-
-
-def image_data(cfg: RunConfig, scratch: Path, num_classes: int) -> tuple[Callable, int, Any]:
+def image_data(feed: Feed, records: dict[str, Path]) -> tuple[Callable, int, Any]:
     """Training on images (augmented feature extraction, fine-tuning): the train split's epochs, their
-    batch count, and the validation batches, staged in from the run root."""
-    train_path, val_path = (stage_records(cfg, split, scratch) for split in TRAINING_SPLITS)
-    train_epoch, steps = image_epochs(cfg, train_path, num_classes)
-    return train_epoch, steps, validation_images(cfg, val_path, num_classes)
+    batch count, and the validation batches."""
+    train_epoch, steps = image_epochs(feed, records["train"])
+    return train_epoch, steps, validation_images(feed, records["val"])
 
 
-def image_epochs(cfg: RunConfig, records: Path, num_classes: int) -> tuple[Callable, int]:
+def image_epochs(feed: Feed, records: Path) -> tuple[Callable, int]:
     """(epoch -> that epoch's shuffled image batches, batches per epoch) for one split file."""
     def image_epoch(epoch: int):
-        return image_dataset(records, cfg.image_size, cfg.batch_size,
-                             shuffle_seed=epoch_seed(cfg, epoch)).map(targets(cfg, num_classes))
+        return image_dataset(records, feed.image_size, feed.batch_size,
+                             shuffle_seed=feed.epoch_seed(epoch)).map(feed.targets())
 
-    return image_epoch, math.ceil(count_records(records) / cfg.batch_size)
+    return image_epoch, feed.batches(count_records(records))
 
 
-def validation_images(cfg: RunConfig, records: Path, num_classes: int):
+def validation_images(feed: Feed, records: Path):
     """The validation split in file order, with its batch count declared (Keras then never runs past its end)."""
     import tensorflow as tf
 
-    batches = math.ceil(count_records(records) / cfg.batch_size)
-    return (image_dataset(records, cfg.image_size, cfg.batch_size).map(targets(cfg, num_classes))
-            .apply(tf.data.experimental.assert_cardinality(batches)))
+    return (image_dataset(records, feed.image_size, feed.batch_size).map(feed.targets())
+            .apply(tf.data.experimental.assert_cardinality(feed.batches(count_records(records)))))
 
 
-def cached_data(cfg: RunConfig, bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
-                num_classes: int) -> tuple[Callable, int, Any]:
+def cached_data(feed: Feed, bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
+                stage: Callable[[], dict[str, Path]]) -> tuple[Callable, int, Any]:
     """Training on what a frozen `bottom` makes of each image (features, or fine-tuning's boundary activations).
 
     The bottom runs once per train/val image and its activations live under the
     run root at `uri` (a retry on any worker reuses them; another `key` recomputes
-    them). Returns the epochs fit_resumable reads — each epoch in the image
-    pipeline's own order, streamed from disk in batches — their batch count, and
-    the validation batches.
+    them); `stage` gives the local split files when they must be computed.
+    Returns the epochs fit_resumable reads — each epoch in the image pipeline's
+    own order, streamed from disk in batches — their batch count, and the
+    validation batches.
     """
     local = scratch / "activations" if storage.is_s3(uri) else storage.local_path(uri)
     cached = None
@@ -150,28 +146,27 @@ def cached_data(cfg: RunConfig, bottom: keras.Model, key: dict[str, Any], uri: s
     elif not storage.is_s3(uri):
         cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
     if cached is None:
-        records = {split: stage_records(cfg, split, scratch) for split in TRAINING_SPLITS}
-        cached = activation_cache.cache_activations(bottom, records, local, key, cfg.batch_size,
+        cached = activation_cache.cache_activations(bottom, stage(), local, key, feed.batch_size,
                                                     feature_store.FeatureStore(*settings.load().feature_store_args()))
         if storage.is_s3(uri):
             storage.delete(uri.rstrip("/") + "/")
             storage.upload(local, uri)
     else:
         log.info("reused activations of %s under %s", ", ".join(TRAINING_SPLITS), uri)
-    train_epoch, steps = cached["train"].epochs(cfg.batch_size, lambda epoch: epoch_seed(cfg, epoch))
-    shaped = targets(cfg, num_classes)
-    return (lambda epoch: train_epoch(epoch).map(shaped)), steps, cached["val"].batches(cfg.batch_size).map(shaped)
+    train_epoch, steps = cached["train"].epochs(feed.batch_size, feed.epoch_seed)
+    shaped = feed.targets()
+    return (lambda epoch: train_epoch(epoch).map(shaped)), steps, cached["val"].batches(feed.batch_size).map(shaped)
 
 
-def resolve_loss(cfg: RunConfig):
+def resolve_loss(name: str):
     """The configured Keras loss, checked before any work starts."""
     try:
-        return keras.losses.get(cfg.loss)
+        return keras.losses.get(name)
     except ValueError as error:
-        raise TrainingError(f"loss={cfg.loss!r} is not a Keras loss ({error}); "
+        raise TrainingError(f"loss={name!r} is not a Keras loss ({error}); "
                             "use e.g. 'sparse_categorical_crossentropy'") from error
 
 
-def compile_model(model: keras.Model, cfg: RunConfig, loss, learning_rate: float, backbone: Backbone) -> None:
+def compile_model(model: keras.Model, optimizer: str, loss, learning_rate, backbone: Backbone) -> None:
     """Compile with the configured loss and optimizer; accuracy is what early stopping and the decision watch."""
-    model.compile(optimizer=make_optimizer(cfg.optimizer, learning_rate, backbone), loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, backbone), loss=loss, metrics=["accuracy"])

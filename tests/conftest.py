@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,11 +18,15 @@ os.environ.setdefault("TLP_S3_RETRY_ATTEMPTS", "2")
 os.environ.setdefault("TLP_BACKBONE_LOCATIONS", "*")
 os.environ.setdefault("TLP_ALLOW_HUB_BACKBONES", "true")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from devtools import seaweed
+from devtools import seaweed  # noqa: E402
 from tasks import storage  # noqa: E402
+from tests.helpers.backbones import export_saved_model  # noqa: E402
+from tests.helpers.runs import write_image_folder  # noqa: E402
+
+# fixtures shared by several modules (the api-server app) live with the helpers they use
+pytest_plugins = ["tests.helpers.airflow"]
 
 
 @pytest.fixture(scope="session")
@@ -57,24 +62,6 @@ def _bucket_exists(uri: str) -> bool:
         return False
 
 
-def write_image_folder(root: Path, classes: dict[str, int], splits=("train", "test"), size: int = 32,
-                       seed: int = 0) -> Path:
-    """A `root/<split>/<class>/<n>.jpg` folder of small random JPEGs, each class its own hue."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split in splits:
-        for index, (name, count) in enumerate(sorted(classes.items())):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            base = np.array([(index * 80) % 256, (index * 150) % 256, (index * 40) % 256], dtype=np.int16)
-            for n in range(count):
-                noise = rng.integers(-30, 30, size=(size, size, 3))
-                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{n:04d}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """Three classes, 12 train and 4 test images each."""
@@ -87,6 +74,12 @@ def image_folder(tmp_path) -> Path:
 def cache_dir(tmp_path_factory) -> str:
     """One backbone cache (converted Lite0 weights) for the whole session."""
     return str(tmp_path_factory.mktemp("backbone-cache"))
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A tiny conv net exported as a SavedModel: (the Keras source, the folder)."""
+    return export_saved_model(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -106,18 +99,24 @@ def model_store_connection(s3, monkeypatch):
     return s3
 
 
-def deployment_env(run_root: str, publish_uri: str) -> dict[str, str]:
-    """The deployment settings a test run needs: where runs live, the publish location it may use, and a minimum
-    test size a tiny run meets (its first model may become champion)."""
-    return {"TLP_RUN_ROOT": run_root, "TLP_PUBLISH_LOCATIONS": publish_uri, "TLP_MIN_TEST_IMAGES": "1"}
+HEAVY_MODULES = ("tensorflow", "keras")
 
 
-def tiny_conf(tmp_path: Path, fine_tune: str, publish_uri: str) -> dict:
-    """DAG params for a whole run in about a minute: 3 easy classes, 32 px, the real Lite0 backbone."""
-    source = write_image_folder(tmp_path / "images", {"dark": 16, "mid": 16, "light": 16}, splits=("train", "test"))
-    return {
-        "source": str(source), "train_percent": 100, "val_fraction": 0.25, "backbone": "efficientnet_lite0",
-        "image_size": 32, "batch_size": 16, "epochs": 2, "patience": 1, "fine_tune": fine_tune,
-        "fine_tune_layers": 5, "fine_tune_epochs": 1, "top_k_wrong": 5, "model_name": "tiny-model",
-        "publish_uri": publish_uri,
-    }
+def pytest_ignore_collect(collection_path, config):
+    """`-m fast` collects only the modules that mark tests fast: importing the others loads TensorFlow."""
+    if config.getoption("markexpr") == "fast" and collection_path.name.startswith("test_") \
+            and collection_path.suffix == ".py":
+        return "pytest.mark.fast" not in collection_path.read_text(encoding="utf-8")
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_load_no_tensorflow(request):
+    """A test marked `fast` must not load TensorFlow or Keras (that costs seconds before it starts)."""
+    loaded = {name for name in HEAVY_MODULES if name in sys.modules}
+    yield
+    if request.node.get_closest_marker("fast") is not None:
+        new = [name for name in HEAVY_MODULES if name in sys.modules and name not in loaded]
+        if new:
+            pytest.fail(f"{request.node.nodeid} is marked fast but loaded {', '.join(new)}: import it lazily in the "
+                        "code under test, or drop the fast mark")

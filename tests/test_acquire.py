@@ -21,16 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import datasets as acq
 from tasks import artifacts, scratch, storage
-from tasks.datasets import DatasetError, IdxDataset, IdxFile, local_dataset, scan
-from tasks.steps.acquire import acquire
+from tasks import datasets as acq
 from tasks.config import RunConfig
+from tasks.datasets import DatasetError, IdxDataset, IdxFile, local_dataset, scan
 from tasks.errors import DownloadError
+from tasks.steps.acquire import acquire
 from tasks.steps.subsample import subsample
-from tests.conftest import write_image_folder
-from tests.datasets_fixtures import (add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve,
-                                     truncated_copy)
+from tests.helpers.datasets import add_tar_member, add_zip_symlink, archive_folder, idx_bytes, serve, truncated_copy
+from tests.helpers.runs import write_image_folder
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -191,8 +190,8 @@ def test_s3_prefix_is_downloaded_once_and_again_only_where_its_listing_changed(s
     storage.delete(f"{source}test/cherry/0003.jpg")
     del downloads[:]
     again = local_dataset(source, cache)
-    assert again != root and sorted(downloads) == sorted([changed, *(f"{source}{split}/date/{n:04d}.jpg"
-                                                                      for split in ("train", "test") for n in range(3))])
+    date_images = [f"{source}{split}/date/{n:04d}.jpg" for split in ("train", "test") for n in range(3)]
+    assert again != root and sorted(downloads) == sorted([changed, *date_images])
     folder = scan(again)
     assert folder.classes == ("apple", "banana", "cherry", "date")
     assert folder.counts()["test"] == {"apple": 4, "banana": 4, "cherry": 3, "date": 3}
@@ -496,7 +495,7 @@ def test_presigned_source_is_written_and_logged_without_its_credentials(image_fo
 
 
 def test_a_killed_acquire_leaves_no_scratch_behind_for_ever(image_folder, tmp_path):
-    from tests.test_scratch import dead_pid, left_behind
+    from tests.helpers.scratch import dead_pid, left_behind
 
     datasets = tmp_path / "cache" / "datasets"
     datasets.mkdir(parents=True)

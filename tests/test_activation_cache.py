@@ -7,7 +7,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from tests.test_train import _examples
 
 from tasks import activation_cache, images, records
 from tasks.activation_cache import cache_activations, cache_key, open_cache
@@ -15,6 +14,7 @@ from tasks.backbone_split import split_backbone
 from tasks.backbones import load_backbone, make_optimizer, set_trainable_top
 from tasks.errors import TrainingError
 from tasks.head import build_head, compose
+from tests.helpers.runs import examples
 
 SIZE = 32
 BATCH = 8
@@ -26,7 +26,7 @@ CLASSES = 3
 def train_records(tmp_path_factory) -> Path:
     """48 noisy colour squares of three classes, in class order (an unshuffled epoch would be all one class)."""
     path = tmp_path_factory.mktemp("records") / "train.tfrecord"
-    records.write_records(path, _examples(16, 0))
+    records.write_records(path, examples(16, 0))
     return path
 
 
@@ -42,11 +42,11 @@ def test_cached_epoch_is_the_image_epoch_through_the_bottom(lite0, train_records
     assert isinstance(cached.activations, np.memmap), "read from disk, not held in memory"
     assert cached.activations.shape == (48, *split.boundary_shape)
     on_images = records.image_dataset(train_records, SIZE, BATCH, shuffle_seed=SEED)
-    batches = list(zip(on_images, cached.batches(BATCH, SEED)))
+    batches = list(zip(on_images, cached.batches(BATCH, SEED), strict=False))
     assert len(batches) == 6 == int(cached.batches(BATCH, SEED).cardinality())
-    for (images, image_labels), (activations, labels) in batches:
+    for (image_batch, image_labels), (activations, labels) in batches:
         np.testing.assert_array_equal(labels, image_labels)
-        np.testing.assert_allclose(activations, split.bottom(images, training=False), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(activations, split.bottom(image_batch, training=False), rtol=1e-5, atol=1e-4)
     shuffled = np.concatenate([labels for _, (_, labels) in batches])
     assert list(shuffled) != sorted(shuffled), "the epoch is shuffled"
     in_file_order = np.concatenate([labels for _, labels in cached.batches(BATCH)])
@@ -130,5 +130,5 @@ def test_one_epoch_on_cached_activations_trains_the_same_weights_as_on_images(un
 
     assert len(on_cache) == len(on_images) == units + 2  # a kernel per unit, the head's kernel and bias
     assert not np.allclose(on_cache[-2], initial), "the epoch changed the head"
-    for trained_on_cache, trained_on_images in zip(on_cache, on_images):
+    for trained_on_cache, trained_on_images in zip(on_cache, on_images, strict=False):
         np.testing.assert_allclose(trained_on_cache, trained_on_images, rtol=1e-5, atol=1e-7)

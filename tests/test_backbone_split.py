@@ -4,10 +4,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from tests.test_backbones import SIZE, pixels, saved_model  # noqa: F401 (saved_model is a fixture)
 
 from tasks.backbone_split import OUTPUT, split_backbone
 from tasks.backbones import BackboneError, load_backbone, set_trainable_top
+from tests.helpers.backbones import SIZE, pixels
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_lite0_cut_at_zero_units_makes_the_bottom_the_feature_extractor(lite0):
 def test_cut_is_logged_with_what_was_asked_and_what_was_unfrozen(lite0, caplog):
     with caplog.at_level("INFO", logger="tasks.backbone_split"):
         split_backbone(lite0, 20)
-    assert "fine_tune_units=20 -> cut before block5c, 19 of 49 units above, boundary activations (2, 2, 112)" \
+    assert "fine_tune_layers=20 -> cut before block5c, 19 of 49 units above, boundary activations (2, 2, 112)" \
         in caplog.text
 
 
@@ -92,5 +92,5 @@ def test_saved_model_cuts_only_before_or_after_its_one_opaque_unit(saved_model):
 
 
 def test_negative_units_are_refused(lite0):
-    with pytest.raises(BackboneError, match="fine_tune_units=-1"):
+    with pytest.raises(BackboneError, match="fine_tune_layers=-1"):
         split_backbone(lite0, -1)

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from tasks import backbones, storage
-from tests.datasets_fixtures import serve
-from tasks.backbones import (BackboneError, available_backbones, load_backbone, make_optimizer,
-                             set_trainable_top)
-
-SIZE = 32
-
-
-def pixels(n: int = 2, size: int = SIZE, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+from tasks.backbones import BackboneError, available_backbones, load_backbone, make_optimizer, set_trainable_top
+from tests.helpers.backbones import SIZE, pixels
+from tests.helpers.datasets import serve
 
 
 @pytest.mark.parametrize("name, feature_dim", [("efficientnet_b0", 1280), ("resnet50_v2", 2048),
@@ -52,7 +46,7 @@ def mobilenet_weights(tmp_path):
 def assert_same_weights(source: keras.Model, backbone) -> None:
     loaded = backbone.model.get_layer(index=-1).weights
     assert len(loaded) == len(source.weights)
-    for expected, actual in zip(source.weights, loaded):
+    for expected, actual in zip(source.weights, loaded, strict=False):
         np.testing.assert_array_equal(expected.numpy(), actual.numpy())
 
 
@@ -92,26 +86,6 @@ def test_unreadable_weights_file_is_a_clear_error(tmp_path):
 
 
 # --- SavedModel / TF Hub ---------------------------------------------------------------------------
-
-def tiny_convnet() -> keras.Model:
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, x)
-
-
-@pytest.fixture
-def saved_model(tmp_path):
-    """A tiny conv net exported as a SavedModel; like a Hub feature vector it takes pixels in [0, 1]."""
-    source = tiny_convnet()
-    # Non-trivial BatchNorm statistics, so inference vs training mode would show.
-    source.get_layer("bn").set_weights([np.full(8, 1.5), np.full(8, 0.1), np.full(8, 0.2), np.full(8, 2.0)])
-    path = tmp_path / "tiny_savedmodel"
-    source.export(str(path), verbose=False)
-    return source, path
-
 
 def assert_same_features(source: keras.Model, backbone) -> None:
     images = pixels()
@@ -270,7 +244,8 @@ def test_set_trainable_top_unfreezes_top_lite0_convs_only():
                  for layer in unit.layers if layer.trainable_weights}
     assert trainable == {"head/head_conv", *unfrozen[1:]}
     assert len(backbone.model.trainable_weights) == 7
-    bn_layers = [layer for layer in backbone.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    bn_layers = [layer for layer in backbone.model._flatten_layers()
+                 if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bn_layers) == 49 and not any(layer.trainable for layer in bn_layers)
     assert [unit.name for unit in backbone.fine_tune_units()] == [unit.name for unit in units], "units are stable"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.test_data_changes import _manifest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
 from tasks.steps.check_changes import check_changes
+from tests.helpers.changes import manifest as _manifest
 
 VERSION = "20261201T000000.000Z-abcdef012345"
 
@@ -21,8 +21,9 @@ def cfg(tmp_path) -> RunConfig:
 
 
 def _run_manifest(cfg: RunConfig, manifest: dict) -> dict:
-    storage.write_json(cfg.artifact(artifacts.MANIFEST), manifest)
-    return {"hash": manifest["hash"]}
+    uri = cfg.artifact(artifacts.MANIFEST)
+    storage.write_json(uri, manifest)
+    return {"manifest": uri, "hash": manifest["hash"]}
 
 
 def _champion(cfg: RunConfig, manifest: dict, params: dict) -> None:
@@ -35,12 +36,14 @@ def _champion(cfg: RunConfig, manifest: dict, params: dict) -> None:
 DATA = _manifest({"cat": [("1.jpg", "a"), ("2.jpg", "b")], "dog": [("1.jpg", "c"), ("2.jpg", "d")]})
 
 
+@pytest.mark.fast
 def test_without_a_champion_the_run_trains(cfg):
     result = check_changes(cfg, _run_manifest(cfg, DATA))
     assert result["train"] and "no champion" in result["reason"]
     assert storage.read_json(result["uri"])["fingerprints"]["data"]
 
 
+@pytest.mark.fast
 def test_unchanged_data_and_config_end_the_run_with_the_reason(cfg):
     _champion(cfg, DATA, RunConfig(run_id="first", dag_id="transfer_learning").to_public_dict())
     result = check_changes(cfg, _run_manifest(cfg, DATA))
@@ -49,6 +52,7 @@ def test_unchanged_data_and_config_end_the_run_with_the_reason(cfg):
     assert result["champion_version"] == VERSION
 
 
+@pytest.mark.fast
 def test_unchanged_trains_anyway_when_skip_unchanged_is_off(cfg):
     _champion(cfg, DATA, cfg.to_public_dict())
     import dataclasses
@@ -57,6 +61,7 @@ def test_unchanged_trains_anyway_when_skip_unchanged_is_off(cfg):
     assert result["train"] and "skip_unchanged is off" in result["reason"]
 
 
+@pytest.mark.fast
 def test_a_changed_param_is_named(cfg):
     _champion(cfg, DATA, {**cfg.to_public_dict(), "epochs": 3})
     result = check_changes(cfg, _run_manifest(cfg, DATA))
@@ -65,6 +70,7 @@ def test_a_changed_param_is_named(cfg):
     assert report["changed_params"] == ["epochs"]
 
 
+@pytest.mark.fast
 def test_removed_images_are_reported_per_class(cfg):
     _champion(cfg, DATA, cfg.to_public_dict())
     smaller = _manifest({"cat": [("1.jpg", "a")], "dog": [("1.jpg", "c"), ("2.jpg", "d")]})
@@ -77,14 +83,16 @@ def test_removed_images_are_reported_per_class(cfg):
     assert "-1" in result["reason"] and VERSION in result["reason"]
 
 
+@pytest.mark.fast
 def test_a_handed_over_hash_that_differs_from_the_manifest_is_refused(cfg):
-    from tasks.errors import TrainingError
+    from tasks.errors import MissingInputError
 
-    _run_manifest(cfg, DATA)
-    with pytest.raises(TrainingError, match="re-run subsample"):
-        check_changes(cfg, {"hash": "something else"})
+    handed = _run_manifest(cfg, DATA)
+    with pytest.raises(MissingInputError, match="re-run subsample"):
+        check_changes(cfg, {**handed, "hash": "something else"})
 
 
+@pytest.mark.fast
 def test_the_approval_request_note_says_what_changed(cfg):
     from tasks.steps.check_changes import changes_note
 

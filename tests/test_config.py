@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from tasks import artifacts
-from tasks.config import (RunConfig, check_conf, check_publish_location, param_specs, parse_classes,
-                          safe_name)
+from tasks.config import RunConfig, check_conf, check_publish_location, param_specs, parse_classes, safe_name
 from tasks.errors import ConfigError
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -21,7 +22,8 @@ def test_classes_param_forms(value, expected):
 
 @pytest.mark.parametrize("field, value", [
     ("train_percent", 0), ("train_percent", 101), ("val_fraction", 1.0), ("image_size", 8), ("epochs", 0),
-    ("fine_tune", "sometimes"), ("seed", -1), ("fine_tune_lr_factor", 2.0), ("model_name", "Has Spaces"), ("classes", "a,a"),
+    ("fine_tune", "sometimes"), ("seed", -1), ("fine_tune_lr_factor", 2.0), ("model_name", "Has Spaces"),
+    ("classes", "a,a"),
 ])
 def test_invalid_values_are_rejected_naming_the_param(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -99,3 +101,52 @@ def test_public_params_carry_no_credentials_of_source_urls():
     public = cfg.to_public_dict()
     assert "hunter2" not in str(public) and "f00d" not in str(public)
     assert cfg.to_dict()["source"] == cfg.source  # XCom keeps what the next task must fetch
+
+
+def _form_marks_missing(default, schema) -> bool:
+    """Airflow 3.3's trigger form rule (ui: FlexibleForm): a param whose type lacks "null" is required, and
+    None or "" in a required field is missing (red mark, Trigger disabled)."""
+    kind = schema.get("type")
+    required = bool(kind) and not (isinstance(kind, list) and "null" in kind)
+    return required and default in (None, "")
+
+
+def test_the_trigger_form_submits_with_its_defaults():
+    specs = param_specs(RunConfig())
+    assert [name for name, (default, schema) in specs.items() if _form_marks_missing(default, schema)] == []
+    RunConfig.from_params({name: default for name, (default, _) in specs.items()})  # and the defaults validate
+
+
+@pytest.mark.parametrize("name", ["source_sha256", "classes", "candidates"])
+@pytest.mark.parametrize("empty", [None, ""])
+def test_an_optional_param_left_empty_means_its_default(name, empty):
+    default, schema = param_specs(RunConfig())[name]
+    assert "null" in schema["type"] and default is None
+    cfg = RunConfig.from_params({name: empty})
+    assert getattr(cfg, name) == getattr(RunConfig(), name)
+
+
+def test_a_required_param_is_not_optional_to_the_checks_either():
+    _, schema = param_specs(RunConfig())["backbone"]
+    assert "null" not in schema["type"]
+    with pytest.raises(ConfigError, match="backbone=None is invalid: expected a string"):
+        RunConfig(backbone=None)
+    with pytest.raises(ConfigError, match="source_sha256='abc' is invalid"):
+        RunConfig(source_sha256="abc")  # optional, but a given value is still checked
+
+
+def test_params_come_in_sections_with_the_rare_ones_last():
+    from tasks.config import ADVANCED, SECTIONS
+
+    sections = [schema["section"] for _, schema in param_specs(RunConfig()).values()]
+    assert sections == sorted(sections, key=SECTIONS.index)  # grouped, in the declared order
+    assert set(sections) == set(SECTIONS) and sections[-1] == ADVANCED
+    assert {"source", "classes"} <= {name for name, (_, schema) in param_specs(RunConfig()).items()
+                                      if schema["section"] == "Data"}
+
+
+@pytest.mark.parametrize("name, words", [("image_size", "32 to 1024"), ("val_fraction", "more than 0 and less than 1"),
+                                         ("seed", "at least 0"), ("learning_rate", "more than 0 and at most 1")])
+def test_descriptions_state_the_bounds_the_checks_apply(name, words):
+    _, schema = param_specs(RunConfig())[name]
+    assert f"Allowed: {words}." in schema["description"]

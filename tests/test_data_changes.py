@@ -6,16 +6,10 @@ import pytest
 
 from tasks import data_changes
 from tasks.config import RunConfig
+from tests.helpers.changes import manifest as _manifest
 
 
-def _manifest(files: dict[str, list[tuple[str, str]]], classes=None, split="train") -> dict:
-    """{class: [(name, sha)]} as a subsample manifest (hash derived from the entries)."""
-    entries = [{"split": split, "path": f"{split}/{name}/{file}", "label": i, "class": name, "sha256": sha}
-               for i, (name, items) in enumerate(sorted(files.items())) for file, sha in items]
-    lines = sorted(f"{e['split']}\t{e['path']}\t{e['label']}\t{e['sha256']}" for e in entries)
-    return {"classes": classes or sorted(files), "files": entries, "hash": str(hash(tuple(lines)))}
-
-
+@pytest.mark.fast
 def test_data_fingerprint_follows_the_selection_and_class_order():
     base = _manifest({"a": [("1.jpg", "x")], "b": [("1.jpg", "y")]})
     assert data_changes.data_fingerprint(base) == data_changes.data_fingerprint(dict(base))
@@ -23,6 +17,7 @@ def test_data_fingerprint_follows_the_selection_and_class_order():
     assert data_changes.data_fingerprint(base) != data_changes.data_fingerprint({**base, "classes": ["b", "a"]})
 
 
+@pytest.mark.fast
 def test_config_fingerprint_ignores_where_a_run_lives_but_not_what_it_trains():
     params = RunConfig().to_public_dict()
     moved = {**params, "run_id": "other", "dag_id": "transfer_learning_retrain", "run_root": "/elsewhere",
@@ -33,6 +28,7 @@ def test_config_fingerprint_ignores_where_a_run_lives_but_not_what_it_trains():
     assert data_changes.changed_fields(params, {**moved, "epochs": 3}) == ["epochs"]
 
 
+@pytest.mark.fast
 def test_a_winners_config_matches_the_config_that_listed_it():
     listed = RunConfig(candidates="efficientnet_lite0@64")
     from tasks.config import candidate_list
@@ -42,6 +38,7 @@ def test_a_winners_config_matches_the_config_that_listed_it():
         data_changes.config_fingerprint(winner.to_public_dict())
 
 
+@pytest.mark.fast
 def test_file_changes_per_class():
     old = _manifest({"cat": [("1.jpg", "a"), ("2.jpg", "b"), ("3.jpg", "c")], "dog": [("1.jpg", "d")]})
     new = _manifest({"cat": [("1.jpg", "a"), ("2.jpg", "B"), ("4.jpg", "e")], "emu": [("1.jpg", "f")]},
@@ -57,6 +54,7 @@ def test_file_changes_per_class():
     assert data_changes.new_image_hashes(old, new) == (["a", "b", "c", "d"], ["B", "e", "f"])
 
 
+@pytest.mark.fast
 def test_test_split_files_are_not_training_changes():
     old = _manifest({"cat": [("1.jpg", "a")]})
     new = {**old, "files": old["files"] + [{"split": "test", "path": "test/cat/9.jpg", "label": 0, "class": "cat",
@@ -64,6 +62,7 @@ def test_test_split_files_are_not_training_changes():
     assert data_changes.file_changes(old, new)["totals"] == {"added": 0, "removed": 0, "changed": 0}
 
 
+@pytest.mark.fast
 def test_prior_shift_detects_a_changed_class_balance_and_not_a_scaled_one():
     same = data_changes.prior_shift({"a": 100, "b": 100}, {"a": 200, "b": 200})
     shifted = data_changes.prior_shift({"a": 100, "b": 100}, {"a": 180, "b": 20})
@@ -73,6 +72,7 @@ def test_prior_shift_detects_a_changed_class_balance_and_not_a_scaled_one():
     assert data_changes.prior_shift({"a": 5}, {"a": 9})["p_value"] is None
 
 
+@pytest.mark.fast
 def test_embedding_shift_separates_shifted_features_from_noise():
     rng = np.random.default_rng(0)
     old = rng.normal(size=(60, 16))
@@ -83,10 +83,12 @@ def test_embedding_shift_separates_shifted_features_from_noise():
     assert len(same["noise_band"]) == 2 and same["noise_band"][0] <= same["noise_band"][1]
 
 
+@pytest.mark.fast
 def test_embedding_shift_needs_a_few_images_per_side():
     assert data_changes.embedding_shift(np.zeros((2, 4)), np.zeros((9, 4)))["auc"] is None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("auc,expected", [(0.5, 0.5), (1.0, 1.0)])
 def test_auc_of_known_orderings(auc, expected):
     y = np.array([0, 0, 1, 1])
@@ -101,6 +103,7 @@ REPORT = {"champion_version": "v1", "data_changed": True, "config_changed": Fals
           "embedding_shift": {"auc": 0.91, "noise_band": [0.45, 0.58], "shifted": True}}
 
 
+@pytest.mark.fast
 def test_change_report_reads_as_a_model_card_section():
     text = data_changes.markdown(REPORT)
     assert text.startswith("## Changes since the champion") and "champion `v1`" in text
@@ -109,6 +112,7 @@ def test_change_report_reads_as_a_model_card_section():
     assert "+1 / -0 / ~0 training images" in data_changes.summary_line(REPORT)
 
 
+@pytest.mark.fast
 def test_shift_beyond_the_threshold_holds_promotion_and_noise_does_not():
     assert "AUC 0.910" in data_changes.shift_hold(REPORT, 0.8)
     assert data_changes.shift_hold(REPORT, 0.95) == ""
@@ -117,6 +121,7 @@ def test_shift_beyond_the_threshold_holds_promotion_and_noise_does_not():
     assert data_changes.shift_hold(noisy, 0.8) == ""
 
 
+@pytest.mark.fast
 def test_a_shift_beyond_the_threshold_makes_the_judgement_ineligible():
     judgement = {"eligible": True, "reason": "better than the champion"}
     assert data_changes.held(judgement, REPORT, 0.0) == judgement

@@ -9,11 +9,12 @@ import pytest
 
 from tasks import storage
 from tasks.data_watch import listing_fingerprint
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 sys.path.insert(0, str(ROOT / "plugins"))
 
 
+@pytest.mark.fast
 def test_listing_fingerprint_follows_adds_overwrites_and_deletes(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "train" / "cat" / "1.jpg").write_bytes(b"one")
@@ -39,9 +40,8 @@ async def _next_event(trigger, seconds: float):
 
 @pytest.mark.slow
 def test_trigger_fires_on_an_upload_under_the_prefix_and_not_without_one(s3_bucket):
-    from s3_prefix_trigger import S3PrefixChangedTrigger
-
     from airflow.triggers.base import BaseEventTrigger
+    from s3_prefix_trigger import S3PrefixChangedTrigger
 
     prefix = f"{s3_bucket}/data/"
     storage.write_bytes(f"{prefix}train/cat/1.jpg", b"one")

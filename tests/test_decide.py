@@ -1,18 +1,26 @@
-"""The plateau rule: a pure function of the validation curve and the rule parameters."""
+"""The plateau rule: a pure function of the validation curve and the rule parameters; the decide step applies it."""
 from __future__ import annotations
 
 import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
-from tasks.steps.decide import decide, decide_step
 from tasks.errors import MissingInputError
+from tasks.plateau import judge
+from tasks.steps.decide import decide
+
+pytestmark = pytest.mark.fast
+
+
+def judged(curve: dict, cfg: RunConfig, n_val: int | None = None) -> dict:
+    return judge(curve["epochs"], mode=cfg.fine_tune, patience=cfg.patience, min_delta=cfg.min_delta,
+                 target_accuracy=cfg.target_accuracy, n_val=n_val)
 
 
 def history(*val_accuracy: float, fine_tuned: tuple[float, ...] = ()) -> dict:
     phases = ["feature_extraction"] * len(val_accuracy) + ["fine_tune"] * len(fine_tuned)
     epochs = [{"epoch": i + 1, "phase": phase, "val_accuracy": v}
-              for i, (phase, v) in enumerate(zip(phases, val_accuracy + fine_tuned))]
+              for i, (phase, v) in enumerate(zip(phases, val_accuracy + fine_tuned, strict=True))]
     return {"epochs": epochs, "fine_tune_start_epoch": len(val_accuracy) + 1 if fine_tuned else None}
 
 
@@ -63,7 +71,7 @@ NOISY_CASES = [
 def test_rule_reads_validation_noise_as_noise(name, curve, n_val, expected, words):
     cfg = RunConfig(patience=3, min_delta=0.005, target_accuracy=0.95, fine_tune="auto")
 
-    decision = decide(curve, cfg, n_val)
+    decision = judged(curve, cfg, n_val)
 
     assert decision["fine_tune"] is expected, decision["reason"]
     for word in words:
@@ -74,32 +82,50 @@ def test_rule_reads_validation_noise_as_noise(name, curve, n_val, expected, word
 def test_rule_decides_and_explains(name, curve, rule, expected, words):
     cfg = RunConfig(**{"patience": 3, "min_delta": 0.005, "target_accuracy": 0.95, "fine_tune": "auto", **rule})
 
-    decision = decide(curve, cfg)
+    decision = judged(curve, cfg)
 
     assert decision["fine_tune"] is expected
     for word in words:
         assert word in decision["reason"]
-    assert decide(curve["epochs"], cfg) == decision  # the epochs list alone gives the same answer
 
 
 def test_decision_records_the_rule_it_applied():
-    decision = decide(PLATEAU, RunConfig(patience=2, min_delta=0.01, target_accuracy=0.9))
+    decision = judged(PLATEAU, RunConfig(patience=2, min_delta=0.01, target_accuracy=0.9))
 
     assert decision == {**decision, "mode": "auto", "patience": 2, "min_delta": 0.01, "target_accuracy": 0.9,
                         "epochs": 6, "best_val_accuracy": 0.853}
 
 
-def test_step_reads_history_and_writes_decision(tmp_path):
+def handed_over(cfg: RunConfig) -> tuple[dict, dict]:
+    """What subsample and select hand decide for `cfg`'s run."""
+    return ({"manifest": cfg.artifact(artifacts.MANIFEST), "hash": "h"},
+            {"history_uri": cfg.artifact(artifacts.HISTORY)})
+
+
+def test_step_reads_the_history_handed_over_and_writes_decision(tmp_path):
     cfg = RunConfig(run_root=str(tmp_path))
     storage.write_json(cfg.artifact(artifacts.HISTORY), PLATEAU)
-    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"counts": {"val": {"a": 300, "b": 300}}})
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"counts": {"val": {"a": 300, "b": 300}}, "hash": "h",
+                                                          "classes": ["a", "b"]})
 
-    result = decide_step(cfg, {})
+    result = decide(cfg, *handed_over(cfg))
 
-    assert result["fine_tune"] is True
+    assert result["fine_tune"] is True and result["n_val"] == 600
     assert storage.read_json(cfg.artifact(artifacts.DECISION)) == result
 
 
 def test_step_without_history_says_to_train_first(tmp_path):
+    cfg = RunConfig(run_root=str(tmp_path), run_id="r7")
     with pytest.raises(MissingInputError, match="run train first"):
-        decide_step(RunConfig(run_root=str(tmp_path), run_id="r7"), {})
+        decide(cfg, *handed_over(cfg))
+
+
+def test_step_refuses_a_history_from_elsewhere(tmp_path):
+    """An edited XCom value cannot point decide at another run's (or any other) file."""
+    cfg = RunConfig(run_root=str(tmp_path), run_id="r7")
+    other = RunConfig(run_root=str(tmp_path), run_id="other")
+    storage.write_json(other.artifact(artifacts.HISTORY), PLATEAU)
+    data, _ = handed_over(cfg)
+
+    with pytest.raises(MissingInputError, match="not where this run keeps it"):
+        decide(cfg, data, {"history_uri": other.artifact(artifacts.HISTORY)})

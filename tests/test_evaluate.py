@@ -12,12 +12,19 @@ import pytest
 
 from tasks import artifacts, classifier, storage
 from tasks.errors import MissingInputError
-from tasks.steps.evaluate import (EvaluationError, classification_metrics, confusion_pairs, evaluate, most_wrong,
-                            predictions_table)
-from tests import evaluation_fixtures as fx
+from tasks.steps.evaluate import (
+    EvaluationError,
+    classification_metrics,
+    confusion_pairs,
+    evaluate,
+    most_wrong,
+    predictions_table,
+)
+from tests.helpers import evaluation as fx
 
 METRICS_KEYS = {"accuracy", "top_k_accuracy", "loss", "per_class", "macro_avg", "weighted_avg", "confusion_matrix",
-                "classes", "n_test", "manifest_hash", "most_confused_pairs"}
+                "classes", "n_test", "manifest_hash", "most_confused_pairs", "kept",
+                "validation_vs_test"}
 REPORT_FILES = {"index.html", "confusion_matrix.png", "curves.png", "predictions.csv", "most_wrong.csv"}
 
 # Six images, three classes: one apple taken for banana, one banana for cherry.
@@ -31,9 +38,6 @@ PROBABILITIES = np.array([
     [0.1, 0.2, 0.7],
 ])
 ABC = ["a", "b", "c"]
-
-
-SUBSAMPLED = {"hash": fx.MANIFEST_HASH}  # what subsample hands evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +111,7 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg))
 
     assert result["n_test"] == 12 and result["n_wrong"] == 4
     assert result["accuracy"] == pytest.approx(8 / 12)
@@ -119,6 +123,9 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     assert metrics["manifest_hash"] == fx.MANIFEST_HASH
     assert metrics["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [4, 0, 0]]
     assert metrics["most_confused_pairs"] == [{"true": "cherry", "predicted": "apple", "count": 4, "share": 1.0}]
+    gap = metrics["validation_vs_test"]  # the fixture's val split holds the test images: no gap
+    assert (gap["validation"]["n"], gap["test"]["n"], gap["differ"]) == (12, 12, False)
+    assert gap["validation"]["accuracy"] == pytest.approx(8 / 12)
 
     report_dir = storage.local_path(cfg.artifact(artifacts.REPORT))
     assert {path.name for path in report_dir.iterdir()} == REPORT_FILES
@@ -139,17 +146,20 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     for text in (cfg.run_id, "efficientnet_lite0", "66.7 %", fx.MANIFEST_HASH, fx.DECISION_REASON):
         assert html.escape(text) in page
 
+    assert "Validation vs test" in page and "agree within their noise" in page
+
     card = storage.read_text(result["model_card_uri"])
     assert fx.DECISION_REASON in card and fx.MANIFEST_HASH in card
+    assert "## Validation vs test" in card and "agree within their noise" in card
 
 
 def test_evaluate_rerun_rewrites_identical_outputs(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
-    first = evaluate(cfg, SUBSAMPLED)
+    first = evaluate(cfg, *fx.handed_over(cfg))
     metrics, page = storage.read_bytes(first["metrics_uri"]), storage.read_bytes(first["report_uri"])
 
-    second = evaluate(cfg, SUBSAMPLED)
+    second = evaluate(cfg, *fx.handed_over(cfg))
 
     assert second == first
     assert storage.read_bytes(second["metrics_uri"]) == metrics
@@ -160,7 +170,7 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
     cfg = fx.config(s3_bucket + "/runs")
     fx.write_run(cfg, tmp_path / "work")
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg))
 
     assert result["report_uri"].startswith(s3_bucket)
     listed = storage.list_files(storage.join(cfg.run_uri, "eval"))
@@ -174,12 +184,10 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
 
 def test_evaluate_without_decision_or_fine_tune(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
-    fx.write_run(cfg, tmp_path / "work")
+    fx.write_run(cfg, tmp_path / "work", fine_tuned=False)
     storage.delete(cfg.artifact(artifacts.DECISION))
-    storage.delete(cfg.artifact(artifacts.TRAIN_SUMMARY))
-    storage.write_json(cfg.artifact(artifacts.HISTORY), fx.history(fine_tune_start=None))
 
-    result = evaluate(cfg, SUBSAMPLED)
+    result = evaluate(cfg, *fx.handed_over(cfg, fine_tuned=False))
 
     card = storage.read_text(result["model_card_uri"])
     assert "Plateau decision: not recorded" in card
@@ -188,14 +196,16 @@ def test_evaluate_without_decision_or_fine_tune(tmp_path):
     assert fx.fine_tune_marker_pixels(storage.local_path(cfg.artifact(artifacts.REPORT, "curves.png"))) == 0
 
 
-@pytest.mark.parametrize("artifact", [artifacts.MODEL, artifacts.split_records("test"), artifacts.MANIFEST])
+@pytest.mark.parametrize("artifact", [artifacts.FINE_TUNED_MODEL, artifacts.split_records("test"),
+                                      artifacts.split_records("val"), artifacts.MANIFEST])
 def test_missing_input_error_names_its_uri(tmp_path, artifact):
+    """The kept (fine-tuned) model arrives on fine_tune's edge; the others are found under the run root."""
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
     storage.delete(cfg.artifact(artifact))
 
     with pytest.raises(MissingInputError, match=re.escape(cfg.artifact(artifact)) + ".*run "):
-        evaluate(cfg, SUBSAMPLED)
+        evaluate(cfg, *fx.handed_over(cfg))
 
 
 def _links(page: str) -> set[str]:

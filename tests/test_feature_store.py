@@ -21,12 +21,14 @@ def _features(n: int) -> np.ndarray:
     return np.random.default_rng(n).normal(size=(8,)).astype(np.float32)
 
 
+@pytest.mark.fast
 def test_namespace_changes_with_every_part_of_the_key():
     key = {"backbone": "efficientnet_lite0", "weights": "abc", "image_size": 96, "decoder": "1", "cut": 0}
     spaces = {feature_store.namespace({**key, name: "other"}) for name in key}
     assert len(spaces | {feature_store.namespace(key)}) == len(key) + 1
 
 
+@pytest.mark.fast
 def test_weights_digest_sees_a_changed_weight():
     weights = [np.ones((3, 3), np.float32), np.zeros(4, np.float32)]
     changed = [weights[0].copy(), weights[1].copy()]
@@ -35,6 +37,7 @@ def test_weights_digest_sees_a_changed_weight():
     assert feature_store.weights_digest(weights) == feature_store.weights_digest([w.copy() for w in weights])
 
 
+@pytest.mark.fast
 def test_extract_computes_only_what_the_store_lacks(tmp_path):
     store = FeatureStore(str(tmp_path / "store"))
     calls = []
@@ -53,6 +56,7 @@ def test_extract_computes_only_what_the_store_lacks(tmp_path):
     assert all(np.array_equal(got[i], _features(i)) for i in range(12))
 
 
+@pytest.mark.fast
 def test_a_corrupt_entry_is_a_miss_and_is_recomputed(tmp_path):
     store = FeatureStore(str(tmp_path / "store"))
     store.put("ns", _sha(1), _features(1))
@@ -66,6 +70,7 @@ def test_a_corrupt_entry_is_a_miss_and_is_recomputed(tmp_path):
     assert np.array_equal(got[0], _features(1))
 
 
+@pytest.mark.fast
 def test_truncated_entry_fails_verification():
     data = feature_store.encode(_features(3))
     assert np.array_equal(feature_store.decode(data), _features(3))
@@ -73,6 +78,7 @@ def test_truncated_entry_fails_verification():
     assert feature_store.decode(b"not an entry") is None
 
 
+@pytest.mark.fast
 def test_eviction_drops_least_recently_used_first(tmp_path):
     entry_bytes = len(feature_store.encode(_features(0)))
     store = FeatureStore(str(tmp_path / "store"), max_bytes=3 * entry_bytes)
@@ -95,6 +101,7 @@ def _writer(root: str, seed: int, rounds: int) -> None:
             raise AssertionError("read a torn or foreign entry")
 
 
+@pytest.mark.fast
 def test_concurrent_writers_never_corrupt_the_store(tmp_path):
     root = str(tmp_path / "store")
     context = multiprocessing.get_context("fork")

@@ -1,4 +1,4 @@
-"""Fine-tuning: what changes (only the unfrozen top, never BatchNorm), which model is kept, resume."""
+"""Fine-tuning: what changes (only the unfrozen top, never BatchNorm), what it hands evaluate, resume."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.test_train import SUBSAMPLED, metrics_of, tiny_run
 
-from tasks import artifacts, checkpoints, classifier, storage
+from tasks import artifacts, checkpoints, classifier, phases, storage
+from tests.helpers.runs import candidate, metrics_of, selected, subsampled, tiny_run
 
 BACKBONE = "efficientnet_lite0"
-TRAINED = {"manifest_hash": SUBSAMPLED["hash"]}  # what train hands fine_tune
+
+
+def fine_tune(cfg) -> dict:
+    """The fine_tune step on what subsample and select hand it for cfg's run."""
+    from tasks.steps.fine_tune import fine_tune as fine_tune_step
+
+    return fine_tune_step(cfg, subsampled(cfg), selected(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def feature_extracted(tmp_path_factory, cache_dir):
 
     cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=4,
                    fine_tune_epochs=2, patience=10)
-    train(cfg, SUBSAMPLED)
+    train(cfg, subsampled(cfg), candidate(cfg))
     return cfg
 
 
@@ -33,10 +39,8 @@ def copy_run(cfg, tmp_path, **changes):
 
 @pytest.fixture(scope="module")
 def fine_tuned(feature_extracted, tmp_path_factory):
-    from tasks.steps.fine_tune import fine_tune
-
     cfg = copy_run(feature_extracted, tmp_path_factory.mktemp("fine-tuned"))
-    return cfg, fine_tune(cfg, TRAINED)
+    return cfg, fine_tune(cfg)
 
 
 def weights_file(cfg, artifact) -> bytes:
@@ -66,48 +70,48 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
     before = backbone_weights(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
     after = backbone_weights(cfg, artifacts.FINE_TUNED_MODEL)
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
-    assert split_backbone(reference, cfg.fine_tune_layers).unfrozen == result["unfrozen_layers"]
+    assert split_backbone(reference, cfg.fine_tune_layers).unfrozen == result["fine_tune_layers"]
     assert result["cut"] == "block7a"  # 4 units: block7a's three convolutions and the head conv
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
     assert len(layers) == len(before) == len(after)
 
-    changed = [not all(np.array_equal(a, b) for a, b in zip(old, new)) for old, new in zip(before, after)]
+    changed = [not all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+               for old, new in zip(before, after, strict=True)]
     batchnorm = [isinstance(layer, keras.layers.BatchNormalization) for layer in layers]
     unfrozen = [layer.trainable for layer in layers]
-    assert sum(unfrozen) == len(result["unfrozen_layers"]) == cfg.fine_tune_layers
-    assert any(batchnorm) and not any(u and bn for u, bn in zip(unfrozen, batchnorm))
-    assert not any(c for c, bn in zip(changed, batchnorm) if bn)  # gamma, beta, moving mean and variance
-    assert not any(c for c, u in zip(changed, unfrozen) if not u)  # everything below the cut
-    assert any(c for c, u, layer in zip(changed, unfrozen, layers) if u and isinstance(layer, keras.layers.Conv2D))
+    assert sum(unfrozen) == len(result["fine_tune_layers"]) == cfg.fine_tune_layers
+    assert any(batchnorm) and not any(u and bn for u, bn in zip(unfrozen, batchnorm, strict=True))
+    assert not any(c for c, bn in zip(changed, batchnorm, strict=True) if bn)  # gamma, beta, moving mean and variance
+    assert not any(c for c, u in zip(changed, unfrozen, strict=True) if not u)  # everything below the cut
+    assert any(c for c, u, layer in zip(changed, unfrozen, layers, strict=True)
+               if u and isinstance(layer, keras.layers.Conv2D))
 
 
-def test_history_continues_across_phases_and_the_better_model_is_kept(fine_tuned):
+def test_history_continues_across_phases_and_each_phase_keeps_its_own_artifacts(fine_tuned):
     cfg, result = fine_tuned
 
-    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
-    assert [(e["epoch"], e["phase"]) for e in history["epochs"]] == [
-        (1, "feature_extraction"), (2, "fine_tune"), (3, "fine_tune")]
-    assert history["fine_tune_start_epoch"] == 2
-    assert result["val_accuracy_after"] > result["val_accuracy_before"]  # 1 head epoch leaves room
-    assert result["kept"] == "fine_tuned"
-    assert weights_file(cfg, artifacts.MODEL) == weights_file(cfg, artifacts.FINE_TUNED_MODEL)
-    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
-    assert summary["kept"] == "fine_tuned"
-    assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy_before"],
-                                       "fine_tuned": result["val_accuracy_after"]}
-    assert summary["phases"]["fine_tune"]["epochs"] == 2
-    assert summary["phases"]["fine_tune"]["learning_rate"] == pytest.approx(cfg.learning_rate * cfg.fine_tune_lr_factor)
+    assert [(e["epoch"], e["phase"]) for e in phases.read_history(result["history_uri"])] == [
+        (2, "fine_tune"), (3, "fine_tune")]
+    assert [e["phase"] for e in phases.read_history(cfg.artifact(artifacts.HISTORY))] == ["feature_extraction"]
+    assert result["val_accuracy"] > result["val_accuracy_before"]  # 1 head epoch leaves room
+    assert (result["model_uri"], result["history_uri"], result["summary_uri"]) == (
+        cfg.artifact(artifacts.FINE_TUNED_MODEL), cfg.artifact(artifacts.FINE_TUNE_HISTORY),
+        cfg.artifact(artifacts.FINE_TUNE_SUMMARY))
+    assert weights_file(cfg, artifacts.FEATURE_EXTRACTION_MODEL) != weights_file(cfg, artifacts.FINE_TUNED_MODEL)
+    summary = phases.read_summary(result["summary_uri"])
+    assert summary.phase == "fine_tune" and summary.epochs == 2 and summary.best_val_accuracy == result["val_accuracy"]
+    assert summary.settings["learning_rate"] == pytest.approx(cfg.learning_rate * cfg.fine_tune_lr_factor)
+    assert phases.read_summary(cfg.artifact(artifacts.TRAIN_SUMMARY)).best_val_accuracy == \
+        result["val_accuracy_before"], "train's summary is train's alone"
 
 
-def test_feature_extraction_model_stays_when_fine_tuning_does_not_beat_it(feature_extracted, tmp_path):
-    from tasks.steps.fine_tune import fine_tune
-
+def test_fine_tuning_that_does_not_beat_feature_extraction_leaves_its_model_beside_it(feature_extracted, tmp_path):
     cfg = copy_run(feature_extracted, tmp_path, fine_tune_epochs=1, fine_tune_lr_factor=1e-9)
-    result = fine_tune(cfg, TRAINED)
+    before = weights_file(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
+    result = fine_tune(cfg)
 
-    assert result["val_accuracy_after"] == result["val_accuracy_before"]
-    assert result["kept"] == "feature_extraction"
-    assert weights_file(cfg, artifacts.MODEL) == weights_file(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
+    assert result["val_accuracy"] == result["val_accuracy_before"]
+    assert weights_file(cfg, artifacts.FEATURE_EXTRACTION_MODEL) == before
     assert storage.exists(cfg.artifact(artifacts.FINE_TUNED_MODEL))
 
 
@@ -117,8 +121,6 @@ class Crash(RuntimeError):
 
 def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_extracted, fine_tuned, tmp_path,
                                                                       monkeypatch):
-    from tasks.steps.fine_tune import fine_tune
-
     cfg = copy_run(feature_extracted, tmp_path)
     saved = checkpoints.Checkpointer.save
 
@@ -128,15 +130,29 @@ def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_history(feature_ex
 
     monkeypatch.setattr(checkpoints.Checkpointer, "save", save_then_crash)
     with pytest.raises(Crash):
-        fine_tune(cfg, TRAINED)
+        fine_tune(cfg)
     monkeypatch.setattr(checkpoints.Checkpointer, "save", saved)
 
-    result = fine_tune(cfg, TRAINED)
+    result = fine_tune(cfg)
 
     reference_cfg, reference = fine_tuned
     assert result["resumed_from_epoch"] == 3
-    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
-    expected = storage.read_json(reference_cfg.artifact(artifacts.HISTORY))
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    history = storage.read_json(result["history_uri"])
+    expected = storage.read_json(reference["history_uri"])
+    assert [e["epoch"] for e in history["epochs"]] == [2, 3]
     np.testing.assert_allclose(metrics_of(history), metrics_of(expected), rtol=1e-5, atol=1e-6)
-    assert result["kept"] == reference["kept"]
+    assert result["val_accuracy"] == reference["val_accuracy"]
+
+
+@pytest.mark.parametrize("epochs, steps, warmup", [(7, 10, 10), (2, 10, 3), (1, 10, 2), (1, 1, 0)])
+def test_a_short_fine_tune_gets_a_short_warm_up_and_still_decays(epochs, steps, warmup):
+    """One epoch of warm-up, but at most 15 % of the fine-tune: a one-epoch fine-tune must not spend itself
+    climbing to the full rate (it wrecked the head on a small run)."""
+    from tasks.steps.fine_tune import learning_rate, warmup_steps
+
+    assert warmup_steps(epochs * steps, steps) == warmup
+    schedule = learning_rate(1e-3, "cosine", epochs, steps)
+    rates = [float(schedule(step)) for step in range(epochs * steps + 1)]
+    assert rates[0] == (0.0 if warmup else pytest.approx(1e-3))
+    assert max(rates) == pytest.approx(1e-3, rel=1e-5) and rates.index(max(rates)) == warmup
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)  # decayed by the end of the fine-tune

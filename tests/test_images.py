@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import image_fixtures as fx
 from tasks import images
 from tasks.errors import ImageDecodeError, PermanentError
+from tests.helpers import images as fx
 
 SIZE = 24
 
@@ -104,8 +104,9 @@ def test_header_size_is_what_the_decoder_finds(name):
     assert size == ((height, width) if name == "exif_rotated.jpg" else (width, height))
 
 
-@pytest.mark.parametrize("options", [{}, {"lossless": True}, {"save_all": True, "append_images": [Image.new("RGB", (300, 170))]}],
-                         ids=["VP8", "VP8L", "VP8X"])
+@pytest.mark.parametrize("options", [
+    {}, {"lossless": True}, {"save_all": True, "append_images": [Image.new("RGB", (300, 170))]},
+], ids=["VP8", "VP8L", "VP8X"])
 def test_header_size_reads_every_webp_kind(options):
     data = fx.encoded(Image.new("RGB", (300, 170)), "WEBP", **options)
     assert images.header_size(data) == (300, 170)
@@ -168,7 +169,7 @@ def test_training_path_and_serving_path_give_identical_pixels(tmp_path):
     records.write_records(path, [(data, index, name) for index, (name, data) in enumerate(files.items())])
     seen = 0
     for batch, _, names in records.image_dataset(path, SIZE, 4, with_paths=True):
-        for pixels, name in zip(batch.numpy(), names.numpy()):
+        for pixels, name in zip(batch.numpy(), names.numpy(), strict=False):
             np.testing.assert_array_equal(pixels, images.decode(files[name.decode()], SIZE), err_msg=name.decode())
             seen += 1
     assert seen == len(files)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.test_train import _examples
 
 from tasks import records
 from tasks.activation_cache import cache_activations
 from tasks.backbone_split import split_backbone
 from tasks.backbones import load_backbone
 from tasks.feature_store import FeatureStore
+from tests.helpers.runs import examples as _examples
 
 SIZE = 32
 BATCH = 8
@@ -43,5 +43,6 @@ def test_retrain_computes_only_new_images_and_reads_identical_features(lite0, tm
     meta = (tmp_path / "run2" / "meta.json").read_text()
     assert '"computed": 3' in meta, meta
     np.testing.assert_array_equal(reused.labels, fresh.labels)
-    # equal up to float32 rounding of differently composed batches (the bottom runs new images in their own batch)
-    np.testing.assert_allclose(reused.activations, fresh.activations, rtol=1e-5, atol=1e-5)
+    # equal up to float32 rounding of differently composed batches (the bottom runs new images in their own batch):
+    # the same fresh extraction in batches of 3 instead of 8 differs by up to 2.3e-5 at cut 7 (7e-6 at cut 0)
+    np.testing.assert_allclose(reused.activations, fresh.activations, rtol=1e-5, atol=5e-5)

@@ -14,46 +14,18 @@ import pytest
 
 from tasks import artifacts, storage
 from tasks.config import RunConfig
+from tests.helpers.airflow import mint_token as _token
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "transfer_learning"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
 REPORT_HTML = "<!doctype html><html><body><h1>fashion-mnist-classifier</h1><a href='../model_card.md'>card</a>"
 MODEL_CARD = "# Model card\n\n| metric | value |\n|---|---|\n| accuracy | 0.91 |\n\n- <script>alert(1)</script>\n"
-AIRFLOW_ENV = {
-    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-    "AIRFLOW__API_AUTH__JWT_SECRET": "plugin-test-secret-" + "s" * 64,
-}
-
-
-@pytest.fixture(scope="module")
-def api():
-    """Airflow's api-server app (core apps: plugins, auth, middlewares) on a fresh metadata DB."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in AIRFLOW_ENV.items():
-            patch.setenv(key, value)
-        from airflow.api_fastapi.app import create_app, purge_cached_app
-        from airflow.utils import db
-        from fastapi.testclient import TestClient
-
-        db.initdb()
-        with TestClient(create_app(apps="core")) as client:
-            yield client
-        purge_cached_app()  # the auth manager singleton was built with this module's settings
 
 
 @pytest.fixture
 def token(api) -> str:
     return _token("viewer", "viewer")
-
-
-def _token(username: str, role: str | None, **options) -> str:
-    """A JWT minted by the configured auth manager, exactly as /auth/token would."""
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-
-    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role), **options)
 
 
 def _add_run(run_id: str, conf: dict, configured: dict | None = None) -> None:
@@ -91,28 +63,37 @@ def _write_evaluation(run_root: str, run_id: str) -> None:
     storage.write_text(storage.join(run, "params.json"), "{}")
 
 
+def _release_of(page: str) -> str:
+    """The Release section the plugin adds to a report page."""
+    start = page.index("<section id='release'>")
+    return page[start:page.index("</section>", start) + len("</section>")]
+
+
 def _report_url(run_id: str) -> str:
     """The URL the UI's run tab opens: the plugin's `dag_run` view with the ids filled in."""
     return f"/ml-reports/runs/{DAG_ID}/{run_id}/{artifacts.REPORT.path}/"
 
 
 @pytest.fixture
-def run_id(api, tmp_path) -> str:
-    """A finished run (its `configure` task recorded the run root) with its evaluation written."""
+def run_id(api, tmp_path, monkeypatch) -> str:
+    """A finished run of a deployment whose run root is TLP_RUN_ROOT, with its evaluation written."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
     run_id = f"{RUN_ID}-{tmp_path.name}"
     _write_evaluation(str(tmp_path / "runs"), run_id)
     _add_run(run_id, {"epochs": 2}, configured={"run_root": str(tmp_path / "runs")})
     return run_id
 
 
+@pytest.mark.fast
 def test_report_is_served_with_a_bearer_token(api, run_id, token):
     response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
-    assert response.text == REPORT_HTML
+    assert response.text.replace(_release_of(response.text), "") == REPORT_HTML
     assert response.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in response.headers["content-security-policy"]
 
 
+@pytest.mark.fast
 def test_report_is_served_with_the_ui_session_cookie(api, run_id, token):
     """The UI's iframe sends the `_token` cookie, not a header."""
     api.cookies.set("_token", token)
@@ -129,12 +110,14 @@ def test_report_is_served_with_the_ui_session_cookie(api, run_id, token):
     ({"Authorization": "Bearer not-a-jwt"}, 403),
     ({"cookie": "_token=not-a-jwt"}, 403),
 ])
+@pytest.mark.fast
 def test_report_refuses_anonymous_and_malformed_credentials(api, run_id, credentials, status):
     response = api.get(_report_url(run_id), headers=credentials)
     assert response.status_code == status
     assert "fashion-mnist-classifier" not in response.text
 
 
+@pytest.mark.fast
 def test_report_refuses_forged_expired_and_roleless_tokens(api, run_id):
     valid = _token("viewer", "viewer")
     forged = jwt.encode(jwt.decode(valid, options={"verify_signature": False}), "not-the-secret-" + "x" * 64,
@@ -146,6 +129,7 @@ def test_report_refuses_forged_expired_and_roleless_tokens(api, run_id):
         assert "fashion-mnist-classifier" not in response.text
 
 
+@pytest.mark.fast
 def test_report_siblings_are_served_with_their_content_types(api, run_id, token):
     base = _report_url(run_id)
     auth = {"Authorization": f"Bearer {token}"}
@@ -159,6 +143,7 @@ def test_report_siblings_are_served_with_their_content_types(api, run_id, token)
     assert "<script>" not in card.text and "&lt;script&gt;" in card.text
 
 
+@pytest.mark.fast
 def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_id, token):
     url = _report_url(run_id).rstrip("/")
     response = api.get(url, headers={"Authorization": f"Bearer {token}"}, follow_redirects=False)
@@ -172,16 +157,20 @@ def test_report_folder_without_slash_redirects_so_relative_links_work(api, run_i
     ("%2Fetc%2Fpasswd", 400),
     ("eval//report/index.html", 400),
     ("eval/report/..%5C..%5Cparams.json", 400),
+    ("eval/report/index.html%23", 400),
+    ("eval/report/a%3Fb.csv", 400),
     ("params.json", 404),
     ("model/model.keras", 404),
     ("eval/report/missing.png", 404),
 ])
+@pytest.mark.fast
 def test_paths_outside_the_evaluation_are_refused(api, run_id, token, path, status):
     response = api.get(f"/ml-reports/runs/{DAG_ID}/{run_id}/{path}",
                        headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == status, response.text
 
 
+@pytest.mark.fast
 def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path, monkeypatch):
     """A run whose configure task has not finished: the run root is the deployment's TLP_RUN_ROOT."""
     monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "shared-runs"))
@@ -192,35 +181,52 @@ def test_run_before_configure_uses_the_deployment_run_root(api, token, tmp_path,
     assert response.status_code == 200, response.text
 
 
-def test_run_root_recorded_by_the_configure_task_wins_over_the_environment(api, token, tmp_path, monkeypatch):
-    """The run root the run really used is the one its `configure` task recorded."""
-    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "not-here"))
-    run_id = "scheduled__override-" + tmp_path.name
-    _write_evaluation(str(tmp_path / "configured-runs"), run_id)
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path / "configured-runs")})
-    response = api.get(_report_url(run_id), headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 200, response.text
+@pytest.mark.parametrize("forged_root", ["file:///proc/self/environ#", "{tmp}/elsewhere"])
+def test_a_forged_configure_xcom_does_not_move_what_the_plugin_reads(api, token, tmp_path, monkeypatch,
+                                                                      forged_root):
+    """XCom is user-writable: a run root written there (once: the api-server's environment) is ignored."""
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "deployment-runs"))
+    run_id = "manual__forged-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "deployment-runs"), run_id)
+    elsewhere = RunConfig(run_root=str(tmp_path / "elsewhere"), dag_id=DAG_ID, run_id=run_id)
+    storage.write_json(storage.join(elsewhere.run_uri, *artifacts.METRICS.parts), {"accuracy": "forged"})
+    _add_run(run_id, {"run_root": "file:///proc/self/environ#"},
+             configured={"run_root": forged_root.format(tmp=tmp_path)})
+    auth = {"Authorization": f"Bearer {token}"}
+    metrics = api.get(_report_url(run_id) + "../metrics.json", headers=auth)
+    assert metrics.status_code == 200 and metrics.json() == {"accuracy": 0.91}
+    assert "PATH=" not in metrics.text and "forged" not in metrics.text
 
 
+@pytest.mark.parametrize("dag_id", ["..", ".", "a%2Fb", "a%23b"])
+def test_a_dag_id_that_could_leave_the_run_root_is_refused(api, token, dag_id):
+    response = api.get(f"/ml-reports/runs/{dag_id}/x/eval/metrics.json", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code in (400, 403, 404) and "accuracy" not in response.text
+
+
+@pytest.mark.fast
 def test_report_reads_an_s3_run_root_with_the_model_store_connection(api, token, s3, s3_bucket, monkeypatch):
     """The api-server reaches S3 like the DAGs do: through the `model_store` connection, no AWS_* env."""
     run_id = "manual__s3-run"
     _write_evaluation(f"{s3_bucket}/runs", run_id)
-    _add_run(run_id, {}, configured={"run_root": f"{s3_bucket}/runs"})
+    _add_run(run_id, {})
+    monkeypatch.setenv("TLP_RUN_ROOT", f"{s3_bucket}/runs")
     for key in s3.env():
         monkeypatch.delenv(key)
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_STORE", s3.airflow_connection())
     auth = {"Authorization": f"Bearer {token}"}
-    assert api.get(_report_url(run_id), headers=auth).text == REPORT_HTML
+    page = api.get(_report_url(run_id), headers=auth).text
+    assert page.replace(_release_of(page), "") == REPORT_HTML
     assert api.get(_report_url(run_id) + "nothing.png", headers=auth).status_code == 404
 
 
+@pytest.mark.fast
 def test_missing_run_or_report_says_what_is_missing(api, token, tmp_path):
     auth = {"Authorization": f"Bearer {token}"}
     no_run = api.get(_report_url("no-such-run"), headers=auth)
     assert no_run.status_code == 404 and "has no run" in no_run.text
     run_id = "running__" + tmp_path.name
-    _add_run(run_id, {}, configured={"run_root": str(tmp_path)})
+    _add_run(run_id, {})
     no_report = api.get(_report_url(run_id), headers=auth)
     assert no_report.status_code == 404 and "evaluate task has succeeded" in no_report.text
 
@@ -246,6 +252,7 @@ def _write_registry(publish: Path, model: str) -> tuple[str, str]:
     return old, new
 
 
+@pytest.mark.fast
 def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     old, new = _write_registry(tmp_path / "models", "fmnist")
@@ -256,11 +263,13 @@ def test_registry_lists_versions_and_the_champion(api, token, tmp_path, monkeypa
     page = response.text
     assert f"Champion: <b>{new}</b>" in page and "0.8800" in page
     assert page.index(new) < page.index(old)  # newest first
-    assert f"<tr class='champion'><td>{new}</td>" in page
+    assert f"<tr><td><code>{new}</code></td>" in page
+    assert "<b>champion</b>" in page and "promoted before" in page
     assert "cccccccccccc" not in page  # no checksums.json: an interrupted upload is not a version
     assert "beats &lt;b&gt;champion&lt;/b&gt;" in page
 
 
+@pytest.mark.fast
 def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monkeypatch):
     _write_registry(tmp_path / "models", "env-model")
     monkeypatch.setenv("TLP_PUBLISH_URI", str(tmp_path / "models"))
@@ -269,6 +278,7 @@ def test_registry_defaults_come_from_the_environment(api, token, tmp_path, monke
     assert response.status_code == 200 and "bbbbbbbbbbbb" in response.text
 
 
+@pytest.mark.fast
 def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
     _write_registry(tmp_path / "elsewhere", "fmnist")
@@ -279,6 +289,7 @@ def test_registry_reads_only_the_configured_publish_locations(api, token, tmp_pa
     assert "bbbbbbbbbbbb" not in response.text
 
 
+@pytest.mark.fast
 def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, monkeypatch):
     monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path))
     assert api.get("/ml-reports/registry").status_code == 401
@@ -287,6 +298,7 @@ def test_registry_refuses_anonymous_and_bad_model_names(api, token, tmp_path, mo
     assert bad.status_code == 400 and "model_name" in bad.text
 
 
+@pytest.mark.fast
 def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
     response = api.get("/api/v2/plugins", headers={"Authorization": f"Bearer {token}"})
     plugin = next(p for p in response.json()["plugins"] if p["name"] == "ml_reports")
@@ -297,6 +309,7 @@ def test_ui_lists_the_report_tab_and_the_registry_page(api, token):
     assert plugin["fastapi_apps"][0]["url_prefix"] == "/ml-reports"
 
 
+@pytest.mark.fast
 def test_plugins_manager_loads_the_plugin_without_heavy_imports():
     """What `airflow plugins` does, in a fresh interpreter: no import error, no TensorFlow or boto3."""
     script = ("import json, sys\nfrom airflow import plugins_manager\n"
@@ -311,3 +324,100 @@ def test_plugins_manager_loads_the_plugin_without_heavy_imports():
     assert loaded["errors"] == {}
     assert loaded["heavy"] == []
     assert "/ml-reports/registry" in loaded["views"]
+
+
+VERSION = "20260105T000000.000Z-dddddddddddd"
+
+
+def _write_release(run_root: str, run_id: str, publish: Path, model: str = "fmnist", version: str = VERSION,
+                   approval: dict | None = None, version_uri: str | None = None) -> str:
+    """A published, decided version of a run: run publish.json, the version's files and its decision record."""
+    run = RunConfig(run_root=run_root, dag_id=DAG_ID, run_id=run_id)
+    uri = str(publish / model / "versions" / version)
+    storage.write_json(storage.join(run.run_uri, *artifacts.PUBLISHED.parts),
+                       {"version_uri": version_uri or uri, "eligible": True})
+    storage.write_json(f"{uri}/metrics.json", {
+        "accuracy": 0.9, "n_test": 1000,
+        "serving_check": {"n_images": 32, "max_abs_diff": {"saved_model": 1.2e-7}, "tolerance": 1e-4},
+        "tflite": {"status": "converted", "variants": {
+            "float16": {"accuracy": 0.899, "size_bytes": 6_800_000, "latency_ms": 5.4, "kept": True},
+            "int8": {"accuracy": 0.7, "size_bytes": 3_400_000, "latency_ms": 2.0, "kept": False,
+                     "reason": "accuracy -0.2000 beyond <limit>"}}}})
+    storage.write_json(f"{uri}/params.json", {"dag_id": DAG_ID, "run_id": run_id})
+    storage.write_text(f"{uri}/report/release.html", "<h1>release checks</h1>")
+    storage.write_text(f"{uri}/model_card.md", MODEL_CARD)
+    storage.write_json(f"{uri}/checksums.json", {})
+    storage.write_json(str(publish / model / "promotions" / f"20260105T000001000000Z-{version}.json"), {
+        "kind": "publish", "version": version, "promoted": True, "eligible": True, "reason": "beats the champion",
+        "approval": approval, "decided_at": "2026-01-05", "new_accuracy": 0.9, "champion_version": "v0",
+        "gain": 0.006, "gain_interval": [-0.01, 0.022], "p_value": 0.41, "n_test": 1000, "paired_test": "McNemar"})
+    return uri
+
+
+@pytest.fixture
+def published_run(api, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("TLP_PUBLISH_LOCATIONS", str(tmp_path / "models"))
+    run_id = "manual__released-" + tmp_path.name
+    _write_evaluation(str(tmp_path / "runs"), run_id)
+    _add_run(run_id, {})
+    return run_id
+
+
+def test_report_shows_the_run_release_with_decision_approver_and_tflite(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models",
+                   approval={"approved": True, "by": "alice (alice)", "comment": "<b>ship</b> it",
+                             "responded_at": "2026-01-05T00:00:00", "timed_out": False})
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    release = page[page.index("<section id='release'>"):]
+    assert "Promoted to champion" in release and VERSION in release
+    assert "Approved by alice (alice)" in release and "&lt;b&gt;ship&lt;/b&gt; it" in release
+    assert "<b>ship</b>" not in page
+    assert "float16" in release and "89.9 %" in release and "6.80 MB" in release and "5.40 ms" in release
+    assert "accuracy -0.2000 beyond &lt;limit&gt;" in release  # a dropped variant says why
+    assert "1.2e-07" in release  # serving check
+    assert "gain +0.0060 (95 % interval -0.0100 to +0.0220), p = 0.41" in release and "McNemar" in release
+    assert "/ml-reports/versions/fmnist/" + VERSION + "/report/release.html?publish_uri=" in release
+
+
+def test_release_page_and_model_card_of_a_version_are_served(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models")
+    auth = {"Authorization": f"Bearer {token}"}
+    query = {"publish_uri": str(tmp_path / "models")}
+    release = api.get(f"/ml-reports/versions/fmnist/{VERSION}/report/release.html", params=query, headers=auth)
+    assert release.status_code == 200 and "release checks" in release.text
+    card = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md", params=query, headers=auth)
+    assert card.status_code == 200 and "<h1>Model card</h1>" in card.text and "<script>" not in card.text
+    for bad in (f"/ml-reports/versions/fmnist/{VERSION}/params.json", "/ml-reports/versions/fmnist/..%2F..%2Fx/"
+                "model_card.md", "/ml-reports/versions/fmnist/not-a-version/model_card.md"):
+        assert api.get(bad, params=query, headers=auth).status_code in (400, 404), bad
+    elsewhere = api.get(f"/ml-reports/versions/fmnist/{VERSION}/model_card.md",
+                        params={"publish_uri": str(tmp_path)}, headers=auth)
+    assert elsewhere.status_code == 400
+
+
+def test_release_of_a_version_outside_the_publish_locations_is_not_read(api, token, tmp_path, published_run):
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "elsewhere")
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    assert "not in a publish location" in page and "float16" not in page
+
+
+def test_release_section_before_publish_says_so(api, token, published_run):
+    page = api.get(_report_url(published_run), headers={"Authorization": f"Bearer {token}"}).text
+    assert "<section id='release'><h2>Release</h2>" in page and "No release recorded for this run yet" in page
+
+
+def test_registry_lists_models_and_each_version_with_run_accuracy_interval_status_and_approver(
+        api, token, tmp_path, published_run):
+    _write_registry(tmp_path / "models", "fmnist")
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models", version=VERSION,
+                   approval={"approved": False, "by": "bob (bob)", "comment": "too noisy", "timed_out": False})
+    _write_release(str(tmp_path / "runs"), published_run, tmp_path / "models", model="other")
+    page = api.get("/ml-reports/registry", params={"publish_uri": str(tmp_path / "models"), "model_name": "fmnist"},
+                   headers={"Authorization": f"Bearer {token}"}).text
+    models = page[page.index("<h2>Models</h2>"):page.index("</ul>")]
+    assert ">other</a>" in models and "<b>fmnist</b>" in models
+    row = page[page.index(f"<tr><td><code>{VERSION}</code>"):].split("</tr>")[0]
+    assert f"/dags/{DAG_ID}/runs/" in row and "90.0 %" in row and "n = 1,000" in row and "88.0–91.7 %" in row
+    assert "rejected by bob (bob): &ldquo;too noisy&rdquo;" in row and ">rejected<" not in row
+    assert "gain +0.0060" in row and "report/release.html" in row and "model_card.md" in row

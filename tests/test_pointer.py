@@ -5,6 +5,8 @@ import pytest
 
 from tasks import pointer
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(params=["local", "s3"])
 def pointer_uri(request, tmp_path):

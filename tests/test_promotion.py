@@ -20,7 +20,9 @@ from tasks.config import RunConfig
 from tasks.errors import PublishError
 from tasks.promotion import Policy
 from tasks.steps.promote import promote
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
+
+pytestmark = pytest.mark.fast  # registry and promotion logic on a local store: no TensorFlow
 
 MODEL = "tiny"
 CLASSES = ["apple", "banana"]
@@ -128,8 +130,8 @@ def judged(n: int, candidate_only: int, champion_only: int, policy: Policy | Non
     both = round(0.913 * n) - champion_only
     new, old = paired(n, candidate_only, champion_only, both)
     labels = {f"{i:05d}": "apple" for i in range(n)}
-    candidate = {key: "apple" if right else "banana" for key, right in zip(sorted(labels), new)}
-    champion = {key: "apple" if right else "banana" for key, right in zip(sorted(labels), old)}
+    candidate = {key: "apple" if right else "banana" for key, right in zip(sorted(labels), new, strict=False)}
+    champion = {key: "apple" if right else "banana" for key, right in zip(sorted(labels), old, strict=False)}
     return promotion.judge_predictions(labels, candidate, {"version": "v-old", "decision": "promotions/x.json"},
                                        champion, "", policy or Policy.from_settings(), "the test's images")
 

@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, write_image_folder
 from devtools import seaweed
-from tasks import artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
-from tasks import approval
+from tasks import approval, artifacts, classifier, pointer, registry, serving_check, storage, tflite_export
 from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError, PublishError
 from tasks.records import write_records
 from tasks.steps.promote import promote
 from tasks.steps.publish_version import publish_version
+from tests.helpers.runs import ROOT, write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
 PER_CLASS = 4
@@ -108,7 +107,7 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatc
                         model_name=MODEL_NAME, classes=list(classes), image_size=image_size, **params)
         local = tmp_path / "build" / run_id
         built = colour_classifier(mean_colour_backbone, tuple(classes), correct, image_size, cache_dir)
-        storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.MODEL))
+        storage.upload(classifier.save(built, local / "model"), cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
         records = test_records(classes, test_seed)
         probabilities, labels, paths = predict_records(built.model, records)
         manifest = {"classes": list(classes), "hash": hashlib.sha256(",".join(classes).encode() + selection.encode())
@@ -216,8 +215,9 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     objects = version_objects(result)
     checksums = json.loads(objects.pop("checksums.json"))
     assert {name: hashlib.sha256(data).hexdigest() for name, data in objects.items()} == checksums
-    assert {"model/classifier.json", "model/model.weights.h5", "metrics.json", "report/index.html", "report/wrong.csv", "model_card.md",
-            "manifest.json", "params.json", "saved_model/saved_model.pb", "tflite/float32.tflite"} <= set(objects)
+    assert {"model/classifier.json", "model/model.weights.h5", "metrics.json", "report/index.html", "report/wrong.csv",
+            "model_card.md", "manifest.json", "params.json", "saved_model/saved_model.pb",
+            "tflite/float32.tflite"} <= set(objects)
     metrics = json.loads(objects["metrics.json"])
     assert metrics["serving_check"]["n_images"] == len(CLASSES) * PER_CLASS
     assert max(metrics["serving_check"]["max_abs_diff"].values()) <= serving_check.TOLERANCE
@@ -401,7 +401,8 @@ def test_missing_run_inputs_fail_before_anything_is_published(s3_bucket, make_ru
     storage.delete(cfg.artifact(artifacts.METRICS))
     storage.delete(cfg.artifact(artifacts.split_records("test")))
 
-    with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\).*test.tfrecord \(at .*; run subsample first\)"):
+    with pytest.raises(MissingInputError, match=r"metrics.json \(at .*; run evaluate first\)"
+                                                r".*test.tfrecord \(at .*; run subsample first\)"):
         publish(cfg)
 
     assert storage.list_files(s3_bucket + "/") == []

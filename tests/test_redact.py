@@ -5,6 +5,8 @@ import pytest
 
 from tasks.redact import redact_text, redact_uri
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("uri, redacted", [
     ("https://user:pass@host.example/data.zip", "https://***@host.example/data.zip"),
@@ -48,16 +50,16 @@ def test_every_pipeline_error_message_is_redacted_where_it_is_made():
 
 
 def test_failed_candidates_specs_and_errors_are_written_redacted(tmp_path):
-    from tasks import artifacts, storage
+    from tasks import artifacts, phases
     from tasks.config import RunConfig, candidate_list
     from tasks.errors import TrainingError
-    from tasks.steps.select import record_failure, select
+    from tasks.steps.select import select
 
     specs = "s3://AKIA:SeCrEt@models/encoder@96, https://tok:SeCrEt@host/model@128"
     cfg = RunConfig(run_root=str(tmp_path), candidates=specs)
     for candidate in candidate_list(cfg):
         run = cfg.for_candidate(candidate)
-        record_failure(run, ValueError(f"cannot load {run.backbone}"))
+        phases.write_failure(run.artifact(artifacts.TRAINING_ERROR), ValueError(f"cannot load {run.backbone}"))
     with pytest.raises(TrainingError) as failed:
         select(cfg, [None, None])
     assert "SeCrEt" not in str(failed.value) and "s3://***@models/encoder@96" in str(failed.value)

@@ -11,13 +11,14 @@ import pytest
 from markdown_it import MarkdownIt
 from PIL import Image
 
-from tasks import model_card, report
-from tasks.steps.evaluate import classification_metrics, confusion_pairs, most_wrong, predictions_table
+from tasks import artifacts, model_card, report
 from tasks.model_card import RunRecord
 from tasks.records import write_records
-from tests import evaluation_fixtures as fx
+from tasks.steps.evaluate import classification_metrics, confusion_pairs, most_wrong, predictions_table
+from tests.helpers import evaluation as fx
 
 
+@pytest.mark.fast
 def test_curves_mark_fine_tune_start_only_when_it_happened(tmp_path):
     report.plot_curves(fx.history(fine_tune_start=4), tmp_path / "fine_tuned.png")
     report.plot_curves(fx.history(fine_tune_start=None), tmp_path / "feature_extraction.png")
@@ -28,6 +29,7 @@ def test_curves_mark_fine_tune_start_only_when_it_happened(tmp_path):
     assert Image.open(tmp_path / "no_history.png").size == Image.open(tmp_path / "fine_tuned.png").size
 
 
+@pytest.mark.fast
 def test_thumbnails_shrink_large_images_and_keep_small_ones():
     def encoded(size, mode):
         buffer = io.BytesIO()
@@ -54,7 +56,7 @@ def write_dataset_report(tmp_path, classes: list[str], path_pattern: str, leader
     metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=pairs)
     predictions = predictions_table(probabilities, labels, [path for _, _, path in examples], classes)
     record = RunRecord(manifest={**fx.manifest(), "classes": classes, "source": config.get("source", "file:///d")},
-                       history=fx.history(), decision=fx.decision(), summary=fx.summary(), leaderboard=leaderboard)
+                       history=fx.history(), decision=fx.decision(), **fx.trained(), leaderboard=leaderboard)
     cfg = fx.config(str(tmp_path / "runs"), top_k_wrong=2, **config)
     return report.write_report(tmp_path / "report", cfg, metrics, record, predictions=predictions,
                                wrong=most_wrong(predictions, len(predictions)), pairs=pairs,
@@ -66,7 +68,7 @@ def test_report_escapes_dataset_text_and_needs_nothing_outside_itself(tmp_path):
     directory = write_dataset_report(tmp_path, ["<b>apple</b>", "banana & co", "cherry"],
                                      "test/<script>{label}-{n}.png")
 
-    page = (directory / report.INDEX).read_text()
+    page = (directory / artifacts.REPORT_PAGE).read_text()
     assert "<b>apple</b>" not in page and "<script>" not in page
     assert "&lt;b&gt;apple&lt;/b&gt;" in page and "banana &amp; co" in page
     assert page.count("<figure>") == 2
@@ -99,11 +101,13 @@ def test_report_and_model_card_never_show_source_credentials(tmp_path):
     source = "https://reader:hunter2@data.example/food.zip?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=f00d&v=1"
     directory = write_dataset_report(tmp_path, fx.CLASSES, "test/{label}-{n}.png", source=source)
 
-    page = (directory / report.INDEX).read_text()  # params, data section and the model card inside it
+    page = (directory / artifacts.REPORT_PAGE).read_text()  # params, data section and the model card inside it
     assert "hunter2" not in page and "AKIDSECRET" not in page and "f00d" not in page
-    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 5
+    # params, data section, and four times in the model card (rendered as HTML)
+    assert page.count("https://***@data.example/food.zip?X-Amz-Credential=***&amp;X-Amz-Signature=***&amp;v=1") == 6
 
 
+@pytest.mark.fast
 def test_model_card_shows_dataset_text_as_text_never_as_markup():
     classes = ["[x](javascript:alert(1))", "<script>alert(1)</script>", "a|b`c"]
     metrics = classification_metrics(np.eye(3)[[0, 1, 1, 2]], np.array([0, 0, 1, 2]), classes, top_k=2)
@@ -111,7 +115,7 @@ def test_model_card_shows_dataset_text_as_text_never_as_markup():
                    most_confused_pairs=confusion_pairs(np.asarray(metrics["confusion_matrix"]), classes, 5))
     source = "s3://KEY:SECRET@bucket/`data` <i>x</i>/"
     record = RunRecord(manifest={**fx.manifest(), "classes": classes, "source": source}, decision=fx.decision(),
-                       summary=fx.summary())
+                       **fx.trained())
 
     card = model_card.render(fx.config(".runs", source=source, run_id="manual__`<b>`"), metrics, record)
 
@@ -125,12 +129,13 @@ def test_model_card_shows_dataset_text_as_text_never_as_markup():
         assert all(row.count("<td>") == columns for row in re.findall(r"<tr>\n<td>.*?</tr>", table, flags=re.S))
 
 
+@pytest.mark.fast
 def test_model_card_states_decision_hash_phases_and_worst_classes():
     metrics = classification_metrics(np.eye(3)[[0, 0, 0, 1, 1, 1, 0, 0, 2, 2, 2, 2]], np.repeat([0, 1, 2], 4),
                                      fx.CLASSES, top_k=2)
     metrics.update(manifest_hash=fx.MANIFEST_HASH,
                    most_confused_pairs=confusion_pairs(np.asarray(metrics["confusion_matrix"]), fx.CLASSES, 5))
-    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), summary=fx.summary())
+    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), **fx.trained())
 
     card = model_card.render(fx.config(".runs"), metrics, record)
 
@@ -144,11 +149,13 @@ def test_model_card_states_decision_hash_phases_and_worst_classes():
     assert "Unreadable images skipped: 1" in card
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("missing", ["decision", "summary"])
 def test_model_card_says_what_was_not_recorded(missing):
     metrics = classification_metrics(np.eye(3), np.arange(3), fx.CLASSES, top_k=1)
     metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=[])
-    parts = {"decision": fx.decision(), "summary": fx.summary(), missing: None}
+    parts = {"decision": fx.decision(), **fx.trained()}
+    parts.update({"decision": None} if missing == "decision" else {"phases": {}, "kept": None})
     card = model_card.render(fx.config(".runs"), metrics, RunRecord(manifest=fx.manifest(), **parts))
 
     expected = {"decision": "Plateau decision: not recorded", "summary": "Phases: not recorded"}[missing]
@@ -170,7 +177,7 @@ def test_model_card_and_report_state_the_transfer_gain_and_the_candidates(tmp_pa
                  {"rank": 2, "spec": "efficientnet_lite0@96", "val_accuracy": 0.74, "seconds": 20.0, "error": None},
                  {"spec": "s3://k:secret@x/m@224", "val_accuracy": None, "seconds": None,
                   "error": "BackboneError: no SavedModel"}]}
-    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), summary=fx.summary(),
+    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), **fx.trained(),
                        leaderboard=board)
 
     transfer = record.transfer_text()
@@ -183,20 +190,19 @@ def test_model_card_and_report_state_the_transfer_gain_and_the_candidates(tmp_pa
     assert "added +10.0 points" in card and "3 candidates compared on validation accuracy" in card
     assert "| 1 | `efficientnet_lite0@160` | 78.0 % | 40 s |" in card and "secret" not in card
     page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board)
-            / report.INDEX).read_text()
+            / artifacts.REPORT_PAGE).read_text()
     assert "added +10.0 points" in page and "<td>efficientnet_lite0@96</td>" in page and "secret" not in page
 
 
+@pytest.mark.fast
 def test_transfer_text_says_when_feature_extraction_was_kept():
-    summary = {**fx.summary(), "kept": "feature_extraction", "val_accuracy": {"feature_extraction": 0.8,
-                                                                              "fine_tuned": 0.79}}
-    text = RunRecord(manifest=fx.manifest(), summary=summary).transfer_text()
+    text = RunRecord(manifest=fx.manifest(), **fx.trained(before=0.8, after=0.79)).transfer_text()
     assert "-1.0 points" in text and "so the feature-extraction model is kept" in text
-    without = RunRecord(manifest=fx.manifest(), summary={**fx.summary(), "val_accuracy": {"feature_extraction": 0.8,
-                                                                                           "fine_tuned": None}})
+    without = RunRecord(manifest=fx.manifest(), **fx.trained(fine_tuned=False, before=0.8))
     assert "fine-tuning did not run, so that model is the one kept" in without.transfer_text()
 
 
+@pytest.mark.fast
 def test_release_checks_show_serving_and_every_tflite_variant(tmp_path):
     metrics = {"accuracy": 0.9, "serving_check": {"n_images": 32, "tolerance": 1e-4,
                                                   "max_abs_diff": {"model": 2e-7, "saved_model": 0.0}},
@@ -211,3 +217,27 @@ def test_release_checks_show_serving_and_every_tflite_variant(tmp_path):
     assert "| float32 | 90.0 % | 13.50 MB | 1.04 ms | tflite/float32.tflite |" in section
     assert "| dynamic_range | 88.0 % | 3.74 MB | 2.15 ms | loses 2.0 points |" in section
     assert "<td>tflite/float32.tflite</td>" in page and "fruit &lt;b&gt;" in page
+
+
+def test_params_show_what_was_asked_where_the_winning_candidate_resolved_it_differently(tmp_path):
+    from tasks.config import Candidate
+
+    asked = fx.config(str(tmp_path / "runs"), image_size=64, candidates="efficientnet_lite0@96")
+    winner = asked.for_candidate(Candidate("efficientnet_lite0", 96, "efficientnet_lite0-96-0123abcd"))
+    assert winner.asked == {"backbone": "efficientnet_lite0", "image_size": 64} and "asked" not in winner.to_dict()
+    page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", image_size=96,
+                                 candidates=asked.candidates, asked=winner.asked) / report.INDEX).read_text()
+    assert "<td>image_size</td><td>96 (asked: 64; resolved from the winning candidate)</td>" in page
+    assert "<td>backbone</td><td>efficientnet_lite0</td>" in page  # the same as asked: shown once
+
+
+def test_leaderboard_states_each_gap_and_its_noise_on_the_validation_images(tmp_path):
+    board = {"winner": "a", "reason": "best on validation",
+             "candidates": [{"rank": 1, "spec": "a@96", "val_accuracy": 0.9, "seconds": 10, "error": None},
+                            {"rank": 2, "spec": "b@96", "val_accuracy": 0.86, "seconds": 10, "error": None}]}
+    page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board)
+            / report.INDEX).read_text()
+    n_val = sum(fx.manifest()["counts"]["val"].values())
+    assert report.gap_text(0.86, 0.9, n_val) in page and report.gap_text(0.9, 0.9, n_val) in page
+    assert report.gap_text(0.86, 0.9, 120) == "-0.040 ± 0.082"  # the issue's +0.04 on 120 images: within noise
+    assert f"Validation accuracy is measured on {n_val} images" in page

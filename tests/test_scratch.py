@@ -1,37 +1,16 @@
 """Scratch folders: removed when done, and those of killed workers removed later, never a live worker's."""
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from tasks import scratch
 from tasks.scratch import scratch_dir
+from tests.helpers.scratch import dead_pid, left_behind
 
-
-def dead_pid() -> int:
-    """The pid of a process that has exited."""
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def left_behind(parent: Path, name: str, owner: dict | None, age_s: float) -> Path:
-    """A scratch folder as a worker leaves it, owned by `owner` (None: no owner file) and `age_s` old."""
-    path = parent / f"tlp-{name}"
-    (path / "model").mkdir(parents=True)
-    (path / "model" / "weights.bin").write_bytes(b"\0" * 1024)
-    if owner is not None:
-        (path / scratch.OWNER_FILE).write_text(json.dumps(owner))
-        then = time.time() - age_s
-        os.utime(path / scratch.OWNER_FILE, (then, then))
-    return path
+pytestmark = pytest.mark.fast
 
 
 def test_scratch_dir_is_removed_when_the_block_ends_even_on_error(tmp_path):

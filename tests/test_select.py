@@ -3,19 +3,26 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import artifacts, storage
+from tasks import artifacts, phases, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import ConfigError, TrainingError
-from tasks.steps.select import record_failure, select
+from tasks.steps.select import select
+from tests.helpers.runs import phase_summary
+
+pytestmark = pytest.mark.fast
 
 SPECS = "efficientnet_lite0@96, efficientnet_lite0@160, mobilenet_v2@128"
 
 
 def finished(cfg: RunConfig, val_accuracy: float, seconds: float) -> None:
     """What train leaves for one candidate."""
-    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
-        "val_accuracy": {"feature_extraction": val_accuracy, "fine_tuned": None}, "manifest_hash": "h",
-        "phases": {"feature_extraction": {"seconds": seconds}}})
+    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY),
+                       phase_summary(best_val_accuracy=val_accuracy, seconds=seconds).to_json())
+
+
+def record_failure(cfg: RunConfig, error: Exception) -> None:
+    """What train leaves for a candidate it failed on."""
+    phases.write_failure(cfg.artifact(artifacts.TRAINING_ERROR), error)
 
 
 def runs(tmp_path, specs: str = SPECS) -> tuple[RunConfig, list[RunConfig]]:
@@ -39,7 +46,10 @@ def test_best_validation_accuracy_wins_and_every_candidate_is_on_the_leaderboard
     assert [row["spec"] for row in board["candidates"]] == ["efficientnet_lite0@160", "efficientnet_lite0@96",
                                                             "mobilenet_v2@128"]
     assert board["candidates"][2]["error"] == "ValueError: weights file missing"
-    assert winner["history_uri"] == large.artifact(artifacts.HISTORY)
+    assert (winner["model_uri"], winner["history_uri"], winner["summary_uri"]) == (
+        large.artifact(artifacts.FEATURE_EXTRACTION_MODEL), large.artifact(artifacts.HISTORY),
+        large.artifact(artifacts.TRAIN_SUMMARY)), "the winner's own artifacts go on"
+    assert winner["leaderboard_uri"] == cfg.artifact(artifacts.LEADERBOARD)
 
 
 def test_a_tie_goes_to_the_faster_candidate(tmp_path):

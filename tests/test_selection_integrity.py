@@ -14,7 +14,7 @@ from tasks.config import RunConfig
 from tasks.datasets import DatasetError
 from tasks.steps.acquire import acquire
 from tasks.steps.subsample import subsample
-from tests.conftest import write_image_folder
+from tests.helpers.runs import write_image_folder
 
 
 def run_subsample(folder: Path, tmp_path: Path, **params) -> tuple[RunConfig, dict, dict]:
@@ -55,6 +55,7 @@ def test_files_and_folders_with_non_utf8_names_are_left_out_and_named(image_fold
         out.write((image_folder / "train/apple/0000.jpg").read_bytes())
     os.mkdir(os.path.join(root, b"test", b"\xff-class"))
     cfg, result, manifest = run_subsample(image_folder, tmp_path)
-    assert sorted(item["path"] for item in manifest["skipped_names"]) == ["test/\\xff-class", "train/apple/caf\\xe9.jpg"]
+    skipped = sorted(item["path"] for item in manifest["skipped_names"])
+    assert skipped == ["test/\\xff-class", "train/apple/caf\\xe9.jpg"]
     assert all("not valid UTF-8" in item["reason"] for item in manifest["skipped_names"])
     assert manifest["classes"] == ["apple", "banana", "cherry"] and result["counts"]["test"] == 12

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import evaluation_fixtures as fx
-from tests import image_fixtures
 from tasks import artifacts, classifier, images, serving_check, serving_export, storage
 from tasks.errors import PublishError
-from tasks.steps.evaluate import evaluate
 from tasks.predict import predict_records
 from tasks.records import write_records
+from tasks.steps.evaluate import evaluate
+from tests.helpers import evaluation as fx
+from tests.helpers import images as image_fixtures
 
 
 def tiny_classifier(cache_dir: str) -> classifier.Classifier:
@@ -43,7 +43,7 @@ def test_evaluate_keeps_the_first_test_records_and_their_probabilities_as_the_go
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
 
-    evaluate(cfg, {"hash": fx.MANIFEST_HASH})
+    evaluate(cfg, *fx.handed_over(cfg))
 
     with np.load(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.GOLDEN)))) as golden:
         paths, probabilities = list(golden["paths"]), golden["probabilities"]
@@ -132,6 +132,7 @@ def test_bytes_signature_that_decodes_otherwise_blocks_publishing(tmp_path, cach
     monkeypatch.setattr(images, "BACKGROUND", (0, 0, 0))  # the graph composites onto black, evaluation onto white
     saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
 
-    with pytest.raises(PublishError, match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
+    with pytest.raises(PublishError,
+                       match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
         serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
     assert "saved_model answers" not in str(failure.value) and "model answers" not in str(failure.value)

@@ -8,6 +8,8 @@ import pytest
 from devtools import seaweed
 from tasks import storage
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(params=["local", "s3"])
 def base(request, tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import evaluation_fixtures as fx
 from tasks import serving_export, tflite_export
 from tasks.predict import predict_records
+from tests.helpers import evaluation as fx
 
 
 @pytest.fixture(scope="module")

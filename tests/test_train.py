@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -13,67 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tasks import artifacts, classifier, records, storage
+from tasks import artifacts, classifier, phases, storage
 from tasks.config import RunConfig
 from tasks.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+from tests.helpers.runs import ROOT, candidate, metrics_of, subsampled, tiny_run
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+def train(cfg: RunConfig) -> dict:
+    """The train step for cfg's one candidate, on the tiny run's subsample."""
+    from tasks.steps.train import train as train_step
 
-
-def _examples(per_class: int, seed: int) -> list[tuple[bytes, int, str]]:
-    """Noisy 16 px squares, one dominant colour per class: learnable from ImageNet features in a few epochs."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    for label, (name, colour) in enumerate(COLOURS.items()):
-        for n in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (16, 16, 3)), 0, 255).astype(np.uint8)
-            examples.append((_png(pixels), label, f"{name}/{n}.png"))
-    return examples
-
-
-def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) -> RunConfig:
-    """A run root as subsample leaves it: train/val/test records and a manifest; returns its config.
-
-    EfficientNet-Lite0 (the offline ImageNet backbone) at 32 px keeps every step to seconds.
-    """
-    values = dict(run_root=run_root, run_id="run-1", backbone="efficientnet_lite0", backbone_weights="imagenet",
-                  image_size=32, batch_size=8, epochs=3, cache_dir=cache_dir)
-    cfg = RunConfig(**{**values, **overrides})
-    scratch = Path(cache_dir) / "records"
-    for split, count, seed in (("train", per_class, 0), ("val", max(per_class // 4, 2), 1), ("test", 4, 2)):
-        local = scratch / f"{split}.tfrecord"
-        records.write_records(local, _examples(count, seed))
-        storage.upload(local, cfg.artifact(artifacts.split_records(split)))
-    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": list(COLOURS), "hash": "tiny"})
-    return cfg
-
-
-SUBSAMPLED = {"hash": "tiny"}  # what subsample hands train for a tiny_run
-
-
-def metrics_of(history: dict) -> np.ndarray:
-    return np.array([[entry[key] for key in METRICS] for entry in history["epochs"]])
+    return train_step(cfg, subsampled(cfg), candidate(cfg))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """One finished feature-extraction run (3 epochs, no early stop) and how many images went through the backbone."""
-    from tasks.steps import train as train_module
-
     cfg = tiny_run(str(tmp_path_factory.mktemp("trained")), cache_dir, epochs=3, patience=10)
     with pytest.MonkeyPatch.context() as patch:
         embedded = count_embedded(patch)
-        result = train_module.train(cfg, SUBSAMPLED)
+        result = train(cfg)
     return cfg, result, embedded
 
 
@@ -105,24 +64,24 @@ def cached_features(cfg: RunConfig) -> dict:
 def test_head_trains_on_cached_features_and_writes_every_output(trained):
     cfg, result, _ = trained
 
-    history = storage.read_json(cfg.artifact(artifacts.HISTORY))
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
-    assert {e["phase"] for e in history["epochs"]} == {"feature_extraction"}
-    assert history["fine_tune_start_epoch"] is None
+    history = phases.read_history(result["history_uri"])
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert {e["phase"] for e in history} == {"feature_extraction"}
     assert result["epochs_run"] == 3 and result["resumed_from_epoch"] is None
     assert result["val_accuracy"] > 0.6  # three colours: chance is 1/3
-    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
-    assert summary["kept"] == "feature_extraction" and summary["feature_dim"] == 1280
-    assert summary["val_accuracy"] == {"feature_extraction": result["val_accuracy"], "fine_tuned": None}
-    assert summary["phases"]["feature_extraction"]["best_val_accuracy"] == result["best_val_accuracy"]
+    summary = phases.read_summary(result["summary_uri"])
+    assert summary.phase == "feature_extraction" and summary.feature_dim == 1280
+    assert summary.best_val_accuracy == result["val_accuracy"] and summary.epochs == 3
+    assert (result["history_uri"], result["summary_uri"], result["model_uri"]) == (
+        cfg.artifact(artifacts.HISTORY), cfg.artifact(artifacts.TRAIN_SUMMARY),
+        cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL))
     train_features = cached_features(cfg)["train"]
     assert train_features.activations.shape == (48, 1280)
     assert list(train_features.labels) == [label for label in range(3) for _ in range(16)]
-    state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
+    state = storage.read_json(cfg.artifact(artifacts.checkpoints("feature_extraction"), "state.json"))
     assert state["epoch"] == 3
-    assert storage.read_bytes(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL, classifier.WEIGHTS_FILE)) == \
-        storage.read_bytes(cfg.artifact(artifacts.MODEL, classifier.WEIGHTS_FILE))
-    assert _tensorboard_steps(cfg.artifact(artifacts.TENSORBOARD, "feature_extraction", "validation"),
+    assert storage.exists(cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL, classifier.WEIGHTS_FILE))
+    assert _tensorboard_steps(cfg.artifact(artifacts.tensorboard("feature_extraction"), "validation"),
                               "epoch_accuracy") == [1, 2, 3]
 
 
@@ -137,7 +96,6 @@ def _tensorboard_steps(folder: str, tag: str) -> list[int]:
 
 
 def test_composed_model_predicts_what_the_head_predicts_on_cached_features(trained):
-
     from tasks.predict import predict_records
 
     cfg, _, _ = trained
@@ -150,13 +108,11 @@ def test_composed_model_predicts_what_the_head_predicts_on_cached_features(train
 
 
 def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monkeypatch):
-    from tasks.steps.train import train
-
     cfg, first, embedded = trained
     assert embedded == [48, 12]  # one pass over train and val: each image once for all 3 epochs
 
     embedded_again = count_embedded(monkeypatch)
-    again = train(cfg, SUBSAMPLED)  # a retry of the finished step rewrites the same outputs
+    again = train(cfg)  # a retry of the finished step rewrites the same outputs
 
     assert embedded_again == []
     assert again["epochs_run"] == 3 and again["resumed_from_epoch"] is None
@@ -164,32 +120,28 @@ def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monk
 
 
 def test_changed_settings_start_over_on_the_cached_features(trained, tmp_path, monkeypatch):
-    from tasks.steps.train import train
-
     cfg, _, _ = trained
     shutil.copytree(cfg.run_root, tmp_path / "runs")
     embedded = count_embedded(monkeypatch)
     changed = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"), loss="categorical_crossentropy", epochs=2)
-    result = train(changed, SUBSAMPLED)  # the loss takes one-hot labels now
+    result = train(changed)  # the loss takes one-hot labels now
 
-    history = storage.read_json(changed.artifact(artifacts.HISTORY))
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    history = phases.read_history(changed.artifact(artifacts.HISTORY))
+    assert [e["epoch"] for e in history] == [1, 2]
     assert result["resumed_from_epoch"] is None and result["val_accuracy"] > 0.6
     assert embedded == []
 
 
 def test_corrupt_checkpoint_is_reported_and_the_phase_restarts_cleanly(trained, tmp_path, caplog):
-    from tasks.steps.train import train
-
     cfg, first, _ = trained
     shutil.copytree(cfg.run_root, tmp_path / "runs")
     corrupt = dataclasses.replace(cfg, run_root=str(tmp_path / "runs"))
-    folder = corrupt.artifact(artifacts.CHECKPOINTS, "feature_extraction")
+    folder = corrupt.artifact(artifacts.checkpoints("feature_extraction"))
     state = storage.read_json(storage.join(folder, "state.json"))
     storage.write_bytes(storage.join(folder, state["weights"]), b"PK\x03\x04 not a zip")
 
     with caplog.at_level("WARNING"):
-        result = train(corrupt, SUBSAMPLED)
+        result = train(corrupt)
 
     assert f"checkpoint {folder} is corrupt" in caplog.text and "starting this phase over" in caplog.text
     assert result["resumed_from_epoch"] is None and result["epochs_run"] == 3
@@ -202,20 +154,26 @@ def test_unknown_loss_is_refused_before_any_work(tmp_path, cache_dir):
 
 
 def test_augmented_path_trains_through_the_backbone_each_epoch(tmp_path, cache_dir):
-
-    from tasks.steps.train import train
-
     # seed 0: TensorFlow treats a (0, 0) seed pair specially; the epoch-keyed shuffles must not trip on it
     cfg = tiny_run(str(tmp_path / "runs"), cache_dir, epochs=2, augment=True, seed=0)
-    result = train(cfg, SUBSAMPLED)
+    result = train(cfg)
 
     assert result["epochs_run"] == 2
     assert not storage.exists(cfg.artifact(artifacts.FEATURES))
-    model = classifier.load(Path(cfg.artifact(artifacts.MODEL)), cfg.cache_dir).model
+    model = classifier.load(Path(result["model_uri"]), cfg.cache_dir).model
     assert "augmentation" not in [layer.name for layer in model.layers]
     assert model.output_shape == (None, 3)
-    summary = storage.read_json(cfg.artifact(artifacts.TRAIN_SUMMARY))
-    assert summary["phases"]["feature_extraction"]["augment"] is True
+    assert phases.read_summary(result["summary_uri"]).settings["augment"] is True
+
+
+def test_a_failed_candidate_leaves_its_error_for_select(tmp_path, cache_dir):
+    cfg = tiny_run(str(tmp_path / "runs"), cache_dir, epochs=1)
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": [], "hash": "tiny"})
+
+    with pytest.raises(Exception, match="lists no classes"):
+        train(cfg)
+
+    assert "lists no classes" in storage.read_json(cfg.artifact(artifacts.TRAINING_ERROR))["error"]
 
 
 KILLED_RUN = textwrap.dedent("""
@@ -223,6 +181,7 @@ KILLED_RUN = textwrap.dedent("""
     from tasks import checkpoints
     from tasks.config import RunConfig
     from tasks.steps.train import train
+    from tests.helpers.runs import candidate, subsampled
 
     saved = checkpoints.Checkpointer.save
 
@@ -232,28 +191,27 @@ KILLED_RUN = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.Checkpointer.save = save_then_die
-    train(RunConfig(**json.loads(sys.argv[1])), {})
+    cfg = RunConfig(**json.loads(sys.argv[1]))
+    train(cfg, subsampled(cfg), candidate(cfg))
 """)
 
 
 @pytest.mark.slow
 def test_retry_after_a_kill_resumes_from_last_epoch_with_the_uninterrupted_history(tmp_path, cache_dir, s3_bucket):
-    from tasks.steps.train import train
-
     # min_delta so large that only epoch 1 counts as an improvement: early stopping then ends
     # the run after epoch 4 only if its wait counter survived the kill after epoch 2.
     settings = dict(epochs=6, patience=3, min_delta=0.9, augment=True)
     reference_cfg = tiny_run(str(tmp_path / "reference"), cache_dir, per_class=8, **settings)
-    reference = train(reference_cfg, SUBSAMPLED)
+    reference = train(reference_cfg)
 
     cfg = tiny_run(s3_bucket, cache_dir, per_class=8, **settings)
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg.to_dict())], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    state = storage.read_json(cfg.artifact(artifacts.CHECKPOINTS, "feature_extraction", "state.json"))
+    state = storage.read_json(cfg.artifact(artifacts.checkpoints("feature_extraction"), "state.json"))
     assert state["epoch"] == 2
 
-    resumed = train(cfg, SUBSAMPLED)
+    resumed = train(cfg)
 
     assert resumed["resumed_from_epoch"] == 3
     history = storage.read_json(cfg.artifact(artifacts.HISTORY))

@@ -32,7 +32,7 @@ def test_same_classes_and_backbone_reuse_the_champions_head(published, cache_dir
     weights, reason = champion_head(built, published, "m", tmp_path, cache_dir)
     champion = classifier.load(tmp_path / "champion", cache_dir)
     assert reason == "warm start from champion v1's head"
-    assert all(np.array_equal(a, b) for a, b in zip(weights, champion.head.get_weights()))
+    assert all(np.array_equal(a, b) for a, b in zip(weights, champion.head.get_weights(), strict=True))
 
 
 def test_new_classes_or_a_fine_tuned_backbone_fall_back_to_a_fresh_head(published, cache_dir, tmp_path):

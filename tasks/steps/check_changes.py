@@ -25,7 +25,7 @@ import numpy as np
 
 from tasks import artifacts, data_changes, registry, settings, storage
 from tasks.config import RunConfig
-from tasks.errors import ConfigError, TrainingError
+from tasks.errors import ConfigError
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,7 @@ MAX_SHIFT_IMAGES = 1000  # per side: the domain classifier's sample
 
 def check_changes(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     """Compare data and config with the champion's; returns `train` (False = nothing to do), why, and the report."""
-    (manifest_uri,) = artifacts.require(cfg, artifacts.MANIFEST)
-    manifest = storage.read_json(manifest_uri)
-    if data.get("hash") not in (None, manifest["hash"]):
-        raise TrainingError(f"{manifest_uri} holds selection {manifest['hash']!r}, but subsample handed over "
-                            f"{data['hash']!r}; re-run subsample for run {cfg.run_id!r}")
+    manifest = artifacts.read_manifest(cfg, data)
     params = cfg.to_public_dict()
     report = {"fingerprints": data_changes.fingerprints(manifest, params), "champion_version": None}
     champion = _champion_records(cfg)
@@ -131,7 +127,7 @@ def _embedding_shift(cfg: RunConfig, old_manifest: dict, manifest: dict, old_par
     store = feature_store.FeatureStore(*settings.load().feature_store_args())
     space = feature_store.namespace(activation_cache.store_key(whole.bottom, key))
     with scratch_dir("check_changes") as scratch:
-        records = {split: stage_records(cfg, split, scratch) for split in TRAINING_SPLITS}
+        records = stage_records(cfg, scratch, TRAINING_SPLITS)
         activation_cache.cache_activations(whole.bottom, records, scratch / "features", key, cfg.batch_size, store)
         meta = json.loads((scratch / "features" / activation_cache.META).read_text())
     computed = sum(split["computed"] for split in meta["splits"].values())

@@ -1,9 +1,12 @@
-"""Step 6: score the kept model on the held-out test split.
+"""Step 6: choose the run's model and score it on the held-out test split.
 
-The test split is used here and nowhere else, so these numbers are the honest
-estimate of how the model does on unseen images. metrics.json keeps the same
-keys every run (publish compares runs by it); the report and the model card
-are the human-readable views of the same numbers.
+select hands over the winner's feature-extraction model and fine_tune its
+fine-tuned one (nothing when the branch skipped it); the run keeps the
+fine-tuned model only when it beat feature extraction on validation. The test
+split is used here and nowhere else, so these numbers are the honest estimate
+of how the model does on unseen images. metrics.json keeps the same keys every
+run (publish compares runs by it); the report and the model card are the
+human-readable views of the same numbers.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import artifacts, classifier, model_card, report, serving_check, storage
+from tasks import accuracy_gap, artifacts, model_card, phases, report, serving_check, storage
 from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 from tasks.predict import predict_records
 from tasks.scratch import scratch_dir
 
@@ -26,15 +30,16 @@ MOST_CONFUSED_PAIRS = 10
 PROBABILITY_FLOOR = 1e-7  # Keras' epsilon: a confident wrong answer costs a large but finite loss
 
 
+def evaluate(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any], tuned: dict[str, Any] | None) -> dict:
+    """Keep the better of the models select (`best`) and fine_tune (`tuned`, None when skipped) handed over,
+    predict the test split of the subsample handed over (`data`) with it; write metrics, report and model card.
 
-def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
-    """Predict the test split subsample handed over (`data`) with the run's kept model; write metrics, report
-    and model card.
-
-    Returns the headline numbers and where the three outputs are.
+    Returns the headline numbers, which model was kept, and where the outputs are.
     """
-    model_uri, test_uri = artifacts.require(cfg, artifacts.MODEL, artifacts.split_records("test"))
-    record = _load_record(cfg, data)
+    from tasks import classifier  # Keras: the metrics below are plain numpy, and tested without it
+    record, models = _load_record(cfg, data, best, tuned)
+    model_uri = models[record.kept]
+    test_uri, val_uri = artifacts.require(cfg, artifacts.split_records("test"), artifacts.split_records("val"))
     classes = list(record.manifest["classes"])
     with scratch_dir("evaluate") as scratch:
         model = classifier.fetch(model_uri, scratch, cfg.cache_dir).model
@@ -48,6 +53,12 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
         pairs = confusion_pairs(confusion, classes, confusion.size)
         metrics["most_confused_pairs"] = pairs[:MOST_CONFUSED_PAIRS]
         metrics["manifest_hash"] = record.manifest["hash"]
+        metrics["kept"] = record.kept
+        val_probabilities, val_labels, _ = predict_records(model, storage.download(val_uri, scratch / "val.tfrecord"),
+                                                           cfg.batch_size)
+        metrics["validation_vs_test"] = accuracy_gap.compare(
+            float(np.mean(val_probabilities.argmax(axis=1) == val_labels)), len(val_labels), metrics["accuracy"],
+            metrics["n_test"], (record.manifest.get("test_source") or {}).get("source"))
 
         predictions = predictions_table(probabilities, labels, paths, classes)
         wrong = most_wrong(predictions, len(predictions))
@@ -66,13 +77,17 @@ def evaluate(cfg: RunConfig, data: dict[str, Any]) -> dict:
         "n_test": metrics["n_test"],
         "n_wrong": len(wrong),
         "worst_class": model_card.worst_classes(metrics, 1)[0],
+        "kept": record.kept,
+        "model_uri": model_uri,
         "metrics_uri": cfg.artifact(artifacts.METRICS),
-        "report_uri": cfg.artifact(artifacts.REPORT, report.INDEX),
+        "report_uri": cfg.artifact(artifacts.REPORT, artifacts.REPORT_PAGE),
         "model_card_uri": cfg.artifact(artifacts.MODEL_CARD),
+        "golden_uri": cfg.artifact(artifacts.GOLDEN),
     }
-    log.info("evaluate: accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d test images (%d wrong, worst class %s); "
-             "wrote %s", result["accuracy"], result["top_k"], result["top_k_accuracy"], result["macro_f1"],
-             result["n_test"], result["n_wrong"], result["worst_class"], storage.join(cfg.run_uri, "eval"))
+    log.info("evaluate: %s model %s: accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d test images (%d wrong, worst "
+             "class %s); wrote %s", record.kept, model_uri, result["accuracy"], result["top_k"],
+             result["top_k_accuracy"], result["macro_f1"], result["n_test"], result["n_wrong"],
+             result["worst_class"], result["metrics_uri"])
     return result
 
 
@@ -177,20 +192,32 @@ def confusion_pairs(confusion: np.ndarray, classes: list[str], top: int) -> list
     return pairs[:top]
 
 
-def _load_record(cfg: RunConfig, data: dict[str, Any]) -> RunRecord:
-    (manifest_uri,) = artifacts.require(cfg, artifacts.MANIFEST)
-    manifest = storage.read_json(manifest_uri)
-    if data.get("hash") not in (None, manifest["hash"]):
-        raise EvaluationError(f"{manifest_uri} holds selection {manifest['hash']!r}, but subsample handed over "
-                              f"{data['hash']!r}; re-run subsample and the steps after it for run {cfg.run_id!r}")
-    return RunRecord(
+def _load_record(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any],
+                 tuned: dict[str, Any] | None) -> tuple[RunRecord, dict[str, str]]:
+    """What the earlier steps handed over (checked to be this run's artifacts), and the model URI of each phase."""
+    manifest = artifacts.read_manifest(cfg, data)
+    summaries = {FEATURE_EXTRACTION: phases.read_summary(
+        artifacts.arrived(cfg, best.get("summary_uri"), artifacts.TRAIN_SUMMARY))}
+    models = {FEATURE_EXTRACTION: artifacts.arrived(cfg, best.get("model_uri"), artifacts.FEATURE_EXTRACTION_MODEL)}
+    history = phases.read_history(artifacts.arrived(cfg, best.get("history_uri"), artifacts.HISTORY))
+    tuned_history = None
+    if tuned:
+        summaries[FINE_TUNE] = phases.read_summary(
+            artifacts.arrived(cfg, tuned.get("summary_uri"), artifacts.FINE_TUNE_SUMMARY))
+        models[FINE_TUNE] = artifacts.arrived(cfg, tuned.get("model_uri"), artifacts.FINE_TUNED_MODEL)
+        tuned_history = phases.read_history(
+            artifacts.arrived(cfg, tuned.get("history_uri"), artifacts.FINE_TUNE_HISTORY))
+    leaderboard_uri = artifacts.arrived(cfg, best.get("leaderboard_uri"), artifacts.LEADERBOARD)
+    record = RunRecord(
         manifest=manifest,
-        history=_read_optional(cfg.artifact(artifacts.HISTORY)),
+        history=phases.curves(history, tuned_history),
         decision=_read_optional(cfg.artifact(artifacts.DECISION)),
-        summary=_read_optional(cfg.artifact(artifacts.TRAIN_SUMMARY)),
-        leaderboard=_read_optional(cfg.artifact(artifacts.LEADERBOARD)),
+        phases=summaries,
+        kept=phases.kept_phase(summaries[FEATURE_EXTRACTION], summaries.get(FINE_TUNE)),
+        leaderboard=storage.read_json(leaderboard_uri),
         changes=_read_optional(cfg.artifact(artifacts.CHANGES)),
     )
+    return record, models
 
 
 def _read_optional(uri: str) -> dict | None:

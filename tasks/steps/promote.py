@@ -3,12 +3,13 @@
 Publishing is two steps so that a human can approve in between (Airflow's HITL operators):
 tasks.steps.publish_version uploads, judges and records its judgement in the store; `promote` takes
 only the version id and trusts nothing else it is handed. It recomputes the version's location under
-the model root (a publish location of the deployment: settings), verifies the version against its checksums.json, reads eligibility and scores from
-the judgement publish_version recorded (for this run), and, where the deployment asks for approval
-of this model (TLP_APPROVAL_MODELS), the answer recorded from Airflow's own HITL record: no fresh
-Approve by one of the deployment's approvers, other than the user who triggered the run, means no
-promotion, with the reason recorded. The pointer is read back before the decision is recorded; a
-retry after a crash between pointer and record writes the missing record.
+the model root (a publish location of the deployment: settings), verifies the version against its
+checksums.json, reads eligibility and scores from the judgement publish_version recorded (for this
+run), and, where the deployment asks for approval of this model (TLP_APPROVAL_MODELS), the answer
+recorded from Airflow's own HITL record: no fresh Approve by one of the deployment's approvers, other
+than the user who triggered the run, means no promotion, with the reason recorded. The pointer is read
+back before the decision is recorded; a retry after a crash between pointer and record writes the
+missing record.
 """
 from __future__ import annotations
 

@@ -25,19 +25,43 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import (artifacts, classifier, model_card, promotion, registry, report, serving_check, serving_export,
-                   settings, storage, tflite_export)
+from tasks import (
+    artifacts,
+    classifier,
+    model_card,
+    promotion,
+    registry,
+    report,
+    serving_check,
+    serving_export,
+    settings,
+    storage,
+    tflite_export,
+)
 from tasks.config import RunConfig
 from tasks.errors import PublishError
-from tasks.registry import (CHECKSUMS, MANIFEST_FILE, METRIC, METRICS_FILE, MODEL_CARD_FILE, MODEL_DIR, PARAMS_FILE,
-                            PREDICTIONS_FILE, REPORT_DIR, SAVED_MODEL_DIR, TEST_RECORDS, TFLITE_DIR)
+from tasks.phases import FEATURE_EXTRACTION
+from tasks.registry import (
+    CHECKSUMS,
+    MANIFEST_FILE,
+    METRIC,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    MODEL_DIR,
+    PARAMS_FILE,
+    PREDICTIONS_FILE,
+    REPORT_DIR,
+    SAVED_MODEL_DIR,
+    TEST_RECORDS,
+    TFLITE_DIR,
+)
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
-# what the run root must hold, and the name each input gets inside a version
+# what the run root must hold, and the name each input gets inside a version (with MODEL_DIR: the model
+# evaluate kept, artifacts.MODELS[metrics["kept"]])
 INPUTS = {
-    MODEL_DIR: artifacts.MODEL,
     METRICS_FILE: artifacts.METRICS,
     REPORT_DIR: artifacts.REPORT,
     MODEL_CARD_FILE: artifacts.MODEL_CARD,
@@ -121,7 +145,7 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
             registry.write_judgement(model_root, judgement)
     log.info("publish: %s published; %s to promote (%s)", version_uri, "eligible" if judgement["eligible"] else
              "not eligible", judgement["reason"])
-    storage.write_json(cfg.artifact(artifacts.PUBLISHED), judgement)
+    storage.write_json(cfg.artifact(artifacts.JUDGEMENT), judgement)
     return judgement
 
 
@@ -139,7 +163,9 @@ def _run_inputs(cfg: RunConfig) -> tuple[dict[str, str], str, str]:
     front, so a missing one fails before any upload."""
     *uris, golden, test = artifacts.require(cfg, *INPUTS.values(), artifacts.GOLDEN,
                                             artifacts.split_records(TEST_SPLIT))
-    return dict(zip(INPUTS, uris)), golden, test
+    kept = storage.read_json(uris[0]).get("kept", FEATURE_EXTRACTION)
+    (model,) = artifacts.require(cfg, artifacts.MODELS[kept])
+    return {MODEL_DIR: model, **dict(zip(INPUTS, uris, strict=False))}, golden, test
 
 
 def _check_metrics(metrics: dict, manifest: dict, evaluation: dict | None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks import artifacts, storage
+from tasks import artifacts, phases, storage
 from tasks.config import RunConfig, candidate_list
 from tasks.errors import TrainingError
 from tasks.redact import redact_text
@@ -39,28 +39,32 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
                             + " — fix the named inputs and trigger again")
     winner = finished[0]
     reason = _reason(winner, finished[1:], failed)
-    storage.write_json(cfg.artifact(artifacts.LEADERBOARD),
-                       {"winner": winner["candidate"], "reason": reason, "candidates": finished + failed})
+    leaderboard_uri = cfg.artifact(artifacts.LEADERBOARD)
+    storage.write_json(leaderboard_uri, {"winner": winner["candidate"], "reason": reason,
+                                         "candidates": finished + failed})
     log.info("select: %s (%d trained, %d failed; %d results handed over) -> %s", reason, len(finished), len(failed),
-             sum(result is not None for result in trained), cfg.artifact(artifacts.LEADERBOARD))
-    return {key: winner[key] for key in ("candidate", "backbone", "image_size", "val_accuracy")} | {
-        "reason": reason, "history_uri": winner["history_uri"], "manifest_hash": winner["manifest_hash"]}
+             sum(result is not None for result in trained), leaderboard_uri)
+    winning = cfg.for_candidate(candidate_list(cfg)[winner["order"]])
+    return {key: winner[key] for key in ("candidate", "backbone", "image_size", "val_accuracy", "manifest_hash")} | {
+        "reason": reason, "leaderboard_uri": leaderboard_uri,
+        "model_uri": winning.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
+        "history_uri": winning.artifact(artifacts.HISTORY), "summary_uri": winning.artifact(artifacts.TRAIN_SUMMARY)}
 
 
 def _row(cfg: RunConfig, order: int) -> dict[str, Any]:
-    """How one candidate ended: its best validation accuracy and time, or its error."""
+    """How one candidate ended (read through the run root: a failed train task returns nothing): its best
+    validation accuracy and time, or its error."""
     row = {"candidate": cfg.candidate, "spec": redact_text(f"{cfg.backbone}@{cfg.image_size}"),
            "backbone": cfg.backbone,
            "image_size": cfg.image_size, "order": order, "val_accuracy": None, "seconds": None, "error": None,
-           "history_uri": cfg.artifact(artifacts.HISTORY), "manifest_hash": None}
+           "manifest_hash": None}
     summary_uri, error_uri = cfg.artifact(artifacts.TRAIN_SUMMARY), cfg.artifact(artifacts.TRAINING_ERROR)
     if storage.exists(summary_uri):
-        summary = storage.read_json(summary_uri)
-        phase = summary["phases"]["feature_extraction"]
-        return {**row, "val_accuracy": float(summary["val_accuracy"]["feature_extraction"]),
-                "seconds": float(phase["seconds"]), "manifest_hash": summary.get("manifest_hash")}
+        summary = phases.read_summary(summary_uri)
+        return {**row, "val_accuracy": float(summary.best_val_accuracy), "seconds": float(summary.seconds),
+                "manifest_hash": summary.manifest_hash}
     if storage.exists(error_uri):
-        return {**row, "error": storage.read_json(error_uri)["error"]}
+        return {**row, "error": phases.read_failure(error_uri)}
     return {**row, "error": f"no result at {summary_uri}: its train task did not finish"}
 
 
@@ -77,9 +81,3 @@ def _reason(winner: dict[str, Any], others: list[dict[str, Any]], failed: list[d
     if failed:
         text += "; failed: " + ", ".join(row["spec"] for row in failed)
     return text
-
-
-def record_failure(cfg: RunConfig, error: Exception) -> None:
-    """Leave a candidate's error where select looks for it (the task still fails, so Airflow shows it)."""
-    message = redact_text(f"{type(error).__name__}: {error}")
-    storage.write_json(cfg.artifact(artifacts.TRAINING_ERROR), {"error": message})

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks import artifacts, images, records, settings, storage
+from tasks import artifacts, images, records, settings, storage, test_source
 from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.errors import ImageDecodeError
 from tasks.config import RunConfig
@@ -57,11 +57,12 @@ Selection = dict[str, list[tuple[str, int]]]
 def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     """Select from what acquire indexed, check and write the three split files and the manifest."""
     folder = read_acquired(cfg, acquired)
-    root = folder.root
     source = redact_uri(cfg.source)
     labels = selected_labels(folder, cfg.classes, source)
     classes = [folder.classes[label] for label in labels]
-    selection = select(folder, labels, cfg)
+    folder = test_source.with_test_source(cfg, folder, classes)
+    root = folder.root
+    selection = sample_splits(folder, labels, cfg)
     with scratch_dir("subsample") as scratch:
         kept, skipped = _ingest(root, selection, classes, scratch)
         kept, duplicates = _drop_test_duplicates(kept)
@@ -84,8 +85,10 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "skipped": skipped,
         "skipped_names": list(folder.skipped),
         "test_duplicates": duplicates,
-        "hash": selection_hash(kept),
+        "hash": selection_hash(kept, redact_uri(cfg.test_source)),
     }
+    if cfg.test_source:
+        manifest["test_source"] = test_source.manifest_entry(cfg)
     uri = cfg.artifact(artifacts.MANIFEST)
     storage.write_json(uri, manifest)
     totals = {split: len(kept[split]) for split in records.SPLITS}
@@ -121,7 +124,7 @@ def selected_labels(folder: ImageFolder, classes: tuple[str, ...] | int | None, 
     return labels
 
 
-def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
+def sample_splits(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     """(path, new label) per split: seeded per-class draws from train (carved into train/val) and test."""
     missing = [split for split in REQUIRED_SPLITS if split not in folder.files]
     if missing:
@@ -147,10 +150,13 @@ def select(folder: ImageFolder, labels: list[int], cfg: RunConfig) -> Selection:
     return {split: sorted(pairs) for split, pairs in selection.items()}
 
 
-def selection_hash(kept: dict[str, list[dict[str, Any]]]) -> str:
-    """One sha256 over the sorted (split, path, label, file sha256) lines of the whole selection."""
+def selection_hash(kept: dict[str, list[dict[str, Any]]], test_source: str = "") -> str:
+    """One sha256 over the sorted (split, path, label, file sha256) lines of the whole selection, and the
+    test source its test split came from, if another than the source."""
     lines = sorted(f"{f['split']}\t{f['path']}\t{f['label']}\t{f['sha256']}\n"
                    for files in kept.values() for f in files)
+    if test_source:
+        lines.append(f"test_source\t{test_source}\n")
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 

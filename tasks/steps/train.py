@@ -6,8 +6,8 @@ computed in one streaming pass, stored under the run root (a retry reuses
 them), and the head trains on them in seconds. With augmentation every epoch
 sees new images, so the backbone runs per epoch inside the model. Either way
 the trained head is then composed with the backbone into one
-image-in/probabilities-out model; that model (`model/feature_extraction/`)
-is also the run's model until fine-tuning beats it.
+image-in/probabilities-out model (`model/feature_extraction/`), whose URI the
+step returns: select hands the winner's on to fine_tune and evaluate.
 """
 from __future__ import annotations
 
@@ -17,38 +17,48 @@ from typing import Any
 
 import keras
 
-from tasks import activation_cache, artifacts, classifier, storage
+from tasks import activation_cache, artifacts, classifier, phases, storage
 from tasks.backbone_split import split_backbone
-from tasks.checkpoints import fit_resumable
+from tasks.checkpoints import Stopping, fit_resumable
 from tasks.config import Candidate, RunConfig
-from tasks.scratch import scratch_dir
 from tasks.head import augmentation, compose
-from tasks.steps.select import record_failure
+from tasks.phases import FEATURE_EXTRACTION, PhaseSummary
+from tasks.scratch import scratch_dir
+from tasks.training import (
+    Feed,
+    cached_data,
+    compile_model,
+    distribution_strategy,
+    fingerprint,
+    image_data,
+    resolve_loss,
+    stage_records,
+)
 from tasks.warm_start import warm_start
-from tasks.training import (FEATURE_EXTRACTION, cached_data, compile_model, distribution_strategy, fingerprint,
-                            image_data, read_manifest, resolve_loss)
 
 log = logging.getLogger(__name__)
 
 
-def train_candidate(cfg: RunConfig, data: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-    """Feature extraction for one candidate backbone (a mapped task); a failure is left for select to list."""
+def train(cfg: RunConfig, data: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Feature extraction for one candidate backbone (a mapped task) on the subsample handed over (`data`).
+
+    A failure is recorded where select looks for it (train/error.json), and the task still fails.
+    """
     run = cfg.for_candidate(Candidate(**candidate))
     try:
-        return {**train(run, data), "candidate": run.candidate}
+        return {**_train(run, data), "candidate": run.candidate}
     except Exception as error:
-        record_failure(run, error)
+        phases.write_failure(run.artifact(artifacts.TRAINING_ERROR), error)
         raise
 
 
-def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
-    """Train the head on the split subsample handed over (`data`), resuming from the last checkpoint; save the
-    composed model, write history and summary."""
+def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """Train the head, resuming from the last checkpoint; save the composed model, write history and summary."""
     started = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
-    loss = resolve_loss(cfg)
-    manifest = read_manifest(cfg, data)
-    num_classes = len(manifest["classes"])
+    loss = resolve_loss(cfg.loss)
+    manifest = artifacts.read_manifest(cfg, data)
+    feed = Feed.of(cfg, len(manifest["classes"]))
     spec = classifier.ClassifierSpec(cfg.backbone, cfg.image_size, tuple(manifest["classes"]), cfg.dropout)
     strategy = distribution_strategy()
     with scratch_dir("train") as scratch, strategy.scope():
@@ -58,32 +68,33 @@ def train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
         warm = warm_start(built, cfg.publish_uri, cfg.model_name, scratch, cfg.cache_dir) if cfg.warm_start else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
-            train_epoch, steps, validation = image_data(cfg, scratch, num_classes)
+            train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
         else:
             model = head
             whole = split_backbone(backbone, 0)  # the bottom is the whole frozen backbone: features
             train_epoch, steps, validation = cached_data(
-                cfg, whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
-                cfg.artifact(artifacts.FEATURES), scratch, num_classes)
-        compile_model(model, cfg, loss, cfg.learning_rate, backbone)
-        result = fit_resumable(model, cfg, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
+                feed, whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
+                cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch))
+        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone)
+        result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
-                               fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION), scratch=scratch)
-        classifier.upload(built, scratch, cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
-                          cfg.artifact(artifacts.MODEL))
+                               stopping=Stopping(cfg.patience, cfg.min_delta),
+                               fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION),
+                               checkpoint_uri=cfg.artifact(artifacts.checkpoints(FEATURE_EXTRACTION)),
+                               tensorboard_uri=cfg.artifact(artifacts.tensorboard(FEATURE_EXTRACTION)),
+                               scratch=scratch)
+        model_uri = cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL)
+        classifier.upload(built, scratch, model_uri)
     seconds = round(time.monotonic() - started, 2)
-    storage.write_json(cfg.artifact(artifacts.HISTORY), {"epochs": result.history, "fine_tune_start_epoch": None})
-    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), {
-        "backbone": backbone.name, "weights_source": backbone.weights_source, "feature_dim": backbone.feature_dim,
-        "kept": FEATURE_EXTRACTION, "manifest_hash": manifest["hash"],
-        "phases": {FEATURE_EXTRACTION: {**result.record(seconds), "augment": cfg.augment, "warm_start": warm}},
-        "val_accuracy": {FEATURE_EXTRACTION: result.best_val_accuracy, "fine_tuned": None},
-    })
+    history_uri, summary_uri = cfg.artifact(artifacts.HISTORY), cfg.artifact(artifacts.TRAIN_SUMMARY)
+    phases.write_history(history_uri, result.history)
+    phases.write_summary(summary_uri, PhaseSummary(
+        phase=FEATURE_EXTRACTION, backbone=backbone.name, weights_source=backbone.weights_source,
+        feature_dim=backbone.feature_dim, manifest_hash=manifest["hash"], **result.record(seconds),
+        settings={"augment": cfg.augment, "warm_start": warm}))
     storage.delete(cfg.artifact(artifacts.TRAINING_ERROR))
-    model_uri = cfg.artifact(artifacts.MODEL)
     log.info("feature extraction: %s in %.1f s -> %s", result.describe(), seconds, model_uri)
-    return {"model_uri": model_uri, "history_uri": cfg.artifact(artifacts.HISTORY), "manifest_hash": manifest["hash"],
-            "epochs_run": len(result.history), "best_epoch": result.best_epoch,
-            "best_val_accuracy": result.best_val_accuracy, "val_accuracy": result.best_val_accuracy,
-            "stopped_early": result.stopped_early, "seconds": seconds,
+    return {"model_uri": model_uri, "history_uri": history_uri, "summary_uri": summary_uri,
+            "manifest_hash": manifest["hash"], "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+            "val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early, "seconds": seconds,
             "resumed_from_epoch": result.resumed_from_epoch}

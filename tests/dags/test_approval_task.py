@@ -9,11 +9,12 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+from airflow.sdk.exceptions import TaskAwaitingInput
 
 from tasks import registry, storage
 from tasks.config import RunConfig
 from tasks.steps.promote import promote
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 MODEL = "tiny"
 
@@ -99,7 +100,7 @@ def test_an_approve_marked_by_hand_or_skipped_promotes_nothing(cfg, dag_module):
     version = publish_fake_version(cfg)
     approve = dag_module.ApprovePromotion(task_id="approve", params=dag_module.APPROVAL_PARAMS)
     with mock.patch("airflow.providers.standard.operators.hitl.upsert_hitl_detail"):
-        with pytest.raises(BaseException):
+        with pytest.raises(TaskAwaitingInput):  # 3.3 parks the task in awaiting_input
             approve.execute(context(cfg, {"version": version}))
     # the task is then marked success by hand: execute_complete never runs, no answer is recorded
 

@@ -9,8 +9,8 @@ import urllib.parse
 import pytest
 
 from tasks import storage
-from tests.conftest import ROOT, deployment_env, tiny_conf
-from tests.test_plugin import AIRFLOW_ENV
+from tests.helpers.airflow import AIRFLOW_ENV
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,9 @@ def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, m
     assert any(path.endswith("eval/report/index.html") for path in run_files)
     decision = dag_run.get_task_instance("decide").xcom_pull(task_ids="decide", key="decision")
     assert decision["fine_tune"] is True and "always" in decision["reason"]
+    best, tuned, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task)
+                               for task in ("select", "fine_tune", "evaluate"))
+    assert evaluation["model_uri"] == {"feature_extraction": best, "fine_tune": tuned}[evaluation["kept"]]["model_uri"]
     assert champion_events(champion["version"]), "a promotion must emit an asset event for downstream DAGs"
 
 
@@ -82,6 +85,8 @@ def test_run_without_fine_tuning_compares_two_candidates_and_skips_that_branch(d
     assert sorted(row["spec"] for row in board["candidates"]) == ["efficientnet_lite0@32", "mobilenet_v2@32"]
     decision = json.loads((run_dir / "candidates" / board["winner"] / "train" / "decision.json").read_text())
     assert decision["fine_tune"] is False and "never" in decision["reason"]
+    best, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task) for task in ("select", "evaluate"))
+    assert evaluation["kept"] == "feature_extraction" and evaluation["model_uri"] == best["model_uri"]
     assert "candidates compared on validation accuracy" in (run_dir / "eval" / "model_card.md").read_text()
 
 
@@ -171,7 +176,7 @@ def test_savedmodel_backbone_from_s3_runs_every_step_fine_tune_included(dag, air
                                                                         monkeypatch):
     """The seeds' own path: a SavedModel feature extractor (as TF Hub serves them), here from an S3 prefix."""
     from tasks import classifier
-    from tests.test_backbones import tiny_convnet
+    from tests.helpers.backbones import tiny_convnet
 
     tiny_convnet().export(str(tmp_path / "encoder"), verbose=False)
     with _env(model_store_connection):

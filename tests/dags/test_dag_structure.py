@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 DAG_IDS = ("transfer_learning", "transfer_learning_retrain")
 
@@ -67,20 +67,22 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
     assert downstream["acquire"] == {"subsample"}
-    assert downstream["subsample"] == {"check_changes", "train", "evaluate"}  # the splits train on and evaluate tests
+    assert downstream["subsample"] == {"check_changes", "train", "decide", "fine_tune", "evaluate"}
     assert downstream["check_changes"] == {"candidates"}  # unchanged since the champion: everything after skips
     assert dag.task_dict["check_changes"].ignore_downstream_trigger_rules  # evaluate's rule cannot bring it back
     assert downstream["candidates"] == {"train"}
     assert downstream["train"] == {"select"}
-    assert downstream["select"] == {"decide", "fine_tune", "evaluate", "publish_version"}  # the winner goes on
+    # the winner's model, history and summary go on
+    assert downstream["select"] == {"decide", "fine_tune", "evaluate", "publish_version"}
     assert downstream["decide"] == {"fine_tune", "skip_fine_tune"}
-    assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}
-    assert downstream["evaluate"] == {"publish_version"}
+    assert downstream["fine_tune"] == downstream["skip_fine_tune"] == {"evaluate"}  # the fine-tuned model, or none
+    assert downstream["evaluate"] == {"publish_version"}  # the kept model
     assert downstream["publish_version"] == {"approval_gate", "promote"}
     assert downstream["approval_gate"] == {"approve", "promote"} and downstream["approve"] == {"promote"}
     # promote runs when approve failed or expired too, to record that no approval came
     assert dag.task_dict["promote"].trigger_rule == "all_done_min_one_success"
     assert dag.task_dict["decide"].task_type == "_BranchPythonDecoratedOperator"
+    assert dag.task_dict["skip_fine_tune"].task_type == "EmptyOperator"
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
     # select runs when every candidate is done (it lists the failed ones, and fails if all failed), but not when
     # configure failed: then nothing upstream succeeded
@@ -88,10 +90,30 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     assert type(dag.task_dict["train"]).__name__.endswith("MappedOperator")  # one task instance per candidate
 
 
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_the_branch_edges_say_why_each_path_is_taken(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert "plateau" in dag.get_edge_info("decide", "fine_tune")["label"]
+    assert "keep feature extraction" in dag.get_edge_info("decide", "skip_fine_tune")["label"]
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_tasks_are_grouped_into_data_training_and_release_with_their_plain_ids(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    groups = {task.task_id: task.task_group.group_id for task in dag.tasks}
+    assert groups == {
+        "configure": None, "acquire": "data", "subsample": "data", "check_changes": "data",
+        **dict.fromkeys(("candidates", "train", "select", "decide", "fine_tune", "skip_fine_tune"), "training"),
+        **dict.fromkeys(("evaluate", "publish_version", "approval_gate", "approve", "promote"), "release"),
+    }
+
+
 def parsed(env: dict[str, str], expression: str) -> str:
     """`expression` evaluated over the DAG bag parsed in a fresh process with `env` added to the environment."""
     code = ("from airflow.dag_processing.dagbag import DagBag; import sys, json, datetime; "
-            f"bag = DagBag(dag_folder=sys.argv[1]); dags = bag.dags; print(json.dumps({expression}, default=str))")
+            f"bag = DagBag(dag_folder=sys.argv[1]); "
+            f"dags = {{d: g for d, g in bag.dags.items() if d in {list(DAG_IDS)!r}}}; "
+            f"print(json.dumps({expression}, default=str))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
                          check=True, cwd=ROOT, env={**__import__("os").environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,7 +183,8 @@ def test_retrain_dag_also_runs_when_its_watched_data_changes(tmp_path):
             "assets = list(t.asset_condition.objects); "
             "print(json.dumps([type(t).__name__, t.timetable.expression, [a.uri for a in assets], "
             "[w.trigger.serialize() for a in assets for w in a.watchers]]))")
-    env = {**__import__("os").environ, "TLP_RETRAIN_WATCH_URI": "s3://data/flowers/", "TLP_RETRAIN_WATCH_INTERVAL_S": "30"}
+    env = {**__import__("os").environ, "TLP_RETRAIN_WATCH_URI": "s3://data/flowers/",
+           "TLP_RETRAIN_WATCH_INTERVAL_S": "30"}
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
                          check=True, cwd=ROOT, env=env)
     kind, cron, uris, triggers = json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ import pytest
 
 from tasks import storage
 from tasks.config import safe_name
-from tests.conftest import ROOT, write_image_folder
+from tests.helpers.runs import ROOT, write_image_folder
 
 sys.path.insert(0, str(ROOT / "plugins"))
 

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.config import RunConfig
 from tasks.errors import ConfigError, DatasetError
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 @pytest.fixture
@@ -61,6 +61,19 @@ def test_conn_source_is_resolved_in_the_task_only(dag_module, connections):
     assert dag_module._config(values).source == "https://me:p%40ss%2Fword@data.example.com/food.zip"
     with pytest.raises(DatasetError, match="no Airflow connection 'missing'"):
         dag_module._config({**values, "source": "conn://missing"})
+
+
+def test_conn_test_source_is_resolved_in_the_task_only(dag_module, connections):
+    from airflow.sdk import Connection
+
+    connections["field"] = Connection(conn_id="field", conn_type="http", login="me", password="secret",
+                                      extra='{"url": "https://data.example.com/field-test.zip"}')
+    values = {**RunConfig().to_dict(), "test_source": "conn://field"}
+    cfg = dag_module._config(values)
+    assert cfg.test_source == "https://me:secret@data.example.com/field-test.zip"
+    assert cfg.source == RunConfig().source
+    with pytest.raises(DatasetError, match="test_source conn://gone: no Airflow connection 'gone'"):
+        dag_module._config({**values, "test_source": "conn://gone"})
 
 
 def test_configure_does_not_log_its_return_value():

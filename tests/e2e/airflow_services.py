@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devtools.seaweed import free_port
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
 APPROVER = "approver"  # a second user: the one who triggers a run may not approve it
 PASSWORDS = {USER: PASSWORD, APPROVER: "approver-e2e"}
-PARKED_SETTLE_S = 5.0  # several scheduler loops: see answer_approval
+PARKED_SETTLE_S = 5.0  # several scheduler loops: see wait_until_parked
 STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
 
 
@@ -150,11 +150,10 @@ class AirflowServices:
         raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n"
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
 
-    def answer_approval(self, dag_id: str, run_id: str, task_id: str, option: str, comment: str,
-                        timeout_s: float, user: str = APPROVER) -> dict:
-        """Wait until the run waits for a human at `task_id`, then answer as in the UI.
+    def wait_until_parked(self, dag_id: str, run_id: str, task_id: str, timeout_s: float) -> str:
+        """Wait until the run waits for a human at `task_id`; returns the task instance's API path.
 
-        The answer goes in only once the same try has stayed parked (state awaiting_input) for
+        Returns only once the same try has stayed parked (state awaiting_input) for
         PARKED_SETTLE_S. Airflow 3.3.2 loses an answer given sooner: the response re-queues the task
         under the same try number before the scheduler has handled the executor's "exited" event of
         the parking process, which then counts the resumed task as killed externally and retries it,
@@ -174,11 +173,23 @@ class AirflowServices:
             elif parked_since is None or parked_since[0] != ti["try_number"]:
                 parked_since = (ti["try_number"], time.monotonic())
             elif time.monotonic() - parked_since[1] >= PARKED_SETTLE_S:
-                return self.request("PATCH", f"{instance}/-1/hitlDetails",
-                                    {"chosen_options": [option], "params_input": {"comment": comment}}, user=user)
+                return instance
             time.sleep(1)
         raise TimeoutError(f"run {run_id} asked for no approval at {task_id} within {timeout_s}s\n"
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
+
+    def runs(self, dag_id: str) -> dict[str, str]:
+        """{run id: state} of every run of a DAG."""
+        found = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+        return {run["dag_run_id"]: run["state"] for run in found}
+
+    def stop_runs(self, dag_id: str) -> None:
+        """Pause the DAG and mark its unfinished runs failed (their running tasks are stopped)."""
+        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
+        for run_id, state in self.runs(dag_id).items():
+            if state not in ("success", "failed"):
+                quoted = urllib.request.quote(run_id, safe="")
+                self.request("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", {"state": "failed"})
 
     def task_summary(self, dag_id: str, run_id: str) -> str:
         """One line per task instance: id, state and try number, for failure messages."""

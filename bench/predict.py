@@ -1,0 +1,159 @@
+"""Batch-scoring speed: the bare engines on one core and on all cores, and the batch_predict DAG end to end.
+
+Publishes an untrained EfficientNet-Lite0 classifier (devtools/published_model.py) at the default image size,
+writes N small JPEGs, then measures, each in a fresh process so thread settings hold:
+- the LiteRT interpreter on the TFLite float16 variant and float32, and the SavedModel through its serving
+  signature, on 1 thread and on all cores, over images already decoded (batches of tasks.batch_scoring.BATCH);
+- whether the engines agree: top-1 labels equal and the largest probability difference;
+- `batch_predict` run by `dag.test` on the N images (listing, reading, hashing, decoding, scoring, Parquet/CSV,
+  merge, summary and gallery included), in images/s of the whole run, and its ratio to the bare interpreter
+  on all cores.
+Absolute rates move with the machine's load: compare numbers of one run.
+
+    python bench/predict.py [--images 10000] [--image-size 96] [--shard-size 2500]
+
+Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURE_IMAGES = 512
+MODEL_NAME = "bench-model"
+CLASSES = ("dark", "mid", "light")
+
+
+def measure(engine: str, path: str, image_size: int, threads: int) -> dict:
+    """Images/s of one engine over pre-decoded images (runs in a fresh process), and its probabilities."""
+    import numpy as np
+
+    if engine == "saved_model":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        from tasks.scoring_model import saved_model_scorer
+
+        score = saved_model_scorer(Path(path))
+    else:
+        from tasks.scoring_model import tflite_scorer
+
+        score = tflite_scorer(Path(path), threads)
+    from tasks.batch_scoring import BATCH
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (MEASURE_IMAGES, image_size, image_size, 3)).astype("float32")
+    score(images[:BATCH])  # warm-up: allocation, tracing
+    started = time.perf_counter()
+    outputs = [score(images[start:start + BATCH]) for start in range(0, MEASURE_IMAGES, BATCH)]
+    seconds = time.perf_counter() - started
+    return {"images_per_s": MEASURE_IMAGES / seconds, "probabilities": np.concatenate(outputs).tolist()}
+
+
+def in_fresh_process(engine: str, path: Path, image_size: int, threads: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--measure", engine, str(path), str(image_size), str(threads)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {engine} on {threads} threads failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_images(folder: Path, count: int, size: int) -> list[Path]:
+    """`count` JPEGs of `size` px in 10 folders: noise around three brightness levels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for n in range(count):
+        path = folder / f"batch-{n % 10}" / f"{n:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        level = (n % 3) * 100 + 20
+        Image.fromarray(np.clip(level + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype("uint8")).save(
+            path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def run_dag(work: Path, images: Path, shard_size: int) -> float:
+    """Seconds of `dag.test` on the images (a fresh Airflow home and DB, created before the clock starts)."""
+    script = f"""
+import time
+from airflow.utils import db
+db.initdb()
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag(dag_folder={str(ROOT / 'dags')!r}).dags["batch_predict"]
+started = time.perf_counter()
+run = dag.test(run_conf={{"images": {str(images)!r}, "model_name": {MODEL_NAME!r}, "shard_size": {shard_size}}})
+seconds = time.perf_counter() - started
+assert run.state == "success", {{ti.task_id: ti.state for ti in run.get_task_instances()}}
+print(seconds)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(work / "airflow"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"dag.test failed: {done.stderr[-4000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--shard-size", type=int, default=2500)
+    parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        engine, path, size, threads = args.measure
+        print(json.dumps(measure(engine, path, int(size), int(threads))))
+        return
+
+    import numpy as np
+
+    work = Path(tempfile.mkdtemp(prefix="tlp-bench-predict-"))
+    os.environ.update({"TLP_RUN_ROOT": str(work / "runs"), "TLP_PUBLISH_URI": str(work / "models"),
+                       "TLP_PREDICTIONS_URI": str(work / "predictions"),
+                       "TLP_CACHE_DIR": os.environ.get("TLP_CACHE_DIR", str(work / "cache"))})
+    from devtools.published_model import publish_untrained
+    from tasks import scoring_model
+
+    paths = write_images(work / "images", args.images, args.image_size)
+    champion = publish_untrained(str(work / "models"), MODEL_NAME, CLASSES, args.image_size,
+                                 os.environ["TLP_CACHE_DIR"], [path.read_bytes() for path in paths[:300]])
+    version = champion["uri"]
+    cores = os.cpu_count() or 1
+    engines = {"tflite_float16": "tflite/float16.tflite", "tflite_float32": "tflite/float32.tflite",
+               "saved_model": "saved_model"}
+    results, probabilities = {}, {}
+    for name, relative in engines.items():
+        for threads in (1, cores):
+            engine = "saved_model" if name == "saved_model" else "tflite"
+            measured = in_fresh_process(engine, Path(version) / relative, args.image_size, threads)
+            results[f"{name}_{'1_core' if threads == 1 else 'all_cores'}"] = round(measured["images_per_s"], 1)
+            probabilities[name] = np.asarray(measured["probabilities"])
+    agreement = {name: {"top1_equal": float(np.mean(probabilities[name].argmax(1)
+                                                     == probabilities["saved_model"].argmax(1))),
+                        "max_abs_diff": float(np.abs(probabilities[name] - probabilities["saved_model"]).max())}
+                 for name in ("tflite_float16", "tflite_float32")}
+    seconds = run_dag(work, work / "images", args.shard_size)
+    dag_rate = args.images / seconds
+    bare = results[f"{scoring_model.ENGINE.replace('-', '_')}_all_cores"]
+    print(json.dumps({"bench": "predict", "images": args.images, "image_size": args.image_size, "cores": cores,
+                      "shard_size": args.shard_size, "engine": scoring_model.ENGINE, "images_per_s": results,
+                      "agreement_with_saved_model": agreement, "dag_seconds": round(seconds, 1),
+                      "dag_images_per_s": round(dag_rate, 1), "dag_vs_bare_interpreter_all_cores":
+                      round(dag_rate / bare, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Batch scoring, the parts the three steps of `batch_predict` stand on.
+
+- Sources: a local folder, an `s3://` prefix, or an archive (fetched and extracted once per worker). Images
+  are named by their path relative to the source, the name every output uses.
+- Shards are keyed by content: the model version, the decoder version, the scorer, top-k and every image's
+  (path, sha256). A shard whose key already has predictions is not scored again, by any run; a changed image
+  changes its shard's key, so that shard is scored again.
+- Predictions per image: path, sha256, the top-k labels with probabilities, model and decoder version, as
+  Parquet and CSV (cells a spreadsheet would run as formulas made inert, as in the report).
+- The summary: counts per predicted class, the confidence histogram, unreadable files, and the shift of the
+  batch's confidence against the model's own test set (`confidence_shift`, with its rule).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from tasks import images, settings, storage
+from tasks.errors import DatasetError, ImageDecodeError, StorageError
+from tasks.redact import redact_uri
+from tasks.scratch import scratch_dir
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+SCORER = "batch-scoring-1"  # bump when the way probabilities are computed changes: every shard is scored again
+BATCH = 64
+SHARD_RECORD = "shard.json"  # written last: a shard folder without it is unfinished
+PREDICTIONS = "predictions"
+HISTOGRAM_BINS = 10
+THUMBNAIL_PX = 128
+# shift rule: the two-sample Kolmogorov-Smirnov distance between the batch's and the test set's top-1
+# confidences must exceed both its critical value at alpha = 0.01 and an effect-size floor, so that a large
+# batch does not flag a negligible difference and a small one does not flag noise
+KS_ALPHA_COEFFICIENT = 1.628  # c(alpha) for alpha = 0.01
+KS_MIN_DISTANCE = 0.1
+# the scored probabilities match the published classifier's on the golden batch within the serving check's own
+# tolerance (tests/test_batch_predict.py)
+GOLDEN_TOLERANCE = 1e-4
+TEST_PREDICTIONS = "report/predictions.csv"  # per test image, written by evaluate into every published version
+
+
+@dataclass(frozen=True)
+class Read:
+    """One image of a shard after reading: its bytes and sha256, or why it could not be read."""
+
+    path: str
+    data: bytes | None
+    sha256: str | None
+    error: str = ""
+
+
+# ---------------------------------------------------------------- sources and listing
+
+def is_archive(source: str) -> bool:
+    return urlparse(source).path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def images_root(source: str, cache_dir: str) -> str:
+    """Where the source's images can be read on this worker: the folder, the s3:// prefix, or the extracted
+    archive in this worker's cache (extracted once)."""
+    if is_archive(source):
+        return str(_extracted(source, cache_dir))
+    if storage.is_s3(source):
+        return source.rstrip("/") + "/"
+    root = storage.local_path(source)
+    if not root.is_dir():
+        raise DatasetError(f"images={source!r} is not a folder; give a folder, an s3:// prefix or an archive")
+    return str(root)
+
+
+def list_images(root: str) -> tuple[list[str], list[str]]:
+    """(image paths, other files) below a root, relative to it and sorted; hidden files are left out.
+
+    A listed key that could leave a folder it is joined to ('..', '//') counts as
+    an other file: it is reported, never read.
+    """
+    prefix = root.rstrip("/") + "/" if storage.is_s3(root) else root
+    found, others = [], []
+    for uri in storage.list_files(prefix):
+        relative = uri[len(prefix):] if storage.is_s3(root) else Path(storage.local_path(uri)).relative_to(
+            storage.local_path(root)).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        image = relative.lower().endswith(IMAGE_SUFFIXES) and not storage.escape_reason(relative)
+        (found if image else others).append(relative)
+    return sorted(found), sorted(others)
+
+
+def shard_bounds(count: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each shard of `count` images, in listing order."""
+    return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+
+
+def read_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[Read]:
+    """Read and hash every image, in parallel; a file gone or refused is a Read with its error (the store being
+    down is not: that raises, and the task is retried)."""
+    return list(pool.map(lambda path: _read(root, path), paths))
+
+
+def _read(root: str, path: str) -> Read:
+    try:
+        data = storage.read_bytes(storage.join(root, path))
+    except StorageError as error:
+        return Read(path, None, None, f"cannot be read: {error}")
+    return Read(path, data, hashlib.sha256(data).hexdigest())
+
+
+def shard_key(model_version_uri: str, decoder_version: str, top_k: int, reads: list[Read]) -> str:
+    """The content key of a shard's predictions: same model, decoder, scorer, top-k and images -> same key."""
+    content = {"model": model_version_uri, "decoder": decoder_version, "scorer": SCORER, "top_k": top_k,
+               "images": [[read.path, read.sha256 or f"unreadable: {read.error}"] for read in reads]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- scoring
+
+def score(reads: list[Read], image_size: int, model: Callable[[np.ndarray], np.ndarray],
+          pool: ThreadPoolExecutor) -> tuple[list[Read], np.ndarray, list[dict]]:
+    """(scored reads, their probabilities, unreadable files with the reason).
+
+    Images are decoded by the project's one decoder (`to_rgb` in the pool) and
+    resized by its one `resize`, the pixels training and evaluation saw; the next
+    batch is decoded and resized while the model runs this one.
+    """
+    readable = [read for read in reads if read.data is not None]
+    unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.data is None]
+    batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
+    limit = settings.load().limits.max_image_pixels
+    scored, outputs = [], []
+    with ThreadPoolExecutor(max_workers=1) as preparer:
+        def prepare(batch: list[Read]):
+            return preparer.submit(_prepared, [pool.submit(_to_rgb, read.data, limit) for read in batch],
+                                   image_size)
+
+        pending = prepare(batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            pixels, reasons = pending.result()
+            if index + 1 < len(batches):
+                pending = prepare(batches[index + 1])
+            unreadable += [{"path": batch[n].path, "reason": reason} for n, reason in reasons.items()]
+            if len(pixels):
+                outputs.append(model(pixels))
+                scored += [read for n, read in enumerate(batch) if n not in reasons]
+    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    return scored, probabilities, sorted(unreadable, key=lambda item: item["path"])
+
+
+def _prepared(decoding: list, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
+    """A batch's model input from its decode futures, and why each image left out could not be decoded."""
+    decoded = [future.result() for future in decoding]
+    reasons = {n: reason for n, (picture, reason) in enumerate(decoded) if picture is None}
+    return _resized([picture for picture, _ in decoded if picture is not None], image_size), reasons
+
+
+def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return images.to_rgb(data, max_pixels=max_pixels), ""
+    except ImageDecodeError as error:
+        return None, f"cannot be decoded: {error}"
+
+
+def _resized(pictures: list[np.ndarray], image_size: int) -> np.ndarray:
+    """The model's input: every picture through `images.resize`, one call per distinct picture size."""
+    batch = np.empty((len(pictures), image_size, image_size, 3), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for n, picture in enumerate(pictures):
+        by_shape.setdefault(picture.shape, []).append(n)
+    for members in by_shape.values():
+        batch[members] = np.asarray(images.resize(np.stack([pictures[n] for n in members]), image_size))
+    return batch
+
+
+def predictions_table(scored: list[Read], probabilities: np.ndarray, classes: tuple[str, ...], top_k: int,
+                      model_name: str, version: str, decoder_version: str):
+    """One row per scored image: path, sha256, label_i/probability_i for i = 1..k (most probable first), model
+    and decoder version."""
+    import pandas as pd
+
+    k = min(top_k, len(classes))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k] if len(scored) else np.zeros((0, k), int)
+    names = np.asarray(classes, dtype=object)
+    columns: dict = {"path": [read.path for read in scored], "sha256": [read.sha256 for read in scored]}
+    for rank in range(k):
+        columns[f"label_{rank + 1}"] = names[order[:, rank]] if len(scored) else []
+        columns[f"probability_{rank + 1}"] = (np.take_along_axis(probabilities, order[:, rank:rank + 1], axis=1)[:, 0]
+                                              .astype(np.float64) if len(scored) else np.zeros(0))
+    table = pd.DataFrame(columns)
+    table["model_name"], table["model_version"], table["decoder_version"] = model_name, version, decoder_version
+    return table
+
+
+def write_predictions(table, prefix: str) -> dict[str, str]:
+    """`<prefix>.parquet` and `<prefix>.csv`, each written whole (one PUT, or write-then-rename)."""
+    from tasks.report import write_csv
+
+    parquet = io.BytesIO()
+    table.to_parquet(parquet, index=False)
+    uris = {"parquet": f"{prefix}.parquet", "csv": f"{prefix}.csv"}
+    storage.write_bytes(uris["parquet"], parquet.getvalue())
+    with scratch_dir("predictions-csv") as scratch:
+        write_csv(table, scratch / "predictions.csv")
+        storage.write_bytes(uris["csv"], (scratch / "predictions.csv").read_bytes())
+    return uris
+
+
+def read_predictions(uri: str):
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+
+
+# ---------------------------------------------------------------- summary
+
+def summarize(table, classes: tuple[str, ...], unreadable: list[dict], test_confidences: np.ndarray | None,
+              test_source: str) -> dict:
+    """Counts per predicted class, the confidence histogram and the shift against the test set."""
+    confidence = table["probability_1"].to_numpy(dtype=np.float64) if len(table) else np.zeros(0)
+    counts = table["label_1"].value_counts() if len(table) else {}
+    histogram, edges = np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    return {
+        "n_scored": len(table),
+        "n_unreadable": len(unreadable),
+        "unreadable": unreadable,
+        "counts": {name: int(counts.get(name, 0)) for name in classes},
+        "confidence": {"mean": float(confidence.mean()) if len(confidence) else None,
+                       "histogram": {"edges": [round(float(edge), 4) for edge in edges],
+                                     "counts": [int(count) for count in histogram]}},
+        "shift": confidence_shift(confidence, test_confidences, test_source),
+    }
+
+
+def confidence_shift(batch: np.ndarray, test: np.ndarray | None, test_source: str) -> dict:
+    """Whether the batch's top-1 confidences look unlike the test set's, with the numbers and the rule.
+
+    Shifted when the two-sample Kolmogorov-Smirnov distance D exceeds both its
+    critical value at alpha = 0.01 (1.628 * sqrt((n + m) / (n m))) and 0.1. A batch
+    the model is much less sure of than of its test images is often not like the
+    training data: other kinds of images, other cameras, classes it never saw.
+    """
+    rule = (f"shifted when the Kolmogorov-Smirnov distance D between the batch's and the test set's top-1 "
+            f"confidences exceeds both its critical value at alpha = 0.01 and {KS_MIN_DISTANCE}")
+    if test is None or not len(test) or not len(batch):
+        reason = "no test-set confidences in the published version" if test is None or not len(test) else \
+            "no image was scored"
+        return {"status": "unknown", "shifted": None, "rule": rule, "reason": reason, "test_source": test_source}
+    n, m = len(batch), len(test)
+    values = np.sort(np.concatenate([batch, test]))
+    distance = float(np.max(np.abs(np.searchsorted(np.sort(batch), values, side="right") / n
+                                   - np.searchsorted(np.sort(test), values, side="right") / m)))
+    critical = KS_ALPHA_COEFFICIENT * float(np.sqrt((n + m) / (n * m)))
+    shifted = distance > critical and distance > KS_MIN_DISTANCE
+    verdict = ("the batch looks unlike the model's test data: check a sample of its least confident predictions"
+               if shifted else "the batch's confidences look like the model's test data")
+    return {"status": "shifted" if shifted else "not shifted", "shifted": shifted, "rule": rule,
+            "ks_distance": round(distance, 4), "critical_value": round(critical, 4),
+            "batch_mean_confidence": round(float(batch.mean()), 4),
+            "test_mean_confidence": round(float(test.mean()), 4), "n_batch": n, "n_test": m,
+            "verdict": verdict, "test_source": test_source}
+
+
+def test_confidences(version_uri: str) -> np.ndarray | None:
+    """The top-1 confidences the model gave its own test images (from its published report), if it has them."""
+    import pandas as pd
+
+    uri = storage.join(version_uri, TEST_PREDICTIONS)
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
+    except StorageError:
+        return None
+    return table["predicted_probability"].to_numpy(dtype=np.float64) if "predicted_probability" in table else None
+
+
+def least_confident(table, count: int):
+    """The `count` predictions the model was least sure of, least sure first (ties by path)."""
+    return table.sort_values(["probability_1", "path"], kind="stable").head(count)
+
+
+def thumbnail(data: bytes) -> str:
+    """A PNG data: URI of an image, at most THUMBNAIL_PX on a side, decoded by the project's decoder."""
+    from PIL import Image
+
+    pixels = images.to_rgb(data, max_pixels=settings.load().limits.max_image_pixels)
+    picture = Image.fromarray(pixels)
+    picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def gallery_page(rows, thumbnails: list[str], summary: dict, title: str) -> str:
+    """The least confident predictions with their top-k, above the run's counts and shift: one HTML page with
+    its thumbnails inline (the plugin serves it under a no-script Content-Security-Policy)."""
+    e = html.escape
+    k = sum(1 for column in rows.columns if column.startswith("label_"))
+    figures = []
+    for (_, row), src in zip(rows.iterrows(), thumbnails, strict=False):
+        labels = "".join(f"<li>{e(str(row[f'label_{i}']))} {row[f'probability_{i}']:.3f}</li>"
+                         for i in range(1, k + 1))
+        image = f"<img src='{src}' alt=''>" if src else "<div class='missing'>no preview</div>"
+        figures.append(f"<figure>{image}<figcaption><code>{e(str(row['path']))}</code><ol>{labels}</ol>"
+                       "</figcaption></figure>")
+    shift = summary["shift"]
+    shift_text = e(shift.get("verdict") or shift.get("reason", ""))
+    if shift.get("ks_distance") is not None:
+        shift_text += (f" (KS distance {shift['ks_distance']} vs critical {shift['critical_value']}; mean "
+                       f"confidence {shift['batch_mean_confidence']} vs {shift['test_mean_confidence']} on the test "
+                       "set)")
+    counts = "".join(f"<tr><td>{e(name)}</td><td>{count}</td></tr>" for name, count in summary["counts"].items())
+    unreadable = "".join(f"<li><code>{e(item['path'])}</code>: {e(item['reason'])}</li>"
+                         for item in summary["unreadable"]) or "<li>none</li>"
+    style = ("body{font:14px/1.4 system-ui,sans-serif;margin:20px}.grid{display:flex;flex-wrap:wrap;gap:12px}"
+             "figure{width:180px;margin:0;border:1px solid #ddd;padding:6px}img{max-width:168px}"
+             "ol{margin:4px 0;padding-left:18px}code{word-break:break-all}.missing{height:96px;color:#888}"
+             "table{border-collapse:collapse}td{border-bottom:1px solid #eee;padding:2px 10px}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{e(title)}</h1>"
+            f"<p>{summary['n_scored']} images scored, {summary['n_unreadable']} unreadable. Shift: {shift_text}.</p>"
+            f"<h2>Least confident predictions</h2><div class='grid'>{''.join(figures) or 'none'}</div>"
+            f"<h2>Predicted classes</h2><table>{counts}</table><h2>Unreadable files</h2><ul>{unreadable}</ul>"
+            "</body></html>")
+
+
+# ---------------------------------------------------------------- archives
+
+def _extracted(source: str, cache_dir: str) -> Path:
+    """The archive extracted into this worker's cache (once; a second worker extracts its own copy)."""
+    from tasks.datasets import download, extract_archive
+
+    entry = Path(cache_dir) / "batch-sources" / hashlib.sha256(source.encode()).hexdigest()[:24]
+    if (entry / "images").is_dir():
+        return entry / "images"
+    with scratch_dir("batch-source", entry.parent) as work:
+        archive = work / PurePosixPath(urlparse(source).path).name
+        if urlparse(source).scheme in ("http", "https"):
+            download(source, archive)
+        else:
+            storage.download(source, archive)
+        extract_archive(archive, work / "images")
+        entry.mkdir(parents=True, exist_ok=True)
+        try:
+            (work / "images").rename(entry / "images")
+        except OSError:
+            if not (entry / "images").is_dir():
+                raise
+    log.info("extracted %s into %s", redact_uri(source), entry / "images")
+    return entry / "images"
+
+
+def worker_pool() -> ThreadPoolExecutor:
+    """Threads that read and decode images beside the model's own threads."""
+    return ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
+
+
+def shard_prefix(output_root: str, key: str) -> str:
+    return storage.join(output_root, "shards", key)

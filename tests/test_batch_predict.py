@@ -1,0 +1,166 @@
+"""Batch scoring through its three steps on a published model: outputs, reuse by content, the golden batch,
+and refusals (an altered version, a location that is not the deployment's)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import artifacts, batch_scoring, images, scoring_model, storage
+from tasks.batch_config import BatchConfig
+from tasks.errors import ConfigError, ScoringError
+from tasks.steps.list_images import list_images
+from tasks.steps.merge_predictions import merge_predictions
+from tasks.steps.score_shard import score_shard
+from tests.helpers.batch import CLASSES, MODEL_NAME, UNREADABLE, batch_folder, probabilities_of, publish_tiny
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, cache_dir):
+    """A local deployment with a published tiny champion; returns its folder."""
+    root = tmp_path_factory.mktemp("deployment")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLP_PUBLISH_URI", str(root / "models"))
+        publish_tiny(str(root / "models"), cache_dir, root / "work")
+    return root
+
+
+@pytest.fixture
+def deploy(deployment, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("TLP_PUBLISH_URI", str(deployment / "models"))
+    monkeypatch.setenv("TLP_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("TLP_PREDICTIONS_URI", str(tmp_path / "predictions"))
+    monkeypatch.setenv("TLP_CACHE_DIR", cache_dir)
+    return deployment
+
+
+def run_steps(cfg: BatchConfig) -> tuple[list[dict], dict]:
+    """What the DAG does, in order: resolve the model version, list, score every shard, merge."""
+    cfg = dataclasses.replace(cfg, model_version=scoring_model.resolve_version(cfg.registry, cfg.model_name,
+                                                                               cfg.model_version))
+    scored = [score_shard(cfg, shard) for shard in list_images(cfg)]
+    return scored, merge_predictions(cfg)
+
+
+def config(images_uri, run_id: str, **values) -> BatchConfig:
+    return BatchConfig(**{"images": str(images_uri), "model_name": MODEL_NAME, "run_id": run_id, "shard_size": 5,
+                          "top_k": 3, **values})
+
+
+def test_scores_every_image_lists_unreadable_ones_and_writes_parquet_csv_summary_gallery(deploy, tmp_path):
+    folder = batch_folder(tmp_path / "images")
+    scored, merged = run_steps(config(folder, "first"))
+
+    assert merged["n_listed"] == 3 * 6 + len(UNREADABLE) and merged["n_unreadable"] == len(UNREADABLE)
+    assert merged["n_scored"] == 3 * 6 and not any(shard["reused"] for shard in scored)
+    table = pd.read_parquet(merged["predictions"]["parquet"])
+    assert sorted(table["path"]) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("0*.jpg"))
+    assert set(table["sha256"]) == {batch_scoring.hashlib.sha256(p.read_bytes()).hexdigest()
+                                    for p in folder.rglob("0*.jpg")}
+    assert np.allclose(probabilities_of(table).sum(axis=1), 1, atol=1e-4)
+    assert (table["probability_1"] >= table["probability_2"]).all()
+    assert set(table["decoder_version"]) == {images.DECODER_VERSION} and table["model_version"].nunique() == 1
+    assert len(pd.read_csv(merged["predictions"]["csv"])) == len(table)
+    summary = json.loads((tmp_path / "predictions" / MODEL_NAME / "runs" / "batch_predict" / "first" /
+                          "summary.json").read_text())
+    assert sorted(item["path"] for item in summary["unreadable"]) == sorted(UNREADABLE)
+    assert sum(summary["counts"].values()) == 18 and list(summary["counts"]) == list(CLASSES)
+    assert sum(summary["confidence"]["histogram"]["counts"]) == 18
+    assert summary["other_files"] == ["README.txt"]
+    assert summary["shift"]["status"] in ("shifted", "not shifted") and summary["shift"]["n_test"] == 12
+    cfg = config(folder, "first")
+    gallery = storage.read_text(cfg.artifact(artifacts.BATCH_GALLERY))
+    assert gallery.count("<figure>") == min(cfg.gallery_size, 18) and "data:image/png;base64," in gallery
+
+
+def test_rerun_reuses_finished_shards_and_scores_a_changed_image_again(deploy, tmp_path):
+    folder = batch_folder(tmp_path / "images")
+    first, _ = run_steps(config(folder, "first"))
+    changed = min(folder.rglob("0*.jpg"))
+    changed.write_bytes(max(folder.rglob("0*.jpg")).read_bytes())
+
+    second, again = run_steps(config(folder, "second"))
+
+    rescored = [shard["index"] for shard in second if not shard["reused"]]
+    assert len(rescored) == 1, second
+    assert [shard["key"] for shard in first if shard["index"] != rescored[0]] == \
+        [shard["key"] for shard in second if shard["index"] != rescored[0]]
+    table = pd.read_parquet(again["predictions"]["parquet"]).set_index("path")
+    relative = changed.relative_to(folder).as_posix()
+    assert table.loc[relative, "sha256"] == batch_scoring.hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert again["n_reused_shards"] == len(second) - 1
+
+
+def test_a_retried_shard_rewrites_the_same_predictions(deploy, tmp_path):
+    cfg = config(batch_folder(tmp_path / "images"), "retry")
+    cfg = dataclasses.replace(cfg, model_version=scoring_model.resolve_version(cfg.registry, MODEL_NAME, None))
+    [shard, *_] = list_images(cfg)
+    first = score_shard(cfg, shard)
+    prefix = batch_scoring.shard_prefix(cfg.output_root, first["key"])
+    storage.delete(storage.join(prefix, batch_scoring.SHARD_RECORD))  # a crash before the shard was complete
+    written = storage.read_bytes(storage.join(prefix, "predictions.csv"))
+
+    again = score_shard(cfg, shard)
+
+    assert not again["reused"] and again["key"] == first["key"]
+    assert storage.read_bytes(storage.join(prefix, "predictions.csv")) == written
+
+
+def test_scores_match_the_published_classifier_on_the_golden_batch(deploy, tmp_path, cache_dir):
+    """What is served in bulk answers like the model that was evaluated: the serving check's golden batch is
+    the test images through the classifier; batch scoring must give the same labels and near probabilities."""
+    from devtools.published_model import keras_probabilities
+
+    golden = sorted((deploy / "work" / "test-images").rglob("*.jpg"))
+    cfg = config(deploy / "work" / "test-images", "golden", top_k=len(CLASSES))
+    _, merged = run_steps(cfg)
+    table = pd.read_parquet(merged["predictions"]["parquet"]).set_index("path").loc[
+        [path.relative_to(deploy / "work" / "test-images").as_posix() for path in golden]]
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+    expected = keras_probabilities(champion["uri"], [path.read_bytes() for path in golden], cache_dir, tmp_path)
+
+    scored = probabilities_of(table.reset_index())
+    assert (scored.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert np.abs(scored - expected).max() <= batch_scoring.GOLDEN_TOLERANCE
+
+
+def test_an_altered_published_file_is_refused_not_loaded(deploy, tmp_path, cache_dir):
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+    copy = tmp_path / "models"
+    storage.upload(deploy / "models", str(copy))
+    tflite = copy / MODEL_NAME / "versions" / champion["version"] / scoring_model.ENGINE_FILES[scoring_model.ENGINE]
+    tflite.write_bytes(tflite.read_bytes()[:-16] + b"\0" * 16)
+
+    with pytest.raises(ScoringError, match="does not match the sha256"):
+        scoring_model.fetch(str(copy), MODEL_NAME, champion["version"], str(tmp_path / "fresh-cache"))
+
+
+def test_locations_outside_the_deployment_are_refused(deploy, tmp_path):
+    from tasks import settings
+
+    cfg = config(tmp_path, "elsewhere", publish_uri=str(tmp_path / "someone-elses-models"))
+    with pytest.raises(ConfigError, match="publish_uri"):
+        cfg.check_locations(settings.load())
+    cfg = config(tmp_path, "elsewhere", predictions_uri="s3://other-bucket/out")
+    with pytest.raises(ConfigError, match="predictions_uri"):
+        cfg.check_locations(settings.load())
+
+
+def test_the_savedmodel_fallback_scans_then_scores_like_the_tflite_variant(deploy, tmp_path, cache_dir):
+    from tasks import images as decoder
+
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+    pictures = np.stack([decoder.decode(path.read_bytes(), 32)
+                         for path in sorted((deploy / "work" / "test-images").rglob("*.jpg"))[:8]])
+    answers = {}
+    for engine in (scoring_model.TFLITE_FLOAT32, scoring_model.SAVED_MODEL):
+        model = scoring_model.fetch(str(deploy / "models"), MODEL_NAME, champion["version"], cache_dir, engine)
+        assert model.engine == engine
+        answers[engine] = scoring_model.scorer(model)(pictures)
+
+    assert np.abs(answers[scoring_model.TFLITE_FLOAT32] - answers[scoring_model.SAVED_MODEL]).max() <= 1e-4

@@ -1,0 +1,140 @@
+"""Batch scoring's rules without TensorFlow: listing, shard keys, outputs, the shift rule, the params."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import batch_scoring, images
+from tasks.batch_config import BatchConfig, check_conf, param_specs
+from tasks.batch_scoring import Read
+from tasks.errors import ConfigError
+from tests.helpers.runs import write_image_folder
+
+CLASSES = ("apple", "banana", "cherry")
+
+
+def reads(*contents: bytes) -> list[Read]:
+    return [Read(f"new/{n}.jpg", data, hashlib.sha256(data).hexdigest()) for n, data in enumerate(contents)]
+
+
+def test_listing_keeps_images_by_name_and_reports_other_files_but_not_hidden_ones(tmp_path):
+    write_image_folder(tmp_path, {"a": 2}, splits=("new",))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "new" / "UPPER.JPG").write_bytes(b"x")
+
+    found, others = batch_scoring.list_images(str(tmp_path))
+
+    assert found == ["new/UPPER.JPG", "new/a/0000.jpg", "new/a/0001.jpg"] and others == ["notes.txt"]
+
+
+def test_shards_cover_the_listing_in_order_without_overlap():
+    assert batch_scoring.shard_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert batch_scoring.shard_bounds(6, 3) == [(0, 3), (3, 6)]
+
+
+def test_shard_key_follows_content_model_and_decoder_not_the_run():
+    base = batch_scoring.shard_key("s3://m/v1", "d1", 3, reads(b"a", b"b"))
+    assert base == batch_scoring.shard_key("s3://m/v1", "d1", 3, reads(b"a", b"b"))
+    assert base != batch_scoring.shard_key("s3://m/v1", "d1", 3, reads(b"a", b"changed"))
+    assert base != batch_scoring.shard_key("s3://m/v2", "d1", 3, reads(b"a", b"b"))
+    assert base != batch_scoring.shard_key("s3://m/v1", "d2", 3, reads(b"a", b"b"))
+    assert base != batch_scoring.shard_key("s3://m/v1", "d1", 5, reads(b"a", b"b"))
+
+
+def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monkeypatch):
+    def to_rgb(data, max_pixels=None):
+        if data == b"bad":
+            raise images.ImageDecodeError("not an image")
+        return np.full((2 + data[0], 2, 3), data[0], np.uint8)  # two picture sizes in one batch
+
+    monkeypatch.setattr(images, "to_rgb", to_rgb)
+    monkeypatch.setattr(images, "resize", lambda pictures, size: pictures[:, :size, :size].astype(np.float32))
+    batch = reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3)) + [Read("gone.jpg", None, None, "cannot be read")]
+
+    with ThreadPoolExecutor(2) as pool:
+        scored, probabilities, unreadable = batch_scoring.score(
+            batch, 2, lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3, pool)
+
+    assert len(scored) == 73 == len(probabilities)
+    assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}
+    assert probabilities[-1, 0] == pytest.approx(2 / 3) and scored[-1].path == "new/73.jpg"
+
+
+def test_predictions_csv_neutralises_formula_cells_and_parquet_keeps_them(tmp_path):
+    scored = reads(b"a", b"b")
+    scored[0] = dataclasses.replace(scored[0], path="=HYPERLINK(\"http://x\")")
+    table = batch_scoring.predictions_table(scored, np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]),
+                                            ("@sum", "banana", "cherry"), 2, "m", "v1", "d1")
+
+    files = batch_scoring.write_predictions(table, str(tmp_path / "predictions"))
+
+    csv = pd.read_csv(files["csv"])
+    assert csv.loc[0, "path"].startswith("'=") and csv.loc[1, "label_1"] == "'@sum"
+    assert list(table.columns[:6]) == ["path", "sha256", "label_1", "probability_1", "label_2", "probability_2"]
+    parquet = pd.read_parquet(files["parquet"])
+    assert parquet.loc[0, "path"].startswith("=") and parquet.loc[0, "label_1"] == "banana"
+    assert parquet.loc[0, "probability_2"] == pytest.approx(0.2)
+
+
+def test_shift_rule_flags_a_batch_the_model_is_much_less_sure_of():
+    rng = np.random.default_rng(0)
+    test = rng.beta(8, 1, 500)
+    alike = batch_scoring.confidence_shift(rng.beta(8, 1, 300), test, "t")
+    unlike = batch_scoring.confidence_shift(rng.beta(2, 2, 300), test, "t")
+
+    assert alike["shifted"] is False and unlike["shifted"] is True
+    assert unlike["ks_distance"] > unlike["critical_value"] and "alpha = 0.01" in unlike["rule"]
+    assert batch_scoring.confidence_shift(rng.beta(2, 2, 30), None, "t")["status"] == "unknown"
+
+
+def test_a_small_batch_does_not_flag_noise():
+    rng = np.random.default_rng(1)
+    assert batch_scoring.confidence_shift(rng.beta(8, 1, 5), rng.beta(8, 1, 500), "t")["shifted"] is False
+
+
+def test_summary_counts_every_class_and_bins_the_confidences():
+    table = pd.DataFrame({"label_1": ["apple", "apple", "cherry"], "probability_1": [0.95, 0.55, 0.31]})
+    summary = batch_scoring.summarize(table, CLASSES, [{"path": "x", "reason": "y"}], None, "t")
+    assert summary["counts"] == {"apple": 2, "banana": 0, "cherry": 1}
+    assert summary["confidence"]["histogram"]["counts"] == [0, 0, 0, 1, 0, 1, 0, 0, 0, 1]
+    assert summary["n_unreadable"] == 1 and summary["shift"]["status"] == "unknown"
+
+
+def test_optional_params_are_nullable_so_the_form_submits_its_defaults():
+    specs = param_specs()
+    for name in ("model_version", "publish_uri", "predictions_uri"):
+        default, schema = specs[name]
+        assert default is None and "null" in schema["type"]
+    assert BatchConfig(images="x", model_version="").model_version is None
+    assert param_specs()["images"][0] == ""  # required: the form asks for it
+
+
+def test_params_are_checked_with_the_fix_named():
+    with pytest.raises(ConfigError, match="shard_size"):
+        BatchConfig(images="x", shard_size=0)
+    with pytest.raises(ConfigError, match="model_version"):
+        BatchConfig(images="x", model_version="../../other")
+    with pytest.raises(ConfigError, match="did you mean 'shard_size'"):
+        check_conf({"images": "x", "shardsize": 3})
+
+
+def test_an_archive_is_extracted_once_into_the_workers_cache_and_listed(tmp_path):
+    import zipfile
+
+    folder = write_image_folder(tmp_path / "folder", {"a": 3}, splits=("new",))
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(folder.rglob("*.jpg")):
+            bundle.write(path, path.relative_to(folder).as_posix())
+
+    root = batch_scoring.images_root(str(archive), str(tmp_path / "cache"))
+    again = batch_scoring.images_root(str(archive), str(tmp_path / "cache"))
+
+    assert root == again and batch_scoring.list_images(root) == (["new/a/0000.jpg", "new/a/0001.jpg",
+                                                                  "new/a/0002.jpg"], [])
