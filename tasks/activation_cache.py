@@ -206,11 +206,13 @@ def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
     """Each record's original file sha256 (the manifest's content hash) and label, in file order."""
     import tensorflow as tf
 
-    spec = {"original": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "original": tf.io.FixedLenFeature([], tf.string, b""),
+            "label": tf.io.FixedLenFeature([], tf.int64)}
     hashes, labels = [], []
     for serialized in tf.data.TFRecordDataset(str(records)):
         record = tf.io.parse_single_example(serialized, spec)
-        hashes.append(hashlib.sha256(record["original"].numpy()).hexdigest())
+        original = record["original"].numpy() or record["image"].numpy()  # an original already canonical: the image
+        hashes.append(hashlib.sha256(original).hexdigest())
         labels.append(int(record["label"].numpy()))
     return hashes, labels
 

@@ -51,6 +51,8 @@ RESIZE_ANTIALIAS = True  # downscaling a photo without it aliases; upscaling (th
 CANONICAL_PNG_LEVEL = 1  # zlib level of the stored canonical PNGs: fast to write, decoding speed is the same
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# ancillary chunks that change no decoder's pixels; not text: Pillow reads an EXIF or XMP orientation from text chunks
+PLAIN_PNG_ANCILLARY = {b"pHYs", b"tIME"}
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 MAX_SIDE = 2**31 - 1
@@ -93,8 +95,73 @@ def to_rgb(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
 
 
 def canonical_png(data: bytes, *, max_pixels: int | None = None) -> bytes:
-    """`to_rgb`'s pixels as the lossless PNG the split files store (see `encode_canonical`)."""
-    return encode_canonical(_decoded(data, max_pixels))
+    """`to_rgb`'s pixels as the lossless PNG the split files store (see `encode_canonical`).
+
+    The file is always decoded (that validates it and applies every rule); a
+    file that is already canonical (`is_plain_png`: an 8-bit gray or RGB PNG
+    with nothing that changes its pixels) is then returned as it is, the same
+    object, instead of being written again.
+    """
+    plain = is_plain_png(data)
+    # a plain PNG has no chunk Pillow reads an orientation from (eXIf, text, XMP): it needs no EXIF transpose
+    pixels = _decoded(data, max_pixels, orient=not plain)
+    return data if plain and is_plain_png(data, pixels, structure_checked=True) else encode_canonical(pixels)
+
+
+def is_plain_png(data: bytes, pixels: np.ndarray | None = None, *, structure_checked: bool = False) -> bool:
+    """Whether `decode_canonical(data)` gives exactly `to_rgb(data)`'s pixels, so `data` may be stored as it is.
+
+    True only for a PNG of 8-bit gray or RGB, not interlaced, whose chunks are
+    IHDR, consecutive IDATs, IEND and pHYs/tIME (no tRNS, eXIf, acTL, text
+    that may hold an orientation, gamma or colour profile), every CRC right
+    (Pillow skips the IDAT CRCs that libpng checks), nothing after IEND, and
+    whose image data inflates to exactly its rows, each with a valid filter byte.
+    `pixels` (what `_decoded` gave) must then have the declared size and
+    channels (`structure_checked`: the chunks were checked by an earlier call).
+    Anything else is re-encoded: the fast path never guesses.
+    """
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+        return False
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if depth != 8 or colour not in (0, 2) or compression or filtering or interlace:
+        return False
+    channels = 1 if colour == 0 else 3
+    if pixels is not None and (pixels.dtype != np.uint8 or pixels.shape != ((height, width) if channels == 1
+                                                                            else (height, width, 3))):
+        return False
+    if structure_checked:
+        return True
+    inflate = zlib.decompressobj()
+    row = 1 + width * channels
+    expected = row * height
+    raw = []
+    position, previous, size = 8, b"", 0
+    while position + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        end = position + 12 + length
+        kind = data[position + 4:position + 8]
+        if end > len(data) or struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(data[position + 4:end - 4]):
+            return False
+        if kind == b"IEND":
+            if end != len(data) or length or not inflate.eof or inflate.unused_data or size != expected:
+                return False
+            rows = np.frombuffer(b"".join(raw), np.uint8)
+            return bool((rows[::row] <= 4).all())
+        if kind == b"IDAT":
+            if raw and previous != b"IDAT" or inflate.eof:
+                return False
+            chunk = inflate.decompress(data[position + 8:end - 4], expected - size + 1)
+            if inflate.unconsumed_tail:
+                return False  # more image data than rows
+            raw.append(chunk)
+            size += len(chunk)
+            if size > expected:
+                return False
+        elif kind not in PLAIN_PNG_ANCILLARY and not (kind == b"IHDR" and position == 8):
+            return False
+        previous = kind
+        position = end
+    return False
 
 
 def decode(data: bytes, image_size: int) -> np.ndarray:
@@ -204,8 +271,8 @@ def decode_in_graph(encoded, image_size: int):
     start = tf.strings.substr(encoded, 0, 12)
     rgba = tf.case([(tf.strings.substr(start, 0, 3) == b"\xff\xd8\xff", jpeg),
                     (tf.strings.substr(start, 0, 8) == PNG_SIGNATURE, png),
-                    (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF", tf.strings.substr(start, 8, 4) == b"WEBP"),
-                     webp)],
+                    (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF",
+                                    tf.strings.substr(start, 8, 4) == b"WEBP"), webp)],
                    default=gif_or_bmp, exclusive=True)
     rgba.set_shape((None, None, 4))
     return resize(_composite_tf(rgba), image_size)
@@ -248,8 +315,11 @@ def _composite(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _decoded(data: bytes, max_pixels: int | None) -> np.ndarray:
-    """Encoded bytes -> (H, W) gray or (H, W, 3) RGB uint8 by the module's rules."""
+def _decoded(data: bytes, max_pixels: int | None, *, orient: bool = True) -> np.ndarray:
+    """Encoded bytes -> (H, W) gray or (H, W, 3) RGB uint8 by the module's rules.
+
+    `orient=False` skips the EXIF transpose, for a file known to hold no orientation (`is_plain_png`).
+    """
     from PIL import Image, ImageOps
 
     kind, width, height = _header(data)
@@ -261,7 +331,7 @@ def _decoded(data: bytes, max_pixels: int | None) -> np.ndarray:
                 _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
                 image.seek(0)
                 image.load()
-                return _pixels(ImageOps.exif_transpose(image), kind)
+                return _pixels(ImageOps.exif_transpose(image) if orient else image, kind)
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...

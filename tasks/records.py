@@ -6,7 +6,8 @@ prefetch), so no step ever holds a whole dataset in memory and no step depends
 on the machine that acquired the source. Each record holds the image as the one
 decoder (tasks.images.to_rgb) made it, stored losslessly (a canonical PNG that
 TensorFlow decodes to exactly those pixels), the original file's bytes (what a
-client would send to the published model: the serving check sends them), the
+client would send to the published model: the serving check sends them; left
+out when the file already is the canonical image), the
 integer label and the image's path relative to the dataset root.
 """
 from __future__ import annotations
@@ -31,7 +32,11 @@ def write_records(path: str | Path, examples: Iterable[tuple[bytes, int, str]]) 
 
 
 def write_canonical(path: str | Path, examples: Iterable[tuple[bytes, bytes, int, str]]) -> int:
-    """Write (canonical image, original bytes, label, relative path); returns how many."""
+    """Write (canonical image, original bytes, label, relative path); returns how many.
+
+    The original is left out of a record when it is the canonical image itself
+    (`images.is_plain_png`); `originals` then gives the image.
+    """
     import tensorflow as tf
 
     path = Path(path)
@@ -42,10 +47,11 @@ def write_canonical(path: str | Path, examples: Iterable[tuple[bytes, bytes, int
         for image, original, label, rel_path in examples:
             feature = {
                 "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-                "original": tf.train.Feature(bytes_list=tf.train.BytesList(value=[original])),
                 "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
                 "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rel_path.encode("utf-8")])),
             }
+            if original is not image and original != image:  # an original already canonical is stored once
+                feature["original"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[original]))
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
             count += 1
     tmp.replace(path)
@@ -117,7 +123,8 @@ def originals(path: str | Path, count: int) -> list[tuple[bytes, str]]:
     """(original file bytes, relative path) of the first `count` records: what a client would have sent."""
     import tensorflow as tf
 
-    spec = {"original": tf.io.FixedLenFeature([], tf.string), "path": tf.io.FixedLenFeature([], tf.string)}
-    return [(record["original"].numpy(), record["path"].numpy().decode("utf-8"))
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "original": tf.io.FixedLenFeature([], tf.string, b""),
+            "path": tf.io.FixedLenFeature([], tf.string)}
+    return [(record["original"].numpy() or record["image"].numpy(), record["path"].numpy().decode("utf-8"))
             for record in tf.data.TFRecordDataset(str(path)).take(count).map(
                 lambda serialized: tf.io.parse_single_example(serialized, spec))]

@@ -207,3 +207,73 @@ def test_resize_averages_when_shrinking_instead_of_sampling():
     shrunk = images.resize(pixels[np.newaxis], 8)[0].numpy()
     blocks = pixels.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))
     assert np.abs(shrunk - blocks)[1:-1, 1:-1].mean() < 10 < np.abs(pixels[::8, ::8] - blocks).mean()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _split_idat(data: bytes) -> bytes:
+    """The same PNG with its image data in two IDAT chunks (as encoders write large images)."""
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start:start + 4])
+    body = data[start + 8:start + 8 + length]
+    return data[:start] + _chunk(b"IDAT", body[:5]) + _chunk(b"IDAT", body[5:]) + data[start + 12 + length:]
+
+
+def _with_chunk(data: bytes, chunk: bytes) -> bytes:
+    """`chunk` inserted right after the IHDR."""
+    return data[:33] + chunk + data[33:]
+
+
+def _damaged_idat_crc(data: bytes) -> bytes:
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start:start + 4])
+    end = start + 12 + length
+    return data[:end - 4] + bytes(b ^ 0xFF for b in data[end - 4:end]) + data[end:]
+
+
+@pytest.mark.parametrize("data", [fx.encoded(Image.fromarray(fx.noise(9, 7)[..., 0]), "PNG"),
+                                  fx.encoded(Image.fromarray(fx.noise(9, 7)), "PNG"),
+                                  fx.encoded(Image.fromarray(fx.noise(9, 7)), "PNG", dpi=(72, 72)),
+                                  fx.raw_png(fx.noise(5, 6), 2),
+                                  _split_idat(fx.raw_png(fx.noise(5, 6), 2))],
+                         ids=["gray", "rgb", "rgb-phys", "hand-written", "two-idat"])
+def test_an_already_canonical_png_is_stored_as_it_is_and_decodes_to_the_same_pixels(data):
+    assert images.is_plain_png(data)
+    assert images.canonical_png(data) is data
+    np.testing.assert_array_equal(images.decode_canonical(data).numpy(), images.to_rgb(data))
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: _with_chunk(d, _chunk(b"tRNS", b"\x00\x01\x00\x02\x00\x03")),
+    lambda d: _with_chunk(d, _chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08" + bytes(6))),
+    lambda d: _with_chunk(d, _chunk(b"tEXt", b"Raw profile type exif\x00x")),
+    lambda d: _with_chunk(d, _chunk(b"gAMA", struct.pack(">I", 100000))),
+    lambda d: d + b"trailing",
+    lambda d: _damaged_idat_crc(d),
+    lambda d: d[:33] + _chunk(b"IDAT", zlib.compress(b"\x00" * 2000)) + _chunk(b"IEND", b""),  # too much data
+    lambda d: d[:33] + _chunk(b"IDAT", zlib.compress(b"\x05" + b"\x00" * 89)) + _chunk(b"IEND", b""),  # bad filter
+    lambda d: fx.raw_png(fx.noise(5, 6).astype(np.uint16) * 257, 2),
+    lambda d: fx.encoded(Image.fromarray(fx.noise(5, 6)[..., 0]).convert("P"), "PNG"),
+    lambda d: d[:8] + _chunk(b"IHDR", d[16:28] + b"\x01") + d[33:],  # interlaced
+    lambda d: fx.encoded(Image.fromarray(fx.noise(9, 7)), "BMP"),
+], ids=["trns", "exif", "text", "gamma", "trailing", "idat-crc", "too-much-data", "bad-filter", "16-bit", "palette",
+        "interlaced", "bmp"])
+def test_anything_but_a_plain_png_is_written_anew_with_the_same_pixels(make):
+    data = make(fx.raw_png(fx.noise(5, 6), 2))
+    assert not images.is_plain_png(data)
+    try:
+        pixels = images.to_rgb(data)
+    except ImageDecodeError:
+        return  # refused by the decoder: subsample skips and lists it
+    canonical = images.canonical_png(data)
+    assert canonical != data
+    np.testing.assert_array_equal(images.decode_canonical(canonical).numpy(), pixels)
+
+
+def test_the_fast_path_checks_the_pixels_it_decoded():
+    data = fx.raw_png(fx.noise(5, 6), 2)
+    assert images.is_plain_png(data, images.to_rgb(data))
+    assert not images.is_plain_png(data, images.to_rgb(data)[:4])
+    assert not images.is_plain_png(data, images.to_rgb(data)[..., 0])

@@ -468,7 +468,7 @@ def test_publish_version_alone_never_moves_the_champion(s3_bucket, make_run):
 
     assert published["eligible"] and published["champion_version"] == old["version"]
     assert published["report_uri"] == f"{published['version_uri']}/report/index.html"
-    assert "promoted" not in published and storage.read_json(cfg.artifact(artifacts.PUBLISHED)) == published
+    assert "promoted" not in published and storage.read_json(cfg.artifact(artifacts.JUDGEMENT)) == published
     assert registry.read_champion(s3_bucket, MODEL_NAME)["version"] == old["version"]
     assert [d["version"] for d in decisions_for(s3_bucket)] == [old["version"]]
 
@@ -664,7 +664,7 @@ def test_store_that_ignores_conditional_writes_is_refused_before_the_champion_mo
         publish(cfg)
 
     assert registry.read_champion(s3_bucket, MODEL_NAME) is None and decisions_for(s3_bucket) == []
-    assert "promoted" not in storage.read_json(cfg.artifact(artifacts.PUBLISHED))
+    assert "promoted" not in storage.read_json(cfg.artifact(artifacts.JUDGEMENT))
 
 
 def test_pointer_overwritten_right_after_the_write_is_reported_as_no_promotion(s3_bucket, make_run, monkeypatch):

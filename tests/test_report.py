@@ -226,7 +226,7 @@ def test_params_show_what_was_asked_where_the_winning_candidate_resolved_it_diff
     winner = asked.for_candidate(Candidate("efficientnet_lite0", 96, "efficientnet_lite0-96-0123abcd"))
     assert winner.asked == {"backbone": "efficientnet_lite0", "image_size": 64} and "asked" not in winner.to_dict()
     page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", image_size=96,
-                                 candidates=asked.candidates, asked=winner.asked) / report.INDEX).read_text()
+                                 candidates=asked.candidates, asked=winner.asked) / artifacts.REPORT_PAGE).read_text()
     assert "<td>image_size</td><td>96 (asked: 64; resolved from the winning candidate)</td>" in page
     assert "<td>backbone</td><td>efficientnet_lite0</td>" in page  # the same as asked: shown once
 
@@ -236,7 +236,7 @@ def test_leaderboard_states_each_gap_and_its_noise_on_the_validation_images(tmp_
              "candidates": [{"rank": 1, "spec": "a@96", "val_accuracy": 0.9, "seconds": 10, "error": None},
                             {"rank": 2, "spec": "b@96", "val_accuracy": 0.86, "seconds": 10, "error": None}]}
     page = (write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board)
-            / report.INDEX).read_text()
+            / artifacts.REPORT_PAGE).read_text()
     n_val = sum(fx.manifest()["counts"]["val"].values())
     assert report.gap_text(0.86, 0.9, n_val) in page and report.gap_text(0.9, 0.9, n_val) in page
     assert report.gap_text(0.86, 0.9, 120) == "-0.040 ± 0.082"  # the issue's +0.04 on 120 images: within noise

@@ -115,8 +115,9 @@ def test_every_place_that_loads_a_saved_model_scans_it_first(where, tmp_path):
     path = export(Exfiltrating(str(secret), str(leak)), tmp_path / "version" / "saved_model")
     load = {"serving check": lambda: serving_check._saved_model_probabilities(path, np.zeros((1, 4), "float32")),
             "TFLite conversion": lambda: tflite_export.convert(path, "float32"),
-            "champion re-scoring": lambda: promotion._rescored_accuracy({"uri": str(tmp_path / "version")},
-                                                                       tmp_path / "none", 1, 1, tmp_path / "scratch")}
+            "champion re-scoring": lambda: promotion.score_missing(
+                str(tmp_path / "version" / "saved_model"), ["a"],
+                promotion.JudgingSet({"k": (b"", "a", "x.png")}, "", ""), {}, 1, tmp_path / "scratch")}
     with pytest.raises(BackboneError, match="is refused"):
         load[where]()
     assert not leak.exists()

@@ -246,3 +246,22 @@ def test_records_store_the_decoded_pixels_and_the_original_file(image_folder, tm
     [(original, original_path)] = records.originals(local, 1)
     assert original_path == path and original == (image_folder / path).read_bytes()
     assert (images.to_rgb(stored) == images.to_rgb(original)).all()
+
+
+def test_an_original_is_stored_once_when_it_is_already_the_canonical_image(tmp_path):
+    import tensorflow as tf
+
+    from tasks import images
+
+    plain = io.BytesIO()
+    Image.new("L", (6, 5), 77).save(plain, format="PNG")
+    photo = io.BytesIO()
+    Image.new("RGB", (6, 5), (200, 10, 30)).save(photo, format="JPEG")
+    path = tmp_path / "split.tfrecord"
+    records.write_records(path, [(plain.getvalue(), 0, "a/plain.png"), (photo.getvalue(), 1, "b/photo.jpg")])
+    stored = [tf.train.Example.FromString(raw.numpy()).features.feature for raw in tf.data.TFRecordDataset(str(path))]
+    assert "original" not in stored[0] and "original" in stored[1]
+    assert stored[0]["image"].bytes_list.value[0] == plain.getvalue()
+    assert records.originals(path, 2) == [(plain.getvalue(), "a/plain.png"), (photo.getvalue(), "b/photo.jpg")]
+    canonical = stored[1]["image"].bytes_list.value[0]
+    assert canonical != photo.getvalue() and (images.to_rgb(canonical) == images.to_rgb(photo.getvalue())).all()

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tasks import artifacts, images, records, settings, storage, test_source
+from tasks.config import RunConfig
 from tasks.datasets import DatasetError, ImageFolder, read_acquired
 from tasks.errors import ImageDecodeError
-from tasks.config import RunConfig
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
 
@@ -225,10 +225,11 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
                        for path, label in selection[split]]
             seen = {f["sha256"] for done in ("train", "val") if split == "test" for f in kept[done]}
 
-            def stored():
+            def stored(split: str, entries: list[dict[str, Any]], seen: set[str]):
                 for start in range(0, len(entries), INGEST_CHUNK):
                     chunk = entries[start:start + INGEST_CHUNK]
-                    for entry, result in zip(chunk, pool.map(lambda e: _read_image(root / e["path"], limits), chunk)):
+                    results = pool.map(lambda e: _read_image(root / e["path"], limits), chunk)
+                    for entry, result in zip(chunk, results, strict=True):
                         if isinstance(result, str):
                             skipped.append({**entry, "reason": result})
                             continue
@@ -238,7 +239,7 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
                         if sha256 not in seen:
                             yield image, original, entry["label"], entry["path"]
 
-            records.write_canonical(scratch / f"{split}.tfrecord", stored())
+            records.write_canonical(scratch / f"{split}.tfrecord", stored(split, entries, seen))
     if skipped:
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
