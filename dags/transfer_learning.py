@@ -144,6 +144,16 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
         return subsample(_config(cfg), acquired)
 
+    @task.short_circuit
+    def check_changes(cfg: dict, data: dict) -> bool:
+        """Data and config equal the champion's → every later task is skipped (the reason is in the log and in XCom
+        key `changes`); else the change report goes on with the run."""
+        from tasks.steps.check_changes import check_changes
+
+        changes = check_changes(_config(cfg), data)
+        get_current_context()["ti"].xcom_push(key="changes", value=changes)
+        return changes["train"]
+
     @task
     def candidates(cfg: dict) -> list[dict]:
         """The backbones to compare (one unless the `candidates` param lists several): train maps over them."""
@@ -230,11 +240,15 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     cfg = configure()
     # groups keep the graph readable at its default zoom; task ids stay unprefixed (README, plugin and tests use them)
-    with TaskGroup("data", prefix_group_id=False, tooltip="acquire the source, subsample it into split files"):
+    with TaskGroup("data", prefix_group_id=False,
+                   tooltip="acquire the source, subsample it into split files, compare them with the champion's"):
         data = subsample(cfg, acquire(cfg))
+        changed = check_changes(cfg, data)
     with TaskGroup("training", prefix_group_id=False,
                    tooltip="feature extraction per candidate, select the winner, fine-tune on a plateau"):
-        trained = train.partial(cfg=cfg, data=data).expand(candidate=candidates(cfg))
+        backbones = candidates(cfg)
+        changed >> Label("data or config changed since the champion") >> backbones
+        trained = train.partial(cfg=cfg, data=data).expand(candidate=backbones)
         best = select(cfg, trained)
         branch = decide(cfg, data, best)
         tuned = fine_tune(cfg, data, best)
@@ -270,7 +284,9 @@ class ApprovePromotion(HITLOperator):
     def execute(self, context) -> Any:
         cfg, version = self._published(context)
         request = approval.ask(cfg.publish_uri, cfg.model_name, version, cfg.run_id, cfg.dag_id)
-        self.subject, self.body = request["subject"], request["body"]
+        from tasks.steps.check_changes import changes_note
+
+        self.subject, self.body = request["subject"], request["body"] + changes_note(cfg)
         self.assigned_users = approval.assignees(settings.load().approvers,
                                                  context["dag_run"].triggering_user_name)
         return super().execute(context)
@@ -306,7 +322,22 @@ def transfer_learning() -> None:
     transfer_learning_pipeline("transfer_learning")
 
 
-@dag(dag_id="transfer_learning_retrain", schedule=SETTINGS.retrain_schedule,
+def retrain_schedule():
+    """The cron; or the cron or new training data, when the deployment names the data's prefix to watch
+    (TLP_RETRAIN_WATCH_URI). A producer DAG that lists the same Asset as an outlet also starts a retrain."""
+    if not SETTINGS.retrain_watch_uri:
+        return SETTINGS.retrain_schedule
+    from airflow.sdk import AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
+    from s3_prefix_trigger import S3PrefixChangedTrigger  # plugins/: on the triggerer's and parser's sys.path
+
+    watcher = AssetWatcher(name="tlpipe-training-data-watcher", trigger=S3PrefixChangedTrigger(
+        SETTINGS.retrain_watch_uri, SETTINGS.retrain_watch_interval_s, SETTINGS.model_store_conn_id))
+    data = Asset(name="tlpipe-training-data", uri=SETTINGS.retrain_watch_uri, watchers=[watcher])
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"),
+                               assets=[data])
+
+
+@dag(dag_id="transfer_learning_retrain", schedule=retrain_schedule(),
      tags=["ml", "transfer-learning", "scheduled"], **DAG_SETTINGS)
 def transfer_learning_retrain() -> None:
     transfer_learning_pipeline("transfer_learning_retrain", overrides_variable=SETTINGS.retrain_params_variable)

@@ -19,22 +19,24 @@ matches is reused (a retried task skips the pass); any other is recomputed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
 
-from tasks import images
+from tasks import feature_store, images
 from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
-from tasks.records import epoch_order, image_dataset
+from tasks.feature_store import FeatureStore
+from tasks.records import epoch_order, image_dataset, record_image
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +92,25 @@ def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any
             "data": data_hash, "decoder": images.DECODER_VERSION}
 
 
+def store_key(bottom: keras.Model, key: dict[str, Any]) -> dict[str, Any]:
+    """What one image's activations depend on, for the feature store shared by runs: the cache key (backbone,
+    image size, cut, decoder) without the data, plus a digest of the bottom's own weights and the TensorFlow
+    that runs it."""
+    import tensorflow as tf
+
+    return {**{name: value for name, value in key.items() if name != "data"},
+            "weights_digest": feature_store.weights_digest(bottom.get_weights()),
+            "tensorflow": tf.__version__}
+
+
 def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],
-                      batch_size: int) -> dict[str, CachedSplit]:
+                      batch_size: int, store: FeatureStore | None = None) -> dict[str, CachedSplit]:
     """Each split's bottom activations, from `directory` if its key matches, else computed there in one pass.
 
     `records` maps split names to their TFRecord files (records.write_records);
-    `key` says what made the activations (cache_key).
+    `key` says what made the activations (cache_key). With a `store`, images it
+    already holds (by content hash) are read from it and only the others go
+    through the bottom, which then adds them to the store.
     """
     started = time.monotonic()
     cached = open_cache(directory, key, list(records))
@@ -106,16 +121,24 @@ def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: 
     directory.mkdir(parents=True, exist_ok=True)
     image_size = int(bottom.input_shape[1])
     run = _traced(bottom, image_size)
-    splits = {name: _write_split(run, path, image_size, batch_size, directory, name)
+    space = None
+    if store is not None:
+        space_key = store_key(bottom, key)
+        space = feature_store.namespace(space_key)
+        store.describe(space, space_key)
+    splits = {name: _write_split(run, path, image_size, batch_size, directory, store, space, name)
               for name, path in records.items()}
+    if store is not None:
+        store.evict()
     meta = {"key": key, "splits": splits}
     temporary = directory / f".{META}.tmp"
     temporary.write_text(json.dumps(meta, indent=1))
     temporary.replace(directory / META)
     cached = open_cache(directory, key, list(records))
-    log.info("cached activations %s of %s in %.1f s -> %s (%.0f MB)", _shape(cached), _counts(cached),
-             time.monotonic() - started, directory,
-             sum(split.activations.nbytes for split in cached.values()) / 1e6)
+    log.info("cached activations %s of %s in %.1f s -> %s (%.0f MB; %d images through the backbone)",
+             _shape(cached), _counts(cached), time.monotonic() - started, directory,
+             sum(split.activations.nbytes for split in cached.values()) / 1e6,
+             sum(split["computed"] for split in splits.values()))
     return cached
 
 
@@ -147,22 +170,71 @@ def _traced(bottom: keras.Model, image_size: int) -> Callable:
 
 
 def _write_split(run: Callable, records: Path, image_size: int, batch_size: int, directory: Path,
-                 name: str) -> dict[str, Any]:
-    """Stream one split through the bottom into `<name>.f32` and `<name>-labels.npy`; returns count and shape."""
+                 store: FeatureStore | None, space: str | None, name: str) -> dict[str, Any]:
+    """Stream one split through the bottom into `<name>.f32` and `<name>-labels.npy`; returns count, shape and
+    how many images the bottom computed (the others came from the store)."""
     labels, shape = [], None
     temporary = directory / f".{name}.f32.tmp"
+    computed = 0
     with open(temporary, "wb") as out:
-        for images, batch_labels in image_dataset(records, image_size, batch_size):
-            activations = np.asarray(run(images), dtype=DTYPE)
-            shape = activations.shape[1:]
-            out.write(activations.tobytes())
-            labels.append(batch_labels.numpy())
+        if store is None:
+            for images, batch_labels in image_dataset(records, image_size, batch_size):
+                activations = np.asarray(run(images), dtype=DTYPE)
+                shape = activations.shape[1:]
+                out.write(activations.tobytes())
+                labels.append(batch_labels.numpy())
+            computed = sum(len(batch) for batch in labels)
+        else:
+            hashes, split_labels = _hashes_and_labels(records)
+            labels = [np.asarray(split_labels, dtype=np.int64)] if split_labels else []
+            extracted = feature_store.extract(
+                store, space, hashes, lambda indices: _computed(run, records, indices, len(hashes), image_size,
+                                                                batch_size))
+            for activations in extracted.features:
+                shape = activations.shape
+                out.write(np.asarray(activations, dtype=DTYPE).tobytes())
+            computed = extracted.computed
     if shape is None:
         temporary.unlink()
         raise TrainingError(f"{records}: no images in the {name} split; rerun subsample so every split has images")
     np.save(directory / f"{name}-labels.npy", np.concatenate(labels).astype(np.int64))
     temporary.replace(directory / f"{name}.f32")
-    return {"count": int(sum(len(batch) for batch in labels)), "shape": list(shape)}
+    return {"count": int(sum(len(batch) for batch in labels)), "shape": list(shape), "computed": computed}
+
+
+def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
+    """Each record's original file sha256 (the manifest's content hash) and label, in file order."""
+    import tensorflow as tf
+
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "original": tf.io.FixedLenFeature([], tf.string, b""),
+            "label": tf.io.FixedLenFeature([], tf.int64)}
+    hashes, labels = [], []
+    for serialized in tf.data.TFRecordDataset(str(records)):
+        record = tf.io.parse_single_example(serialized, spec)
+        original = record["original"].numpy() or record["image"].numpy()  # an original already canonical: the image
+        hashes.append(hashlib.sha256(original).hexdigest())
+        labels.append(int(record["label"].numpy()))
+    return hashes, labels
+
+
+def _computed(run: Callable, records: Path, indices: list[int], count: int, image_size: int,
+              batch_size: int) -> Iterator[np.ndarray]:
+    """The bottom's activations of the records at `indices` (ascending), one array per image, streamed in batches."""
+    if not indices:
+        return
+    import tensorflow as tf
+
+    mask = np.zeros(count, dtype=bool)
+    mask[indices] = True
+    wanted = tf.constant(mask)
+    spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+    images = (tf.data.TFRecordDataset(str(records)).enumerate()
+              .filter(lambda index, _: tf.gather(wanted, index))
+              .map(lambda _, record: record_image(tf.io.parse_single_example(record, spec)["image"], image_size),
+                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    for batch in images:
+        yield from np.asarray(run(batch), dtype=DTYPE)
 
 
 def _shape(cached: dict[str, CachedSplit]) -> tuple[int, ...]:

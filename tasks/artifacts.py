@@ -51,7 +51,11 @@ ACQUIRED = Artifact(("data", "acquired.json"), "acquire",
                     consumers=("subsample",), read_through_run_root=("subsample",))
 MANIFEST = Artifact(("data", "manifest.json"), "subsample",
                     "the selection: every file, label and split, seed, skipped files, one content hash",
-                    consumers=("train", "decide", "fine_tune", "evaluate"), read_through_run_root=("publish_version",))
+                    consumers=("check_changes", "train", "decide", "fine_tune", "evaluate"),
+                    read_through_run_root=("publish_version",))
+CHANGES = Artifact(("data", "changes.json"), "check_changes",
+                   "what changed since the champion: fingerprints, files per class, class-prior and embedding shift",
+                   read_through_run_root=("evaluate", "approve", "promote"))
 FEATURES = Artifact(("features",), "train", "cached backbone features of the train and val splits",
                     per_candidate=True)
 ACTIVATIONS = Artifact(("activations",), "fine_tune", "frozen-bottom activations per cut, computed once per image",
@@ -119,7 +123,8 @@ def tensorboard(phase: str) -> Artifact:
 
 def split_records(split: str) -> Artifact:
     """The TFRecord file of one split ("train", "val" or "test")."""
-    readers = {"train": ("train", "fine_tune"), "val": ("train", "fine_tune", "evaluate"),
+    readers = {"train": ("check_changes", "train", "fine_tune"),
+               "val": ("check_changes", "train", "fine_tune", "evaluate"),
                "test": ("evaluate", "publish_version")}[split]
     return Artifact(("data", f"{split}.tfrecord"), "subsample", f"the {split} split's encoded images and labels",
                     read_through_run_root=readers)

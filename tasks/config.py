@@ -168,6 +168,11 @@ class RunConfig:
                              section=PUBLISHING, type="integer", minimum=1, maximum=1000)
     model_name: str = param("fashion-mnist-classifier", "Model name", "Lowercase letters, digits, . _ -; names "
                             "the published model.", section=PUBLISHING, type="string", pattern=MODEL_NAME_PATTERN)
+    warm_start: bool = param(True, "Warm start", "Start the head from the champion's when the classes, backbone and "
+                             "image size are the same (else a fresh head, with the reason logged).",
+                             section=FEATURE_EXTRACTION, type="boolean")
+    skip_unchanged: bool = param(True, "Skip when unchanged", "End the run early, training nothing, when the data "
+                                 "and config equal those of the champion.", section=DATA, type="boolean")
     publish_uri: str = param(settings.load().publish_uri, "Publish to", "Model registry root; one of the "
                              "deployment's publish locations (TLP_PUBLISH_URI, TLP_PUBLISH_LOCATIONS).",
                              section=PUBLISHING, type="string", minLength=1)

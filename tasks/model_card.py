@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from tasks import accuracy_gap
+from tasks import accuracy_gap, data_changes
 from tasks.config import RunConfig
 from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE, LABELS, PhaseSummary
 from tasks.records import SPLITS
@@ -39,6 +39,7 @@ class RunRecord:
     phases: dict[str, PhaseSummary] = field(default_factory=dict)  # the phases that ran
     kept: str | None = None  # the phase whose model the run kept (and evaluated)
     leaderboard: dict | None = None
+    changes: dict | None = None  # tasks.data_changes report (check_changes)
 
     @property
     def backbone(self) -> str:
@@ -104,6 +105,8 @@ def render(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         _use_section(cfg, metrics, record),
         input_images_section(cfg.image_size),
     ]
+    if record.changes is not None:
+        sections.insert(4, data_changes.markdown(record.changes))
     return "\n\n".join(section for section in sections if section) + "\n"
 
 

@@ -147,6 +147,24 @@ class Settings:
         uri.strip() for uri in _env("TLP_BACKBONE_LOCATIONS", "").split(",") if uri.strip()))
     allow_hub_backbones: bool = field(default_factory=lambda: _env("TLP_ALLOW_HUB_BACKBONES", "false").lower()
                                       in ("1", "true", "yes"))
+    # retraining (tasks.feature_store, tasks.data_changes): the shared feature store, its size cap, and the
+    # embedding shift (domain-classifier AUC since the champion) above which promotion waits for a human (0 = off)
+    feature_store: str = field(default_factory=lambda: _env("TLP_FEATURE_STORE", ""))
+    feature_store_max_bytes: int = field(default_factory=lambda: _env_int("TLP_FEATURE_STORE_MAX_BYTES", 20 * 2**30))
+    shift_auc_threshold: float = field(default_factory=lambda: _env_float("TLP_SHIFT_AUC_THRESHOLD", 0.0))
+    # the retrain DAG's data asset: an s3:// prefix whose new or changed objects start a retrain, polled this often
+    retrain_watch_uri: str = field(default_factory=lambda: _env("TLP_RETRAIN_WATCH_URI", ""))
+    retrain_watch_interval_s: float = field(default_factory=lambda: _env_float("TLP_RETRAIN_WATCH_INTERVAL_S", 60.0))
+
+    def feature_store_root(self) -> str:
+        """Where backbone features shared by runs live: TLP_FEATURE_STORE, else `_feature_store` under the run root."""
+        from tasks import storage
+
+        return self.feature_store or storage.join(self.run_root, "_feature_store")
+
+    def feature_store_args(self) -> tuple[str, int]:
+        """(root, size cap in bytes) of the feature store: tasks.feature_store.FeatureStore's arguments."""
+        return self.feature_store_root(), self.feature_store_max_bytes
 
     def __post_init__(self) -> None:
         if self.approval_models and not self.approvers:

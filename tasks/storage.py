@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Mapping
 
 from tasks import settings
 from tasks.errors import StorageError, StoreUnavailableError
@@ -72,9 +72,10 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client():
-    """A boto3 S3 client for the current environment's endpoint and credentials."""
-    env = os.environ
+def s3_client(env: Mapping[str, str] | None = None):
+    """A boto3 S3 client for the endpoint and credentials in `env` (AWS_* names; default: this process's
+    environment)."""
+    env = os.environ if env is None else env
     return _client(env.get("AWS_ENDPOINT_URL"), env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
                    env.get("AWS_DEFAULT_REGION", "us-east-1"))
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tasks import activation_cache, artifacts, storage
+from tasks import activation_cache, artifacts, feature_store, settings, storage
 from tasks.backbones import Backbone, make_optimizer
 from tasks.config import RunConfig
 from tasks.errors import TrainingError
@@ -146,7 +146,8 @@ def cached_data(feed: Feed, bottom: keras.Model, key: dict[str, Any], uri: str, 
     elif not storage.is_s3(uri):
         cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
     if cached is None:
-        cached = activation_cache.cache_activations(bottom, stage(), local, key, feed.batch_size)
+        cached = activation_cache.cache_activations(bottom, stage(), local, key, feed.batch_size,
+                                                    feature_store.FeatureStore(*settings.load().feature_store_args()))
         if storage.is_s3(uri):
             storage.delete(uri.rstrip("/") + "/")
             storage.upload(local, uri)

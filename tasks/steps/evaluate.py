@@ -215,6 +215,7 @@ def _load_record(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any],
         phases=summaries,
         kept=phases.kept_phase(summaries[FEATURE_EXTRACTION], summaries.get(FINE_TUNE)),
         leaderboard=storage.read_json(leaderboard_uri),
+        changes=_read_optional(cfg.artifact(artifacts.CHANGES)),
     )
     return record, models
 

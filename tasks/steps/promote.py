@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks import approval, artifacts, promotion, registry, settings, storage
+from tasks import approval, artifacts, data_changes, promotion, registry, settings, storage
 from tasks.config import RunConfig, check_publish_location
 from tasks.registry import SAVED_MODEL_DIR, TEST_RECORDS
 from tasks.scratch import scratch_dir
@@ -51,6 +51,8 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
         review = approval.review(registry.read_approval(model_root, version), version=version,
                                  judged_at=judgement["judged_at"], triggered_by=triggered_by,
                                  approvers=deployment.approvers)
+    if review is None:  # where a human approves, the approval request shows the shift instead
+        judgement = data_changes.held(judgement, _recorded_changes(cfg), deployment.shift_auc_threshold)
     champion = registry.champion_at(model_root)
     if _unrecorded_promotion_of(model_root, champion, version):
         log.info("promote: the champion already is %s; recording the decision a crash left out", version)
@@ -68,6 +70,12 @@ def promote(cfg: RunConfig, version: str, triggered_by: str | None = None) -> di
         decision = promotion.move_champion(model_root, judgement, review,
                                            lambda moved: _judge_again(cfg, judgement, moved))
     return _finish(cfg, decision)
+
+
+def _recorded_changes(cfg: RunConfig) -> dict | None:
+    """What check_changes found since the champion (None when it did not run)."""
+    uri = cfg.artifact(artifacts.CHANGES)
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
 def _judge_again(cfg: RunConfig, judgement: dict, champion: dict | None) -> dict:

@@ -34,6 +34,7 @@ from tasks.training import (
     resolve_loss,
     stage_records,
 )
+from tasks.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
         built = classifier.build(spec, cfg.backbone_weights, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         backbone.model.trainable = False
+        warm = warm_start(built, cfg.publish_uri, cfg.model_name, scratch, cfg.cache_dir) if cfg.warm_start else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
             train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
@@ -89,7 +91,7 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     phases.write_summary(summary_uri, PhaseSummary(
         phase=FEATURE_EXTRACTION, backbone=backbone.name, weights_source=backbone.weights_source,
         feature_dim=backbone.feature_dim, manifest_hash=manifest["hash"], **result.record(seconds),
-        settings={"augment": cfg.augment}))
+        settings={"augment": cfg.augment, "warm_start": warm}))
     storage.delete(cfg.artifact(artifacts.TRAINING_ERROR))
     log.info("feature extraction: %s in %.1f s -> %s", result.describe(), seconds, model_uri)
     return {"model_uri": model_uri, "history_uri": history_uri, "summary_uri": summary_uri,

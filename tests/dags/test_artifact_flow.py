@@ -114,6 +114,7 @@ def violations(accesses: list[Access], places) -> list[str]:
 def test_every_step_reads_what_arrives_on_its_edges_or_what_it_declares(tmp_path, cache_dir, monkeypatch):
     """Down the fine-tune branch, where every step runs (the other branch reads a subset)."""
     from tasks.steps.acquire import acquire
+    from tasks.steps.check_changes import check_changes
     from tasks.steps.decide import decide
     from tasks.steps.evaluate import evaluate
     from tasks.steps.fine_tune import fine_tune as fine_tune_step
@@ -124,7 +125,7 @@ def test_every_step_reads_what_arrives_on_its_edges_or_what_it_declares(tmp_path
     source = write_image_folder(tmp_path / "images", {"dark": 8, "mid": 8, "light": 8})
     cfg = RunConfig(run_root=str(tmp_path / "runs"), source=str(source), train_percent=100, val_fraction=0.25,
                     image_size=32, batch_size=8, epochs=2, patience=1, fine_tune="always", fine_tune_layers=4,
-                    fine_tune_epochs=1, top_k_wrong=3, cache_dir=cache_dir)
+                    fine_tune_epochs=1, top_k_wrong=3, cache_dir=cache_dir, publish_uri=str(tmp_path / "models"))
     recorder = Recorder(monkeypatch, cfg.run_uri)
     steps = []
 
@@ -136,6 +137,7 @@ def test_every_step_reads_what_arrives_on_its_edges_or_what_it_declares(tmp_path
 
     acquired = run("acquire", acquire, cfg)
     data = run("subsample", subsample, cfg, acquired)
+    assert run("check_changes", check_changes, cfg, data)["train"]  # no champion yet
     (only,) = candidate_list(cfg)
     trained = run("train", train, cfg, data, dataclasses.asdict(only))
     best = run("select", select, cfg, [trained])
@@ -144,7 +146,7 @@ def test_every_step_reads_what_arrives_on_its_edges_or_what_it_declares(tmp_path
     tuned = run("fine_tune", fine_tune_step, winner, data, best) if decision["fine_tune"] else None
     evaluation = run("evaluate", evaluate, winner, data, best, tuned)
 
-    assert steps == ["acquire", "subsample", "train", "select", "decide", "fine_tune", "evaluate"]
+    assert steps == ["acquire", "subsample", "check_changes", "train", "select", "decide", "fine_tune", "evaluate"]
     assert evaluation["kept"] in ("feature_extraction", "fine_tune")
     assert evaluation["model_uri"] == (tuned["model_uri"] if tuned and evaluation["kept"] == "fine_tune"
                                        else best["model_uri"])
@@ -171,8 +173,8 @@ def test_the_check_catches_an_undeclared_read_and_a_second_writer(tmp_path):
 
 
 def test_every_catalog_entry_names_real_steps():
-    steps = {"acquire", "subsample", "train", "select", "decide", "fine_tune", "evaluate", "publish_version",
-             "promote", "list_images", "score_shard", "merge_predictions"}
+    steps = {"acquire", "subsample", "check_changes", "train", "select", "decide", "fine_tune", "evaluate",
+             "publish_version", "approve", "promote", "list_images", "score_shard", "merge_predictions"}
     for artifact in artifacts.catalog():
         named = {artifact.producer, *artifact.consumers, *artifact.read_through_run_root}
         assert named <= steps, (artifact.path, named - steps)

@@ -67,7 +67,9 @@ def test_graph_reads_like_the_pipeline(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     downstream = {t.task_id: t.downstream_task_ids for t in dag.tasks}
     assert downstream["acquire"] == {"subsample"}
-    assert downstream["subsample"] == {"train", "decide", "fine_tune", "evaluate"}  # the selection every step uses
+    assert downstream["subsample"] == {"check_changes", "train", "decide", "fine_tune", "evaluate"}
+    assert downstream["check_changes"] == {"candidates"}  # unchanged since the champion: everything after skips
+    assert dag.task_dict["check_changes"].ignore_downstream_trigger_rules  # evaluate's rule cannot bring it back
     assert downstream["candidates"] == {"train"}
     assert downstream["train"] == {"select"}
     # the winner's model, history and summary go on
@@ -101,7 +103,7 @@ def test_tasks_are_grouped_into_data_training_and_release_with_their_plain_ids(d
     dag = dagbag.dags[dag_id]
     groups = {task.task_id: task.task_group.group_id for task in dag.tasks}
     assert groups == {
-        "configure": None, "acquire": "data", "subsample": "data",
+        "configure": None, "acquire": "data", "subsample": "data", "check_changes": "data",
         **dict.fromkeys(("candidates", "train", "select", "decide", "fine_tune", "skip_fine_tune"), "training"),
         **dict.fromkeys(("evaluate", "publish_version", "approval_gate", "approve", "promote"), "release"),
     }
@@ -174,6 +176,22 @@ def test_retrain_schedule_comes_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
                          check=True, cwd=ROOT, env={**__import__("os").environ, "TLP_RETRAIN_SCHEDULE": "15 4 * * *"})
     assert out.stdout.strip().endswith("15 4 * * *")
+
+
+def test_retrain_dag_also_runs_when_its_watched_data_changes(tmp_path):
+    code = ("from airflow.dag_processing.dagbag import DagBag; import sys, json; "
+            "dag = DagBag(dag_folder=sys.argv[1]).dags['transfer_learning_retrain']; t = dag.timetable; "
+            "assets = list(t.asset_condition.objects); "
+            "print(json.dumps([type(t).__name__, t.timetable.expression, [a.uri for a in assets], "
+            "[w.trigger.serialize() for a in assets for w in a.watchers]]))")
+    env = {**__import__("os").environ, "TLP_RETRAIN_WATCH_URI": "s3://data/flowers/",
+           "TLP_RETRAIN_WATCH_INTERVAL_S": "30"}
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=env)
+    kind, cron, uris, triggers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert kind == "AssetOrTimeSchedule" and cron == "0 3 * * 1" and uris == ["s3://data/flowers"]
+    assert triggers == [["s3_prefix_trigger.S3PrefixChangedTrigger",
+                         {"prefix": "s3://data/flowers/", "interval_s": 30.0, "conn_id": "model_store"}]]
 
 
 REQUIRED_PARAMS = ("source", "classes", "train_percent", "val_fraction", "seed", "backbone", "image_size",

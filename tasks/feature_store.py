@@ -1,0 +1,208 @@
+"""A content-addressed store of per-image backbone outputs, shared by runs: a retrain computes only new images.
+
+What a frozen backbone (or the part below a fine-tuning cut) makes of an image
+depends only on the backbone spec and its weights, the image size, the decoder
+and the cut, and on the image's bytes. So entries live under a namespace (a
+digest of those, with a readable `key.json` beside them) and are named by the
+image's sha256 (the hash subsample records in the manifest):
+`<root>/<namespace>/<sha[:2]>/<sha>.npy`.
+
+- Atomic writes: an entry is one object (write-then-rename locally, one PUT on
+  S3), so a reader sees a whole entry or none; writers racing on one image write
+  the same bytes.
+- Verified reads: an entry starts with the sha256 of its payload; an entry that
+  does not match (a torn copy, a disk error, a hand edit) is a miss, deleted and
+  recomputed. Payloads are .npy without pickles.
+- Bounded: `evict` removes least-recently-used entries until the store fits its
+  size cap. Locally a hit refreshes the entry's modification time; on S3 the
+  order is the last write (S3 cannot touch an object without rewriting it).
+
+The root is a deployment setting (TLP_FEATURE_STORE, TLP_FEATURE_STORE_MAX_BYTES).
+No TensorFlow here: `extract` takes the traced backbone as a function.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from tasks import storage
+from tasks.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TLFS1\n"
+DIGEST_BYTES = 32
+KEY_FILE = "key.json"
+SUFFIX = ".npy"
+
+
+def namespace(key: dict[str, Any]) -> str:
+    """The folder of everything computed under `key` (backbone, weights digest, image size, decoder, cut)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def weights_digest(arrays: Iterable[np.ndarray]) -> str:
+    """sha256 over a model's weight arrays (shapes, dtypes and values): two backbones with equal digests compute
+    the same features."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def encode(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    payload = buffer.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def decode(data: bytes) -> np.ndarray | None:
+    """The stored array, or None when the bytes are not a whole, unaltered entry."""
+    head = len(MAGIC) + DIGEST_BYTES
+    if len(data) < head or not data.startswith(MAGIC):
+        return None
+    payload = data[head:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC):head]:
+        return None
+    try:
+        return np.load(io.BytesIO(payload), allow_pickle=False)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """A store root (local folder or s3:// prefix) with a size cap in bytes (0 = no cap)."""
+
+    root: str
+    max_bytes: int = 0
+
+    def entry(self, space: str, sha256: str) -> str:
+        return storage.join(self.root, space, sha256[:2], sha256 + SUFFIX)
+
+    def describe(self, space: str, key: dict[str, Any]) -> None:
+        """Write the namespace's readable key once (what its entries were computed with)."""
+        uri = storage.join(self.root, space, KEY_FILE)
+        if not storage.exists(uri):
+            storage.write_json(uri, key)
+
+    def present(self, space: str) -> set[str]:
+        """The image hashes the namespace holds (one listing; entries are verified when read)."""
+        prefix = storage.join(self.root, space) + "/"
+        try:
+            stored = storage.list_stored(prefix)
+        except (StorageError, FileNotFoundError):
+            return set()
+        return {item.uri.rsplit("/", 1)[-1][:-len(SUFFIX)] for item in stored if item.uri.endswith(SUFFIX)}
+
+    def get(self, space: str, sha256: str) -> np.ndarray | None:
+        """The entry's array, or None when absent or not verified (a bad entry is deleted)."""
+        uri = self.entry(space, sha256)
+        try:
+            data = storage.read_bytes(uri)
+        except StorageError:
+            return None
+        array = decode(data)
+        if array is None:
+            log.warning("feature store: %s failed verification; deleting it, it will be recomputed", uri)
+            storage.delete(uri)
+            return None
+        if not storage.is_s3(uri):
+            _touch(storage.local_path(uri))
+        return array
+
+    def put(self, space: str, sha256: str, array: np.ndarray) -> None:
+        storage.write_bytes(self.entry(space, sha256), encode(array))
+
+    def evict(self) -> int:
+        """Delete least-recently-used entries until the store fits its cap; returns how many were deleted."""
+        if not self.max_bytes:
+            return 0
+        entries = [item for item in _entries_by_age(self.root) if item[0].endswith(SUFFIX)]
+        total = sum(size for _, size, _ in entries)
+        deleted = 0
+        for uri, size, _ in entries:
+            if total <= self.max_bytes:
+                break
+            storage.delete(uri)
+            total -= size
+            deleted += 1
+        if deleted:
+            log.info("feature store: evicted %d least-recently-used entries from %s (now %.1f MB, cap %.1f MB)",
+                     deleted, self.root, total / 1e6, self.max_bytes / 1e6)
+        return deleted
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """One split's per-image outputs in file order, and how many images went through the backbone."""
+
+    features: Iterator[np.ndarray]
+    count: int
+    computed: int
+
+
+def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callable[[list[int]], Iterator[np.ndarray]]
+            ) -> Extracted:
+    """Each image's output in order, from the store where it has the image, else from `compute`.
+
+    `hashes` are the images' sha256 in file order; `compute(indices)` yields the
+    outputs of those images (in that order), which are stored as they come. An
+    entry lost between the listing and its read (evicted, failed verification)
+    is computed on its own.
+    """
+    present = store.present(space)
+    missing = [index for index, sha in enumerate(hashes) if sha not in present]
+
+    def ordered() -> Iterator[np.ndarray]:
+        computed = compute(missing)
+        pending = set(missing)
+        for index, sha in enumerate(hashes):
+            if index in pending:
+                array = next(computed)
+                store.put(space, sha, array)
+            else:
+                array = store.get(space, sha)
+                if array is None:
+                    array = next(compute([index]))
+                    store.put(space, sha, array)
+            yield array
+
+    return Extracted(ordered(), len(hashes), len(missing))
+
+
+def _touch(path) -> None:
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass  # evicted by another process since the read: the array in hand is still whole
+
+
+def _entries_by_age(root: str) -> list[tuple[str, int, float]]:
+    """(uri, size, last use) of every object below the root, least recently used first."""
+    if not storage.is_s3(root):
+        base = storage.local_path(root)
+        found = []
+        for path in base.rglob(f"*{SUFFIX}"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((str(path), stat.st_size, stat.st_mtime))
+        return sorted(found, key=lambda item: item[2])
+    bucket, key = storage.split_s3(root.rstrip("/") + "/")
+    found = []
+    for page in storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+        found.extend((f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
+                     for obj in page.get("Contents", []))
+    return sorted(found, key=lambda item: item[2])
