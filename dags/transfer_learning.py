@@ -328,7 +328,7 @@ def retrain_schedule():
     if not SETTINGS.retrain_watch_uri:
         return SETTINGS.retrain_schedule
     from airflow.sdk import AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
-    from s3_prefix_trigger import S3PrefixChangedTrigger  # plugins/: on the triggerer's and parser's sys.path
+    from s3_prefix_trigger import S3PrefixChangedTrigger  # plugins/: importable by the triggerer and the parser
 
     watcher = AssetWatcher(name="tlpipe-training-data-watcher", trigger=S3PrefixChangedTrigger(
         SETTINGS.retrain_watch_uri, SETTINGS.retrain_watch_interval_s, SETTINGS.model_store_conn_id))

@@ -7,7 +7,7 @@ sets the baseline (or it is read back from the asset's state store, so a
 triggerer restart does not forget what it last saw); every later change yields
 one TriggerEvent, which Airflow turns into an asset event that schedules the
 retrain DAG. It lives in plugins/ because it imports Airflow (tasks/ must not)
-and the triggerer has the plugins folder on sys.path.
+and the triggerer can import from the plugins folder.
 """
 from __future__ import annotations
 

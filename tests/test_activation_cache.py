@@ -131,6 +131,7 @@ def test_one_epoch_on_cached_activations_trains_the_same_weights_as_on_images(un
     assert len(on_cache) == len(on_images) == units + 2  # a kernel per unit, the head's kernel and bias
     assert not np.allclose(on_cache[-2], initial), "the epoch changed the head"
     # the same training up to float32 reassociation: the bottom runs in its own graph on one path and inline on the
-    # other, and an epoch of Adam carries those ~1e-8 differences into a few weights at ~4e-7 (updates are ~1e-3)
+    # other, and an epoch of Adam carries those ~1e-8 differences into a few weights at up to ~1e-6 (updates are
+    # ~1e-3; a different order or image would be off by far more)
     for trained_on_cache, trained_on_images in zip(on_cache, on_images, strict=True):
-        np.testing.assert_allclose(trained_on_cache, trained_on_images, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(trained_on_cache, trained_on_images, rtol=1e-5, atol=1e-5)

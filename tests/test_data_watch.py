@@ -3,15 +3,12 @@ trigger (plugins/s3_prefix_trigger.py) fires on a change under an S3 prefix, and
 from __future__ import annotations
 
 import asyncio
-import sys
 
+import airflow  # noqa: F401 (as in the triggerer, Airflow makes the plugins folder importable)
 import pytest
 
 from tasks import storage
 from tasks.data_watch import listing_fingerprint
-from tests.helpers.runs import ROOT
-
-sys.path.insert(0, str(ROOT / "plugins"))
 
 
 @pytest.mark.fast

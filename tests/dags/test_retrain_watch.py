@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
+import airflow  # noqa: F401 (as in the triggerer, Airflow makes the plugins folder importable)
 import pytest
 
 from tasks import registry, storage
 from tasks.config import safe_name
 from tests.helpers.runs import ROOT, write_image_folder
-
-sys.path.insert(0, str(ROOT / "plugins"))
 
 pytestmark = pytest.mark.slow
 
