@@ -27,7 +27,8 @@ PROBE = ".conditional-write-probe"
 
 
 def read(uri: str) -> tuple[Any, str | None]:
-    """(value, tag) of a JSON object, or (None, None) when it does not exist; the tag names this exact content."""
+    """(value, tag) of a JSON object, or (None, None) when it does not exist (nor its bucket: a registry nothing has
+    been published to yet); the tag names this exact content."""
     if not storage.is_s3(uri):
         path = storage.local_path(uri)
         if not path.is_file():
@@ -36,7 +37,7 @@ def read(uri: str) -> tuple[Any, str | None]:
         return json.loads(data), hashlib.sha256(data).hexdigest()
     bucket, key = storage.split_s3(uri)
     response = _s3(uri, functools.partial(storage.s3_client().get_object, Bucket=bucket, Key=key),
-                   refused=("NoSuchKey", "404", "NotFound"))
+                   refused=("NoSuchKey", "NoSuchBucket", "404", "NotFound"))
     return (None, None) if response is None else (json.loads(response["Body"].read()), response["ETag"])
 
 

@@ -40,3 +40,8 @@ def test_write_against_a_stale_tag_is_refused_and_against_the_current_one_succee
 
 def test_seaweedfs_passes_the_conditional_write_probe(s3_bucket):
     pointer.require_conditional_writes(s3_bucket + "/model")
+
+
+def test_a_pointer_in_a_bucket_nothing_was_published_to_yet_does_not_exist(s3):
+    """A fresh store: the first run reads the champion before any version made the registry's bucket."""
+    assert pointer.read("s3://no-such-bucket-yet/model/champion.json") == (None, None)
