@@ -147,8 +147,8 @@ class RunConfig:
     augment: bool = param(False, "Augment", "Random flips/rotations/zooms; the backbone then runs every epoch "
                           "instead of once (slower).", section=FEATURE_EXTRACTION, type="boolean")
     mixup: float = param(0.0, "Mixup (feature extraction)", "Mixup strength alpha for the head on cached features: "
-                         "each training example becomes a random Beta(alpha, alpha) blend of two examples' features and "
-                         "labels (costs nothing: the backbone still runs once per image; ignored with Augment). 0 = "
+                         "each training example becomes a random Beta(alpha, alpha) blend of two examples' features "
+                         "and labels (costs nothing: the backbone still runs once per image; ignored with Augment). 0 = "
                          "off; 0.2 to 0.4 are usual.", section=FEATURE_EXTRACTION, type="number", minimum=0, maximum=4)
     patience: int = param(3, "Patience (epochs)", "Early stopping and plateau window.",
                           section=FEATURE_EXTRACTION, type="integer", minimum=1, maximum=100)
@@ -298,7 +298,8 @@ def auto_image_size(manifest: dict[str, Any] | None) -> tuple[int, str]:
         return AUTO_SMALL_SIZE, f"image_size auto: {AUTO_SMALL_SIZE} px (the manifest records no image sizes)"
     if side >= AUTO_LARGE_SIDE:
         return AUTO_LARGE_SIZE, (f"image_size auto: {AUTO_LARGE_SIZE} px, as the {count} training images' median "
-                                 f"shorter side is {side:g} px (at least {AUTO_LARGE_SIDE}: detail a larger input uses)")
+                                 f"shorter side is {side:g} px (at least {AUTO_LARGE_SIDE}: detail a larger input "
+                                 "uses)")
     return AUTO_SMALL_SIZE, (f"image_size auto: {AUTO_SMALL_SIZE} px, as the {count} training images' median shorter "
                              f"side is {side:g} px (under {AUTO_LARGE_SIDE}: a larger input would only upsample them)")
 

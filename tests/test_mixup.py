@@ -29,7 +29,7 @@ def test_mixup_blends_features_and_labels_with_the_same_weights():
     plain = [(x.numpy(), y.numpy()) for x, y in batches()]
     blended = mixed(0.4, seed=3)
     assert len(blended) == len(plain)
-    for (x, y), (_, y_plain) in zip(blended, plain, strict=True):
+    for x, y in blended:
         np.testing.assert_allclose(x, 10 * y, rtol=1e-5, atol=1e-5)  # the features blend as the labels do
         np.testing.assert_allclose(y.sum(axis=1), 1, rtol=1e-5)
         assert (y >= 0).all()
