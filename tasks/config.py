@@ -149,7 +149,8 @@ class RunConfig:
     mixup: float = param(0.0, "Mixup (feature extraction)", "Mixup strength alpha for the head on cached features: "
                          "each training example becomes a random Beta(alpha, alpha) blend of two examples' features "
                          "and labels (costs nothing: the backbone still runs once per image; ignored with Augment). "
-                         "0 = off; 0.2 to 0.4 are usual.", section=FEATURE_EXTRACTION, type="number", minimum=0, maximum=4)
+                         "0 = off; 0.2 to 0.4 are usual.", section=FEATURE_EXTRACTION, type="number", minimum=0,
+                         maximum=4)
     patience: int = param(3, "Patience (epochs)", "Early stopping and plateau window.",
                           section=FEATURE_EXTRACTION, type="integer", minimum=1, maximum=100)
     min_delta: float = param(0.005, "Min improvement", "Smaller val_accuracy gains count as no improvement "
