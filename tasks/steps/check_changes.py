@@ -36,7 +36,7 @@ MAX_SHIFT_IMAGES = 1000  # per side: the domain classifier's sample
 def check_changes(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     """Compare data and config with the champion's; returns `train` (False = nothing to do), why, and the report."""
     manifest = artifacts.read_manifest(cfg, data)
-    params = cfg.to_public_dict()
+    params = _auto_size_resolved(cfg.to_public_dict(), manifest)
     report = {"fingerprints": data_changes.fingerprints(manifest, params), "champion_version": None}
     champion = _champion_records(cfg)
     if champion is None:
@@ -65,8 +65,17 @@ def changes_note(cfg: RunConfig) -> str:
     return f"\n\nData: {data_changes.summary_line(changes)}."
 
 
+def _auto_size_resolved(params: dict[str, Any], manifest: dict) -> dict[str, Any]:
+    """Params with image_size auto (None) as the candidates step decides it from the manifest: a champion's
+    params.json holds the size it ran at, and the same data gives the same size."""
+    from tasks.config import auto_image_size
+
+    return params if params.get("image_size") is not None else {**params, "image_size": auto_image_size(manifest)[0]}
+
+
 def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> dict[str, Any]:
-    old_manifest, old_params, version = champion["manifest"], champion["params"], champion["version"]
+    old_manifest, version = champion["manifest"], champion["version"]
+    old_params = _auto_size_resolved(champion["params"], old_manifest)
     same_data = data_changes.data_fingerprint(old_manifest) == data_changes.data_fingerprint(manifest)
     try:
         same_config = data_changes.config_fingerprint(old_params) == data_changes.config_fingerprint(params)
