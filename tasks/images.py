@@ -88,6 +88,11 @@ def image_format(data: bytes) -> str:
         return "WEBP"
     if data[:4] in TIFF_SIGNATURES:
         return "TIFF"
+    if data[4:8] == b"ftyp":  # ISO media: HEIC/HEIF (phones' default), AVIF
+        brand = data[8:12].decode("ascii", "replace").strip()
+        raise ImageDecodeError(f"a HEIF/AVIF image (brand {brand!r}, as phones save by default), which is not "
+                               "accepted: export it as JPEG or PNG (on an iPhone: Settings > Camera > Formats > Most "
+                               "Compatible)")
     if data[:4] in BIGTIFF_SIGNATURES:
         raise ImageDecodeError("a BigTIFF (a TIFF over 4 GB addressing), which is not accepted; save it as an "
                                "ordinary TIFF or a PNG")

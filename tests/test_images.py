@@ -144,6 +144,7 @@ def test_jpeg_header_is_found_past_large_metadata_segments():
     (b"", "none of the signatures of JPEG, PNG, GIF, BMP, WEBP, TIFF"),
     (b"MM\x00*\x00\x00\x00\x08\x00\x01" + b"\x01\x03" + b"\x00" * 10, "TIFF whose first image directory declares no"),
     (b"II*\x00\xff\xff\x00\x00", "a TIFF whose header is cut short"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIF/AVIF image \\(brand 'heic'.*export it as JPEG or PNG"),
     (b"%PDF-1.7 not an image", "none of the signatures"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "header is cut short"),
     (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 10 + b"\xff\xda", "no frame header"),
