@@ -1,7 +1,9 @@
 """Transfer learning against training from scratch, on the very same splits, for each benchmark, in one run.
 
 Two benchmarks, each through the project's own acquire/subsample/train/
-fine_tune steps with the default params (plus any `--set`):
+fine_tune steps with the default params (plus any `--set`; image_size auto is
+decided from the benchmark's images as the DAG's candidates step does, and the
+JSON line says which size ran, `*_image_size`):
 
 - `fashion_mnist`: Fashion-MNIST, 10 % of train (5400 train / 600 val,
   stratified), the full 10k test split, seed 42 (28 px grayscale, centred);
@@ -191,7 +193,7 @@ def forward_flops(model: keras.Model, shape: tuple[int, ...]) -> int:
 def demo_params(overrides: dict[str, str] | None = None) -> str:
     """The recipe measured (the default `make demo` runs, with any `--set` overrides), as one flat string."""
     keys = ("image_size", "epochs", "learning_rate", "fine_tune", "fine_tune_layers", "fine_tune_epochs",
-            "fine_tune_lr_factor", "fine_tune_schedule", "augment")
+            "fine_tune_lr_factor", "fine_tune_schedule", "augment", "mixup")
     specs = param_specs(RunConfig())
     values = {key: "auto" if specs[key][0] is None else specs[key][0] for key in keys} | dict(overrides or {})
     return ",".join(f"{key}={value}" for key, value in values.items())
