@@ -99,7 +99,7 @@ def fetch(publish_uri: str, model_name: str, version: str, cache_dir: str, engin
     engine_file = SCORING_FILE if engine == TFLITE_FLOAT32 and SCORING_FILE in checksums else ENGINE_FILES[engine]
     wanted = [name for name in checksums if name in (SPEC_FILE, embedding_reference.FILE)
               or name.startswith(engine_file)]
-    if not any(name.startswith(ENGINE_FILES[engine]) for name in wanted):
+    if not any(name.startswith(engine_file) for name in wanted):
         raise ScoringError(f"{uri} has neither {ENGINE_FILES[TFLITE_FLOAT32]} nor a SavedModel; re-publish it")
     for name in wanted:
         _verified_copy(storage.join(uri, name), local / name, checksums[name])

@@ -29,11 +29,20 @@ PIXELS_INPUT = "image"
 
 def with_embeddings(model):
     """A function from a pixel batch to {"probabilities", "embeddings"}, the backbone run once: the embeddings
-    are the input of the head's dense layer (tasks/head.py), the probabilities exactly what `model` answers."""
+    are the input of the head's dense layer (tasks/head.py), the probabilities exactly what `model` answers.
+    A model not built by tasks.classifier gives the input of its last layer."""
     import keras
 
     from tasks.head import HEAD_NAME
 
+    if HEAD_NAME not in [layer.name for layer in model.layers]:
+        two = keras.Model(model.inputs, [model.outputs[0], model.layers[-1].input])
+
+        def last_layer(image):
+            probabilities, embeddings = two(image, training=False)
+            return {"probabilities": probabilities, "embeddings": embeddings}
+
+        return last_layer
     head = model.get_layer(HEAD_NAME)
     body = model.layers[model.layers.index(head) - 1]  # compose(): image -> backbone -> head
     features = keras.Model(head.input, head.get_layer("probabilities").input)
