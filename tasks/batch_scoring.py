@@ -279,22 +279,27 @@ def write_embedding_sample(paths: list[str], sample: np.ndarray, uri: str) -> di
     return {"file": uri, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "paths": paths}
 
 
-def read_embedding_sample(entry: dict) -> tuple[list[str], np.ndarray]:
-    """A shard's sample, checked against the sha256 its record gives (no pickles)."""
-    data = storage.read_bytes(entry["file"])
+def read_embedding_sample(entry: dict, uri: str) -> tuple[list[str], np.ndarray]:
+    """A shard's sample at `uri` (its folder's, never where the record points), checked against the sha256 its
+    record gives (no pickles)."""
+    data = storage.read_bytes(uri)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DatasetError(f"{entry['file']} does not match the sha256 in its shard record; delete the shard folder "
-                           "and score it again")
+        raise DatasetError(f"{uri} does not match the sha256 in its shard record; delete the shard folder and "
+                           "score it again")
     sample = np.load(io.BytesIO(data), allow_pickle=False)
     if len(sample) != len(entry["paths"]):
-        raise DatasetError(f"{entry['file']} has {len(sample)} rows for {len(entry['paths'])} paths; delete the "
-                           "shard folder and score it again")
+        raise DatasetError(f"{uri} has {len(sample)} rows for {len(entry['paths'])} paths; delete the shard "
+                           "folder and score it again")
     return list(entry["paths"]), sample
 
 
 def merged_sample(samples: list[tuple[list[str], np.ndarray]], sha256_of: dict[str, str],
                   rows: int = EMBEDDING_SAMPLE) -> np.ndarray:
     """The run's sample: the `rows` lowest-ranked images over every shard's sample, as float32."""
+    strays = sorted({path for paths, _ in samples for path in paths} - set(sha256_of))
+    if strays:
+        raise DatasetError(f"shard embedding samples name images the run did not score ({strays[:3]}); delete those "
+                           "shard folders and score them again")
     ranked = sorted((sample_rank(path, sha256_of[path]), n, row) for n, (paths, _) in enumerate(samples)
                     for row, path in enumerate(paths))[:rows]
     if not ranked:

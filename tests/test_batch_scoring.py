@@ -141,7 +141,7 @@ def test_the_embedding_sample_is_the_lowest_ranks_whatever_the_sharding(tmp_path
         end = {0: 20, 20: 35, 35: 50}[start]
         paths, sample = batch_scoring.embedding_sample(everything[start:end], embeddings[start:end], rows=10)
         entry = batch_scoring.write_embedding_sample(paths, sample, str(tmp_path / f"{start}.npy"))
-        shards.append(batch_scoring.read_embedding_sample(entry))
+        shards.append(batch_scoring.read_embedding_sample(entry, str(tmp_path / f"{start}.npy")))
     sha256_of = {read.path: read.sha256 for read in everything}
 
     merged = batch_scoring.merged_sample(shards, sha256_of, rows=10)
@@ -156,7 +156,7 @@ def test_an_altered_embedding_sample_is_refused(tmp_path):
     entry = batch_scoring.write_embedding_sample(["a"], np.ones((1, 2), np.float16), str(tmp_path / "e.npy"))
     (tmp_path / "e.npy").write_bytes((tmp_path / "e.npy").read_bytes()[:-2] + b"\0\0")
     with pytest.raises(DatasetError, match="sha256"):
-        batch_scoring.read_embedding_sample(entry)
+        batch_scoring.read_embedding_sample(entry, str(tmp_path / "e.npy"))
 
 
 @pytest.mark.fast

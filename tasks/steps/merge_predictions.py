@@ -41,7 +41,7 @@ def merge_predictions(cfg: BatchConfig) -> dict:
     version_uri = scoring_model.version_uri(cfg.registry, cfg.model_name, version)
     classes = _classes(version_uri)
     unreadable = sorted((item for shard in shards for item in shard["unreadable"]), key=lambda item: item["path"])
-    embedding = _embedding_shift(cfg, version, shards, table)
+    embedding = _embedding_shift(cfg, version, shards, prefixes, table)
     summary = batch_scoring.summarize(table, classes, unreadable, batch_scoring.test_confidences(version_uri),
                                       storage.join(version_uri, batch_scoring.TEST_PREDICTIONS), embedding)
     out = storage.join(cfg.output_root, "runs", cfg.dag_id, safe_name(cfg.run_id))
@@ -78,10 +78,10 @@ def _shard_record(cfg: BatchConfig, index: int) -> dict:
     return record
 
 
-def _embedding_shift(cfg: BatchConfig, version: str, shards: list[dict], table) -> dict:
+def _embedding_shift(cfg: BatchConfig, version: str, shards: list[dict], prefixes: list[str], table) -> dict:
     """The batch's embedding sample against the version's reference sample (never fatal when either is missing)."""
-    missing = [shard["key"][:12] for shard in shards if not shard.get("embedding_sample")]
-    if missing and len(table):
+    missing = [shard["key"][:12] for shard in shards if shard["n_scored"] and not shard.get("embedding_sample")]
+    if missing:
         return batch_scoring.batch_embedding_shift(
             None, None, f"the scoring model of version {version} yields no embeddings (shards {', '.join(missing)}); "
             "versions published with tasks/tflite_export.py's scoring model and a SavedModel with serve_embeddings do")
@@ -91,8 +91,9 @@ def _embedding_shift(cfg: BatchConfig, version: str, shards: list[dict], table) 
             None, None, f"version {version} was published without a reference sample of training embeddings "
             f"({embedding_reference.FILE}); versions published since the embedding shift was added have one")
     sha256_of = dict(zip(table["path"], table["sha256"], strict=True))
-    samples = [batch_scoring.read_embedding_sample(shard["embedding_sample"]) for shard in shards
-               if shard.get("embedding_sample")]
+    samples = [batch_scoring.read_embedding_sample(shard["embedding_sample"],
+                                                   storage.join(prefix, batch_scoring.EMBEDDINGS))
+               for shard, prefix in zip(shards, prefixes, strict=True) if shard.get("embedding_sample")]
     return batch_scoring.batch_embedding_shift(embedding_reference.load(reference),
                                                batch_scoring.merged_sample(samples, sha256_of))
 
