@@ -262,3 +262,17 @@ def test_an_archive_is_extracted_once_into_the_workers_cache_and_listed(tmp_path
 
     assert root == again and batch_scoring.list_images(root) == (["new/a/0000.jpg", "new/a/0001.jpg",
                                                                   "new/a/0002.jpg"], [])
+
+
+@pytest.mark.fast
+def test_the_reference_sample_is_seeded_bounded_and_loaded_without_pickles(tmp_path):
+    from tasks import embedding_reference
+
+    first = embedding_reference.sample_indices(5000, seed=42)
+    assert len(first) == embedding_reference.MAX_ROWS and np.array_equal(first, np.unique(first))
+    assert np.array_equal(first, embedding_reference.sample_indices(5000, seed=42))
+    assert not np.array_equal(first, embedding_reference.sample_indices(5000, seed=43))
+    assert embedding_reference.sample_indices(7, seed=0).tolist() == list(range(7))
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        embedding_reference.load(tmp_path / "pickled.npy")
