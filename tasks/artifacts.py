@@ -123,7 +123,7 @@ def tensorboard(phase: str) -> Artifact:
 
 def split_records(split: str) -> Artifact:
     """The TFRecord file of one split ("train", "val" or "test")."""
-    readers = {"train": ("check_changes", "train", "fine_tune"),
+    readers = {"train": ("check_changes", "train", "fine_tune", "publish_version"),
                "val": ("check_changes", "train", "fine_tune", "evaluate"),
                "test": ("evaluate", "publish_version")}[split]
     return Artifact(("data", f"{split}.tfrecord"), "subsample", f"the {split} split's encoded images and labels",
