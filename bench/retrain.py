@@ -30,7 +30,7 @@ from pathlib import Path
 from tasks import artifacts, storage
 from tasks.config import RunConfig, candidate_list
 
-VERSION = "20260101T000000.000Z-bench0000001"
+VERSION = "20260101T000000.000Z-000000000001"
 
 
 def build_folder(source: Path, target: Path, per_class: int, test_per_class: int) -> None:

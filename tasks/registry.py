@@ -194,11 +194,12 @@ def judgement_of_run(model_root: str, version: str, run_id: str, dag_id: str) ->
 
 def newest_judged_version(model_root: str) -> str | None:
     """The newest complete version with a recorded judgement (promoted or not), or None."""
-    complete = set(complete_versions(model_root))
     judged = [relative(item, storage.join(model_root, "judgements"))[:-len(".json")]
               for item in storage.list_files(storage.join(model_root, "judgements") + "/") if item.endswith(".json")]
-    found = sorted(version for version in judged if VERSION_ID.fullmatch(version) and version in complete)
-    return found[-1] if found else None
+    for version in sorted((version for version in judged if VERSION_ID.fullmatch(version)), reverse=True):
+        if storage.exists(storage.join(version_uri_of(model_root, version), CHECKSUMS)):
+            return version
+    return None
 
 
 def read_verified_json(version_uri: str, name: str) -> Any:

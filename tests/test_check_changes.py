@@ -173,3 +173,13 @@ def test_a_judged_version_awaiting_its_decision_is_named_so(cfg):
     result = check_changes(cfg, _run_manifest(cfg, DATA))
     assert not result["train"]
     assert f"since version {NEWER} (judged: eligible, no promotion decision recorded yet" in result["reason"]
+
+
+@pytest.mark.fast
+def test_an_incomplete_newer_version_is_passed_over_for_the_newest_complete_one(cfg):
+    _not_promoted(cfg, NEWER, DATA, cfg.to_public_dict(), "does not beat the champion")
+    newest = "20261201T020000.000Z-0123456789ac"
+    _publish(cfg, newest, DATA, cfg.to_public_dict(), {"eligible": True, "reason": "no champion yet"})
+    storage.delete(storage.join(cfg.publish_uri, cfg.model_name, "versions", newest, "checksums.json"))
+    result = check_changes(cfg, _run_manifest(cfg, DATA))
+    assert not result["train"] and result["judged_version"] == NEWER
