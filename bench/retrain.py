@@ -15,7 +15,7 @@
 Ends with one JSON line: noop_retrain_seconds, incremental_backbone_ratio, incremental_max_abs_diff,
 warm_start_epochs_saved, warm_start_fine_tune_epochs_saved, and the numbers behind them.
 
-    python bench/retrain.py [--per-class 120] [--image-size 96] [--workdir .bench-retrain]
+    python bench/retrain.py [--per-class 120] [--image-size 96] [--seed 42] [--workdir .bench-retrain]
 """
 from __future__ import annotations
 
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--fine-tune-epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=RunConfig.__dataclass_fields__["seed"].default)
     parser.add_argument("--workdir", default=".bench-retrain")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -149,7 +150,7 @@ def main() -> None:
     base = RunConfig(source=str(workdir / "A"), train_percent=100, test_percent=100, image_size=args.image_size,
                      epochs=args.epochs, patience=3, fine_tune="never", model_name="bench-retrain",
                      publish_uri=str(workdir / "models"), run_root=str(workdir / "runs"),
-                     cache_dir=str(workdir / "cache"), warm_start=False)
+                     cache_dir=str(workdir / "cache"), warm_start=False, seed=args.seed)
     import os
 
     os.environ["TLP_FEATURE_STORE"] = str(workdir / "store")
@@ -174,10 +175,9 @@ def main() -> None:
 
     ft = {"fine_tune_epochs": args.fine_tune_epochs}
     fresh_tuned = fine_tune_run(dataclasses.replace(grown, run_id="grown-fresh", **ft), fresh_head)
-    warm_top_steps = run_steps(dataclasses.replace(grown, run_id="grown-warm-top", model_name=tuned_name,
-                                                   warm_start=True), train=True)
-    warm_tuned = fine_tune_run(dataclasses.replace(grown, run_id="grown-warm-top", model_name=tuned_name,
-                                                   warm_start=True, **ft), warm_top_steps)
+    warm_top = dataclasses.replace(grown, run_id="grown-warm-top", model_name=tuned_name, warm_start=True,
+                                   warm_start_fine_tune=True)
+    warm_tuned = fine_tune_run(dataclasses.replace(warm_top, **ft), run_steps(warm_top, train=True))
     warm_top_reason = phases_settings(warm_tuned)["warm_start"]
     assert warm_top_reason.startswith("warm start from champion"), warm_top_reason
 
@@ -208,6 +208,7 @@ def main() -> None:
         "warm_start_fine_tune_first_epoch_gain": round(warm_tuned["curve"][0] - fresh_tuned["curve"][0], 4),
         "fine_tune_layers": base.fine_tune_layers, "fine_tune_cut": warm_tuned["cut"],
         "per_class": args.per_class, "new_per_class": new_per_class, "image_size": args.image_size,
+        "seed": args.seed,
     }))
 
 

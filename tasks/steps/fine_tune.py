@@ -12,7 +12,7 @@ for a fraction of the cost. With augmentation every epoch sees new images, so
 the whole composed model trains on them. The learning rate is learning_rate ×
 fine_tune_lr_factor, constant or decayed to zero on a cosine over the fine-tune
 epochs; the epoch count continues so both phases' histories make one curve.
-With `warm_start`, a champion fine-tuned above the same frozen bottom lends
+With `warm_start_fine_tune`, a champion fine-tuned above the same frozen bottom lends
 its fine-tuned top and head instead (tasks.warm_start.champion_top; the
 bottom, and so the cached activations, stay the ImageNet ones).
 The fine-tuned model is saved as its own artifact (`model/fine_tuned/`) and
@@ -68,7 +68,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         backbone, head = built.backbone, built.head
         split = split_backbone(backbone, cfg.fine_tune_layers)
         warm = warm_start_top(built, split, cfg.fine_tune_layers, cfg.publish_uri, cfg.model_name, scratch,
-                              cfg.cache_dir) if cfg.warm_start else ""
+                              cfg.cache_dir) if cfg.warm_start_fine_tune else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
             train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
