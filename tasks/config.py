@@ -183,8 +183,13 @@ class RunConfig:
     warm_start: bool = param(True, "Warm start", "Start the head from the champion's when the classes, backbone and "
                              "image size are the same (else a fresh head, with the reason logged).",
                              section=FEATURE_EXTRACTION, type="boolean")
+    warm_start_fine_tune: bool = param(False, "Warm-start fine-tuning", "Fine-tune from the champion's fine-tuned top "
+                                       "and head when it was fine-tuned above the same frozen layers (else from "
+                                       "feature extraction's model, with the reason logged).",
+                                       section=FINE_TUNING, type="boolean")
     skip_unchanged: bool = param(True, "Skip when unchanged", "End the run early, training nothing, when the data "
-                                 "and config equal those of the champion.", section=DATA, type="boolean")
+                                 "and config equal those of the champion or of the newest published and judged "
+                                 "version.", section=DATA, type="boolean")
     publish_uri: str = param(settings.load().publish_uri, "Publish to", "Model registry root; one of the "
                              "deployment's publish locations (TLP_PUBLISH_URI, TLP_PUBLISH_LOCATIONS).",
                              section=PUBLISHING, type="string", minLength=1)
