@@ -75,6 +75,17 @@ def test_unchanged_data_and_config_end_the_run_with_the_reason(cfg):
 
 
 @pytest.mark.fast
+def test_a_champion_trained_at_the_auto_image_size_is_unchanged_for_an_auto_run_on_the_same_data(cfg):
+    from tasks.config import planned_candidates
+
+    listed = RunConfig(run_id="first", dag_id="transfer_learning")  # image_size auto
+    (planned,) = planned_candidates(listed, DATA)
+    _champion(cfg, DATA, listed.for_candidate(planned).to_public_dict())  # params.json holds the size it ran at
+    result = check_changes(cfg, _run_manifest(cfg, DATA))
+    assert not result["train"], result["reason"]
+
+
+@pytest.mark.fast
 def test_unchanged_trains_anyway_when_skip_unchanged_is_off(cfg):
     _champion(cfg, DATA, cfg.to_public_dict())
     import dataclasses

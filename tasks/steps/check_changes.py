@@ -41,7 +41,7 @@ MAX_SHIFT_IMAGES = 1000  # per side: the domain classifier's sample
 def check_changes(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     """Compare data and config with the champion's; returns `train` (False = nothing to do), why, and the report."""
     manifest = artifacts.read_manifest(cfg, data)
-    params = cfg.to_public_dict()
+    params = _auto_size_resolved(cfg.to_public_dict(), manifest)
     report = {"fingerprints": data_changes.fingerprints(manifest, params), "champion_version": None}
     champion = _champion_records(cfg)
     same_as_champion = champion is not None and _same(manifest, params, champion) == (True, True)
@@ -75,11 +75,20 @@ def changes_note(cfg: RunConfig) -> str:
     return f"\n\nData: {data_changes.summary_line(changes)}."
 
 
+def _auto_size_resolved(params: dict[str, Any], manifest: dict) -> dict[str, Any]:
+    """Params with image_size auto (None) as the candidates step decides it from the manifest: a champion's
+    params.json holds the size it ran at, and the same data gives the same size."""
+    from tasks.config import auto_image_size
+
+    return params if params.get("image_size") is not None else {**params, "image_size": auto_image_size(manifest)[0]}
+
+
 def _same(manifest: dict, params: dict, recorded: dict) -> tuple[bool, bool]:
     """(same data, same config) as a version's recorded manifest and params."""
     same_data = data_changes.data_fingerprint(recorded["manifest"]) == data_changes.data_fingerprint(manifest)
     try:
-        same_config = data_changes.config_fingerprint(recorded["params"]) == data_changes.config_fingerprint(params)
+        same_config = data_changes.config_fingerprint(
+            _auto_size_resolved(recorded["params"], recorded["manifest"])) == data_changes.config_fingerprint(params)
     except ConfigError as error:  # the version's params no longer validate: a config from older rules
         log.warning("check_changes: version %s params do not validate now (%s); config counts as changed",
                     recorded["version"], error)
@@ -88,7 +97,8 @@ def _same(manifest: dict, params: dict, recorded: dict) -> tuple[bool, bool]:
 
 
 def _compare(cfg: RunConfig, manifest: dict, params: dict, champion: dict) -> dict[str, Any]:
-    old_manifest, old_params, version = champion["manifest"], champion["params"], champion["version"]
+    old_manifest, version = champion["manifest"], champion["version"]
+    old_params = _auto_size_resolved(champion["params"], old_manifest)
     same_data, same_config = _same(manifest, params, champion)
     report: dict[str, Any] = {"champion_version": version, "data_changed": not same_data,
                               "config_changed": not same_config,
