@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 
+from bench.json_line import json_line
 from tasks import storage
 from tasks.config import RunConfig, candidate_list
 
@@ -61,7 +61,7 @@ def main() -> None:
                "sweep_to_single_sum": round(sweep / single_sum, 3), "goal_sweep_to_single_sum": 1.10,
                "winner": f"{winner['backbone']}@{winner['image_size']}",
                "winner_val_accuracy": round(winner["val_accuracy"], 4)}
-    print(json.dumps(result))
+    print(json_line(result))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from bench.json_line import json_line
 from tasks.config import RunConfig
 
 BATCH = 64
@@ -138,7 +138,7 @@ def main() -> None:
         for batch in batches:
             graph(batch)
         result["in_graph_decode_images_per_s"] = rate(len(originals), time.perf_counter() - started)
-    print(json.dumps(result))
+    print(json_line(result))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.json_line import json_line
+
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE_IMAGES = 512
 MODEL_NAME = "bench-model"
@@ -160,7 +162,7 @@ def main() -> None:
     seconds, peak_rss_mb, embedding_shift = run_dag(work, work / "images", args.shard_size)
     dag_rate = args.images / seconds
     bare = results["tflite_scoring_all_cores"]  # what the DAG runs (scoring_model.SCORING_FILE)
-    print(json.dumps({"bench": "predict", "images": args.images, "image_size": args.image_size, "cores": cores,
+    print(json_line({"bench": "predict", "images": args.images, "image_size": args.image_size, "cores": cores,
                       "shard_size": args.shard_size, "engine": scoring_model.ENGINE, "images_per_s": results,
                       "agreement_with_saved_model": agreement, "dag_seconds": round(seconds, 1),
                       "dag_images_per_s": round(dag_rate, 1), "dag_vs_bare_interpreter_all_cores":

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
+from bench.json_line import json_line
 from tasks import artifacts, storage
 from tasks.config import RunConfig, candidate_list
 
@@ -182,7 +182,7 @@ def main() -> None:
     assert warm_top_reason.startswith("warm start from champion"), warm_top_reason
 
     fresh_train, warm_train = fresh_head["train"], warm["train"]
-    print(json.dumps({
+    print(json_line({
         "noop_retrain_seconds": round(noop_seconds, 2),
         "noop_reason": noop["changes"]["reason"],
         "first_backbone_images": first["train_backbone_images"],

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
+from bench.json_line import json_line
 from tasks import artifacts, storage
 from tasks.config import RunConfig, param_specs, planned_candidates
 from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
@@ -302,7 +302,7 @@ def main() -> None:
                                ratios=name == "fashion_mnist" and not args.no_ratio)
         line.update({f"{name}_{key}": value for key, value in result.items()})
     line["demo_params"] = demo_params(overrides)
-    print(json.dumps(line))
+    print(json_line(line))
 
 
 if __name__ == "__main__":
