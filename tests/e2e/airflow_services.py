@@ -20,6 +20,7 @@ COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
 APPROVER = "approver"  # a second user: the one who triggers a run may not approve it
 PASSWORDS = {USER: PASSWORD, APPROVER: "approver-e2e"}
+POLL_S = 1.0  # an API read on loopback costs milliseconds: waits end within a second of what they wait for
 PARKED_SETTLE_S = 5.0  # several scheduler loops: see wait_until_parked
 STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
 
@@ -130,7 +131,7 @@ class AirflowServices:
                 self.request("GET", f"/api/v2/dags/{dag_id}")
                 return
             except urllib.error.HTTPError:
-                time.sleep(2)
+                time.sleep(POLL_S)
         raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout_s}s\n{self.logs()}")
 
     def trigger(self, dag_id: str, conf: dict) -> str:
@@ -146,7 +147,7 @@ class AirflowServices:
             state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]
             if state in ("success", "failed"):
                 return state
-            time.sleep(5)
+            time.sleep(POLL_S)
         raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n"
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
 
@@ -186,10 +187,38 @@ class AirflowServices:
     def stop_runs(self, dag_id: str) -> None:
         """Pause the DAG and mark its unfinished runs failed (their running tasks are stopped)."""
         self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
-        for run_id, state in self.runs(dag_id).items():
-            if state not in ("success", "failed"):
-                quoted = urllib.request.quote(run_id, safe="")
+        self.fail_runs(dag_id)
+
+    def fail_runs(self, dag_id: str, run_type: str | None = None) -> None:
+        """Mark the DAG's unfinished runs (of `run_type`, or all) failed; their running tasks are stopped."""
+        for run in self.run_details(dag_id):
+            if run["state"] not in ("success", "failed") and run_type in (None, run["run_type"]):
+                quoted = urllib.request.quote(run["dag_run_id"], safe="")
                 self.request("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", {"state": "failed"})
+
+    def unpause(self, dag_id: str) -> None:
+        """Unpause the DAG and ask the dag-processor to parse its file now: an asset's watchers start (and stop)
+        only when the file of the DAG scheduled on it is parsed while that DAG is unpaused."""
+        token = self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})["file_token"]
+        self.request("PUT", f"/api/v2/parseDagFile/{token}")
+
+    def asset_id(self, name: str) -> int:
+        [found] = [asset for asset in self.request("GET", f"/api/v2/assets?name_pattern={name}")["assets"]
+                   if asset["name"] == name]
+        return found["id"]
+
+    def asset_state(self, asset_id: int, key: str):
+        """A value an asset's watcher keeps in the asset's state store; None while there is none."""
+        try:
+            return self.request("GET", f"/api/v2/assets/{asset_id}/state-store/{key}")["value"]
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+
+    def run_details(self, dag_id: str) -> list[dict]:
+        """Every run of a DAG as the API describes it (run_type, state, conf...)."""
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
 
     def task_summary(self, dag_id: str, run_id: str) -> str:
         """One line per task instance: id, state and try number, for failure messages."""

@@ -1,7 +1,8 @@
 """Real services: Airflow's scheduler, dag-processor, api-server and triggerer on loopback run the DAG; a person's
 part is played in headless Chromium: approving the promotion in the HITL form, reading the report with its release
-section and the registry, and triggering every DAG from its form with the defaults. One start-up of the services
-serves all of it (they are the slowest part of the suite)."""
+section and the registry, and triggering every DAG from its form with the defaults. Meanwhile the triggerer runs
+the retrain DAG's data watcher: new images under the watched prefix start a retrain by themselves, nothing else
+does. One start-up of the services serves all of it (they are the slowest part of the suite)."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,15 @@ from tasks import artifacts, storage
 from tasks.config import RunConfig
 from tests.e2e.airflow_services import APPROVER, AirflowServices
 from tests.e2e.browser import Browser, chromium_binary, screenshot
-from tests.helpers.runs import ROOT, deployment_env, tiny_conf
+from tests.helpers.runs import ROOT, deployment_env, tiny_conf, write_image_folder
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_binary() is None, reason="needs Debian chromium (.ci/run installs it)")]
 ARTIFACTS = Path(os.environ.get("TLP_TEST_ARTIFACTS", ROOT / ".test-artifacts"))
 DAG_IDS = ("transfer_learning", "transfer_learning_retrain")
+RETRAIN = "transfer_learning_retrain"
+WATCHED_ASSET = "tlpipe-training-data"  # dags/transfer_learning.py: the asset TLP_RETRAIN_WATCH_URI names
+WATCH_INTERVAL_S = 1.0
 COMMENT = "looks right: checked the report"
 CHATTER = ("cudart_stub", "absl::InitializeLog", "cuInit", "cpu_feature_guard", "XNNPACK")
 
@@ -32,6 +36,8 @@ def airflow(tmp_path, s3, s3_bucket):
         **deployment_env(f"{s3_bucket}/runs", f"{s3_bucket}/models"),
         # this deployment asks a human before promoting this model; `approver` may, `admin` (who triggers) may not
         "TLP_APPROVAL_MODELS": "tiny-model", "TLP_APPROVERS": "approver,admin",
+        # the retrain DAG also runs when images land under this prefix: the triggerer polls it every second
+        "TLP_RETRAIN_WATCH_URI": f"{s3_bucket}/incoming/", "TLP_RETRAIN_WATCH_INTERVAL_S": str(WATCH_INTERVAL_S),
     })
     services.start()
     yield services
@@ -40,11 +46,17 @@ def airflow(tmp_path, s3, s3_bucket):
 
 def test_a_person_approves_reads_the_release_and_triggers_every_dag_from_its_form(airflow, s3_bucket, tmp_path):
     conf = tiny_conf(tmp_path, "auto", publish_uri=f"{s3_bucket}/models")
+    # the watched prefix holds data before its watcher first looks (the retrain DAG is paused until then)
+    storage.upload(write_image_folder(tmp_path / "first", {"dark": 2, "light": 2}, splits=("train",)),
+                   f"{s3_bucket}/incoming/")
     airflow.wait_for_dag("transfer_learning")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cookie = [{"name": "_token", "value": airflow.token(), "url": airflow.base_url}]
 
     run_id = airflow.trigger("transfer_learning", conf)
+    # while that run trains: the retrain DAG's data watcher in the triggerer
+    new_images_under_the_watched_prefix_start_a_retrain_and_nothing_else_does(airflow, f"{s3_bucket}/incoming/",
+                                                                              tmp_path)
     airflow.wait_until_parked("transfer_learning", run_id, "approve", timeout_s=1200)
     approver = [{"name": "_token", "value": airflow.token(APPROVER), "url": airflow.base_url}]
     with Browser(approver) as browser:
@@ -91,6 +103,45 @@ def test_a_person_approves_reads_the_release_and_triggers_every_dag_from_its_for
         defaults = airflow.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(started, safe='')}")
         assert defaults["conf"]["source"] == RunConfig.source and defaults["conf"]["source_sha256"] is None
         airflow.stop_runs(dag_id)  # the default run is the full demo: started is all this test needs
+
+
+def new_images_under_the_watched_prefix_start_a_retrain_and_nothing_else_does(airflow: AirflowServices,
+                                                                              prefix: str, tmp_path: Path) -> None:
+    """The retrain DAG's AssetWatcher (plugins/s3_prefix_trigger.py) in the real triggerer: while nothing is
+    uploaded it fires nothing; new images under the prefix start an asset-triggered retrain by themselves."""
+    airflow.unpause(RETRAIN)  # its watcher runs only while the DAG is unpaused
+    asset_id = airflow.asset_id(WATCHED_ASSET)
+    deadline = time.monotonic() + 120
+    while (baseline := airflow.asset_state(asset_id, "listing_fingerprint")) is None:
+        assert time.monotonic() < deadline, f"the watcher never took its first listing\n{airflow.logs()}"
+        time.sleep(0.5)
+    # unpausing may start the cron's latest run (default params): it would hold the DAG's one active run
+    airflow.fail_runs(RETRAIN, "scheduled")
+
+    time.sleep(5 * WATCH_INTERVAL_S)  # five polls of the unchanged prefix
+    assert airflow.request("GET", f"/api/v2/assets/events?asset_id={asset_id}")["asset_events"] == []
+    assert asset_triggered(airflow) == [], "nothing was uploaded, yet a retrain started"
+    assert airflow.asset_state(asset_id, "listing_fingerprint") == baseline
+
+    storage.upload(write_image_folder(tmp_path / "new", {"dark": 2, "light": 2}, splits=("train",), seed=7),
+                   prefix + "batch-2/")
+    deadline = time.monotonic() + 120
+    while not (started := asset_triggered(airflow)):
+        assert time.monotonic() < deadline, f"uploading new images started no retrain within 120 s\n{airflow.logs()}"
+        airflow.fail_runs(RETRAIN, "scheduled")
+        time.sleep(1)
+    [run] = started
+    quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+    [event] = airflow.request("GET", f"/api/v2/dags/{RETRAIN}/dagRuns/{quoted}/upstreamAssetEvents")["asset_events"]
+    assert event["name"] == WATCHED_ASSET and event["extra"]["from_trigger"] is True
+    payload = event["extra"]["payload"]
+    assert payload["prefix"] == prefix and payload["previous"] == baseline != payload["fingerprint"]
+    assert airflow.asset_state(asset_id, "listing_fingerprint") == payload["fingerprint"]
+    airflow.stop_runs(RETRAIN)  # a retrain of the deployment's defaults: that it started is what is checked here
+
+
+def asset_triggered(airflow: AirflowServices) -> list[dict]:
+    return [run for run in airflow.run_details(RETRAIN) if run["run_type"] == "asset_triggered"]
 
 
 def approve_in_the_form(browser: Browser, base_url: str, dag_id: str, run_id: str) -> None:
