@@ -23,6 +23,7 @@ PASSWORDS = {USER: PASSWORD, APPROVER: "approver-e2e"}
 POLL_S = 1.0  # an API read on loopback costs milliseconds: waits end within a second of what they wait for
 PARKED_SETTLE_S = 5.0  # several scheduler loops: see wait_until_parked
 STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,50 @@ class Component:
     args: list[str]
     env: dict[str, str | None] = field(default_factory=dict)
     cwd: Path | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A Celery worker serving one queue (and `also_serves`) from its own directory, standing in for its own
+    machine: its own working directory, Airflow home, cache, temp dir and log server; S3 only through the
+    model_store connection."""
+
+    name: str
+    queue: str
+    root: Path
+    also_serves: tuple[str, ...] = ()
+
+    @property
+    def home(self) -> Path:
+        return self.root / "airflow"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def component(self) -> Component:
+        for folder in (self.home, self.cache, self.root / "tmp"):
+            folder.mkdir(parents=True, exist_ok=True)
+        return Component(
+            name=self.name,
+            args=["celery", "worker", "--queues", ",".join((self.queue, *self.also_serves)), "--concurrency", "1",
+                  "--celery-hostname", f"{self.name}@%h"],
+            env={
+                "TLP_WORKER_NAME": self.name,
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "devtools.worker_identity.worker_name",
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "TLP_CACHE_DIR": str(self.cache),
+                "HOME": str(self.root),
+                "TMPDIR": str(self.root / "tmp"),
+                **{name: None for name in AWS_VARIABLES},  # S3 only through the model_store connection
+            },
+            cwd=self.root,
+        )
+
+    def task_logs(self, dag_id: str, run_id: str, task_id: str = "*") -> list[Path]:
+        """The task's log files that this worker wrote (Airflow writes them where the task ran)."""
+        return sorted(self.home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/attempt=*.log"))
 
 
 class AirflowServices:
