@@ -211,7 +211,7 @@ def two_workers_score_shards_of_one_prefix(airflow: AirflowServices, workers: di
     images = f"{s3_bucket}/new-images/"
     storage.upload(batch_folder(tmp_path / "new-images", per_class=8), images)
     airflow.wait_for_dag(BATCH_DAG_ID)
-    run_id = airflow.trigger(BATCH_DAG_ID, {"images": images, "model_name": "tiny-model", "shard_size": 2,
+    run_id = airflow.trigger(BATCH_DAG_ID, {"images": images, "model_name": "tiny-model", "shard_size": 4,
                                             "publish_uri": f"{s3_bucket}/models"})
     state = airflow.wait_for_run(BATCH_DAG_ID, run_id, timeout_s=900)
 
@@ -219,7 +219,7 @@ def two_workers_score_shards_of_one_prefix(airflow: AirflowServices, workers: di
     summary = [(ti["task_id"], ti["map_index"], ti["state"], ti["queue"], ti["hostname"]) for ti in instances]
     assert state == "success", f"{summary}\n{failure_logs(workers, run_id, instances, BATCH_DAG_ID)}"
     shards = [ti for ti in instances if ti["task_id"] == "score_shard"]
-    assert len(shards) == 13 and {ti["queue"] for ti in shards} == {SCORE_QUEUE}, summary  # 26 images / 2
+    assert len(shards) == 7 and {ti["queue"] for ti in shards} == {SCORE_QUEUE}, summary  # 26 images / 4
     assert {ti["hostname"] for ti in shards} == {"worker-a", "worker-b"}, summary
     merged = storage.read_json(f"{s3_bucket}/runs-predictions/tiny-model/runs/{BATCH_DAG_ID}/"
                                f"{safe_name(run_id)}/summary.json")
