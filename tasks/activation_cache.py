@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DTYPE = np.dtype("<f4")
+PARSE_BATCH = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,17 +204,18 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
 
 
 def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
-    """Each record's original file sha256 (the manifest's content hash) and label, in file order."""
+    """Each record's original file sha256 (the manifest's content hash) and label, in file order (parsed in
+    batches: one eager parse per record costs more than the hashing)."""
     import tensorflow as tf
 
     spec = {"image": tf.io.FixedLenFeature([], tf.string), "original": tf.io.FixedLenFeature([], tf.string, b""),
             "label": tf.io.FixedLenFeature([], tf.int64)}
     hashes, labels = [], []
-    for serialized in tf.data.TFRecordDataset(str(records)):
-        record = tf.io.parse_single_example(serialized, spec)
-        original = record["original"].numpy() or record["image"].numpy()  # an original already canonical: the image
-        hashes.append(hashlib.sha256(original).hexdigest())
-        labels.append(int(record["label"].numpy()))
+    for batch in tf.data.TFRecordDataset(str(records)).batch(PARSE_BATCH).map(lambda rows: tf.io.parse_example(
+            rows, spec)).as_numpy_iterator():
+        for image, original in zip(batch["image"], batch["original"], strict=True):
+            hashes.append(hashlib.sha256(original or image).hexdigest())  # an original already canonical: the image
+        labels.extend(int(label) for label in batch["label"])
     return hashes, labels
 
 
@@ -224,14 +226,15 @@ def _computed(run: Callable, records: Path, indices: list[int], count: int, imag
         return
     import tensorflow as tf
 
-    mask = np.zeros(count, dtype=bool)
-    mask[indices] = True
-    wanted = tf.constant(mask)
+    dataset = tf.data.TFRecordDataset(str(records))
+    if len(indices) < count:
+        mask = np.zeros(count, dtype=bool)
+        mask[indices] = True
+        wanted = tf.constant(mask)
+        dataset = dataset.enumerate().filter(lambda index, _: tf.gather(wanted, index)).map(lambda _, record: record)
     spec = {"image": tf.io.FixedLenFeature([], tf.string)}
-    images = (tf.data.TFRecordDataset(str(records)).enumerate()
-              .filter(lambda index, _: tf.gather(wanted, index))
-              .map(lambda _, record: record_image(tf.io.parse_single_example(record, spec)["image"], image_size),
-                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = (dataset.map(lambda record: record_image(tf.io.parse_single_example(record, spec)["image"], image_size),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
     for batch in images:
         yield from np.asarray(run(batch), dtype=DTYPE)

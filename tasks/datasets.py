@@ -101,7 +101,7 @@ DOWNLOAD_TIMEOUT_S = 60
 UNKNOWN_SIZE_LOG_BYTES = 10 << 20
 RATIO_FREE_BYTES = 1 << 20  # members this small may compress as well as they like
 IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
-               (b"RIFF", ".webp"))
+               (b"RIFF", ".webp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
 
 
 @dataclass(frozen=True)

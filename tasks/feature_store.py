@@ -22,11 +22,13 @@ No TensorFlow here: `extract` takes the traced backbone as a function.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,6 +43,8 @@ MAGIC = b"TLFS1\n"
 DIGEST_BYTES = 32
 KEY_FILE = "key.json"
 SUFFIX = ".npy"
+IO_THREADS = 8  # concurrent entry reads/writes: storage latency, not CPU, bounds them
+IN_FLIGHT = 256  # entries read ahead or written behind the caller, at most (memory: IN_FLIGHT entries)
 
 
 def namespace(key: dict[str, Any]) -> str:
@@ -159,7 +163,9 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
     `hashes` are the images' sha256 in file order; `compute(indices)` yields the
     outputs of those images (in that order), which are stored as they come. An
     entry lost between the listing and its read (evicted, failed verification)
-    is computed on its own.
+    is computed on its own. Reads and writes run on a few threads, at most
+    IN_FLIGHT ahead of the caller, so storage latency (one object per image, an
+    S3 round trip each) overlaps the backbone instead of adding to it.
     """
     present = store.present(space)
     missing = [index for index, sha in enumerate(hashes) if sha not in present]
@@ -167,18 +173,38 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
     def ordered() -> Iterator[np.ndarray]:
         computed = compute(missing)
         pending = set(missing)
-        for index, sha in enumerate(hashes):
-            if index in pending:
-                array = next(computed)
-                store.put(space, sha, array)
-            else:
-                array = store.get(space, sha)
-                if array is None:
-                    array = next(compute([index]))
-                    store.put(space, sha, array)
-            yield array
+        writes: collections.deque[Future] = collections.deque()
+        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="feature-store") as pool:
+            reads = _ahead(pool, (lambda sha=hashes[index]: store.get(space, sha)
+                                  for index in range(len(hashes)) if index not in pending))
+            for index, sha in enumerate(hashes):
+                if index in pending:
+                    array = next(computed)
+                else:
+                    array = next(reads)
+                    if array is not None:
+                        yield array
+                        continue
+                    array = next(compute([index]))  # lost since the listing
+                writes.append(pool.submit(store.put, space, sha, array))
+                while len(writes) > IN_FLIGHT:
+                    writes.popleft().result()
+                yield array
+            for write in writes:
+                write.result()
 
     return Extracted(ordered(), len(hashes), len(missing))
+
+
+def _ahead(pool: ThreadPoolExecutor, calls: Iterable[Callable[[], Any]]) -> Iterator[Any]:
+    """The calls' results in order, computed on `pool` at most IN_FLIGHT ahead of the consumer."""
+    window: collections.deque[Future] = collections.deque()
+    for call in calls:
+        window.append(pool.submit(call))
+        if len(window) > IN_FLIGHT:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def _touch(path) -> None:

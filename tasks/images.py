@@ -3,8 +3,9 @@
 Training, evaluation, the serving check, TFLite scoring, batch scoring and the
 report's thumbnails all see an image as `to_rgb` makes it:
 
-- JPEG, PNG, GIF, BMP and WebP are accepted, recognised by their signature
-  (never by the file name); anything else is refused with ImageDecodeError.
+- JPEG, PNG, GIF, BMP, WebP and TIFF (scans, camera and print exports) are
+  accepted, recognised by their signature (never by the file name); anything
+  else is refused with ImageDecodeError.
 - The size is read from the file header by our own parser (`header_size`)
   and limited before a single pixel is decoded: a few kilobytes can declare
   100,000 x 100,000 pixels, and a file the decoding library refuses to judge
@@ -16,7 +17,8 @@ report's thumbnails all see an image as `to_rgb` makes it:
   opaque (its fourth byte is padding in most files).
 - Grayscale, palette, CMYK (naive conversion, no ICC profile) and 16-bit
   images become 8-bit RGB; 16 bits keep their high byte (x >> 8).
-- Animations (GIF, WebP, APNG) give their first frame.
+- Animations (GIF, WebP, APNG) and multi-page TIFFs give their first frame;
+  a floating-point TIFF in [0, 1] is scaled to [0, 255], any other is clipped.
 
 Subsample decodes every file once with `to_rgb` and stores the result
 losslessly (`encode_canonical`, a PNG) in the split files, so tf.data decodes
@@ -25,8 +27,8 @@ see identical pixels. Every path then resizes with the one `resize`.
 
 The published SavedModel also takes encoded bytes (`decode_in_graph`): that
 graph does what TensorFlow ops can (formats, alpha, grayscale, 16-bit, first
-frame) but not EXIF orientation, CMYK JPEGs or GIF transparency; a client
-applies those first (README "Images").
+frame) but not EXIF orientation, CMYK JPEGs, GIF transparency or TIFF; a
+client applies those first (README "Images", `client_bytes`).
 
 DECODER_VERSION is recorded with features, models and predictions; it changes
 whenever the decoded pixels may change (this module's rules, Pillow's version).
@@ -45,12 +47,16 @@ from tasks.errors import ImageDecodeError
 
 DECODER_VERSION = f"2+pillow{PIL.__version__}"
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)  # white: how viewers show transparency, and clip art's page
-FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 RESIZE_METHOD = "bilinear"
 RESIZE_ANTIALIAS = True  # downscaling a photo without it aliases; upscaling (the demo) is unaffected
 CANONICAL_PNG_LEVEL = 1  # zlib level of the stored canonical PNGs: fast to write, decoding speed is the same
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+BIGTIFF_SIGNATURES = (b"II+\x00", b"MM\x00+")
+TIFF_WIDTH, TIFF_LENGTH = 256, 257  # the first image directory's ImageWidth and ImageLength tags
+TIFF_SHORT = 3
 # ancillary chunks that change no decoder's pixels; not text: Pillow reads an EXIF or XMP orientation from text chunks
 PLAIN_PNG_ANCILLARY = {b"pHYs", b"tIME"}
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -69,7 +75,7 @@ def header_size(data: bytes) -> tuple[int, int]:
 
 
 def image_format(data: bytes) -> str:
-    """The format its signature names ("JPEG", "PNG", "GIF", "BMP", "WEBP"); ImageDecodeError otherwise."""
+    """The format its signature names ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"); ImageDecodeError otherwise."""
     if data.startswith(PNG_SIGNATURE):
         return "PNG"
     if data.startswith(b"\xff\xd8\xff"):
@@ -80,6 +86,16 @@ def image_format(data: bytes) -> str:
         return "BMP"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[:4] in TIFF_SIGNATURES:
+        return "TIFF"
+    if data[4:8] == b"ftyp":  # ISO media: HEIC/HEIF (phones' default), AVIF
+        brand = data[8:12].decode("ascii", "replace").strip()
+        raise ImageDecodeError(f"a HEIF/AVIF image (brand {brand!r}, as phones save by default), which is not "
+                               "accepted: export it as JPEG or PNG (on an iPhone: Settings > Camera > Formats > Most "
+                               "Compatible)")
+    if data[:4] in BIGTIFF_SIGNATURES:
+        raise ImageDecodeError("a BigTIFF (a TIFF over 4 GB addressing), which is not accepted; save it as an "
+                               "ordinary TIFF or a PNG")
     raise ImageDecodeError(f"not an accepted image: its first bytes {data[:8]!r} are none of the signatures of "
                            f"{', '.join(FORMATS)}; convert it to one of them")
 
@@ -174,11 +190,14 @@ def client_bytes(data: bytes) -> bytes:
 
     The file itself, except where the graph cannot do what `to_rgb` does: an
     EXIF orientation other than 1, a GIF with a transparent colour, an animated
-    WebP without alpha. Those are sent as `to_rgb`'s pixels in a PNG.
+    WebP without alpha, a TIFF (TensorFlow has no TIFF decoder). Those are sent
+    as `to_rgb`'s pixels in a PNG.
     """
     from PIL import ExifTags, Image
 
     kind = image_format(data)
+    if kind == "TIFF":
+        return canonical_png(data)
     if kind == "WEBP" and data[12:16] == b"VP8X" and len(data) > 20:
         if data[20] & WEBP_ANIMATION_FLAG and not data[20] & WEBP_ALPHA_FLAG:
             return canonical_png(data)
@@ -342,6 +361,10 @@ def _pixels(image, kind: str) -> np.ndarray:
     """A loaded Pillow image of any mode -> (H, W) gray or (H, W, 3) RGB uint8."""
     mode = image.mode
     transparent = "transparency" in image.info and kind != "BMP"
+    if mode == "F":  # floating point (TIFF): [0, 1] is the usual range, anything else is taken as [0, 255]
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else 1.0
+        return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.int64)
         gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
@@ -442,4 +465,22 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise ImageDecodeError(f"a WebP whose first chunk is {chunk!r}, not VP8, VP8L or VP8X")
 
 
-_PARSERS = {"PNG": _png_size, "JPEG": _jpeg_size, "GIF": _gif_size, "BMP": _bmp_size, "WEBP": _webp_size}
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """ImageWidth and ImageLength of the first image file directory (the page the decoder reads)."""
+    order = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack(order + "I", data[4:8])
+    (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+    found = {}
+    for entry in range(offset + 2, offset + 2 + 12 * count, 12):
+        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        if tag in (TIFF_WIDTH, TIFF_LENGTH):
+            value = data[entry + 8:entry + 12]
+            found[tag] = struct.unpack(order + ("H" if kind == TIFF_SHORT else "I"),
+                                       value[:2] if kind == TIFF_SHORT else value)[0]
+    if len(found) < 2:
+        raise ImageDecodeError("a TIFF whose first image directory declares no width or height")
+    return found[TIFF_WIDTH], found[TIFF_LENGTH]
+
+
+_PARSERS = {"PNG": _png_size, "JPEG": _jpeg_size, "GIF": _gif_size, "BMP": _bmp_size, "WEBP": _webp_size,
+            "TIFF": _tiff_size}

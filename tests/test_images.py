@@ -65,6 +65,27 @@ def test_colours_under_full_transparency_never_reach_the_pixels():
     np.testing.assert_array_equal(images.to_rgb(first)[5:], pixels[5:, :, :3])
 
 
+def test_tiffs_of_every_kind_decode_like_their_pixels():
+    """Scans and print exports: compressed RGB, CMYK, alpha (composited), 16-bit in either byte order, floats in
+    [0, 1], several pages (the first)."""
+    files = fx.crafted_files()
+    np.testing.assert_array_equal(images.to_rgb(files["scan.tif"]), fx.noise(11, 13))
+    np.testing.assert_array_equal(images.to_rgb(files["cmyk.tif"]), images.to_rgb(fx.encoded(
+        Image.fromarray(fx.noise(6, 8, 4), mode="CMYK").convert("RGB"), "PNG")))
+    _, rgba = fx.rgba_png_with_garbage_under_transparency(2)
+    np.testing.assert_array_equal(images.to_rgb(files["rgba.tif"]), fx.composite(rgba[..., :3], rgba[..., 3]))
+    _, gray16 = fx.gray16_png()
+    np.testing.assert_array_equal(images.to_rgb(files["gray16_be.tif"])[..., 0], (gray16 >> 8).astype(np.uint8))
+    data, expected = fx.float_tiff()
+    np.testing.assert_array_equal(images.to_rgb(data)[..., 1], expected)
+    assert tuple(images.to_rgb(files["pages.tif"])[0, 0]) == fx.RED
+
+
+def test_bigtiff_is_refused_with_what_to_do():
+    with pytest.raises(ImageDecodeError, match="BigTIFF.*save it as an ordinary TIFF or a PNG"):
+        images.to_rgb(b"II+\x00" + b"\x00" * 12)
+
+
 @pytest.mark.parametrize("format", ["GIF", "WEBP", "PNG"])
 def test_animations_give_their_first_frame(format):
     rgb = images.to_rgb(fx.animation(format))
@@ -120,7 +141,10 @@ def test_jpeg_header_is_found_past_large_metadata_segments():
 
 
 @pytest.mark.parametrize("data,reason", [
-    (b"", "none of the signatures of JPEG, PNG, GIF, BMP, WEBP"),
+    (b"", "none of the signatures of JPEG, PNG, GIF, BMP, WEBP, TIFF"),
+    (b"MM\x00*\x00\x00\x00\x08\x00\x01" + b"\x01\x03" + b"\x00" * 10, "TIFF whose first image directory declares no"),
+    (b"II*\x00\xff\xff\x00\x00", "a TIFF whose header is cut short"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIF/AVIF image \\(brand 'heic'.*export it as JPEG or PNG"),
     (b"%PDF-1.7 not an image", "none of the signatures"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "header is cut short"),
     (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 10 + b"\xff\xda", "no frame header"),
@@ -184,7 +208,7 @@ def test_in_graph_decoder_matches_for_what_a_client_sends():
         np.testing.assert_array_equal(graph, images.decode(data, SIZE), err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["exif_rotated.jpg", "transparent.gif", "animated.webp"])
+@pytest.mark.parametrize("name", ["exif_rotated.jpg", "transparent.gif", "animated.webp", "scan.tif"])
 def test_clients_decode_what_the_graph_cannot_and_send_the_rest_as_is(name):
     data = fx.crafted_files()[name]
     sent = images.client_bytes(data)

@@ -117,6 +117,25 @@ def transparent_gif() -> bytes:
     return encoded(image, "GIF", transparency=1)
 
 
+def big_endian_gray16_tiff(pixels: np.ndarray) -> bytes:
+    """A TIFF written by hand in Motorola byte order ("MM"; Pillow writes "II"): 16-bit gray, one strip."""
+    height, width = pixels.shape
+    data = pixels.astype(">u2").tobytes()
+    tags = [(256, 3, width), (257, 3, height), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+            (278, 3, height), (279, 4, len(data))]
+    directory_size = 2 + 12 * len(tags) + 4
+    tags[5] = (273, 4, 8 + directory_size)  # the strip starts right after the directory
+    entries = b"".join(struct.pack(">HHI", tag, kind, 1) + (struct.pack(">HH", value, 0) if kind == 3
+                                                           else struct.pack(">I", value)) for tag, kind, value in tags)
+    return b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", len(tags)) + entries + b"\x00" * 4 + data
+
+
+def float_tiff() -> tuple[bytes, np.ndarray]:
+    """A floating-point gray TIFF with values in [0, 1], and the 8-bit gray it must decode to."""
+    values = np.linspace(0.0, 1.0, 6 * 5, dtype=np.float32).reshape(6, 5)
+    return encoded(Image.fromarray(values, mode="F"), "TIFF"), np.rint(values.astype(np.float64) * 255).astype(np.uint8)
+
+
 def crafted_files() -> dict[str, bytes]:
     """Every case by name: what a real dataset or a client may hold."""
     return {
@@ -140,4 +159,11 @@ def crafted_files() -> dict[str, bytes]:
         "picture.bmp": encoded(Image.fromarray(noise(7, 9)), "BMP"),
         "lossless.webp": encoded(Image.fromarray(noise(7, 9, 4)), "WEBP", lossless=True),
         "lossy.webp": encoded(Image.fromarray(noise(16, 16)), "WEBP", quality=80),
+        "scan.tif": encoded(Image.fromarray(noise(11, 13)), "TIFF", compression="tiff_lzw"),
+        "cmyk.tif": encoded(Image.fromarray(noise(6, 8, 4), mode="CMYK"), "TIFF"),
+        "rgba.tif": encoded(Image.fromarray(rgba_png_with_garbage_under_transparency(2)[1]), "TIFF"),
+        "gray16_be.tif": big_endian_gray16_tiff(gray16_png()[1]),
+        "float.tif": float_tiff()[0],
+        "pages.tif": encoded(Image.new("RGB", (10, 8), RED), "TIFF", save_all=True,
+                             append_images=[Image.new("RGB", (10, 8), BLUE)]),
     }
