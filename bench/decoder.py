@@ -93,7 +93,8 @@ def main() -> None:
     from tasks.steps import subsample
     from tasks.steps.acquire import acquire
 
-    cfg = RunConfig(source="idx://fashion_mnist", run_root=str(args.work.resolve() / "runs"))
+    cfg = RunConfig(source="idx://fashion_mnist", run_root=str(args.work.resolve() / "runs"),
+                    image_size=96)  # the demo's size (image_size auto decides after subsample)
     folder = read_acquired(cfg, acquire(cfg))
     files = [path for per_class in folder.files["test"] for path in per_class]
     files = sorted(files)[:args.images]

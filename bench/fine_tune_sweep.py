@@ -279,7 +279,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-root", default="/tmp/tlp-bench/runs")
     parser.add_argument("--cache-root", default="/tmp/tlp-bench/activations")
-    parser.add_argument("--image-size", type=int, default=RunConfig.image_size)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: image_size auto, decided from the benchmark's images as a pipeline run does")
     parser.add_argument("--benchmark", choices=("fashion_mnist", "openclipart"), default="fashion_mnist",
                         help="openclipart: all of bench/openclipart.py's train split, its held-out-artist test split")
     parser.add_argument("--backbone", default=RunConfig.backbone)
@@ -302,6 +303,7 @@ def main() -> None:
     data_s = prepare_data(cfg)
     manifest_uri = cfg.artifact(artifacts.MANIFEST)  # as subsample would hand it over
     manifest = artifacts.read_manifest(cfg, {"manifest": manifest_uri, "hash": storage.read_json(manifest_uri)["hash"]})
+    cfg = cfg.with_image_size(manifest)
     num_classes = len(manifest["classes"])
     records = {split: storage.local_path(cfg.artifact(artifacts.split_records(split)))
                for split in ("train", "val", "test")}

@@ -4,10 +4,14 @@ Publishes an untrained EfficientNet-Lite0 classifier (devtools/published_model.p
 writes N small JPEGs, then measures, each in a fresh process so thread settings hold:
 - the LiteRT interpreter on the TFLite float16 variant and float32, and the SavedModel through its serving
   signature, on 1 thread and on all cores, over images already decoded (batches of tasks.batch_scoring.BATCH);
+- the TFLite scoring model batch scoring runs (float32, probabilities and embeddings from one pass);
 - whether the engines agree: top-1 labels equal and the largest probability difference;
 - `batch_predict` run by `dag.test` on the N images (listing, reading, hashing, decoding, scoring, Parquet/CSV,
   merge, summary and gallery included), in images/s of the whole run, and its ratio to the bare interpreter
-  on all cores.
+  on all cores, and the peak resident memory of that run's process (`dag_peak_rss_mb`: dag.test runs every
+  task in it, so it is the most any one task held, plus Airflow and TensorFlow);
+- the summary's embedding shift of the bench images against the untrained model's reference sample (drawn
+  like them), with its seconds in merge_predictions not measured apart.
 Absolute rates move with the machine's load: compare numbers of one run.
 
     python bench/predict.py [--images 10000] [--image-size 96] [--shard-size 2500]
@@ -53,7 +57,7 @@ def measure(engine: str, path: str, image_size: int, threads: int) -> dict:
     images = rng.uniform(0, 255, (MEASURE_IMAGES, image_size, image_size, 3)).astype("float32")
     score(images[:BATCH])  # warm-up: allocation, tracing
     started = time.perf_counter()
-    outputs = [score(images[start:start + BATCH]) for start in range(0, MEASURE_IMAGES, BATCH)]
+    outputs = [score(images[start:start + BATCH])[0] for start in range(0, MEASURE_IMAGES, BATCH)]
     seconds = time.perf_counter() - started
     return {"images_per_s": MEASURE_IMAGES / seconds, "probabilities": np.concatenate(outputs).tolist()}
 
@@ -66,12 +70,12 @@ def in_fresh_process(engine: str, path: Path, image_size: int, threads: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_images(folder: Path, count: int, size: int) -> list[Path]:
+def write_images(folder: Path, count: int, size: int, seed: int = 1) -> list[Path]:
     """`count` JPEGs of `size` px in 10 folders: noise around three brightness levels."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     paths = []
     for n in range(count):
         path = folder / f"batch-{n % 10}" / f"{n:06d}.jpg"
@@ -83,10 +87,11 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def run_dag(work: Path, images: Path, shard_size: int) -> float:
-    """Seconds of `dag.test` on the images (a fresh Airflow home and DB, created before the clock starts)."""
+def run_dag(work: Path, images: Path, shard_size: int) -> tuple[float, float, dict]:
+    """Seconds of `dag.test` on the images (a fresh Airflow home and DB, created before the clock starts), the
+    peak RSS of its process in MB, and the run's summary."""
     script = f"""
-import time
+import json, resource, time
 from airflow.utils import db
 db.initdb()
 from airflow.dag_processing.dagbag import DagBag
@@ -95,7 +100,11 @@ started = time.perf_counter()
 run = dag.test(run_conf={{"images": {str(images)!r}, "model_name": {MODEL_NAME!r}, "shard_size": {shard_size}}})
 seconds = time.perf_counter() - started
 assert run.state == "success", {{ti.task_id: ti.state for ti in run.get_task_instances()}}
-print(seconds)
+merged = run.get_task_instance("merge_predictions").xcom_pull(task_ids="merge_predictions")
+from tasks import storage
+summary = storage.read_json(merged["summary_uri"])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak, "embedding_shift": summary["embedding_shift"]}}))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(work / "airflow"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -103,7 +112,8 @@ print(seconds)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"dag.test failed: {done.stderr[-4000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured["seconds"], measured["peak_rss_mb"], measured["embedding_shift"]
 
 
 def main() -> None:
@@ -128,12 +138,14 @@ def main() -> None:
     from tasks import scoring_model
 
     paths = write_images(work / "images", args.images, args.image_size)
+    reference = write_images(work / "reference", 300, args.image_size, seed=2)
     champion = publish_untrained(str(work / "models"), MODEL_NAME, CLASSES, args.image_size,
-                                 os.environ["TLP_CACHE_DIR"], [path.read_bytes() for path in paths[:300]])
+                                 os.environ["TLP_CACHE_DIR"], [path.read_bytes() for path in paths[:300]],
+                                 train_images=[path.read_bytes() for path in reference])
     version = champion["uri"]
     cores = os.cpu_count() or 1
     engines = {"tflite_float16": "tflite/float16.tflite", "tflite_float32": "tflite/float32.tflite",
-               "saved_model": "saved_model"}
+               "tflite_scoring": scoring_model.SCORING_FILE, "saved_model": "saved_model"}
     results, probabilities = {}, {}
     for name, relative in engines.items():
         for threads in (1, cores):
@@ -144,15 +156,17 @@ def main() -> None:
     agreement = {name: {"top1_equal": float(np.mean(probabilities[name].argmax(1)
                                                      == probabilities["saved_model"].argmax(1))),
                         "max_abs_diff": float(np.abs(probabilities[name] - probabilities["saved_model"]).max())}
-                 for name in ("tflite_float16", "tflite_float32")}
-    seconds = run_dag(work, work / "images", args.shard_size)
+                 for name in ("tflite_float16", "tflite_float32", "tflite_scoring")}
+    seconds, peak_rss_mb, embedding_shift = run_dag(work, work / "images", args.shard_size)
     dag_rate = args.images / seconds
-    bare = results[f"{scoring_model.ENGINE.replace('-', '_')}_all_cores"]
+    bare = results["tflite_scoring_all_cores"]  # what the DAG runs (scoring_model.SCORING_FILE)
     print(json.dumps({"bench": "predict", "images": args.images, "image_size": args.image_size, "cores": cores,
                       "shard_size": args.shard_size, "engine": scoring_model.ENGINE, "images_per_s": results,
                       "agreement_with_saved_model": agreement, "dag_seconds": round(seconds, 1),
                       "dag_images_per_s": round(dag_rate, 1), "dag_vs_bare_interpreter_all_cores":
-                      round(dag_rate / bare, 3)}))
+                      round(dag_rate / bare, 3), "dag_peak_rss_mb": round(peak_rss_mb),
+                      "embedding_shift": {key: embedding_shift.get(key) for key in
+                                          ("status", "auc", "noise_band", "n_reference", "n_batch")}}))
 
 
 if __name__ == "__main__":

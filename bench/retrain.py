@@ -8,11 +8,14 @@
    extraction without the store (max abs difference).
 4. Warm start: the retrain on B trained with a fresh head and with the champion's head, epochs run (early stopping)
    and best validation accuracy of each.
+5. Warm start of fine-tuning: the first run is also fine-tuned and that model is the champion of a second model
+   name; the retrain on B fine-tunes (after the same feature extraction) from feature extraction's model and from
+   the champion's fine-tuned top and head: epochs run, validation accuracy after the first epoch and at best.
 
 Ends with one JSON line: noop_retrain_seconds, incremental_backbone_ratio, incremental_max_abs_diff,
-warm_start_epochs_saved, and the numbers behind them.
+warm_start_epochs_saved, warm_start_fine_tune_epochs_saved, and the numbers behind them.
 
-    python bench/retrain.py [--per-class 120] [--image-size 96] [--workdir .bench-retrain]
+    python bench/retrain.py [--per-class 120] [--image-size 96] [--seed 42] [--workdir .bench-retrain]
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 from tasks import artifacts, storage
 from tasks.config import RunConfig, candidate_list
 
-VERSION = "20260101T000000.000Z-bench0000001"
+VERSION = "20260101T000000.000Z-000000000001"
 
 
 def build_folder(source: Path, target: Path, per_class: int, test_per_class: int) -> None:
@@ -73,14 +76,34 @@ def _candidate(cfg: RunConfig) -> RunConfig:
     return cfg.for_candidate(only)
 
 
-def register_champion(cfg: RunConfig) -> None:
-    """What publish leaves in the registry that retraining reads: manifest, params, model, champion pointer."""
+def register_champion(cfg: RunConfig, model=artifacts.FEATURE_EXTRACTION_MODEL) -> None:
+    """What publish leaves in the registry that retraining reads: manifest, params, model, champion pointer, and
+    checksums.json over manifest and params (check_changes reads only records that match it)."""
+    import hashlib
+
     version = storage.join(cfg.publish_uri, cfg.model_name, "versions", VERSION)
     storage.write_json(storage.join(version, "manifest.json"), storage.read_json(cfg.artifact(artifacts.MANIFEST)))
     storage.write_json(storage.join(version, "params.json"), cfg.to_public_dict())
-    storage.upload(storage.local_path(_candidate(cfg).artifact(artifacts.FEATURE_EXTRACTION_MODEL)),
-                   storage.join(version, "model"))
+    storage.upload(storage.local_path(_candidate(cfg).artifact(model)), storage.join(version, "model"))
+    storage.write_json(storage.join(version, "checksums.json"), {
+        name: hashlib.sha256(storage.read_bytes(storage.join(version, name))).hexdigest()
+        for name in ("manifest.json", "params.json")})
     storage.write_json(storage.join(cfg.publish_uri, cfg.model_name, "champion.json"), {"version": VERSION})
+
+
+def fine_tune_run(cfg: RunConfig, steps: dict) -> dict:
+    """The fine_tune step after a run's feature extraction, with its per-epoch validation accuracy."""
+    from tasks import phases
+    from tasks.steps.fine_tune import fine_tune
+
+    tuned = fine_tune(_candidate(cfg), steps["data"], steps["train"])
+    curve = [round(float(row["val_accuracy"]), 4) for row in phases.read_history(tuned["history_uri"])]
+    return {**tuned, "curve": curve}
+
+
+def phases_settings(tuned: dict) -> dict:
+    """The settings a fine-tune recorded in its summary (the warm start's reason among them)."""
+    return storage.read_json(tuned["summary_uri"])["settings"]
 
 
 def features_diff(cfg: RunConfig, workdir: Path) -> float:
@@ -110,6 +133,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=120)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--fine-tune-epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=RunConfig.__dataclass_fields__["seed"].default)
     parser.add_argument("--workdir", default=".bench-retrain")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -125,13 +150,17 @@ def main() -> None:
     base = RunConfig(source=str(workdir / "A"), train_percent=100, test_percent=100, image_size=args.image_size,
                      epochs=args.epochs, patience=3, fine_tune="never", model_name="bench-retrain",
                      publish_uri=str(workdir / "models"), run_root=str(workdir / "runs"),
-                     cache_dir=str(workdir / "cache"), warm_start=False)
+                     cache_dir=str(workdir / "cache"), warm_start=False, seed=args.seed)
     import os
 
     os.environ["TLP_FEATURE_STORE"] = str(workdir / "store")
 
     first = run_steps(dataclasses.replace(base, run_id="first"), train=True)
     register_champion(dataclasses.replace(base, run_id="first"))
+    tuned_name = "bench-retrain-fine-tuned"
+    first_tuned = fine_tune_run(dataclasses.replace(base, run_id="first", fine_tune_epochs=args.fine_tune_epochs),
+                                first)
+    register_champion(dataclasses.replace(base, run_id="first", model_name=tuned_name), artifacts.FINE_TUNED_MODEL)
     noop_started = time.perf_counter()
     noop = run_steps(dataclasses.replace(base, run_id="noop"), train=True)
     noop_seconds = time.perf_counter() - noop_started
@@ -143,6 +172,14 @@ def main() -> None:
     incremental = shift["embedding_shift"]["backbone_images"] + fresh_head["train_backbone_images"]
     diff = features_diff(dataclasses.replace(grown, run_id="grown-fresh"), workdir)
     warm = run_steps(dataclasses.replace(grown, run_id="grown-warm", warm_start=True), train=True)
+
+    ft = {"fine_tune_epochs": args.fine_tune_epochs}
+    fresh_tuned = fine_tune_run(dataclasses.replace(grown, run_id="grown-fresh", **ft), fresh_head)
+    warm_top = dataclasses.replace(grown, run_id="grown-warm-top", model_name=tuned_name, warm_start=True,
+                                   warm_start_fine_tune=True)
+    warm_tuned = fine_tune_run(dataclasses.replace(warm_top, **ft), run_steps(warm_top, train=True))
+    warm_top_reason = phases_settings(warm_tuned)["warm_start"]
+    assert warm_top_reason.startswith("warm start from champion"), warm_top_reason
 
     fresh_train, warm_train = fresh_head["train"], warm["train"]
     print(json.dumps({
@@ -160,7 +197,18 @@ def main() -> None:
         "warm_start_epochs": warm_train["epochs_run"], "warm_start_best_epoch": warm_train["best_epoch"],
         "warm_start_val_accuracy": warm_train["val_accuracy"],
         "warm_start_epochs_saved": fresh_train["epochs_run"] - warm_train["epochs_run"],
+        "first_fine_tune_val_accuracy": first_tuned["val_accuracy"],
+        "fine_tune_fresh_epochs": fresh_tuned["epochs_run"], "fine_tune_fresh_curve": fresh_tuned["curve"],
+        "fine_tune_fresh_val_accuracy": fresh_tuned["val_accuracy"],
+        "fine_tune_fresh_before": fresh_tuned["val_accuracy_before"],
+        "fine_tune_warm_epochs": warm_tuned["epochs_run"], "fine_tune_warm_curve": warm_tuned["curve"],
+        "fine_tune_warm_val_accuracy": warm_tuned["val_accuracy"],
+        "fine_tune_warm_before": warm_tuned["val_accuracy_before"],
+        "warm_start_fine_tune_epochs_saved": fresh_tuned["epochs_run"] - warm_tuned["epochs_run"],
+        "warm_start_fine_tune_first_epoch_gain": round(warm_tuned["curve"][0] - fresh_tuned["curve"][0], 4),
+        "fine_tune_layers": base.fine_tune_layers, "fine_tune_cut": warm_tuned["cut"],
         "per_class": args.per_class, "new_per_class": new_per_class, "image_size": args.image_size,
+        "seed": args.seed,
     }))
 
 

@@ -1,7 +1,9 @@
 """Transfer learning against training from scratch, on the very same splits, for each benchmark, in one run.
 
 Two benchmarks, each through the project's own acquire/subsample/train/
-fine_tune steps with the default params (plus any `--set`):
+fine_tune steps with the default params (plus any `--set`; image_size auto is
+decided from the benchmark's images as the DAG's candidates step does, and the
+JSON line says which size ran, `*_image_size`):
 
 - `fashion_mnist`: Fashion-MNIST, 10 % of train (5400 train / 600 val,
   stratified), the full 10k test split, seed 42 (28 px grayscale, centred);
@@ -49,7 +51,7 @@ import numpy as np
 
 from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
 from tasks import artifacts, storage
-from tasks.config import RunConfig, candidate_list, param_specs
+from tasks.config import RunConfig, param_specs, planned_candidates
 from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
 
 if TYPE_CHECKING:
@@ -191,9 +193,9 @@ def forward_flops(model: keras.Model, shape: tuple[int, ...]) -> int:
 def demo_params(overrides: dict[str, str] | None = None) -> str:
     """The recipe measured (the default `make demo` runs, with any `--set` overrides), as one flat string."""
     keys = ("image_size", "epochs", "learning_rate", "fine_tune", "fine_tune_layers", "fine_tune_epochs",
-            "fine_tune_lr_factor", "fine_tune_schedule", "augment")
+            "fine_tune_lr_factor", "fine_tune_schedule", "augment", "mixup")
     specs = param_specs(RunConfig())
-    values = {key: specs[key][0] for key in keys} | dict(overrides or {})
+    values = {key: "auto" if specs[key][0] is None else specs[key][0] for key in keys} | dict(overrides or {})
     return ",".join(f"{key}={value}" for key, value in values.items())
 
 
@@ -204,11 +206,17 @@ def benchmark_config(name: str, run_root: str, overrides: dict[str, str]) -> Run
         data = {"source": str(openclipart.build().resolve()), "train_percent": 100.0,
                 "model_name": "openclipart-classifier"}
     specs = param_specs(RunConfig())
-    values = {key: type(specs[key][0])(value) if not isinstance(specs[key][0], bool) else value.lower() == "true"
-              for key, value in overrides.items()}
-    base = dataclasses.replace(RunConfig(run_root=run_root, run_id=f"bench-training-{name}"), **data, **values)
-    (candidate,) = candidate_list(base)
-    return base.for_candidate(candidate)
+    values = {key: param_value(specs[key][1], value) for key, value in overrides.items()}
+    return dataclasses.replace(RunConfig(run_root=run_root, run_id=f"bench-training-{name}"), **data, **values)
+
+
+def param_value(schema: dict[str, object], text: str) -> object:
+    """A `--set` value as its param's type (the schema's, so an optional param whose default is empty works too)."""
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    kind = next(kind for kind in kinds if kind != "null")
+    if kind == "boolean":
+        return text.lower() == "true"
+    return {"integer": int, "number": float, "string": str}[kind](text)
 
 
 def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) -> dict[str, object]:
@@ -224,6 +232,8 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
     storage.delete(cfg.run_uri + "/")
     data = subsample(cfg, acquire(cfg))
     manifest = storage.read_json(cfg.artifact(artifacts.MANIFEST))
+    (candidate,) = planned_candidates(cfg, manifest)  # image_size auto is decided here, as the DAG's step does
+    cfg = cfg.for_candidate(candidate)
     result: dict[str, object] = {}
     with scratch_dir(f"bench-training-{name}") as scratch:
         if scratch_epochs:
@@ -234,7 +244,6 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             result.update(scratch_test_accuracy=round(scratch_accuracy, 4), scratch_seconds=round(scratch_s, 1),
                           scratch_epochs=epochs)
         forward_s = forward_seconds(cfg, scratch)
-        (candidate,) = candidate_list(cfg)
         trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
         decision = decide(cfg, data, trained)
         fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
@@ -256,6 +265,7 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             "ft_kept": kept,
             "ft_cut": tuned.get("cut"),
             "ft_seconds": round(ft_s, 1),
+            "image_size": cfg.image_size,
             "auto_would_fine_tune": decision["fine_tune"],
             "images": data["counts"],
         })

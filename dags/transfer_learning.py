@@ -156,12 +156,13 @@ def transfer_learning_pipeline(dag_id: str, overrides_variable: str | None = Non
 
     @task
     def candidates(cfg: dict) -> list[dict]:
-        """The backbones to compare (one unless the `candidates` param lists several): train maps over them."""
+        """The backbones to compare (one unless the `candidates` param lists several), each at its image size (auto
+        decided here from the manifest's image statistics): train maps over them."""
         from dataclasses import asdict
 
-        from tasks.config import candidate_list
+        from tasks.config import planned_candidates
 
-        return [asdict(candidate) for candidate in candidate_list(_config(cfg))]
+        return [asdict(candidate) for candidate in planned_candidates(_config(cfg))]
 
     @task(queue=SETTINGS.train_queue)
     def train(cfg: dict, data: dict, candidate: dict) -> dict:

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import classifier, pointer, storage, tflite_export
+from tasks import classifier, embedding_reference, pointer, serving_export, storage, tflite_export
 from tasks.scratch import scratch_dir
 
 
 def publish_untrained(publish_uri: str, model_name: str, classes: tuple[str, ...], image_size: int,
                       cache_dir: str, test_images: list[bytes], backbone: str = "efficientnet_lite0",
-                      seed: int = 0) -> dict:
+                      seed: int = 0, train_images: list[bytes] | None = None) -> dict:
     """Build, export and publish a version, make it the champion; returns the champion pointer.
 
     `test_images` (encoded) stand for the test split: the report's predictions.csv
-    holds the model's top-1 confidence on each, as evaluate writes it.
+    holds the model's top-1 confidence on each, as evaluate writes it. `train_images` (encoded) stand for
+    the training sample whose embeddings publish keeps (tasks/embedding_reference.py); without them the
+    version has no reference sample, as versions published before it.
     """
     import keras
     import pandas as pd
@@ -41,10 +43,14 @@ def publish_untrained(publish_uri: str, model_name: str, classes: tuple[str, ...
     with scratch_dir("publish-untrained") as scratch:
         stage = scratch / "version"
         classifier.save(built, stage / "model")
-        built.model.export(str(stage / "saved_model"), verbose=False)
+        serving_export.export(built.model, tuple(classes), stage / "saved_model")
         (stage / "tflite").mkdir()
         for variant in tflite_export.VARIANTS:
             (stage / "tflite" / f"{variant}.tflite").write_bytes(tflite_export.convert(stage / "saved_model", variant))
+        (stage / "tflite" / tflite_export.SCORING_FILE).write_bytes(
+            tflite_export.convert(stage / "saved_model", "float32", serving_export.EMBEDDINGS_SIGNATURE))
+        if train_images:
+            embedding_reference.write_sample(built.model, train_images, stage, {"split": "train", "seed": seed})
         pixels = np.stack([images.decode(data, image_size) for data in test_images])
         probabilities = np.asarray(built.model(pixels, training=False))
         (stage / "report").mkdir()

@@ -1,6 +1,7 @@
 """Airflow UI page for batch scoring: on the page of a `batch_predict` run, a "Predictions" tab shows the
-least confident predictions (thumbnails with their top-k), the counts per class, the shift verdict and the
-unreadable files, i.e. the gallery merge_predictions wrote, and `summary.json` beside it.
+least confident predictions (thumbnails with their top-k), the counts per class, the shift verdicts (of the
+confidences, and of the embeddings with their AUC, noise band and threshold) and the unreadable files, i.e.
+the gallery merge_predictions wrote, and `summary.json` beside it.
 
 Where a run's files are is derived from the deployment's settings (TLP_RUN_ROOT) and the run's dag and run id,
 exactly as tasks.batch_config names them; nothing is read from XCom or the run's conf. Airflow mounts plugin

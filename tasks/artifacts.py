@@ -52,7 +52,7 @@ ACQUIRED = Artifact(("data", "acquired.json"), "acquire",
 MANIFEST = Artifact(("data", "manifest.json"), "subsample",
                     "the selection: every file, label and split, seed, skipped files, one content hash",
                     consumers=("check_changes", "train", "decide", "fine_tune", "evaluate"),
-                    read_through_run_root=("publish_version",))
+                    read_through_run_root=("publish_version", "candidates", "select"))  # image_size auto's sizes
 CHANGES = Artifact(("data", "changes.json"), "check_changes",
                    "what changed since the champion: fingerprints, files per class, class-prior and embedding shift",
                    read_through_run_root=("evaluate", "approve", "promote"))
@@ -123,7 +123,7 @@ def tensorboard(phase: str) -> Artifact:
 
 def split_records(split: str) -> Artifact:
     """The TFRecord file of one split ("train", "val" or "test")."""
-    readers = {"train": ("check_changes", "train", "fine_tune"),
+    readers = {"train": ("check_changes", "train", "fine_tune", "publish_version"),
                "val": ("check_changes", "train", "fine_tune", "evaluate"),
                "test": ("evaluate", "publish_version")}[split]
     return Artifact(("data", f"{split}.tfrecord"), "subsample", f"the {split} split's encoded images and labels",

@@ -7,8 +7,16 @@
   changes its shard's key, so that shard is scored again.
 - Predictions per image: path, sha256, the top-k labels with probabilities, model and decoder version, as
   Parquet and CSV (cells a spreadsheet would run as formulas made inert, as in the report).
-- The summary: counts per predicted class, the confidence histogram, unreadable files, and the shift of the
-  batch's confidence against the model's own test set (`confidence_shift`, with its rule).
+- Memory: a shard is read twice, never held whole. First every file is read and hashed (the key), keeping
+  only the hashes; then, unless the key was scored before, the images are read again batch by batch, each
+  checked against its first hash, decoded and scored, the next batch read and decoded while the model runs
+  this one: at most two batches of files are held at once, whatever the shard size.
+- The summary: counts per predicted class, the confidence histogram, unreadable files, the shift of the
+  batch's confidence against the model's own test set (`confidence_shift`, with its rule), and the
+  embedding shift of the batch against a sample of the model's training images (`batch_embedding_shift`).
+- Embeddings: each shard keeps the embeddings of a bounded sample of its images, the ones whose seeded
+  hash of (path, sha256) ranks lowest (`sample_rank`): a retried shard keeps the same rows, and the run's
+  sample, the lowest ranks over all shards, is a uniform sample of the batch whatever the sharding.
 """
 from __future__ import annotations
 
@@ -28,18 +36,26 @@ from urllib.parse import urlparse
 import numpy as np
 
 from tasks import images, settings, storage
-from tasks.errors import DatasetError, ImageDecodeError, StorageError
+from tasks.errors import DatasetError, ImageDecodeError, StorageError, TransientError
 from tasks.redact import redact_uri
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-SCORER = "batch-scoring-1"  # bump when the way probabilities are computed changes: every shard is scored again
+SCORER = "batch-scoring-2"  # bump when the way probabilities are computed changes: every shard is scored again
 BATCH = 64
 SHARD_RECORD = "shard.json"  # written last: a shard folder without it is unfinished
 PREDICTIONS = "predictions"
+EMBEDDINGS = "embeddings.npy"  # a shard's sample of embeddings, float16, rows in SHARD_RECORD's "paths" order
+EMBEDDING_SAMPLE = 1000  # rows a shard keeps and the run compares (with the version's reference sample)
+EMBEDDING_DTYPE = np.float16
+SAMPLE_SEED = "batch-embedding-sample-1"
+# embedding shift rule: the domain classifier's AUC (training sample vs batch sample) must be above the noise
+# band it reaches on randomly relabelled domains (tasks.data_changes.embedding_shift) and above this floor, so a
+# large batch does not flag a slight difference
+EMBEDDING_AUC_THRESHOLD = 0.75
 HISTOGRAM_BINS = 10
 THUMBNAIL_PX = 128
 # shift rule: the two-sample Kolmogorov-Smirnov distance between the batch's and the test set's top-1
@@ -111,6 +127,15 @@ def read_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[R
     return list(pool.map(lambda path: _read(root, path), paths))
 
 
+def hash_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[Read]:
+    """`read_images` keeping only the hashes (`data` None): memory holds one file per thread, not the shard."""
+    def hashed(path: str) -> Read:
+        read = _read(root, path)
+        return Read(read.path, None, read.sha256, read.error)
+
+    return list(pool.map(hashed, paths))
+
+
 def _read(root: str, path: str) -> Read:
     try:
         data = storage.read_bytes(storage.join(root, path))
@@ -128,22 +153,25 @@ def shard_key(model_version_uri: str, decoder_version: str, top_k: int, reads: l
 
 # ---------------------------------------------------------------- scoring
 
-def score(reads: list[Read], image_size: int, model: Callable[[np.ndarray], np.ndarray],
-          pool: ThreadPoolExecutor) -> tuple[list[Read], np.ndarray, list[dict]]:
-    """(scored reads, their probabilities, unreadable files with the reason).
+def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: ThreadPoolExecutor
+          ) -> tuple[list[Read], np.ndarray, np.ndarray | None, list[dict]]:
+    """(scored reads, their probabilities, their embeddings or None, unreadable files with the reason).
 
-    Images are decoded by the project's one decoder (`to_rgb` in the pool) and
-    resized by its one `resize`, the pixels training and evaluation saw; the next
-    batch is decoded and resized while the model runs this one.
+    `reads` are hashed (`hash_images`): each readable one is read again when its
+    batch comes, checked against its hash, decoded by the project's one decoder
+    (`to_rgb` in the pool) and resized by its one `resize`, the pixels training
+    and evaluation saw; the next batch is read, decoded and resized while the
+    model runs this one, so at most two batches of files are held. `model` maps a
+    pixel batch to (probabilities, embeddings or None).
     """
-    readable = [read for read in reads if read.data is not None]
-    unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.data is None]
+    readable = [read for read in reads if read.sha256 is not None]
+    unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.sha256 is None]
     batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
     limit = settings.load().limits.max_image_pixels
-    scored, outputs = [], []
+    scored, outputs, embedded = [], [], []
     with ThreadPoolExecutor(max_workers=1) as preparer:
         def prepare(batch: list[Read]):
-            return preparer.submit(_prepared, [pool.submit(_to_rgb, read.data, limit) for read in batch],
+            return preparer.submit(_prepared, [pool.submit(_read_decoded, root, read, limit) for read in batch],
                                    image_size)
 
         pending = prepare(batches[0]) if batches else None
@@ -153,10 +181,24 @@ def score(reads: list[Read], image_size: int, model: Callable[[np.ndarray], np.n
                 pending = prepare(batches[index + 1])
             unreadable += [{"path": batch[n].path, "reason": reason} for n, reason in reasons.items()]
             if len(pixels):
-                outputs.append(model(pixels))
+                probabilities, embeddings = model(pixels)
+                outputs.append(probabilities)
+                embedded.append(embeddings)
                 scored += [read for n, read in enumerate(batch) if n not in reasons]
+            del pixels
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-    return scored, probabilities, sorted(unreadable, key=lambda item: item["path"])
+    embeddings = np.concatenate(embedded) if embedded and all(e is not None for e in embedded) else None
+    return scored, probabilities, embeddings, sorted(unreadable, key=lambda item: item["path"])
+
+
+def _read_decoded(root: str, read: Read, max_pixels: int) -> tuple[np.ndarray | None, str]:
+    """An image read again and decoded; its bytes are dropped here. A file that changed since it was hashed
+    would be scored under another file's key: TransientError, and the retried shard hashes it again."""
+    again = _read(root, read.path)
+    if again.sha256 != read.sha256:
+        raise TransientError(f"{read.path} changed while its shard was scored (sha256 {read.sha256} before, "
+                             f"{again.sha256 or again.error} now); the shard is scored again on retry")
+    return _to_rgb(again.data, max_pixels)
 
 
 def _prepared(decoding: list, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -217,6 +259,97 @@ def write_predictions(table, prefix: str) -> dict[str, str]:
     return uris
 
 
+def sample_rank(path: str, sha256: str) -> str:
+    """An image's place in the embedding sample (lowest first): a seeded hash of its name and content."""
+    return hashlib.sha256(f"{SAMPLE_SEED}\0{path}\0{sha256}".encode()).hexdigest()
+
+
+def embedding_sample(scored: list[Read], embeddings: np.ndarray, rows: int = EMBEDDING_SAMPLE
+                     ) -> tuple[list[str], np.ndarray]:
+    """(paths, float16 embeddings) of the `rows` scored images of lowest `sample_rank`, in that order."""
+    order = sorted(range(len(scored)), key=lambda n: sample_rank(scored[n].path, scored[n].sha256))[:rows]
+    return [scored[n].path for n in order], np.asarray(embeddings)[order].astype(EMBEDDING_DTYPE)
+
+
+def write_embedding_sample(paths: list[str], sample: np.ndarray, uri: str) -> dict:
+    """The sample as a .npy at `uri` (one write); returns its record entry: file, sha256, paths in row order."""
+    buffer = io.BytesIO()
+    np.save(buffer, sample, allow_pickle=False)
+    storage.write_bytes(uri, buffer.getvalue())
+    return {"file": uri, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "paths": paths}
+
+
+def read_embedding_sample(entry: dict, uri: str) -> tuple[list[str], np.ndarray]:
+    """A shard's sample at `uri` (its folder's, never where the record points), checked against the sha256 its
+    record gives (no pickles)."""
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DatasetError(f"{uri} does not match the sha256 in its shard record; delete the shard folder and "
+                           "score it again")
+    sample = np.load(io.BytesIO(data), allow_pickle=False)
+    if len(sample) != len(entry["paths"]):
+        raise DatasetError(f"{uri} has {len(sample)} rows for {len(entry['paths'])} paths; delete the shard "
+                           "folder and score it again")
+    return list(entry["paths"]), sample
+
+
+def merged_sample(samples: list[tuple[list[str], np.ndarray]], sha256_of: dict[str, str],
+                  rows: int = EMBEDDING_SAMPLE) -> np.ndarray:
+    """The run's sample: the `rows` lowest-ranked images over every shard's sample, as float32."""
+    strays = sorted({path for paths, _ in samples for path in paths} - set(sha256_of))
+    if strays:
+        raise DatasetError(f"shard embedding samples name images the run did not score ({strays[:3]}); delete those "
+                           "shard folders and score them again")
+    ranked = sorted((sample_rank(path, sha256_of[path]), n, row) for n, (paths, _) in enumerate(samples)
+                    for row, path in enumerate(paths))[:rows]
+    if not ranked:
+        return np.zeros((0, 0), np.float32)
+    return np.stack([samples[n][1][row] for _, n, row in ranked]).astype(np.float32)
+
+
+def batch_embedding_shift(reference: np.ndarray | None, batch: np.ndarray | None, unavailable: str = "",
+                          seed: int = 0) -> dict:
+    """Whether the batch's embeddings look unlike the training sample's, with the numbers and the rule.
+
+    A domain classifier (tasks.data_changes.embedding_shift) tries to tell the
+    version's reference sample of training embeddings from the batch's sample; its
+    cross-validated AUC is compared with the noise band the same classifier
+    reaches on randomly relabelled rows. Shifted when the AUC is above the band
+    and above EMBEDDING_AUC_THRESHOLD. `unavailable` says why there is nothing to
+    compare (an older version, an engine without embeddings).
+    """
+    from tasks.data_changes import MIN_DOMAIN_IMAGES, embedding_shift
+
+    rule = (f"shifted when a domain classifier's cross-validated AUC (training sample vs batch sample) is above "
+            f"the noise band it reaches on randomly relabelled rows and above {EMBEDDING_AUC_THRESHOLD}")
+    base = {"rule": rule, "threshold": EMBEDDING_AUC_THRESHOLD}
+    if unavailable or reference is None or batch is None:
+        return {**base, "status": "unavailable", "shifted": None, "auc": None,
+                "reason": unavailable or "no embeddings to compare"}
+    if min(len(reference), len(batch)) < MIN_DOMAIN_IMAGES:
+        return {**base, "status": "unavailable", "shifted": None, "auc": None, "n_reference": len(reference),
+                "n_batch": len(batch), "reason": f"fewer than {MIN_DOMAIN_IMAGES} images on a side"}
+    if reference.shape[1] != batch.shape[1]:
+        return {**base, "status": "unavailable", "shifted": None, "auc": None,
+                "reason": f"the reference sample has {reference.shape[1]}-d embeddings, the batch {batch.shape[1]}-d"}
+    measured = embedding_shift(reference, batch, seed)
+    shifted = bool(measured["shifted"] and measured["auc"] > EMBEDDING_AUC_THRESHOLD)
+    band = measured["noise_band"]
+    if shifted:
+        verdict = (f"the batch looks unlike the model's training data: a classifier tells its embeddings from the "
+                   f"training sample's with AUC {measured['auc']:.3f}, above the noise band "
+                   f"[{band[0]:.3f}, {band[1]:.3f}] and the threshold {EMBEDDING_AUC_THRESHOLD}; check its "
+                   "predictions before acting on them")
+    else:
+        why = (f"not above the noise band [{band[0]:.3f}, {band[1]:.3f}]" if not measured["shifted"] else
+               f"above the noise band [{band[0]:.3f}, {band[1]:.3f}] but not above the threshold "
+               f"{EMBEDDING_AUC_THRESHOLD}")
+        verdict = (f"the batch's embeddings look like the training sample's: AUC {measured['auc']:.3f}, {why}")
+    return {**base, "status": "shifted" if shifted else "not shifted", "shifted": shifted, "auc": measured["auc"],
+            "noise_band": band, "beyond_noise": measured["shifted"], "n_reference": len(reference),
+            "n_batch": len(batch), "classifier": measured["classifier"], "verdict": verdict}
+
+
 def read_predictions(uri: str):
     import pandas as pd
 
@@ -226,8 +359,9 @@ def read_predictions(uri: str):
 # ---------------------------------------------------------------- summary
 
 def summarize(table, classes: tuple[str, ...], unreadable: list[dict], test_confidences: np.ndarray | None,
-              test_source: str) -> dict:
-    """Counts per predicted class, the confidence histogram and the shift against the test set."""
+              test_source: str, embedding: dict | None = None) -> dict:
+    """Counts per predicted class, the confidence histogram, the shift against the test set and the embedding
+    shift (`batch_embedding_shift`'s answer)."""
     confidence = table["probability_1"].to_numpy(dtype=np.float64) if len(table) else np.zeros(0)
     counts = table["label_1"].value_counts() if len(table) else {}
     histogram, edges = np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
@@ -240,6 +374,7 @@ def summarize(table, classes: tuple[str, ...], unreadable: list[dict], test_conf
                        "histogram": {"edges": [round(float(edge), 4) for edge in edges],
                                      "counts": [int(count) for count in histogram]}},
         "shift": confidence_shift(confidence, test_confidences, test_source),
+        "embedding_shift": embedding or batch_embedding_shift(None, None, "not measured"),
     }
 
 
@@ -319,6 +454,8 @@ def gallery_page(rows, thumbnails: list[str], summary: dict, title: str) -> str:
         shift_text += (f" (KS distance {shift['ks_distance']} vs critical {shift['critical_value']}; mean "
                        f"confidence {shift['batch_mean_confidence']} vs {shift['test_mean_confidence']} on the test "
                        "set)")
+    embedding = summary.get("embedding_shift") or {}
+    embedding_text = e(embedding.get("verdict") or f"not measured ({embedding.get('reason', 'no record')})")
     counts = "".join(f"<tr><td>{e(name)}</td><td>{count}</td></tr>" for name, count in summary["counts"].items())
     unreadable = "".join(f"<li><code>{e(item['path'])}</code>: {e(item['reason'])}</li>"
                          for item in summary["unreadable"]) or "<li>none</li>"
@@ -329,6 +466,7 @@ def gallery_page(rows, thumbnails: list[str], summary: dict, title: str) -> str:
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{style}</style></head><body><h1>{e(title)}</h1>"
             f"<p>{summary['n_scored']} images scored, {summary['n_unreadable']} unreadable. Shift: {shift_text}.</p>"
+            f"<p>Embedding shift: {embedding_text}.</p>"
             f"<h2>Least confident predictions</h2><div class='grid'>{''.join(figures) or 'none'}</div>"
             f"<h2>Predicted classes</h2><table>{counts}</table><h2>Unreadable files</h2><ul>{unreadable}</ul>"
             "</body></html>")

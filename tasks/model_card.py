@@ -144,7 +144,9 @@ def _model_section(cfg: RunConfig, metrics: dict, record: RunRecord) -> str:
         f"- Head: global pooling -> dropout {cfg.dropout} -> dense softmax over {len(metrics['classes'])} classes"
         + (f" on {first.feature_dim}-d features" if first else ""),
         f"- Input: {cfg.image_size}x{cfg.image_size} RGB, raw pixel values in [0, 255] "
-        "(the model applies the backbone's own preprocessing)",
+        "(the model applies the backbone's own preprocessing)"
+        + (f"; {markdown_text((record.leaderboard or {})['image_size_auto'])}"
+           if "image_size_auto" in (record.leaderboard or {}) else ""),
         f"- Kept model: {LABELS.get(record.kept, 'not recorded')}"
         + (f" (validation accuracy: feature extraction {percent(record.val_accuracy(FEATURE_EXTRACTION))}, "
            f"fine-tuned {percent(record.val_accuracy(FINE_TUNE))})" if first else ""),

@@ -192,6 +192,29 @@ def judgement_of_run(model_root: str, version: str, run_id: str, dag_id: str) ->
     return judgement
 
 
+def newest_judged_version(model_root: str) -> str | None:
+    """The newest complete version with a recorded judgement (promoted or not), or None."""
+    judged = [relative(item, storage.join(model_root, "judgements"))[:-len(".json")]
+              for item in storage.list_files(storage.join(model_root, "judgements") + "/") if item.endswith(".json")]
+    for version in sorted((version for version in judged if VERSION_ID.fullmatch(version)), reverse=True):
+        if storage.exists(storage.join(version_uri_of(model_root, version), CHECKSUMS)):
+            return version
+    return None
+
+
+def read_verified_json(version_uri: str, name: str) -> Any:
+    """A JSON record of a complete version (manifest.json, params.json, ...), read once and matched against the
+    version's checksums.json; PublishError when the version is incomplete or the record does not match."""
+    checksums_uri = storage.join(version_uri, CHECKSUMS)
+    if not storage.exists(checksums_uri):
+        raise PublishError(f"{version_uri} is incomplete (no {CHECKSUMS}); re-run publish for its run")
+    expected = storage.read_json(checksums_uri).get(name)
+    data = storage.read_bytes(storage.join(version_uri, name))
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise PublishError(f"{storage.join(version_uri, name)} does not match {CHECKSUMS}: check the object store")
+    return json.loads(data)
+
+
 def write_approval(model_root: str, version: str, answer: dict) -> None:
     """Record the answer to a version's approval request (replacing an earlier one: a new request resets it)."""
     storage.write_json(_record_uri(model_root, "approvals", version), answer)

@@ -224,8 +224,11 @@ def _page(cfg: RunConfig, metrics: dict, record: RunRecord, directory: Path, wro
         data_rows=[[name, *(counts[split].get(name, 0) for split in splits)] for name in manifest["classes"]]
         + [["total", *(sum(counts[split].values()) for split in splits)]],
         data_numeric=tuple(range(1, len(splits) + 1)),
-        params=[[name, _param_text(value) + (f" (asked: {_param_text(cfg.asked[name])}; resolved from the winning "
-                                              "candidate)" if name in cfg.asked and cfg.asked[name] != value else "")]
+        params=[[name, _param_text(value) + (
+                    f" ({(record.leaderboard or {}).get('image_size_auto', 'image_size auto')})"
+                    if name == "image_size" and name in cfg.asked and cfg.asked[name] is None else
+                    f" (asked: {_param_text(cfg.asked[name])}; resolved from the winning candidate)"
+                    if name in cfg.asked and cfg.asked[name] != value else "")]
                 for name, value in cfg.to_dict().items()],
         params_resolved=any(cfg.asked.get(name, value) != value for name, value in cfg.to_dict().items()),
         predictions_csv=PREDICTIONS,

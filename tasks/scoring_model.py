@@ -12,6 +12,13 @@ all equal, probabilities within 1e-5), while the float16 variant, hardly faster,
 changed 0.2 % of the top-1 labels (README "Scoring new images"). A version without
 the float32 variant (the converter refused the model, or it lost accuracy and was
 not kept) is scored through its SavedModel instead.
+
+Each scored batch also yields its embeddings (the head's dense-layer input), for
+the batch's embedding shift: from `tflite/scoring.tflite` (the float32 model of the
+`serve_embeddings` signature, tasks/tflite_export.py) or the SavedModel's
+`serve_embeddings`; and the version's reference sample of training embeddings
+(tasks/embedding_reference.py) is fetched and verified like the model files. A
+version published before these has neither: it is scored as before, without embeddings.
 """
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from typing import Callable
 
 import numpy as np
 
-from tasks import registry, storage
+from tasks import embedding_reference, registry, storage
 from tasks.errors import ScoringError
+from tasks.serving_export import EMBEDDINGS_SIGNATURE, PIXELS_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +43,11 @@ TFLITE_FLOAT32 = "tflite-float32"
 SAVED_MODEL = "saved_model"
 ENGINE = TFLITE_FLOAT32
 ENGINE_FILES = {TFLITE_FLOAT32: "tflite/float32.tflite", SAVED_MODEL: "saved_model/"}
+SCORING_FILE = "tflite/scoring.tflite"  # float32, probabilities and embeddings (tasks.tflite_export.SCORING_FILE)
 SPEC_FILE = "model/classifier.json"
 SERVING_SIGNATURE = "serving_default"
+# a batch's probabilities and its embeddings (None from a version published without them)
+Scorer = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray | None]"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class PublishedModel:
     image_size: int
     engine: str
     path: Path  # the .tflite file or the SavedModel folder, in this worker's cache
+    reference: Path | None = None  # the verified reference sample of training embeddings, if the version has one
 
 
 def resolve_version(publish_uri: str, model_name: str, version: str | None) -> str:
@@ -84,56 +96,89 @@ def fetch(publish_uri: str, model_name: str, version: str, cache_dir: str, engin
                  ENGINE_FILES[TFLITE_FLOAT32])
         engine = SAVED_MODEL
     local = Path(cache_dir) / "published" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    wanted = [name for name in checksums if name == SPEC_FILE or name.startswith(ENGINE_FILES[engine])]
-    if not any(name.startswith(ENGINE_FILES[engine]) for name in wanted):
+    engine_file = SCORING_FILE if engine == TFLITE_FLOAT32 and SCORING_FILE in checksums else ENGINE_FILES[engine]
+    wanted = [name for name in checksums if name in (SPEC_FILE, embedding_reference.FILE)
+              or name.startswith(engine_file)]
+    if not any(name.startswith(engine_file) for name in wanted):
         raise ScoringError(f"{uri} has neither {ENGINE_FILES[TFLITE_FLOAT32]} nor a SavedModel; re-publish it")
     for name in wanted:
         _verified_copy(storage.join(uri, name), local / name, checksums[name])
     spec = json.loads((local / SPEC_FILE).read_text())
+    reference = local / embedding_reference.FILE if embedding_reference.FILE in checksums else None
     return PublishedModel(model_name, version, uri, tuple(spec["classes"]), int(spec["image_size"]), engine,
-                          local / ENGINE_FILES[engine].rstrip("/"))
+                          local / engine_file.rstrip("/"), reference)
 
 
-def scorer(model: PublishedModel, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from a batch of float32 RGB images in [0, 255] to probability rows (`threads` None = all cores)."""
+def fetch_reference(publish_uri: str, model_name: str, version: str, cache_dir: str) -> Path | None:
+    """The version's reference sample of training embeddings, verified against its checksums (None: it has none)."""
+    uri = version_uri(publish_uri, model_name, version)
+    checksums = storage.read_json(storage.join(uri, registry.CHECKSUMS))
+    if embedding_reference.FILE not in checksums:
+        return None
+    local = Path(cache_dir) / "published" / hashlib.sha256(uri.encode()).hexdigest()[:24] / embedding_reference.FILE
+    _verified_copy(storage.join(uri, embedding_reference.FILE), local, checksums[embedding_reference.FILE])
+    return local
+
+
+def scorer(model: PublishedModel, threads: int | None = None) -> Scorer:
+    """A function from a batch of float32 RGB images in [0, 255] to (probability rows, embedding rows or None)
+    (`threads` None = all cores)."""
     threads = threads or os.cpu_count() or 1
     if model.engine == TFLITE_FLOAT32:
         return tflite_scorer(model.path, threads)
     return saved_model_scorer(model.path)
 
 
-def tflite_scorer(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def tflite_scorer(path: Path, threads: int) -> Scorer:
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    if EMBEDDINGS_SIGNATURE in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(EMBEDDINGS_SIGNATURE)  # resizes its input to each batch
+
+        def both(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outputs = runner(**{PIXELS_INPUT: np.ascontiguousarray(images, dtype=np.float32)})
+            return np.array(outputs["probabilities"]), np.array(outputs["embeddings"])
+
+        return both
     interpreter.allocate_tensors()
     [given] = interpreter.get_input_details()
     output = interpreter.get_output_details()[0]["index"]
 
-    def score(images: np.ndarray) -> np.ndarray:
+    def score(images: np.ndarray) -> tuple[np.ndarray, None]:
         if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
             interpreter.resize_tensor_input(given["index"], images.shape)
             interpreter.allocate_tensors()
         interpreter.set_tensor(given["index"], np.ascontiguousarray(images, dtype=np.float32))
         interpreter.invoke()
-        return interpreter.get_tensor(output).copy()
+        return interpreter.get_tensor(output).copy(), None
 
     return score
 
 
-def saved_model_scorer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The SavedModel's serving signature, after the scan that refuses graphs touching files, Python or processes."""
+def saved_model_scorer(path: Path) -> Scorer:
+    """The SavedModel's embeddings signature (its serving one when it has none), after the scan that refuses
+    graphs touching files, Python or processes."""
     import tensorflow as tf
 
     from tasks.savedmodel_scan import check_saved_model
 
     check_saved_model(path, f"the published SavedModel {path}")
-    serve = tf.saved_model.load(str(path)).signatures[SERVING_SIGNATURE]
+    signatures = tf.saved_model.load(str(path)).signatures
+    if EMBEDDINGS_SIGNATURE in signatures:
+        both = signatures[EMBEDDINGS_SIGNATURE]
+
+        def score_both(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outputs = both(**{PIXELS_INPUT: tf.constant(images, dtype=tf.float32)})
+            return outputs["probabilities"].numpy(), outputs["embeddings"].numpy()
+
+        return score_both
+    serve = signatures[SERVING_SIGNATURE]
     [name] = serve.structured_input_signature[1]
 
-    def score(images: np.ndarray) -> np.ndarray:
+    def score(images: np.ndarray) -> tuple[np.ndarray, None]:
         [probabilities] = serve(**{name: tf.constant(images, dtype=tf.float32)}).values()
-        return probabilities.numpy()
+        return probabilities.numpy(), None
 
     return score
 

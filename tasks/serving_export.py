@@ -9,6 +9,10 @@
   TensorFlow can. What it cannot (EXIF orientation, a GIF's transparency, an
   animated WebP without alpha) a client does first: tasks.images.client_bytes,
   stated in the model card and the README.
+- `serve_embeddings` takes the pixels `serving_default` takes and returns
+  `probabilities` and `embeddings` [batch, features]: what the head's dense layer
+  sees (the pooled backbone features), from one pass. Batch scoring compares a
+  scored batch's embeddings with a sample of the training images' (tasks.embedding_reference).
 """
 from __future__ import annotations
 
@@ -19,10 +23,39 @@ from tasks import images
 PIXELS_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_bytes"
 BYTES_INPUT = "images"
+EMBEDDINGS_SIGNATURE = "serve_embeddings"
+PIXELS_INPUT = "image"
+
+
+def with_embeddings(model):
+    """A function from a pixel batch to {"probabilities", "embeddings"}, the backbone run once: the embeddings
+    are the input of the head's dense layer (tasks/head.py), the probabilities exactly what `model` answers.
+    A model not built by tasks.classifier gives the input of its last layer."""
+    import keras
+
+    from tasks.head import HEAD_NAME
+
+    if HEAD_NAME not in [layer.name for layer in model.layers]:
+        two = keras.Model(model.inputs, [model.outputs[0], model.layers[-1].input])
+
+        def last_layer(image):
+            probabilities, embeddings = two(image, training=False)
+            return {"probabilities": probabilities, "embeddings": embeddings}
+
+        return last_layer
+    head = model.get_layer(HEAD_NAME)
+    body = model.layers[model.layers.index(head) - 1]  # compose(): image -> backbone -> head
+    features = keras.Model(head.input, head.get_layer("probabilities").input)
+
+    def both(image):
+        backbone = body(image, training=False)
+        return {"probabilities": head(backbone, training=False), "embeddings": features(backbone, training=False)}
+
+    return both
 
 
 def export(model, classes: tuple[str, ...], directory: Path) -> Path:
-    """Write `model` (raw pixels in, probabilities out) as a SavedModel with both signatures into `directory`."""
+    """Write `model` (raw pixels in, probabilities out) as a SavedModel with its three signatures into `directory`."""
     import keras
     import tensorflow as tf
 
@@ -43,7 +76,9 @@ def export(model, classes: tuple[str, ...], directory: Path) -> Path:
     archive.track(model)
     # the first endpoint is also served as serving_default
     archive.add_endpoint("serve", from_pixels,
-                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")])
+                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=PIXELS_INPUT)])
+    archive.add_endpoint(EMBEDDINGS_SIGNATURE, with_embeddings(model),
+                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=PIXELS_INPUT)])
     archive.add_endpoint(BYTES_SIGNATURE, from_bytes,
                          input_signature=[tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)])
     archive.write_out(str(directory), verbose=False)

@@ -8,6 +8,13 @@ is deprecated), its file size and single-image latency are measured, and it is
 kept (published beside the model) only when its accuracy stays within
 MAX_ACCURACY_CHANGE of the Keras model's. A model the converter refuses is
 reported as not convertible: the Keras model and SavedModel still publish.
+
+Beside the variants, when float32 is kept, `scoring.tflite`: the float32 model of
+the SavedModel's `serve_embeddings` signature (probabilities and embeddings from
+one pass), which batch scoring runs. Its probabilities must equal the float32
+variant's on a batch of test images (SCORING_TOLERANCE), else it is not kept and
+batch scoring uses float32.tflite without embeddings. The variants themselves keep
+one signature with one output, as phones expect.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.serving_export import PIXELS_SIGNATURE
+from tasks.serving_export import EMBEDDINGS_SIGNATURE, PIXELS_INPUT, PIXELS_SIGNATURE
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,8 @@ LATENCY_IMAGES = 50
 LATENCY_WARMUP = 5
 LATENCY_THREADS = 1  # one core: comparable across workers, and what a small device gives one model
 INTERPRETER = "ai-edge-litert"
+SCORING_FILE = "scoring.tflite"
+SCORING_TOLERANCE = 1e-5  # the same float32 graph with one more output: equal up to kernel order
 MLIR_LOCATION = re.compile(r"<unknown>:0: error: loc\(.*\)\): ")
 
 
@@ -65,18 +74,20 @@ def export_variants(saved_model: Path, test_records: Path, keras_accuracy: float
             continue
         convert_s = time.monotonic() - started
         section["variants"][variant] = _measure(variant, flatbuffer, test_records, keras_accuracy, out_dir, convert_s)
+        if variant == "float32" and section["variants"][variant]["kept"]:
+            section["scoring"] = _scoring_model(saved_model, flatbuffer, test_records, out_dir)
     return section
 
 
-def convert(saved_model: Path, variant: str) -> bytes:
-    """One TFLite flatbuffer of the SavedModel's serving signature."""
+def convert(saved_model: Path, variant: str, signature: str = PIXELS_SIGNATURE) -> bytes:
+    """One TFLite flatbuffer of one of the SavedModel's pixel signatures (the serving one by default)."""
     import tensorflow as tf
 
     from tasks.savedmodel_scan import check_saved_model
 
     check_saved_model(saved_model, f"SavedModel {saved_model}")
     # the pixels signature only: the encoded-bytes one decodes with ops TFLite does not have
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[PIXELS_SIGNATURE])
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[signature])
     if variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -129,6 +140,39 @@ def _measure(variant: str, flatbuffer: bytes, test_records: Path, keras_accuracy
     log.info("tflite: %s %s, accuracy %.4f (%+.4f), %.2f MB, %.2f ms/image", variant,
              "kept" if kept else "dropped", score, change, len(flatbuffer) / 1e6, entry["latency_ms"])
     return entry
+
+
+def _scoring_model(saved_model: Path, float32: bytes, test_records: Path, out_dir: Path) -> dict:
+    """Convert the embeddings signature, keep it when it answers as the float32 variant does (see the module)."""
+    from tasks.records import image_dataset
+
+    try:
+        flatbuffer = convert(saved_model, "float32", EMBEDDINGS_SIGNATURE)
+    except Exception as error:  # an older export without the signature, or a converter refusal
+        return {"kept": False, "reason": f"not convertible: {type(error).__name__}: {_first_line(error)}"}
+    interpreter, image_size = _interpreter(float32, os.cpu_count())
+    batch = next(iter(image_dataset(test_records, image_size, ACCURACY_BATCH)))[0].numpy()
+    expected = _invoke(interpreter, batch)
+    outputs = signature_outputs(flatbuffer, batch)
+    difference = float(np.max(np.abs(outputs["probabilities"] - expected)))
+    entry = {"size_bytes": len(flatbuffer), "embedding_size": int(outputs["embeddings"].shape[-1]),
+             "max_probability_difference": difference, "n_images": len(batch),
+             "kept": difference <= SCORING_TOLERANCE}
+    if entry["kept"]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SCORING_FILE).write_bytes(flatbuffer)
+        entry["file"] = f"{out_dir.name}/{SCORING_FILE}"
+    else:
+        entry["reason"] = f"its probabilities differ from float32's by {difference:.2g} > {SCORING_TOLERANCE:g}"
+    log.info("tflite: scoring model (probabilities and embeddings) %s", "kept" if entry["kept"] else entry["reason"])
+    return entry
+
+
+def signature_outputs(flatbuffer: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The embeddings signature's named outputs for a batch."""
+    interpreter, _ = _interpreter(flatbuffer, os.cpu_count())
+    runner = interpreter.get_signature_runner(EMBEDDINGS_SIGNATURE)
+    return {name: np.asarray(value) for name, value in runner(**{PIXELS_INPUT: images.astype(np.float32)}).items()}
 
 
 def _interpreter(flatbuffer: bytes, threads: int | None = None):

@@ -158,6 +158,27 @@ def cached_data(feed: Feed, bottom: keras.Model, key: dict[str, Any], uri: str, 
     return (lambda epoch: train_epoch(epoch).map(shaped)), steps, cached["val"].batches(feed.batch_size).map(shaped)
 
 
+def mixed_up(batches, alpha: float, seed: int):
+    """Mixup of (features, one-hot labels) batches: each example becomes lam * itself + (1 - lam) * another example
+    of its batch, features and labels alike, lam ~ Beta(alpha, alpha) per example; the same `seed` mixes the same
+    way (stateless random ops keyed by the batch's index), so a resumed epoch repeats an uninterrupted one."""
+    import tensorflow as tf
+
+    def mix(index, batch):
+        x, y = batch
+        size = tf.shape(x)[0]
+        key = tf.stack([tf.cast(seed, tf.int64), index])
+        gammas = tf.random.stateless_gamma([2, size], seed=key, alpha=alpha)
+        lam = gammas[0] / (gammas[0] + gammas[1])
+        partner = tf.argsort(tf.random.stateless_uniform([size], seed=key + 1))
+        lam_x = tf.reshape(tf.cast(lam, x.dtype), [-1] + [1] * (len(x.shape) - 1))
+        lam_y = tf.reshape(tf.cast(lam, y.dtype), [-1, 1])
+        return (lam_x * x + (1 - lam_x) * tf.gather(x, partner),
+                lam_y * y + (1 - lam_y) * tf.gather(y, partner))
+
+    return batches.enumerate().map(mix)
+
+
 def resolve_loss(name: str):
     """The configured Keras loss, checked before any work starts."""
     try:

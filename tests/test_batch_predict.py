@@ -15,7 +15,15 @@ from tasks.errors import ConfigError, ScoringError
 from tasks.steps.list_images import list_images
 from tasks.steps.merge_predictions import merge_predictions
 from tasks.steps.score_shard import score_shard
-from tests.helpers.batch import CLASSES, MODEL_NAME, UNREADABLE, batch_folder, probabilities_of, publish_tiny
+from tests.helpers.batch import (
+    CLASSES,
+    MODEL_NAME,
+    UNREADABLE,
+    batch_folder,
+    inverted_folder,
+    probabilities_of,
+    publish_tiny,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +81,47 @@ def test_scores_every_image_lists_unreadable_ones_and_writes_parquet_csv_summary
     assert sum(summary["confidence"]["histogram"]["counts"]) == 18
     assert summary["other_files"] == ["README.txt"]
     assert summary["shift"]["status"] in ("shifted", "not shifted") and summary["shift"]["n_test"] == 12
+    embedding = summary["embedding_shift"]
+    assert embedding["status"] == "not shifted" and embedding["shifted"] is False and merged["embedding_auc"]
+    assert embedding["n_reference"] == 90 and embedding["n_batch"] == 18 and len(embedding["noise_band"]) == 2
+    assert "looks unlike" not in embedding["verdict"]
     cfg = config(folder, "first")
     gallery = storage.read_text(cfg.artifact(artifacts.BATCH_GALLERY))
     assert gallery.count("<figure>") == min(cfg.gallery_size, 18) and "data:image/png;base64," in gallery
+    assert "Embedding shift: the batch&#x27;s embeddings look like the training sample&#x27;s: AUC" in gallery
+
+
+def test_a_batch_unlike_the_training_images_is_said_to_be_so(deploy, tmp_path):
+    _, merged = run_steps(config(inverted_folder(tmp_path / "inverted"), "inverted"))
+
+    summary = storage.read_json(merged["summary_uri"])
+    embedding = summary["embedding_shift"]
+    assert embedding["shifted"] is True and merged["embedding_shifted"] is True
+    assert embedding["auc"] > max(embedding["noise_band"][1], batch_scoring.EMBEDDING_AUC_THRESHOLD)
+    assert embedding["verdict"].startswith("the batch looks unlike the model's training data")
+    gallery = storage.read_text(config(tmp_path, "inverted").artifact(artifacts.BATCH_GALLERY))
+    assert "looks unlike the model&#x27;s training data" in gallery
+
+
+def test_a_version_without_a_reference_sample_says_the_comparison_is_unavailable(deploy, tmp_path, monkeypatch):
+    from tasks import embedding_reference
+
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+    copy = tmp_path / "models"
+    storage.upload(deploy / "models", str(copy))
+    version = copy / MODEL_NAME / "versions" / champion["version"]
+    checksums = json.loads((version / "checksums.json").read_text())
+    for name in (embedding_reference.FILE, embedding_reference.META_FILE):
+        (version / name).unlink()
+        del checksums[name]
+    (version / "checksums.json").write_text(json.dumps(checksums))
+    monkeypatch.setenv("TLP_PUBLISH_URI", str(copy))
+
+    _, merged = run_steps(config(batch_folder(tmp_path / "images"), "older"))
+
+    embedding = storage.read_json(merged["summary_uri"])["embedding_shift"]
+    assert embedding["status"] == "unavailable" and embedding["auc"] is None
+    assert "without a reference sample" in embedding["reason"] and merged["n_scored"] == 18
 
 
 def test_rerun_reuses_finished_shards_and_scores_a_changed_image_again(deploy, tmp_path):
@@ -103,12 +149,13 @@ def test_a_retried_shard_rewrites_the_same_predictions(deploy, tmp_path):
     first = score_shard(cfg, shard)
     prefix = batch_scoring.shard_prefix(cfg.output_root, first["key"])
     storage.delete(storage.join(prefix, batch_scoring.SHARD_RECORD))  # a crash before the shard was complete
-    written = storage.read_bytes(storage.join(prefix, "predictions.csv"))
+    written = {name: storage.read_bytes(storage.join(prefix, name))
+               for name in ("predictions.csv", "predictions.parquet", batch_scoring.EMBEDDINGS)}
 
     again = score_shard(cfg, shard)
 
     assert not again["reused"] and again["key"] == first["key"]
-    assert storage.read_bytes(storage.join(prefix, "predictions.csv")) == written
+    assert {name: storage.read_bytes(storage.join(prefix, name)) for name in written} == written
 
 
 def test_scores_match_the_published_classifier_on_the_golden_batch(deploy, tmp_path, cache_dir):
@@ -133,11 +180,16 @@ def test_an_altered_published_file_is_refused_not_loaded(deploy, tmp_path, cache
     champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
     copy = tmp_path / "models"
     storage.upload(deploy / "models", str(copy))
-    tflite = copy / MODEL_NAME / "versions" / champion["version"] / scoring_model.ENGINE_FILES[scoring_model.ENGINE]
+    version = copy / MODEL_NAME / "versions" / champion["version"]
+    tflite = version / scoring_model.SCORING_FILE
     tflite.write_bytes(tflite.read_bytes()[:-16] + b"\0" * 16)
 
     with pytest.raises(ScoringError, match="does not match the sha256"):
         scoring_model.fetch(str(copy), MODEL_NAME, champion["version"], str(tmp_path / "fresh-cache"))
+    reference = version / "reference" / "embeddings.npy"
+    reference.write_bytes(reference.read_bytes()[:-4] + bytes(byte ^ 0xFF for byte in reference.read_bytes()[-4:]))
+    with pytest.raises(ScoringError, match="does not match the sha256"):
+        scoring_model.fetch_reference(str(copy), MODEL_NAME, champion["version"], str(tmp_path / "other-cache"))
 
 
 def test_locations_outside_the_deployment_are_refused(deploy, tmp_path):
@@ -163,4 +215,6 @@ def test_the_savedmodel_fallback_scans_then_scores_like_the_tflite_variant(deplo
         assert model.engine == engine
         answers[engine] = scoring_model.scorer(model)(pictures)
 
-    assert np.abs(answers[scoring_model.TFLITE_FLOAT32] - answers[scoring_model.SAVED_MODEL]).max() <= 1e-4
+    (tflite, tflite_embeddings), (saved, saved_embeddings) = answers.values()
+    assert np.abs(tflite - saved).max() <= 1e-4 and np.abs(tflite_embeddings - saved_embeddings).max() <= 1e-4
+    assert tflite_embeddings.shape == (8, 8)

@@ -12,7 +12,7 @@ import pytest
 from tasks import batch_scoring, images
 from tasks.batch_config import BatchConfig, check_conf, param_specs
 from tasks.batch_scoring import Read
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, DatasetError, TransientError
 from tests.helpers.runs import write_image_folder
 
 CLASSES = ("apple", "banana", "cherry")
@@ -47,7 +47,8 @@ def test_shard_key_follows_content_model_and_decoder_not_the_run():
     assert base != batch_scoring.shard_key("s3://m/v1", "d1", 5, reads(b"a", b"b"))
 
 
-def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monkeypatch):
+def fake_decoder(monkeypatch) -> None:
+    """to_rgb: a picture whose size and value follow the first byte (b"bad" does not decode); resize: a crop."""
     def to_rgb(data, max_pixels=None):
         if data == b"bad":
             raise images.ImageDecodeError("not an image")
@@ -55,15 +56,137 @@ def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monke
 
     monkeypatch.setattr(images, "to_rgb", to_rgb)
     monkeypatch.setattr(images, "resize", lambda pictures, size: pictures[:, :size, :size].astype(np.float32))
-    batch = reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3)) + [Read("gone.jpg", None, None, "cannot be read")]
+
+
+def in_folder(folder, batch: list[Read]) -> list[Read]:
+    """The reads' files written under `folder`, and the reads as `hash_images` gives them (no bytes)."""
+    for read in batch:
+        if read.data is not None:
+            (folder / read.path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / read.path).write_bytes(read.data)
+    return [dataclasses.replace(read, data=None) for read in batch]
+
+
+def fake_model(pixels):
+    return np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3, pixels[:, :2, 0, 0]
+
+
+@pytest.mark.fast
+def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monkeypatch, tmp_path):
+    fake_decoder(monkeypatch)
+    batch = in_folder(tmp_path, reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3))) + [
+        Read("gone.jpg", None, None, "cannot be read")]
 
     with ThreadPoolExecutor(2) as pool:
-        scored, probabilities, unreadable = batch_scoring.score(
-            batch, 2, lambda pixels: np.tile(pixels[:, :1, 0, 0], (1, 3)) / 3, pool)
+        scored, probabilities, embeddings, unreadable = batch_scoring.score(str(tmp_path), batch, 2, fake_model, pool)
 
-    assert len(scored) == 73 == len(probabilities)
+    assert len(scored) == 73 == len(probabilities) == len(embeddings)
     assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}
     assert probabilities[-1, 0] == pytest.approx(2 / 3) and scored[-1].path == "new/73.jpg"
+    assert embeddings[-1].tolist() == [2.0, 2.0]
+
+
+@pytest.mark.fast
+def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monkeypatch, tmp_path):
+    """Every file read is a tracked object: the most alive at once must not grow with the shard."""
+    fake_decoder(monkeypatch)
+    monkeypatch.setattr(batch_scoring, "BATCH", 4)
+    alive, most = [0], [0]
+
+    class Held(bytes):
+        def __del__(self):
+            alive[0] -= 1
+
+    real = batch_scoring.storage.read_bytes
+
+    def read_bytes(uri):
+        data = Held(real(uri))
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        return data
+
+    monkeypatch.setattr(batch_scoring.storage, "read_bytes", read_bytes)
+    contents = [bytes([1 + n % 2]) + n.to_bytes(2, "big") for n in range(60)]
+    in_folder(tmp_path, reads(*contents))
+    paths = [f"new/{n}.jpg" for n in range(60)]
+
+    with ThreadPoolExecutor(3) as pool:
+        hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
+        assert most[0] <= 3 and all(read.data is None and read.sha256 for read in hashed)
+        scored, probabilities, _, _ = batch_scoring.score(str(tmp_path), hashed, 2, fake_model, pool)
+
+    assert len(scored) == 60 and alive[0] == 0
+    assert most[0] <= 2 * 4 + 3, f"{most[0]} files held at once for batches of 4"
+    assert [read.sha256 for read in scored] == [hashlib.sha256(data).hexdigest() for data in contents]
+
+
+@pytest.mark.fast
+def test_a_file_changed_between_hashing_and_scoring_fails_the_shard_for_a_retry(monkeypatch, tmp_path):
+    fake_decoder(monkeypatch)
+    hashed = in_folder(tmp_path, reads(b"\x01", b"\x02"))
+    (tmp_path / hashed[1].path).write_bytes(b"\x03")
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(TransientError, match="new/1.jpg changed"):
+        batch_scoring.score(str(tmp_path), hashed, 2, fake_model, pool)
+
+
+@pytest.mark.fast
+def test_the_embedding_sample_is_the_lowest_ranks_whatever_the_sharding(tmp_path):
+    rng = np.random.default_rng(0)
+    everything = reads(*(n.to_bytes(2, "big") for n in range(50)))
+    embeddings = rng.normal(size=(50, 4)).astype(np.float32)
+    whole = batch_scoring.embedding_sample(everything, embeddings, rows=10)
+    shards = []
+    for start in (0, 20, 35):
+        end = {0: 20, 20: 35, 35: 50}[start]
+        paths, sample = batch_scoring.embedding_sample(everything[start:end], embeddings[start:end], rows=10)
+        entry = batch_scoring.write_embedding_sample(paths, sample, str(tmp_path / f"{start}.npy"))
+        shards.append(batch_scoring.read_embedding_sample(entry, str(tmp_path / f"{start}.npy")))
+    sha256_of = {read.path: read.sha256 for read in everything}
+
+    merged = batch_scoring.merged_sample(shards, sha256_of, rows=10)
+
+    assert np.array_equal(merged, whole[1].astype(np.float32)) and merged.shape == (10, 4)
+    again = batch_scoring.embedding_sample(everything[:20], embeddings[:20], rows=10)
+    assert again[0] == shards[0][0] and whole[1].dtype == np.float16
+
+
+@pytest.mark.fast
+def test_an_altered_embedding_sample_is_refused(tmp_path):
+    entry = batch_scoring.write_embedding_sample(["a"], np.ones((1, 2), np.float16), str(tmp_path / "e.npy"))
+    (tmp_path / "e.npy").write_bytes((tmp_path / "e.npy").read_bytes()[:-2] + b"\0\0")
+    with pytest.raises(DatasetError, match="sha256"):
+        batch_scoring.read_embedding_sample(entry, str(tmp_path / "e.npy"))
+
+
+@pytest.mark.fast
+def test_embedding_shift_flags_a_batch_unlike_the_training_sample_and_not_one_like_it():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(300, 16))
+    alike = batch_scoring.batch_embedding_shift(reference, rng.normal(size=(200, 16)))
+    unlike = batch_scoring.batch_embedding_shift(reference, rng.normal(size=(200, 16)) + 1.5)
+
+    assert alike["status"] == "not shifted" and alike["shifted"] is False
+    assert "look like the training sample" in alike["verdict"]
+    assert unlike["shifted"] is True and unlike["auc"] > unlike["noise_band"][1]
+    assert unlike["auc"] > batch_scoring.EMBEDDING_AUC_THRESHOLD and "looks unlike" in unlike["verdict"]
+    assert str(batch_scoring.EMBEDDING_AUC_THRESHOLD) in unlike["verdict"]
+
+
+@pytest.mark.fast
+def test_a_slight_shift_beyond_the_noise_but_under_the_threshold_is_not_flagged():
+    rng = np.random.default_rng(2)
+    slight = batch_scoring.batch_embedding_shift(rng.normal(size=(1000, 8)), rng.normal(size=(1000, 8)) + 0.15)
+    assert slight["beyond_noise"] is True and slight["auc"] <= batch_scoring.EMBEDDING_AUC_THRESHOLD
+    assert slight["shifted"] is False and "not above the threshold" in slight["verdict"]
+
+
+@pytest.mark.fast
+def test_embedding_shift_without_a_reference_says_why_and_is_not_fatal():
+    answer = batch_scoring.batch_embedding_shift(None, np.zeros((5, 2)), "version v1 has no reference sample")
+    assert answer["status"] == "unavailable" and answer["shifted"] is None and "v1" in answer["reason"]
+    small = batch_scoring.batch_embedding_shift(np.zeros((2, 2)), np.zeros((50, 2)))
+    assert small["status"] == "unavailable" and "fewer than" in small["reason"]
 
 
 def test_predictions_csv_neutralises_formula_cells_and_parquet_keeps_them(tmp_path):
@@ -104,6 +227,7 @@ def test_summary_counts_every_class_and_bins_the_confidences():
     assert summary["counts"] == {"apple": 2, "banana": 0, "cherry": 1}
     assert summary["confidence"]["histogram"]["counts"] == [0, 0, 0, 1, 0, 1, 0, 0, 0, 1]
     assert summary["n_unreadable"] == 1 and summary["shift"]["status"] == "unknown"
+    assert summary["embedding_shift"]["status"] == "unavailable"
 
 
 def test_optional_params_are_nullable_so_the_form_submits_its_defaults():
@@ -138,3 +262,17 @@ def test_an_archive_is_extracted_once_into_the_workers_cache_and_listed(tmp_path
 
     assert root == again and batch_scoring.list_images(root) == (["new/a/0000.jpg", "new/a/0001.jpg",
                                                                   "new/a/0002.jpg"], [])
+
+
+@pytest.mark.fast
+def test_the_reference_sample_is_seeded_bounded_and_loaded_without_pickles(tmp_path):
+    from tasks import embedding_reference
+
+    first = embedding_reference.sample_indices(5000, seed=42)
+    assert len(first) == embedding_reference.MAX_ROWS and np.array_equal(first, np.unique(first))
+    assert np.array_equal(first, embedding_reference.sample_indices(5000, seed=42))
+    assert not np.array_equal(first, embedding_reference.sample_indices(5000, seed=43))
+    assert embedding_reference.sample_indices(7, seed=0).tolist() == list(range(7))
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        embedding_reference.load(tmp_path / "pickled.npy")

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from tasks import artifacts
-from tasks.config import RunConfig, check_conf, check_publish_location, param_specs, parse_classes, safe_name
+from tasks.config import (
+    RunConfig,
+    candidate_list,
+    check_conf,
+    check_publish_location,
+    param_specs,
+    parse_classes,
+    safe_name,
+)
 from tasks.errors import ConfigError
 
 pytestmark = pytest.mark.fast
@@ -150,3 +158,65 @@ def test_params_come_in_sections_with_the_rare_ones_last():
 def test_descriptions_state_the_bounds_the_checks_apply(name, words):
     _, schema = param_specs(RunConfig())[name]
     assert f"Allowed: {words}." in schema["description"]
+
+
+def _sizes(median_short_side: float, images: int = 100) -> dict:
+    """A manifest whose training images have this median shorter side, as subsample records it."""
+    quartiles = {"min": 1.0, "p25": median_short_side, "median": median_short_side, "p75": median_short_side,
+                 "max": median_short_side}
+    return {"image_sizes": {"train": {"images": images, "short_side": quartiles, "width": quartiles,
+                                      "height": quartiles}}}
+
+
+def test_image_size_is_auto_by_default_and_the_form_leaves_it_empty():
+    default, schema = param_specs(RunConfig())["image_size"]
+    assert default is None and "null" in schema["type"] and "auto" in schema["description"]
+    for empty in (None, ""):
+        assert RunConfig.from_params({"image_size": empty}).image_size is None
+    with pytest.raises(ConfigError, match="image_size=8 is invalid"):
+        RunConfig(image_size=8)  # a given size is still checked
+
+
+@pytest.mark.parametrize("side, size", [(28, 96), (127, 96), (128, 128), (384, 128)])
+def test_auto_image_size_follows_the_training_images_median_shorter_side(side, size):
+    from tasks.config import AUTO_LARGE_SIDE, auto_image_size
+
+    chosen, why = auto_image_size(_sizes(side))
+    assert chosen == size
+    assert f"{side} px" in why and str(AUTO_LARGE_SIDE) in why and f"{size} px" in why
+
+
+def test_auto_image_size_without_statistics_keeps_the_size_runs_had_before():
+    from tasks.config import AUTO_SMALL_SIZE, auto_image_size
+
+    for manifest in (None, {}, {"image_sizes": {}}):
+        size, why = auto_image_size(manifest)
+        assert size == AUTO_SMALL_SIZE and "no image sizes" in why
+
+
+def test_an_explicit_image_size_wins_over_auto(tmp_path):
+    from tasks.config import planned_candidates
+
+    large = _sizes(500)
+    assert RunConfig(image_size=64).with_image_size(large).image_size == 64
+    assert [c.image_size for c in planned_candidates(RunConfig(image_size=64, run_root=str(tmp_path)), large)] == [64]
+    listed = RunConfig(candidates="efficientnet_lite0@160, efficientnet_lite0", run_root=str(tmp_path))
+    assert [c.image_size for c in planned_candidates(listed, _sizes(28))] == [160, 96]  # @size wins, the rest auto
+
+
+def test_the_candidates_are_planned_at_the_auto_size_and_the_decision_is_logged(tmp_path, caplog):
+    from tasks import storage
+    from tasks.config import planned_candidates
+
+    cfg = RunConfig(run_root=str(tmp_path))
+    (unresolved,) = candidate_list(cfg)
+    assert unresolved.image_size is None and "-auto-" in unresolved.slug
+    with pytest.raises(ConfigError, match="auto is not resolved"):
+        cfg.for_candidate(unresolved)  # no step trains at a size nobody decided
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), _sizes(300, images=40))  # read from the run root
+    with caplog.at_level("INFO", logger="tasks.config"):
+        (planned,) = planned_candidates(cfg)
+    assert (planned.image_size, planned.slug.split("-")[1]) == (128, "128")
+    assert "median shorter side is 300 px" in caplog.text
+    winner = cfg.for_candidate(planned)
+    assert winner.image_size == 128 and winner.asked["image_size"] is None  # the report shows it was auto

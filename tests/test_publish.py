@@ -121,6 +121,7 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatc
             (*artifacts.REPORT.parts, "index.html"): b"<html><body>report</body></html>",
             (*artifacts.REPORT.parts, "wrong.csv"): b"file,true,predicted,confidence\n",
             artifacts.split_records("test").parts: records.read_bytes(),
+            artifacts.split_records("train").parts: records.read_bytes(),  # publish embeds a sample of it
             artifacts.GOLDEN.parts: serving_check.golden_batch(probabilities, paths, image_size),
         }
         for parts, data in files.items():
@@ -222,7 +223,11 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
     assert metrics["serving_check"]["n_images"] == len(CLASSES) * PER_CLASS
     assert max(metrics["serving_check"]["max_abs_diff"].values()) <= serving_check.TOLERANCE
     kept = {f"tflite/{name}.tflite" for name, entry in metrics["tflite"]["variants"].items() if entry["kept"]}
+    assert metrics["tflite"]["scoring"]["kept"], metrics["tflite"]["scoring"]  # batch scoring's, with embeddings
+    kept.add(metrics["tflite"]["scoring"]["file"])
     assert metrics["tflite"]["status"] == "converted" and kept == {name for name in objects if name.endswith(".tflite")}
+    reference = np.load(io.BytesIO(objects["reference/embeddings.npy"]), allow_pickle=False)
+    assert reference.dtype == np.float16 and len(reference) == len(CLASSES) * PER_CLASS  # the whole (small) split
     assert json.loads(objects["params.json"]) == cfg.to_dict()
     champion = registry.read_champion(cfg.publish_uri, MODEL_NAME)
     assert champion["version"] == result["version"] and champion["uri"] == result["version_uri"]

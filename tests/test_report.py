@@ -231,6 +231,23 @@ def test_params_show_what_was_asked_where_the_winning_candidate_resolved_it_diff
     assert "<td>backbone</td><td>efficientnet_lite0</td>" in page  # the same as asked: shown once
 
 
+def test_an_auto_image_size_shows_the_size_and_why_in_the_report_and_the_model_card(tmp_path):
+    from tasks.config import Candidate
+
+    why = "image_size auto: 128 px, as the 40 training images' median shorter side is 300 px (at least 128: ...)"
+    board = {"winner": "a", "reason": "the only candidate", "image_size_auto": why,
+             "candidates": [{"rank": 1, "spec": "efficientnet_lite0@128", "val_accuracy": 0.9, "seconds": 10,
+                             "error": None}]}
+    asked = fx.config(str(tmp_path / "runs"), image_size=None)
+    winner = asked.for_candidate(Candidate("efficientnet_lite0", 128, "lite0-128-0a"))
+    directory = write_dataset_report(tmp_path, fx.CLASSES, "test/{label}/{n}.png", leaderboard=board,
+                                     image_size=128, asked=winner.asked)
+    page = (directory / artifacts.REPORT_PAGE).read_text()
+    assert "<td>image_size</td><td>128 (image_size auto: 128 px, as the 40 training images&#39; median" in page
+    model_input = page.split("Input: 128x128 RGB", 1)[1].split("</li>", 1)[0]  # the model card's line
+    assert "median shorter side is 300 px" in model_input
+
+
 def test_leaderboard_states_each_gap_and_its_noise_on_the_validation_images(tmp_path):
     board = {"winner": "a", "reason": "best on validation",
              "candidates": [{"rank": 1, "spec": "a@96", "val_accuracy": 0.9, "seconds": 10, "error": None},

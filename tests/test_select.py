@@ -89,3 +89,21 @@ def test_one_backbone_is_the_one_candidate_case():
 def test_bad_candidate_lists_are_refused_naming_the_candidate(specs, words):
     with pytest.raises(ConfigError, match=words):
         RunConfig(candidates=specs)
+
+
+def test_an_auto_image_size_is_ranked_at_the_size_the_manifest_decides_and_the_board_says_why(tmp_path):
+    from tasks.config import planned_candidates
+
+    cfg = RunConfig(run_root=str(tmp_path), candidates="efficientnet_lite0, efficientnet_lite0@160")
+    side = {"min": 20.0, "p25": 28.0, "median": 28.0, "p75": 28.0, "max": 28.0}
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"image_sizes": {"train": {
+        "images": 50, "short_side": side, "width": side, "height": side}}})
+    auto, fixed = (cfg.for_candidate(candidate) for candidate in planned_candidates(cfg))
+    finished(auto, 0.9, 10)
+    finished(fixed, 0.8, 30)
+
+    winner = select(cfg, [{}, {}])
+
+    assert (winner["candidate"], winner["image_size"]) == (auto.candidate, 96)
+    board = storage.read_json(cfg.artifact(artifacts.LEADERBOARD))
+    assert "image_size auto: 96 px" in board["image_size_auto"] and "28 px" in board["image_size_auto"]

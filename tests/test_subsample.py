@@ -265,3 +265,23 @@ def test_an_original_is_stored_once_when_it_is_already_the_canonical_image(tmp_p
     assert records.originals(path, 2) == [(plain.getvalue(), "a/plain.png"), (photo.getvalue(), "b/photo.jpg")]
     canonical = stored[1]["image"].bytes_list.value[0]
     assert canonical != photo.getvalue() and (images.to_rgb(canonical) == images.to_rgb(photo.getvalue())).all()
+
+
+def test_the_manifest_records_the_image_sizes_that_image_size_auto_decides_by(tmp_path):
+    from tasks.config import auto_image_size
+
+    root = tmp_path / "sized"
+    for split, (width, height) in (("train", (200, 150)), ("test", (40, 60))):
+        for name in ("apple", "banana"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for n in range(4):
+                Image.new("RGB", (width, height), (n * 60, 90, 30)).save(folder / f"{n}.png")
+    cfg = config(root, tmp_path, train_percent=100, val_fraction=0.25)
+    acquired_subsample(cfg)
+    sizes = manifest_of(cfg)["image_sizes"]
+    assert sizes["train"]["images"] == 6 and sizes["val"]["images"] == 2 and sizes["test"]["images"] == 8
+    assert sizes["train"]["short_side"]["median"] == 150  # the shorter side, whichever it is
+    assert (sizes["train"]["width"]["median"], sizes["train"]["height"]["median"]) == (200, 150)
+    assert sizes["test"]["short_side"] == {"min": 40, "p25": 40, "median": 40, "p75": 40, "max": 40}
+    assert auto_image_size(manifest_of(cfg))[0] == 128

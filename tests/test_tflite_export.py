@@ -17,7 +17,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, float]:
     records = work / "test.tfrecord"
     fx.write_test_records(records, work)
     model = fx.colour_model()
-    serving_export.export(model, tuple(fx.CLASSES), work / "saved_model")  # both signatures: TFLite takes pixels
+    serving_export.export(model, tuple(fx.CLASSES), work / "saved_model")  # TFLite takes the pixel signatures
     probabilities, labels, _ = predict_records(model, records)
     return work / "saved_model", records, float((probabilities.argmax(axis=1) == labels).mean())
 
@@ -34,6 +34,25 @@ def test_every_variant_is_scored_with_litert_and_kept_when_it_keeps_the_accuracy
         assert entry["n_images"] == len(fx.CLASSES) * fx.TEST_PER_CLASS and entry["latency_ms"] > 0
         assert entry["file"] == f"tflite/{name}.tflite"
         assert (tmp_path / entry["file"]).stat().st_size == entry["size_bytes"]
+    scoring = section["scoring"]
+    assert scoring["kept"] and scoring["max_probability_difference"] <= tflite_export.SCORING_TOLERANCE
+    assert scoring["file"] == f"tflite/{tflite_export.SCORING_FILE}" and scoring["embedding_size"] > 0
+
+
+def test_the_scoring_model_answers_as_the_float32_variant_and_gives_embeddings(exported, tmp_path):
+    import numpy as np
+
+    from tasks.records import image_dataset
+
+    saved_model, records, _ = exported
+    pixels = next(iter(image_dataset(records, fx.IMAGE_SIZE, 5)))[0].numpy()
+    float32 = tflite_export._invoke(tflite_export._interpreter(tflite_export.convert(saved_model, "float32"))[0],
+                                    pixels)
+    scoring = tflite_export.signature_outputs(
+        tflite_export.convert(saved_model, "float32", serving_export.EMBEDDINGS_SIGNATURE), pixels)
+
+    assert np.abs(scoring["probabilities"] - float32).max() <= tflite_export.SCORING_TOLERANCE
+    assert scoring["embeddings"].shape[0] == 5 and not np.allclose(scoring["embeddings"], 0)
 
 
 def test_variant_whose_accuracy_moves_more_than_half_a_point_is_measured_but_not_kept(exported, tmp_path):
@@ -63,4 +82,4 @@ def test_model_the_converter_refuses_is_reported_as_not_convertible(exported, tm
 
     assert section["status"].startswith("not convertible: ConverterError")
     assert "'tf.AsString' op is neither a custom op nor a flex op" in section["status"]
-    assert section["variants"] == {} and not (tmp_path / "tflite").exists()
+    assert section["variants"] == {} and not (tmp_path / "tflite").exists() and "scoring" not in section

@@ -12,6 +12,9 @@ for a fraction of the cost. With augmentation every epoch sees new images, so
 the whole composed model trains on them. The learning rate is learning_rate ×
 fine_tune_lr_factor, constant or decayed to zero on a cosine over the fine-tune
 epochs; the epoch count continues so both phases' histories make one curve.
+With `warm_start_fine_tune`, a champion fine-tuned above the same frozen bottom lends
+its fine-tuned top and head instead (tasks.warm_start.champion_top; the
+bottom, and so the cached activations, stay the ImageNet ones).
 The fine-tuned model is saved as its own artifact (`model/fine_tuned/`) and
 returned; evaluate keeps whichever phase scored better on validation.
 """
@@ -41,6 +44,7 @@ from tasks.training import (
     resolve_loss,
     stage_records,
 )
+from tasks.warm_start import warm_start_top
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         built = classifier.fetch(model_uri, scratch, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         split = split_backbone(backbone, cfg.fine_tune_layers)
+        warm = warm_start_top(built, split, cfg.fine_tune_layers, cfg.publish_uri, cfg.model_name, scratch,
+                              cfg.cache_dir) if cfg.warm_start_fine_tune else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
             train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
@@ -83,7 +89,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
             fingerprint=fingerprint(cfg, backbone, manifest, FINE_TUNE, start=start,
                                     before=before.best_val_accuracy, cut=split.cut,
                                     fine_tune_lr_factor=cfg.fine_tune_lr_factor,
-                                    fine_tune_schedule=cfg.fine_tune_schedule))
+                                    fine_tune_schedule=cfg.fine_tune_schedule, warm_start=warm))
         tuned_uri = cfg.artifact(artifacts.FINE_TUNED_MODEL)
         classifier.upload(built, scratch, tuned_uri)
     seconds = round(time.monotonic() - started, 2)
@@ -94,7 +100,8 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         feature_dim=before.feature_dim, manifest_hash=manifest["hash"], **result.record(seconds),
         settings={"augment": cfg.augment, "learning_rate": cfg.learning_rate * cfg.fine_tune_lr_factor,
                   "schedule": cfg.fine_tune_schedule, "cut": split.cut,
-                  "on": "images" if cfg.augment else "cached activations", "fine_tune_layers": split.unfrozen}))
+                  "on": "images" if cfg.augment else "cached activations", "fine_tune_layers": split.unfrozen,
+                  "warm_start": warm}))
     log.info("fine-tuning: %s in %.1f s, cut before %s (%d units unfrozen), val_accuracy %.4f before -> %.4f -> %s",
              result.describe(), seconds, split.cut, split.units, before.best_val_accuracy, result.best_val_accuracy,
              tuned_uri)

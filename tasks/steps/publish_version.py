@@ -28,6 +28,7 @@ from pathlib import Path
 from tasks import (
     artifacts,
     classifier,
+    embedding_reference,
     model_card,
     promotion,
     registry,
@@ -205,6 +206,7 @@ def _checked_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, tes
     the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
     serving_export.export(model, classifier.read_spec(stage / MODEL_DIR).classes, stage / SAVED_MODEL_DIR)
+    embedding_reference.publish(cfg, model, stage)  # reference/: training embeddings for batch scoring's shift
     (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
     checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
                                           version_uri)

@@ -7,6 +7,11 @@ before, by this run (a retry) or any other: it is reused, not scored again. A
 changed image changes the key. Unreadable files are listed with the reason,
 never fatal. The run root gets one record per shard naming its key, which is
 what merge_predictions reads.
+
+Files are hashed first and read again batch by batch when scored (tasks.batch_scoring):
+memory holds two batches of files, not the shard. Beside the predictions the shard
+keeps the embeddings of a bounded, deterministic sample of its images
+(`embeddings.npy`, named with its sha256 in `shard.json`), for the run's embedding shift.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def score_shard(cfg: BatchConfig, shard: dict) -> dict:
     model = scoring_model.fetch(cfg.registry, cfg.model_name, listing["model_version"], cfg.cache_dir)
     root = batch_scoring.images_root(cfg.images, cfg.cache_dir)
     with batch_scoring.worker_pool() as pool:
-        reads = batch_scoring.read_images(root, paths, pool)
+        reads = batch_scoring.hash_images(root, paths, pool)
         key = batch_scoring.shard_key(model.version_uri, images.DECODER_VERSION, cfg.top_k, reads)
         prefix = batch_scoring.shard_prefix(cfg.output_root, key)
         record_uri = storage.join(prefix, batch_scoring.SHARD_RECORD)
@@ -42,14 +47,19 @@ def score_shard(cfg: BatchConfig, shard: dict) -> dict:
         if reused:
             record = storage.read_json(record_uri)
         else:
-            scored, probabilities, unreadable = batch_scoring.score(
-                reads, model.image_size, scoring_model.scorer(model), pool)
+            scored, probabilities, embeddings, unreadable = batch_scoring.score(
+                root, reads, model.image_size, scoring_model.scorer(model), pool)
             table = batch_scoring.predictions_table(scored, probabilities, model.classes, cfg.top_k,
                                                     model.model_name, model.version, images.DECODER_VERSION)
             files = batch_scoring.write_predictions(table, storage.join(prefix, batch_scoring.PREDICTIONS))
+            sample = None
+            if embeddings is not None:
+                sample = batch_scoring.write_embedding_sample(
+                    *batch_scoring.embedding_sample(scored, embeddings),
+                    storage.join(prefix, batch_scoring.EMBEDDINGS))
             record = {"key": key, "n_images": len(paths), "n_scored": len(scored), "unreadable": unreadable,
                       "model_version": model.version, "decoder_version": images.DECODER_VERSION,
-                      "engine": model.engine, "files": files}
+                      "engine": model.engine, "files": files, "embedding_sample": sample}
             storage.write_json(record_uri, record)
     result = {"index": index, "key": key, "n_images": len(paths), "n_scored": record["n_scored"],
               "n_unreadable": len(record["unreadable"]), "reused": reused}

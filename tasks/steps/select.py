@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from tasks import artifacts, phases, storage
-from tasks.config import RunConfig, candidate_list
+from tasks.config import RunConfig, auto_image_size, planned_candidates
 from tasks.errors import TrainingError
 from tasks.redact import redact_text
 
@@ -28,7 +28,10 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
     `trained` is what the mapped train tasks returned (a failed one returns
     nothing); the run root, not the list, says how each candidate ended.
     """
-    rows = [_row(cfg.for_candidate(candidate), order) for order, candidate in enumerate(candidate_list(cfg))]
+    manifest_uri = cfg.artifact(artifacts.MANIFEST)
+    manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
+    planned = planned_candidates(cfg, manifest)
+    rows = [_row(cfg.for_candidate(candidate), order) for order, candidate in enumerate(planned)]
     finished = sorted((row for row in rows if row["val_accuracy"] is not None),
                       key=lambda row: (-row["val_accuracy"], row["seconds"], row["order"]))
     for rank, row in enumerate(finished, start=1):
@@ -40,11 +43,13 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
     winner = finished[0]
     reason = _reason(winner, finished[1:], failed)
     leaderboard_uri = cfg.artifact(artifacts.LEADERBOARD)
-    storage.write_json(leaderboard_uri, {"winner": winner["candidate"], "reason": reason,
-                                         "candidates": finished + failed})
+    board = {"winner": winner["candidate"], "reason": reason, "candidates": finished + failed}
+    if cfg.image_size is None:  # image_size auto: the decision and why, for the report and the model card
+        board["image_size_auto"] = auto_image_size(manifest)[1]
+    storage.write_json(leaderboard_uri, board)
     log.info("select: %s (%d trained, %d failed; %d results handed over) -> %s", reason, len(finished), len(failed),
              sum(result is not None for result in trained), leaderboard_uri)
-    winning = cfg.for_candidate(candidate_list(cfg)[winner["order"]])
+    winning = cfg.for_candidate(planned[winner["order"]])
     return {key: winner[key] for key in ("candidate", "backbone", "image_size", "val_accuracy", "manifest_hash")} | {
         "reason": reason, "leaderboard_uri": leaderboard_uri,
         "model_uri": winning.artifact(artifacts.FEATURE_EXTRACTION_MODEL),

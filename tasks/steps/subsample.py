@@ -21,8 +21,9 @@ in the split files as the canonical pixels every later step reads. Files that
 fail are listed in the manifest as skipped with the reason, never silently
 dropped. The
 manifest (every file with label, class, split and sha256; counts; seed; source,
-with any credentials redacted; params; skipped; one hash of the whole
-selection) holds no paths or times of the machine that wrote it, so it is
+with any credentials redacted; params; skipped; per split the
+quartiles of the images' shorter side, width and height, which image_size auto
+decides by; one hash of the whole selection) holds no paths or times of the machine that wrote it, so it is
 byte-identical for the same inputs and seed.
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
     root = folder.root
     selection = sample_splits(folder, labels, cfg)
     with scratch_dir("subsample") as scratch:
-        kept, skipped = _ingest(root, selection, classes, scratch)
+        sizes: dict[str, list[tuple[int, int]]] = {}
+        kept, skipped = _ingest(root, selection, classes, scratch, sizes)
         kept, duplicates = _drop_test_duplicates(kept)
         tallies = {split: Counter(f["class"] for f in files) for split, files in kept.items()}
         counts = {split: {name: tally[name] for name in classes} for split, tally in tallies.items()}
@@ -85,6 +87,7 @@ def subsample(cfg: RunConfig, acquired: dict[str, Any]) -> dict[str, Any]:
         "skipped": skipped,
         "skipped_names": list(folder.skipped),
         "test_duplicates": duplicates,
+        "image_sizes": size_statistics(sizes),
         "hash": selection_hash(kept, redact_uri(cfg.test_source)),
     }
     if cfg.test_source:
@@ -208,8 +211,10 @@ def _val_count(selected: int, fraction: float) -> int:
     return min(selected - 1, max(1, int(selected * fraction + 0.5)))
 
 
-def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path) -> tuple[dict, list[dict[str, Any]]]:
+def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
+            sizes: dict[str, list[tuple[int, int]]] | None = None) -> tuple[dict, list[dict[str, Any]]]:
     """Check, hash and decode every selected file once; write the kept ones to scratch/<split>.tfrecord.
+    `sizes`, when given, gets each kept file's (width, height) as its header declares, per split.
 
     Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
     that memory holds a chunk of images, not a split; records keep selection order.
@@ -236,6 +241,8 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
                         image, original = result
                         sha256 = hashlib.sha256(original).hexdigest()
                         kept[split].append({**entry, "sha256": sha256})
+                        if sizes is not None:
+                            sizes.setdefault(split, []).append(images.header_size(original))
                         if sha256 not in seen:
                             yield image, original, entry["label"], entry["path"]
 
@@ -244,6 +251,20 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path)
         log.warning("skipped %d unreadable images, e.g. %s: %s", len(skipped), skipped[0]["path"],
                     skipped[0]["reason"])
     return kept, skipped
+
+
+def size_statistics(sizes: dict[str, list[tuple[int, int]]]) -> dict[str, dict[str, Any]]:
+    """Per split: how many images, and the quartiles of their shorter side, width and height in pixels (as the
+    files' headers declare them): what image_size auto decides by (tasks.config.auto_image_size)."""
+    import numpy as np
+
+    def quartiles(values: list[int]) -> dict[str, float]:
+        low, p25, median, p75, high = np.percentile(values, [0, 25, 50, 75, 100])
+        return {"min": float(low), "p25": float(p25), "median": float(median), "p75": float(p75), "max": float(high)}
+
+    return {split: {"images": len(pairs), "short_side": quartiles([min(pair) for pair in pairs]),
+                    "width": quartiles([pair[0] for pair in pairs]), "height": quartiles([pair[1] for pair in pairs])}
+            for split, pairs in sizes.items() if pairs}
 
 
 def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, list[dict[str, Any]]]:

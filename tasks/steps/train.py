@@ -11,6 +11,7 @@ step returns: select hands the winner's on to fine_tune and evaluate.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from tasks.training import (
     distribution_strategy,
     fingerprint,
     image_data,
+    mixed_up,
     resolve_loss,
     stage_records,
 )
@@ -59,6 +61,9 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     loss = resolve_loss(cfg.loss)
     manifest = artifacts.read_manifest(cfg, data)
     feed = Feed.of(cfg, len(manifest["classes"]))
+    mixup = cfg.mixup if not cfg.augment else 0.0
+    if mixup:  # blended labels need one-hot targets and a loss that takes them
+        feed, loss = dataclasses.replace(feed, one_hot=True), keras.losses.CategoricalCrossentropy()
     spec = classifier.ClassifierSpec(cfg.backbone, cfg.image_size, tuple(manifest["classes"]), cfg.dropout)
     strategy = distribution_strategy()
     with scratch_dir("train") as scratch, strategy.scope():
@@ -75,11 +80,14 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
             train_epoch, steps, validation = cached_data(
                 feed, whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
                 cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch))
+            if mixup:
+                train_epoch = _mixed_epochs(train_epoch, mixup, feed)
         compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone)
         result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
                                stopping=Stopping(cfg.patience, cfg.min_delta),
-                               fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION),
+                               fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION,
+                                                       **({"mixup": mixup} if mixup else {})),
                                checkpoint_uri=cfg.artifact(artifacts.checkpoints(FEATURE_EXTRACTION)),
                                tensorboard_uri=cfg.artifact(artifacts.tensorboard(FEATURE_EXTRACTION)),
                                scratch=scratch)
@@ -91,10 +99,15 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     phases.write_summary(summary_uri, PhaseSummary(
         phase=FEATURE_EXTRACTION, backbone=backbone.name, weights_source=backbone.weights_source,
         feature_dim=backbone.feature_dim, manifest_hash=manifest["hash"], **result.record(seconds),
-        settings={"augment": cfg.augment, "warm_start": warm}))
+        settings={"augment": cfg.augment, "warm_start": warm, "mixup": mixup}))
     storage.delete(cfg.artifact(artifacts.TRAINING_ERROR))
     log.info("feature extraction: %s in %.1f s -> %s", result.describe(), seconds, model_uri)
     return {"model_uri": model_uri, "history_uri": history_uri, "summary_uri": summary_uri,
             "manifest_hash": manifest["hash"], "epochs_run": len(result.history), "best_epoch": result.best_epoch,
             "val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early, "seconds": seconds,
             "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def _mixed_epochs(train_epoch, alpha: float, feed: Feed):
+    """Each epoch's batches mixed up (tasks.training.mixed_up), seeded by the epoch as its order is."""
+    return lambda epoch: mixed_up(train_epoch(epoch), alpha, feed.epoch_seed(epoch))

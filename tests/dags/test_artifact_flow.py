@@ -155,7 +155,7 @@ def test_every_step_reads_what_arrives_on_its_edges_or_what_it_declares(tmp_path
 
 
 def test_the_check_catches_an_undeclared_read_and_a_second_writer(tmp_path):
-    cfg = RunConfig(run_root=str(tmp_path))
+    cfg = RunConfig(run_root=str(tmp_path), image_size=96)
     places = _places(cfg)
     run = cfg.for_candidate(candidate_list(cfg)[0])
     leaderboard, history = cfg.artifact(artifacts.LEADERBOARD), run.artifact(artifacts.HISTORY)
@@ -173,8 +173,8 @@ def test_the_check_catches_an_undeclared_read_and_a_second_writer(tmp_path):
 
 
 def test_every_catalog_entry_names_real_steps():
-    steps = {"acquire", "subsample", "check_changes", "train", "select", "decide", "fine_tune", "evaluate",
-             "publish_version", "approve", "promote", "list_images", "score_shard", "merge_predictions"}
+    steps = {"acquire", "subsample", "check_changes", "candidates", "train", "select", "decide", "fine_tune",
+             "evaluate", "publish_version", "approve", "promote", "list_images", "score_shard", "merge_predictions"}
     for artifact in artifacts.catalog():
         named = {artifact.producer, *artifact.consumers, *artifact.read_through_run_root}
         assert named <= steps, (artifact.path, named - steps)

@@ -62,6 +62,9 @@ def test_run_scores_a_folder_with_unreadable_files_and_emits_a_predictions_event
                           run_root=f"{s3_bucket}/runs")
         summary = storage.read_json(cfg.artifact(artifacts.BATCH_SUMMARY))
         assert sorted(item["path"] for item in summary["unreadable"]) == sorted(UNREADABLE)
+        embedding = summary["embedding_shift"]  # the batch is drawn like the champion's reference sample
+        assert embedding["status"] == "not shifted" and 0 <= embedding["auc"] <= 1, embedding
+        assert embedding["n_batch"] == 18 and embedding["n_reference"] == 90 and merged["embedding_shifted"] is False
         assert storage.exists(cfg.artifact(artifacts.BATCH_GALLERY))
         assert storage.exists(merged["predictions"]["parquet"]) and storage.exists(merged["predictions"]["csv"])
     events = predictions_events()

@@ -1,13 +1,15 @@
 """Retrain when data lands, end to end against SeaweedFS: the AssetWatcher's trigger (run directly, as the
 triggerer would) sees new images under the watched prefix, the retrain DAG (dag.test, in process) computes
-backbone features only for them and publishes a version; an unchanged prefix fires nothing, and a retrain on
-unchanged data trains nothing."""
+backbone features only for them and publishes a version; an unchanged prefix fires nothing. The new images look
+unlike the champion's (white stripes): the better model is published but its promotion held for the shift
+(TLP_SHIFT_AUC_THRESHOLD), and a retrain on the same data then trains nothing (unchanged since that judged version)."""
 from __future__ import annotations
 
 import asyncio
 import json
 
 import airflow  # noqa: F401 (as in the triggerer, Airflow makes the plugins folder importable)
+import numpy as np
 import pytest
 
 from tasks import registry, storage
@@ -33,8 +35,14 @@ def _versions(models: str) -> set[str]:
 
 
 def _upload_new_images(tmp_path, prefix: str) -> int:
+    """Two new training images per class, each striped white every fourth column: the class's hue, another look."""
+    from PIL import Image
+
     folder = write_image_folder(tmp_path / "new", {"dark": 2, "mid": 2, "light": 2}, splits=("train",), seed=7)
     for path in sorted(folder.rglob("*.jpg")):
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[:, ::4] = 255
+        Image.fromarray(pixels).save(path, quality=90)
         storage.write_bytes(f"{prefix}{path.relative_to(folder).parent.as_posix()}/new-{path.name}",
                             path.read_bytes())
     return 6
@@ -65,7 +73,8 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
             "image_size": 32, "batch_size": 16, "epochs": 2, "patience": 1, "fine_tune": "never",
             "top_k_wrong": 5, "model_name": "watched", "publish_uri": models}
 
-    first = _retrain_dag().test(run_conf=conf)
+    # the first champion barely trained (a learning rate near 0): the retrain beats it on the same test images
+    first = _retrain_dag().test(run_conf={**conf, "learning_rate": 1e-7, "epochs": 1})
     assert first.state == "success" and _states(first)["promote"] == "success", _states(first)
     assert len(_versions(models)) == 1
     trigger = S3PrefixChangedTrigger(prefix, interval_s=0.3)
@@ -83,9 +92,10 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
     added, event = asyncio.run(upload_and_wait())
     assert event.payload["prefix"] == prefix
     monkeypatch.setenv("TLP_CACHE_DIR", str(tmp_path / "cache-2"))  # acquire's s3 cache is keyed by the URI
+    monkeypatch.setenv("TLP_SHIFT_AUC_THRESHOLD", "0.6")
     second = _retrain_dag().test(run_conf=conf)
     states = _states(second)
-    assert second.state == "success" and states["publish_version"] == "success", states
+    assert second.state == "success" and states["promote"] == "success", states
     changes = second.get_task_instance("check_changes").xcom_pull(task_ids="check_changes", key="changes")
     report = storage.read_json(changes["uri"])
     assert report["files"]["totals"]["added"] == added and report["data_changed"]
@@ -96,16 +106,20 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
                 for uri in train_meta]
     assert computed == [0], "training found every image's features in the store"
     assert len(_versions(models)) == 2
-    # an equally good model is not promoted (the paired rule needs a gain); the operator promotes it by hand, so
-    # the next retrain compares with the data it was trained on
-    newest = second.get_task_instance("publish_version").xcom_pull(task_ids="publish_version")["version"]
-    if registry.read_champion(models, "watched")["version"] != newest:
-        registry.rollback(models, "watched", newest, "the retrain on the new images is the one to serve")
+    # the retrain beats the champion, but the new images are a shift beyond the threshold: held, not promoted
+    judged = second.get_task_instance("publish_version").xcom_pull(task_ids="publish_version")
+    promoted = second.get_task_instance("promote").xcom_pull(task_ids="promote")
+    assert report["embedding_shift"]["shifted"] and report["embedding_shift"]["auc"] > 0.6, report["embedding_shift"]
+    assert judged["eligible"], judged["reason"]
+    assert not promoted["promoted"] and promoted["reason"].startswith("held: embedding shift AUC "), promoted
+    assert "TLP_SHIFT_AUC_THRESHOLD=0.6" in promoted["reason"]
+    assert registry.read_champion(models, "watched")["version"] != judged["version"]
 
-    third = _retrain_dag().test(run_conf=conf)
+    third = _retrain_dag().test(run_conf=conf)  # the same data again: the judged (held) version has it already
     states = _states(third)
     assert third.state == "success" and states["check_changes"] == "success", states
     assert {states[task] for task in ("train", "select", "evaluate", "publish_version", "promote")} == {"skipped"}
     reason = third.get_task_instance("check_changes").xcom_pull(task_ids="check_changes", key="changes")["reason"]
-    assert reason.startswith("data and config unchanged since champion ") and reason.endswith(": nothing to train")
+    assert reason.startswith(f"data and config unchanged since version {judged['version']} (judged: not promoted, "
+                             "held: embedding shift AUC ") and reason.endswith(": nothing to train"), reason
     assert len(_versions(models)) == 2

@@ -39,13 +39,31 @@ def batch_folder(root: Path, per_class: int = 6) -> Path:
 
 
 def publish_tiny(publish_uri: str, cache_dir: str, work: Path) -> dict:
-    """Publish an untrained tiny classifier as the champion of MODEL_NAME at `publish_uri`."""
+    """Publish an untrained tiny classifier as the champion of MODEL_NAME at `publish_uri`, with a reference
+    sample of training embeddings from images drawn as `batch_folder` draws its own."""
     from devtools.published_model import publish_untrained
 
     test = write_image_folder(work / "test-images", {name: 4 for name in CLASSES}, splits=("test",), seed=9)
     encoded = [path.read_bytes() for path in sorted(test.rglob("*.jpg"))]
+    train = write_image_folder(work / "train-images", {name: 30 for name in CLASSES}, splits=("train",), seed=3)
     return publish_untrained(publish_uri, MODEL_NAME, CLASSES, IMAGE_SIZE, cache_dir, encoded,
-                             backbone=tiny_backbone(work / "backbone"))
+                             backbone=tiny_backbone(work / "backbone"),
+                             train_images=[path.read_bytes() for path in sorted(train.rglob("*.jpg"))])
+
+
+def inverted_folder(root: Path, per_class: int = 10) -> Path:
+    """`root/new/<class>/<n>.png`: images drawn as `batch_folder`'s, then inverted (255 - pixel) and noised:
+    a batch unlike the training images."""
+    from PIL import Image
+
+    write_image_folder(root / "drawn", {name: per_class for name in CLASSES}, splits=("new",), seed=6)
+    rng = np.random.default_rng(7)
+    for path in sorted((root / "drawn").rglob("*.jpg")):
+        pixels = 255 - np.asarray(Image.open(path).convert("RGB"), np.int16) + rng.integers(-60, 60, (32, 32, 3))
+        target = root / "new" / path.relative_to(root / "drawn" / "new").with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target)
+    return root / "new"
 
 
 def probabilities_of(table, classes=CLASSES) -> np.ndarray:
