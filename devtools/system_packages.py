@@ -24,8 +24,8 @@ PURPOSE = {
     "dataset-fashion-mnist": "Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist (demo and tests)",
     "chromium": "headless screenshot of the report view (tests/e2e/test_airflow_services.py)",
     "docker-compose": "validates docker/docker-compose.yaml (tests/test_docker.py)",
-    "postgresql": "metadata database of the distributed run (tests/e2e/test_distributed.py)",
-    "redis-server": "Celery broker of the distributed run (tests/e2e/test_distributed.py)",
+    "postgresql": "metadata database of the Airflow services e2e (tests/e2e/test_airflow_services.py)",
+    "redis-server": "Celery broker of the Airflow services e2e (tests/e2e/test_airflow_services.py)",
     "openclipart-png": "public-domain clip art the openclipart benchmark is built from (bench/openclipart.py)",
     VENV_PACKAGE: "ensurepip, which Debian ships apart from Python: `python3.11 -m venv` needs it",
 }

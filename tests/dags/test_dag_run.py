@@ -32,28 +32,6 @@ def deploy(monkeypatch, run_root: str, publish_uri: str) -> None:
         monkeypatch.setenv(key, value)
 
 
-def test_run_with_fine_tuning_publishes_a_champion(dag, airflow_db, s3_bucket, model_store_connection, tmp_path,
-                                                   monkeypatch):
-    deploy(monkeypatch, f"{s3_bucket}/runs", f"{s3_bucket}/models")
-    conf = tiny_conf(tmp_path, "always", publish_uri=f"{s3_bucket}/models")
-    dag_run = dag.test(run_conf=conf)
-
-    states = run_states(dag_run)
-    assert dag_run.state == "success", states
-    assert states["fine_tune"] == "success" and states["skip_fine_tune"] == "skipped"
-    champion = json.loads(storage_read(model_store_connection, f"{s3_bucket}/models/tiny-model/champion.json"))
-    version_files = storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/versions/")
-    assert any(path.endswith(f"{champion['version']}/checksums.json") for path in version_files)
-    run_files = storage_list(model_store_connection, f"{s3_bucket}/runs/")
-    assert any(path.endswith("eval/report/index.html") for path in run_files)
-    decision = dag_run.get_task_instance("decide").xcom_pull(task_ids="decide", key="decision")
-    assert decision["fine_tune"] is True and "always" in decision["reason"]
-    best, tuned, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task)
-                               for task in ("select", "fine_tune", "evaluate"))
-    assert evaluation["model_uri"] == {"feature_extraction": best, "fine_tune": tuned}[evaluation["kept"]]["model_uri"]
-    assert champion_events(champion["version"]), "a promotion must emit an asset event for downstream DAGs"
-
-
 def champion_events(version: str) -> list:
     """Asset events of the champion alias whose extra names this version."""
     from airflow.models.asset import AssetEvent, AssetModel
@@ -64,30 +42,6 @@ def champion_events(version: str) -> list:
         rows = session.execute(select(AssetEvent.extra, AssetModel.name).join(
             AssetModel, AssetEvent.asset_id == AssetModel.id)).all()
     return [name for extra, name in rows if name == "champion-tiny-model" and extra.get("version") == version]
-
-
-def test_run_without_fine_tuning_compares_two_candidates_and_skips_that_branch(dag, airflow_db, s3_bucket,
-                                                                              model_store_connection, tmp_path,
-                                                                              monkeypatch):
-    deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
-    conf = {**tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"),
-            "candidates": "efficientnet_lite0@32, mobilenet_v2@32", "backbone_weights": "none"}  # keras.applications
-    dag_run = dag.test(run_conf=conf)
-
-    states = run_states(dag_run)
-    assert dag_run.state == "success", states
-    mapped = sorted(ti.map_index for ti in dag_run.get_task_instances() if ti.task_id == "train")
-    assert mapped == [0, 1]  # the grid shows one train instance per candidate
-    assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
-    assert states["evaluate"] == states["publish_version"] == states["promote"] == "success"
-    [run_dir] = (tmp_path / "runs" / "transfer_learning").iterdir()
-    board = json.loads((run_dir / "leaderboard.json").read_text())
-    assert sorted(row["spec"] for row in board["candidates"]) == ["efficientnet_lite0@32", "mobilenet_v2@32"]
-    decision = json.loads((run_dir / "candidates" / board["winner"] / "train" / "decision.json").read_text())
-    assert decision["fine_tune"] is False and "never" in decision["reason"]
-    best, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task) for task in ("select", "evaluate"))
-    assert evaluation["kept"] == "feature_extraction" and evaluation["model_uri"] == best["model_uri"]
-    assert "candidates compared on validation accuracy" in (run_dir / "eval" / "model_card.md").read_text()
 
 
 def storage_read(server, uri: str) -> str:
@@ -141,26 +95,42 @@ def answer_pending_approval(option: str, comment: str, stop: threading.Event) ->
     purge_cached_app()
 
 
-def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(airflow_db, s3_bucket,
-                                                                            model_store_connection, tmp_path,
-                                                                            monkeypatch):
+def test_two_candidates_without_fine_tuning_then_a_rejected_approval_publish_without_promoting(
+        airflow_db, s3_bucket, model_store_connection, tmp_path, monkeypatch):
+    """One run down the branch without fine-tuning, comparing two candidates, whose approval is rejected through
+    Airflow's HITL REST API: the version is published, not promoted, and who rejected it and why are kept."""
     from airflow.dag_processing.dagbag import DagBag
 
     deploy(monkeypatch, str(tmp_path / "runs"), f"{s3_bucket}/models")
     for key, value in {**AIRFLOW_ENV, "TLP_APPROVAL_MODELS": "tiny-model", "TLP_APPROVERS": "admin"}.items():
         monkeypatch.setenv(key, value)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["transfer_learning"]
+    conf = {**tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"),
+            "candidates": "efficientnet_lite0@32, mobilenet_v2@32", "backbone_weights": "none"}  # keras.applications
     stop = threading.Event()
     approver = threading.Thread(target=answer_pending_approval, args=("Reject", "not this week", stop), daemon=True)
     approver.start()
     try:
-        dag_run = dag.test(run_conf=tiny_conf(tmp_path, "never", publish_uri=f"{s3_bucket}/models"))
+        dag_run = dag.test(run_conf=conf)
     finally:
         stop.set()
         approver.join(timeout=30)
 
     states = run_states(dag_run)
     assert dag_run.state == "success", states
+    mapped = sorted(ti.map_index for ti in dag_run.get_task_instances() if ti.task_id == "train")
+    assert mapped == [0, 1]  # the grid shows one train instance per candidate
+    assert states["fine_tune"] == "skipped" and states["skip_fine_tune"] == "success"
+    assert states["evaluate"] == states["publish_version"] == "success"
+    [run_dir] = (tmp_path / "runs" / "transfer_learning").iterdir()
+    board = json.loads((run_dir / "leaderboard.json").read_text())
+    assert sorted(row["spec"] for row in board["candidates"]) == ["efficientnet_lite0@32", "mobilenet_v2@32"]
+    decision = json.loads((run_dir / "candidates" / board["winner"] / "train" / "decision.json").read_text())
+    assert decision["fine_tune"] is False and "never" in decision["reason"]
+    best, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task) for task in ("select", "evaluate"))
+    assert evaluation["kept"] == "feature_extraction" and evaluation["model_uri"] == best["model_uri"]
+    assert "candidates compared on validation accuracy" in (run_dir / "eval" / "model_card.md").read_text()
+
     assert states["approval_gate"] == states["approve"] == states["promote"] == "success"
     promoted = dag_run.get_task_instance("promote").xcom_pull(task_ids="promote")
     assert promoted["promoted"] is False and "rejected by admin" in promoted["reason"]
@@ -171,10 +141,11 @@ def test_rejected_approval_publishes_without_promoting_and_keeps_who_and_why(air
                    storage_list(model_store_connection, f"{s3_bucket}/models/tiny-model/"))
 
 
-def test_savedmodel_backbone_from_s3_runs_every_step_fine_tune_included(dag, airflow_db, s3_bucket,
-                                                                        model_store_connection, tmp_path,
-                                                                        monkeypatch):
-    """The seeds' own path: a SavedModel feature extractor (as TF Hub serves them), here from an S3 prefix."""
+def test_run_with_fine_tuning_on_a_savedmodel_backbone_from_s3_publishes_a_champion(dag, airflow_db, s3_bucket,
+                                                                                   model_store_connection, tmp_path,
+                                                                                   monkeypatch):
+    """Down the fine-tuning branch on the seeds' own path: a SavedModel feature extractor (as TF Hub serves them),
+    here from an S3 prefix (Lite0's fine-tuning: tests/test_fine_tune.py and the Airflow services e2e)."""
     from tasks import classifier
     from tests.helpers.backbones import tiny_convnet
 
@@ -189,7 +160,16 @@ def test_savedmodel_backbone_from_s3_runs_every_step_fine_tune_included(dag, air
     states = run_states(dag_run)
     assert dag_run.state == "success", states
     assert states["fine_tune"] == states["publish_version"] == states["promote"] == "success"
+    assert states["skip_fine_tune"] == "skipped"
+    decision = dag_run.get_task_instance("decide").xcom_pull(task_ids="decide", key="decision")
+    assert decision["fine_tune"] is True and "always" in decision["reason"]
+    best, tuned, evaluation = (dag_run.get_task_instance(task).xcom_pull(task_ids=task)
+                               for task in ("select", "fine_tune", "evaluate"))
+    assert evaluation["model_uri"] == {"feature_extraction": best, "fine_tune": tuned}[evaluation["kept"]]["model_uri"]
+    run_files = storage_list(model_store_connection, f"{s3_bucket}/runs/")
+    assert any(path.endswith("eval/report/index.html") for path in run_files)
     champion = json.loads(storage_read(model_store_connection, f"{s3_bucket}/models/tiny-model/champion.json"))
+    assert champion_events(champion["version"]), "a promotion must emit an asset event for downstream DAGs"
     files = storage_list(model_store_connection, champion["uri"] + "/")
     assert {f"{champion['uri']}/{name}" for name in ("model/classifier.json", "model/model.weights.h5",
                                                       "saved_model/saved_model.pb", "checksums.json")} <= set(files)

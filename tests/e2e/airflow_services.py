@@ -20,8 +20,10 @@ COMPONENTS = (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"])
 USER, PASSWORD = "admin", "admin-e2e"
 APPROVER = "approver"  # a second user: the one who triggers a run may not approve it
 PASSWORDS = {USER: PASSWORD, APPROVER: "approver-e2e"}
+POLL_S = 1.0  # an API read on loopback costs milliseconds: waits end within a second of what they wait for
 PARKED_SETTLE_S = 5.0  # several scheduler loops: see wait_until_parked
 STOP_GRACE_S = 5.0  # api-server, scheduler and dag-processor exit within 3 s of SIGTERM; the triggerer takes 11
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,50 @@ class Component:
     args: list[str]
     env: dict[str, str | None] = field(default_factory=dict)
     cwd: Path | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A Celery worker serving one queue (and `also_serves`) from its own directory, standing in for its own
+    machine: its own working directory, Airflow home, cache, temp dir and log server; S3 only through the
+    model_store connection."""
+
+    name: str
+    queue: str
+    root: Path
+    also_serves: tuple[str, ...] = ()
+
+    @property
+    def home(self) -> Path:
+        return self.root / "airflow"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def component(self) -> Component:
+        for folder in (self.home, self.cache, self.root / "tmp"):
+            folder.mkdir(parents=True, exist_ok=True)
+        return Component(
+            name=self.name,
+            args=["celery", "worker", "--queues", ",".join((self.queue, *self.also_serves)), "--concurrency", "1",
+                  "--celery-hostname", f"{self.name}@%h"],
+            env={
+                "TLP_WORKER_NAME": self.name,
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "devtools.worker_identity.worker_name",
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "TLP_CACHE_DIR": str(self.cache),
+                "HOME": str(self.root),
+                "TMPDIR": str(self.root / "tmp"),
+                **{name: None for name in AWS_VARIABLES},  # S3 only through the model_store connection
+            },
+            cwd=self.root,
+        )
+
+    def task_logs(self, dag_id: str, run_id: str, task_id: str = "*") -> list[Path]:
+        """The task's log files that this worker wrote (Airflow writes them where the task ran)."""
+        return sorted(self.home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/attempt=*.log"))
 
 
 class AirflowServices:
@@ -130,7 +176,7 @@ class AirflowServices:
                 self.request("GET", f"/api/v2/dags/{dag_id}")
                 return
             except urllib.error.HTTPError:
-                time.sleep(2)
+                time.sleep(POLL_S)
         raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout_s}s\n{self.logs()}")
 
     def trigger(self, dag_id: str, conf: dict) -> str:
@@ -146,7 +192,7 @@ class AirflowServices:
             state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]
             if state in ("success", "failed"):
                 return state
-            time.sleep(5)
+            time.sleep(POLL_S)
         raise TimeoutError(f"run {run_id} did not finish within {timeout_s}s\n"
                            f"{self.task_summary(dag_id, run_id)}\n{self.logs()}")
 
@@ -186,10 +232,38 @@ class AirflowServices:
     def stop_runs(self, dag_id: str) -> None:
         """Pause the DAG and mark its unfinished runs failed (their running tasks are stopped)."""
         self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
-        for run_id, state in self.runs(dag_id).items():
-            if state not in ("success", "failed"):
-                quoted = urllib.request.quote(run_id, safe="")
+        self.fail_runs(dag_id)
+
+    def fail_runs(self, dag_id: str, run_type: str | None = None) -> None:
+        """Mark the DAG's unfinished runs (of `run_type`, or all) failed; their running tasks are stopped."""
+        for run in self.run_details(dag_id):
+            if run["state"] not in ("success", "failed") and run_type in (None, run["run_type"]):
+                quoted = urllib.request.quote(run["dag_run_id"], safe="")
                 self.request("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}", {"state": "failed"})
+
+    def unpause(self, dag_id: str) -> None:
+        """Unpause the DAG and ask the dag-processor to parse its file now: an asset's watchers start (and stop)
+        only when the file of the DAG scheduled on it is parsed while that DAG is unpaused."""
+        token = self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})["file_token"]
+        self.request("PUT", f"/api/v2/parseDagFile/{token}")
+
+    def asset_id(self, name: str) -> int:
+        [found] = [asset for asset in self.request("GET", f"/api/v2/assets?name_pattern={name}")["assets"]
+                   if asset["name"] == name]
+        return found["id"]
+
+    def asset_state(self, asset_id: int, key: str):
+        """A value an asset's watcher keeps in the asset's state store; None while there is none."""
+        try:
+            return self.request("GET", f"/api/v2/assets/{asset_id}/state-store/{key}")["value"]
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+
+    def run_details(self, dag_id: str) -> list[dict]:
+        """Every run of a DAG as the API describes it (run_type, state, conf...)."""
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
 
     def task_summary(self, dag_id: str, run_id: str) -> str:
         """One line per task instance: id, state and try number, for failure messages."""
