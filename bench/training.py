@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,6 +245,8 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             result.update(scratch_test_accuracy=round(scratch_accuracy, 4), scratch_seconds=round(scratch_s, 1),
                           scratch_epochs=epochs)
         forward_s = forward_seconds(cfg, scratch)
+        # an empty feature store: features an earlier bench run stored would make extraction look free
+        os.environ["TLP_FEATURE_STORE"] = str(scratch / "feature-store")
         trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
         decision = decide(cfg, data, trained)
         fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
