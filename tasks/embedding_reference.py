@@ -52,10 +52,10 @@ def write_sample(model, encoded: Iterable[bytes], stage: Path, meta: dict) -> di
     `meta` and the sample's shape, under `stage`."""
     import time
 
+    import tensorflow as tf
+
     from tasks import images
     from tasks.serving_export import with_embeddings
-
-    import tensorflow as tf
 
     started = time.monotonic()
     size = int(model.input_shape[1])
