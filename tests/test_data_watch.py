@@ -9,6 +9,7 @@ import pytest
 
 from tasks import storage
 from tasks.data_watch import listing_fingerprint
+from tests.helpers.triggers import next_event
 
 
 @pytest.mark.fast
@@ -25,16 +26,6 @@ def test_listing_fingerprint_follows_adds_overwrites_and_deletes(tmp_path):
     assert len({first, added, changed, listing_fingerprint(str(tmp_path))}) == 4
 
 
-async def _next_event(trigger, seconds: float):
-    events = trigger.run()
-    try:
-        return await asyncio.wait_for(events.__anext__(), seconds)
-    except TimeoutError:
-        return None
-    finally:
-        await events.aclose()
-
-
 @pytest.mark.slow
 def test_trigger_fires_on_an_upload_under_the_prefix_and_not_without_one(s3_bucket):
     from airflow.triggers.base import BaseEventTrigger
@@ -47,7 +38,7 @@ def test_trigger_fires_on_an_upload_under_the_prefix_and_not_without_one(s3_buck
     assert isinstance(trigger, BaseEventTrigger)
 
     async def scenario():
-        quiet = await _next_event(trigger, 1.5)
+        quiet = await next_event(trigger, 1.5)
         events = trigger.run()
         waiting = asyncio.ensure_future(events.__anext__())
         await asyncio.sleep(0.5)  # the baseline is taken

@@ -15,6 +15,7 @@ import pytest
 from tasks import registry, storage
 from tasks.config import safe_name
 from tests.helpers.runs import ROOT, write_image_folder
+from tests.helpers.triggers import next_event
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +49,6 @@ def _upload_new_images(tmp_path, prefix: str) -> int:
     return 6
 
 
-async def _first_event(trigger, seconds: float):
-    events = trigger.run()
-    try:
-        return await asyncio.wait_for(events.__anext__(), seconds)
-    except TimeoutError:
-        return None
-    finally:
-        await events.aclose()
-
-
 def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_them(airflow_db, s3, s3_bucket,
                                                                                        tmp_path, monkeypatch):
     from s3_prefix_trigger import S3PrefixChangedTrigger
@@ -78,7 +69,7 @@ def test_new_images_under_the_watched_prefix_start_a_retrain_that_computes_only_
     assert first.state == "success" and _states(first)["promote"] == "success", _states(first)
     assert len(_versions(models)) == 1
     trigger = S3PrefixChangedTrigger(prefix, interval_s=0.3)
-    assert asyncio.run(_first_event(trigger, 2.0)) is None, "nothing uploaded: nothing may start"
+    assert asyncio.run(next_event(trigger, 2.0)) is None, "nothing uploaded: nothing may start"
 
     async def upload_and_wait():
         events = trigger.run()
