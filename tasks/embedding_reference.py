@@ -40,8 +40,9 @@ def write(model, train_records: Path, stage: Path, seed: int) -> dict:
     """Embed a sample of the train split with `model` (the published Keras classifier) into the version at
     `stage`; returns what embeddings.json says."""
     from tasks.records import iter_records
+    from tasks.training import count_records
 
-    count = sum(1 for _ in iter_records(train_records))
+    count = count_records(train_records)  # a batched count: no record parsed twice
     chosen = set(sample_indices(count, seed).tolist())
     encoded = (image for index, (image, _, _) in enumerate(iter_records(train_records)) if index in chosen)
     return write_sample(model, encoded, stage, {"split": SPLIT, "n_records": count, "seed": seed})
