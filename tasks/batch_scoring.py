@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -104,16 +105,34 @@ def list_images(root: str) -> tuple[list[str], list[str]]:
     A listed key that could leave a folder it is joined to ('..', '//') counts as
     an other file: it is reported, never read.
     """
-    prefix = root.rstrip("/") + "/" if storage.is_s3(root) else root
+    if storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        relatives = [uri[len(prefix):] for uri in storage.list_files(prefix)]
+    else:
+        relatives = _local_files(str(storage.local_path(root)))
     found, others = [], []
-    for uri in storage.list_files(prefix):
-        relative = uri[len(prefix):] if storage.is_s3(root) else Path(storage.local_path(uri)).relative_to(
-            storage.local_path(root)).as_posix()
+    for relative in relatives:
         if any(part.startswith(".") for part in relative.split("/")):
             continue
         image = relative.lower().endswith(IMAGE_SUFFIXES) and not storage.escape_reason(relative)
         (found if image else others).append(relative)
     return sorted(found), sorted(others)
+
+
+def _local_files(root: str) -> list[str]:
+    """The files below a local folder as relative POSIX paths, what `storage.list_files` finds (a link to a file
+    is a file, a linked folder is not entered), in one scandir per folder instead of a stat per file."""
+    found, pending = [], [""]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(os.path.join(root, folder)) as entries:
+            for entry in entries:
+                relative = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(relative)
+                elif entry.is_file():
+                    found.append(relative)
+    return found
 
 
 def shard_bounds(count: int, shard_size: int) -> list[tuple[int, int]]:
@@ -138,10 +157,33 @@ def hash_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[R
 
 def _read(root: str, path: str) -> Read:
     try:
-        data = storage.read_bytes(storage.join(root, path))
+        data = _read_bytes(root, path)
     except StorageError as error:
         return Read(path, None, None, f"cannot be read: {error}")
     return Read(path, data, hashlib.sha256(data).hexdigest())
+
+
+def _read_bytes(root: str, path: str) -> bytes:
+    """A listed image's bytes. Below a local root the file is opened directly (every file is read twice, and
+    `storage.read_bytes` costs a few path objects and a stat more): non-blocking, so that a FIFO put in a file's
+    place cannot hang the shard, and refused unless it is a regular file. `path` passed the listing's check
+    (`storage.escape_reason`), so it stays below the root."""
+    if storage.is_s3(root):
+        return storage.read_bytes(storage.join(root, path))
+    name = os.path.join(root, path)
+    try:
+        handle = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise StorageError(f"{name}: {error.strerror or error}") from error
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise StorageError(f"{name}: not a regular file")
+        with open(handle, "rb", buffering=0, closefd=False) as file:
+            return file.read()
+    except OSError as error:
+        raise StorageError(f"{name}: {error.strerror or error}") from error
+    finally:
+        os.close(handle)
 
 
 def shard_key(model_version_uri: str, decoder_version: str, top_k: int, reads: list[Read]) -> str:
@@ -160,8 +202,10 @@ def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: 
     `reads` are hashed (`hash_images`): each readable one is read again when its
     batch comes, checked against its hash, decoded by the project's one decoder
     (`to_rgb` in the pool) and resized by its one `resize`, the pixels training
-    and evaluation saw; the next batch is read, decoded and resized while the
-    model runs this one, so at most two batches of files are held. `model` maps a
+    and evaluation saw (a picture already at the model's size goes into the
+    batch as it is: `resize` leaves it unchanged, tests pin that, and TensorFlow
+    is not even imported); the next batch is read and decoded while the model
+    runs this one, so at most two batches of files are held. `model` maps a
     pixel batch to (probabilities, embeddings or None).
     """
     readable = [read for read in reads if read.sha256 is not None]
@@ -171,8 +215,9 @@ def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: 
     scored, outputs, embedded = [], [], []
     with ThreadPoolExecutor(max_workers=1) as preparer:
         def prepare(batch: list[Read]):
-            return preparer.submit(_prepared, [pool.submit(_read_decoded, root, read, limit) for read in batch],
-                                   image_size)
+            pixels = np.empty((len(batch), image_size, image_size, 3), np.float32)
+            decoding = [pool.submit(_read_decoded, root, read, limit, pixels, row) for row, read in enumerate(batch)]
+            return preparer.submit(_prepared, decoding, pixels, image_size)
 
         pending = prepare(batches[0]) if batches else None
         for index, batch in enumerate(batches):
@@ -191,21 +236,37 @@ def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: 
     return scored, probabilities, embeddings, sorted(unreadable, key=lambda item: item["path"])
 
 
-def _read_decoded(root: str, read: Read, max_pixels: int) -> tuple[np.ndarray | None, str]:
-    """An image read again and decoded; its bytes are dropped here. A file that changed since it was hashed
-    would be scored under another file's key: TransientError, and the retried shard hashes it again."""
+def _read_decoded(root: str, read: Read, max_pixels: int, pixels: np.ndarray, row: int
+                  ) -> tuple[np.ndarray | None, str]:
+    """An image read again and decoded; its bytes are dropped here. A picture already at the model's size is
+    written into `pixels[row]` (None, ""); any other is returned for `resize`; one that does not decode gives
+    (None, reason). A file that changed since it was hashed would be scored under another file's key:
+    TransientError, and the retried shard hashes it again."""
     again = _read(root, read.path)
     if again.sha256 != read.sha256:
         raise TransientError(f"{read.path} changed while its shard was scored (sha256 {read.sha256} before, "
                              f"{again.sha256 or again.error} now); the shard is scored again on retry")
-    return _to_rgb(again.data, max_pixels)
+    picture, reason = _to_rgb(again.data, max_pixels)
+    if picture is not None and picture.shape == pixels.shape[1:]:
+        pixels[row] = picture  # `resize` to the size a picture already has changes no value (tests pin it)
+        return None, ""
+    return picture, reason
 
 
-def _prepared(decoding: list, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
-    """A batch's model input from its decode futures, and why each image left out could not be decoded."""
+def _prepared(decoding: list, pixels: np.ndarray, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
+    """A batch's model input from its decode futures (every picture of another size through `images.resize`, one
+    call per distinct size), and why each image left out could not be decoded."""
     decoded = [future.result() for future in decoding]
-    reasons = {n: reason for n, (picture, reason) in enumerate(decoded) if picture is None}
-    return _resized([picture for picture, _ in decoded if picture is not None], image_size), reasons
+    reasons = {n: reason for n, (_, reason) in enumerate(decoded) if reason}
+    by_shape: dict[tuple, list[int]] = {}
+    for n, (picture, _) in enumerate(decoded):
+        if picture is not None:
+            by_shape.setdefault(picture.shape, []).append(n)
+    for members in by_shape.values():
+        pixels[members] = np.asarray(images.resize(np.stack([decoded[n][0] for n in members]), image_size))
+    if reasons:
+        pixels = pixels[[n for n in range(len(decoded)) if n not in reasons]]
+    return pixels, reasons
 
 
 def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
@@ -213,17 +274,6 @@ def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:
         return images.to_rgb(data, max_pixels=max_pixels), ""
     except ImageDecodeError as error:
         return None, f"cannot be decoded: {error}"
-
-
-def _resized(pictures: list[np.ndarray], image_size: int) -> np.ndarray:
-    """The model's input: every picture through `images.resize`, one call per distinct picture size."""
-    batch = np.empty((len(pictures), image_size, image_size, 3), np.float32)
-    by_shape: dict[tuple, list[int]] = {}
-    for n, picture in enumerate(pictures):
-        by_shape.setdefault(picture.shape, []).append(n)
-    for members in by_shape.values():
-        batch[members] = np.asarray(images.resize(np.stack([pictures[n] for n in members]), image_size))
-    return batch
 
 
 def predictions_table(scored: list[Read], probabilities: np.ndarray, classes: tuple[str, ...], top_k: int,

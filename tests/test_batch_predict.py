@@ -176,6 +176,36 @@ def test_scores_match_the_published_classifier_on_the_golden_batch(deploy, tmp_p
     assert np.abs(scored - expected).max() <= batch_scoring.GOLDEN_TOLERANCE
 
 
+def test_the_model_sees_the_one_decoders_pixels_at_its_size_and_at_any_other(tmp_path):
+    """A picture already at the model's size skips `resize` (TensorFlow not needed): that must change no value,
+    so every image reaches the model exactly as `images.decode` (to_rgb, then the one resize) gives it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32), (32, 32), (48, 40), (20, 32), (32, 32)]
+    for n, (width, height) in enumerate(sizes):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{n}.jpg" if n % 2 else tmp_path / f"{n}.png")
+    paths = sorted(path.name for path in tmp_path.iterdir())
+    seen = []
+
+    def model(pixels):
+        seen.append(pixels.copy())
+        return np.zeros((len(pixels), 2), np.float32), None
+
+    with ThreadPoolExecutor(2) as pool:
+        hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
+        scored, _, _, unreadable = batch_scoring.score(str(tmp_path), hashed, 32, model, pool)
+
+    assert not unreadable and [read.path for read in scored] == paths
+    expected = np.stack([images.decode((tmp_path / path).read_bytes(), 32) for path in paths])
+    assert np.array_equal(np.concatenate(seen), expected)
+    same = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(images.resize(same, 32)), same.astype(np.float32))
+
+
 def test_an_altered_published_file_is_refused_not_loaded(deploy, tmp_path, cache_dir):
     champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
     copy = tmp_path / "models"

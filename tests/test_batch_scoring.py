@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,6 +89,79 @@ def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monke
 
 
 @pytest.mark.fast
+def test_pictures_at_the_model_size_go_in_as_decoded_and_only_the_others_are_resized(monkeypatch, tmp_path):
+    """Batch order kept; `resize` (which changes no value at the same size) runs only for pictures it changes."""
+    def to_rgb(data, max_pixels=None):
+        if data == b"bad":
+            raise images.ImageDecodeError("not an image")
+        return np.full((2 + data[0], 2, 3), data[1], np.uint8)
+
+    resized = []
+
+    def resize(pictures, size):
+        resized.append(pictures.shape)
+        return pictures[:, :size, :size].astype(np.float32)
+
+    monkeypatch.setattr(images, "to_rgb", to_rgb)
+    monkeypatch.setattr(images, "resize", resize)
+    seen = []
+
+    def model(pixels):
+        seen.append(pixels.copy())
+        return fake_model(pixels)
+
+    batch = in_folder(tmp_path, reads(b"\x00\x05", b"\x01\x07", b"bad", b"\x00\x09"))
+    with ThreadPoolExecutor(2) as pool:
+        scored, _, _, unreadable = batch_scoring.score(str(tmp_path), batch, 2, model, pool)
+
+    assert [read.path for read in scored] == ["new/0.jpg", "new/1.jpg", "new/3.jpg"]
+    assert [item["path"] for item in unreadable] == ["new/2.jpg"]
+    [pixels] = seen
+    assert pixels.dtype == np.float32 and pixels.shape == (3, 2, 2, 3)
+    assert pixels[:, 0, 0, 0].tolist() == [5.0, 7.0, 9.0] and resized == [(1, 3, 2, 3)]
+
+
+@pytest.mark.fast
+def test_a_file_that_is_gone_a_folder_or_a_fifo_is_unreadable_not_fatal(tmp_path):
+    """Listed files may change before they are read: each such one gets its reason, none hangs the shard."""
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening a FIFO for reading would wait for a writer
+
+    with ThreadPoolExecutor(2) as pool:
+        hashed = batch_scoring.hash_images(str(tmp_path), ["ok.jpg", "gone.jpg", "folder.jpg", "pipe.jpg"], pool)
+
+    assert hashed[0].sha256 == hashlib.sha256(b"x").hexdigest() and not hashed[0].error
+    assert all(read.sha256 is None and read.error.startswith("cannot be read:") for read in hashed[1:])
+    assert "not a regular file" in hashed[3].error
+
+
+@pytest.mark.fast
+def test_a_local_listing_finds_what_the_storage_listing_finds(tmp_path):
+    """The local listing's own walk: nested folders, a link to a file kept, a linked folder not entered, a
+    dangling link and hidden files left out, exactly as storage.list_files has them."""
+    write_image_folder(tmp_path / "images", {"a": 2, "b": 1}, splits=("new", "old"))
+    root = tmp_path / "images"
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "deep" / "er" / "x.png").write_bytes(b"x")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "y.jpg").write_bytes(b"y")
+    (root / "link.jpg").symlink_to(root / "deep" / "er" / "x.png")
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "z.jpg").write_bytes(b"z")
+    (root / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+
+    found, others = batch_scoring.list_images(str(root))
+
+    relative = [Path(uri).relative_to(root).as_posix() for uri in batch_scoring.storage.list_files(str(root))]
+    visible = [path for path in relative if not any(part.startswith(".") for part in path.split("/"))]
+    assert found + others == sorted(visible) and "link.jpg" in found and "deep/er/x.png" in found
+    assert not any(path.startswith("linked/") or path == "dangling.jpg" for path in found)
+    assert batch_scoring.list_images(f"file://{root}") == (found, others)
+
+
+@pytest.mark.fast
 def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monkeypatch, tmp_path):
     """Every file read is a tracked object: the most alive at once must not grow with the shard."""
     fake_decoder(monkeypatch)
@@ -97,15 +172,15 @@ def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monke
         def __del__(self):
             alive[0] -= 1
 
-    real = batch_scoring.storage.read_bytes
+    real = batch_scoring._read_bytes
 
-    def read_bytes(uri):
-        data = Held(real(uri))
+    def read_bytes(root, path):
+        data = Held(real(root, path))
         alive[0] += 1
         most[0] = max(most[0], alive[0])
         return data
 
-    monkeypatch.setattr(batch_scoring.storage, "read_bytes", read_bytes)
+    monkeypatch.setattr(batch_scoring, "_read_bytes", read_bytes)
     contents = [bytes([1 + n % 2]) + n.to_bytes(2, "big") for n in range(60)]
     in_folder(tmp_path, reads(*contents))
     paths = [f"new/{n}.jpg" for n in range(60)]
