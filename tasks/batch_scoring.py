@@ -297,15 +297,14 @@ def predictions_table(scored: list[Read], probabilities: np.ndarray, classes: tu
 
 def write_predictions(table, prefix: str) -> dict[str, str]:
     """`<prefix>.parquet` and `<prefix>.csv`, each written whole (one PUT, or write-then-rename)."""
-    from tasks.report import write_csv
+    from tasks.csv_cells import write_csv
 
-    parquet = io.BytesIO()
+    parquet, csv = io.BytesIO(), io.StringIO()
     table.to_parquet(parquet, index=False)
+    write_csv(table, csv)
     uris = {"parquet": f"{prefix}.parquet", "csv": f"{prefix}.csv"}
     storage.write_bytes(uris["parquet"], parquet.getvalue())
-    with scratch_dir("predictions-csv") as scratch:
-        write_csv(table, scratch / "predictions.csv")
-        storage.write_bytes(uris["csv"], (scratch / "predictions.csv").read_bytes())
+    storage.write_bytes(uris["csv"], csv.getvalue().encode("utf-8"))
     return uris
 
 

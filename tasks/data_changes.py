@@ -197,12 +197,21 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, lipschitz: float) -> tuple[np.nd
 
 def _auc(y: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney statistic (ties count half)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
+    ranks = _average_ranks(scores)
     positives = y == 1
     n_pos, n_neg = positives.sum(), (~positives).sum()
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average (scipy.stats.rankdata's default, without importing SciPy)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    counts = np.diff(np.r_[starts, len(values)])
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(starts + (counts + 1) / 2, counts)
+    return ranks
 
 
 def summary_line(changes: dict[str, Any]) -> str:

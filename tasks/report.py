@@ -26,6 +26,7 @@ from PIL import Image
 
 from tasks import artifacts, images, model_card
 from tasks.config import RunConfig
+from tasks.csv_cells import FORMULA_STARTS, write_csv  # noqa: F401 - the report's CSVs; FORMULA_STARTS re-exported
 from tasks.model_card import RunRecord, percent
 from tasks.phases import LABELS
 from tasks.records import iter_records
@@ -47,7 +48,6 @@ FINE_TUNE_COLOR = "#d62728"
 THUMBNAIL_PX = 128
 ANNOTATED_CLASSES = 25  # above this the confusion matrix cells get too small for numbers
 CONFUSED_PAIRS = 10
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_report(directory: Path, cfg: RunConfig, metrics: dict, record: RunRecord, *, predictions: pd.DataFrame,
@@ -75,23 +75,6 @@ def write_release_page(directory: Path, model_name: str, release_markdown: str) 
                                                                 body=markdown_html(release_markdown))
     (directory / RELEASE).write_text(page, encoding="utf-8")
     return directory / RELEASE
-
-
-def write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Write a table as CSV with every text cell a spreadsheet would run as a formula made inert.
-
-    Class names and file paths come from the dataset: a cell starting with =, +,
-    -, @, a tab or a carriage return is a formula to Excel and LibreOffice, so it
-    gets a leading ' (shown as text, not run).
-    """
-    inert = table.copy()
-    for column in inert.select_dtypes(exclude=["number", "bool"]).columns:
-        inert[column] = inert[column].map(_inert_cell)
-    inert.to_csv(path, index=False, float_format="%.6f")
-
-
-def _inert_cell(value):
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def plot_curves(history: dict | None, path: Path) -> None:

@@ -96,6 +96,23 @@ def test_auc_of_known_orderings(auc, expected):
     assert data_changes._auc(y, scores) == expected
 
 
+
+@pytest.mark.fast
+def test_auc_ranks_ties_as_scipy_does():
+    """The AUC's ranks (numpy, so the batch merge needs no SciPy import) are scipy.stats.rankdata's, ties included."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    for values in (rng.integers(0, 4, 50).astype(float), rng.normal(size=200), np.zeros(3), np.array([2.0])):
+        assert np.array_equal(data_changes._average_ranks(values), rankdata(values))
+    y = rng.integers(0, 2, 200)
+    scores = rng.integers(0, 5, 200).astype(float)
+    ranks = rankdata(scores)
+    positives = y == 1
+    expected = (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum()
+                                                                                         * (~positives).sum())
+    assert data_changes._auc(y, scores) == pytest.approx(expected, abs=1e-12)
+
 REPORT = {"champion_version": "v1", "data_changed": True, "config_changed": False, "changed_params": [],
           "files": data_changes.file_changes(_manifest({"cat": [("1.jpg", "a")]}),
                                              _manifest({"cat": [("1.jpg", "a"), ("2.jpg", "b")]})),
