@@ -47,6 +47,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SCORER = "batch-scoring-2"  # bump when the way probabilities are computed changes: every shard is scored again
 BATCH = 64
+HASH_CHUNK = 16  # files hashed per thread-pool task (a task costs about what hashing a small file does)
+DECODE_CHUNK = 8  # images read and decoded per thread-pool task
 SHARD_RECORD = "shard.json"  # written last: a shard folder without it is unfinished
 PREDICTIONS = "predictions"
 EMBEDDINGS = "embeddings.npy"  # a shard's sample of embeddings, float16, rows in SHARD_RECORD's "paths" order
@@ -148,11 +150,11 @@ def read_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[R
 
 def hash_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[Read]:
     """`read_images` keeping only the hashes (`data` None): memory holds one file per thread, not the shard."""
-    def hashed(path: str) -> Read:
-        read = _read(root, path)
-        return Read(read.path, None, read.sha256, read.error)
+    def hashed(chunk: list[str]) -> list[Read]:
+        return [Read(read.path, None, read.sha256, read.error) for read in (_read(root, path) for path in chunk)]
 
-    return list(pool.map(hashed, paths))
+    chunks = [paths[start:start + HASH_CHUNK] for start in range(0, len(paths), HASH_CHUNK)]
+    return [read for chunk in pool.map(hashed, chunks) for read in chunk]
 
 
 def _read(root: str, path: str) -> Read:
@@ -216,7 +218,8 @@ def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: 
     with ThreadPoolExecutor(max_workers=1) as preparer:
         def prepare(batch: list[Read]):
             pixels = np.empty((len(batch), image_size, image_size, 3), np.float32)
-            decoding = [pool.submit(_read_decoded, root, read, limit, pixels, row) for row, read in enumerate(batch)]
+            decoding = [pool.submit(_read_decoded_rows, root, batch[start:start + DECODE_CHUNK], limit, pixels, start)
+                        for start in range(0, len(batch), DECODE_CHUNK)]
             return preparer.submit(_prepared, decoding, pixels, image_size)
 
         pending = prepare(batches[0]) if batches else None
@@ -253,10 +256,16 @@ def _read_decoded(root: str, read: Read, max_pixels: int, pixels: np.ndarray, ro
     return picture, reason
 
 
+def _read_decoded_rows(root: str, reads: list[Read], max_pixels: int, pixels: np.ndarray, first: int
+                       ) -> list[tuple[np.ndarray | None, str]]:
+    """`_read_decoded` for a few consecutive rows of a batch, in one thread-pool task."""
+    return [_read_decoded(root, read, max_pixels, pixels, first + n) for n, read in enumerate(reads)]
+
+
 def _prepared(decoding: list, pixels: np.ndarray, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
     """A batch's model input from its decode futures (every picture of another size through `images.resize`, one
     call per distinct size), and why each image left out could not be decoded."""
-    decoded = [future.result() for future in decoding]
+    decoded = [row for future in decoding for row in future.result()]
     reasons = {n: reason for n, (_, reason) in enumerate(decoded) if reason}
     by_shape: dict[tuple, list[int]] = {}
     for n, (picture, _) in enumerate(decoded):
