@@ -1,15 +1,24 @@
 """Batch-scoring speed: the bare engines on one core and on all cores, and the batch_predict DAG end to end.
 
 Publishes an untrained EfficientNet-Lite0 classifier (devtools/published_model.py) at the default image size,
-writes N small JPEGs, then measures, each in a fresh process so thread settings hold:
+writes N small JPEGs (at the model's size, so no resize is needed: the case of images prepared for the model),
+then measures, each in a fresh process so thread settings hold:
 - the LiteRT interpreter on the TFLite float16 variant and float32, and the SavedModel through its serving
   signature, on 1 thread and on all cores, over images already decoded (batches of tasks.batch_scoring.BATCH);
 - the TFLite scoring model batch scoring runs (float32, probabilities and embeddings from one pass);
 - whether the engines agree: top-1 labels equal and the largest probability difference;
 - `batch_predict` run by `dag.test` on the N images (listing, reading, hashing, decoding, scoring, Parquet/CSV,
   merge, summary and gallery included), in images/s of the whole run, and its ratio to the bare interpreter
-  on all cores, and the peak resident memory of that run's process (`dag_peak_rss_mb`: dag.test runs every
-  task in it, so it is the most any one task held, plus Airflow and TensorFlow);
+  on all cores (`dag_vs_bare_interpreter_all_cores`, issue 19's 0.7), and the peak resident memory of that
+  run's process (`dag_peak_rss_mb`, its own VmHWM: dag.test runs every task in it, so it is the most any one
+  task held, plus Airflow);
+- where the run's time went: each step's task seconds (the mapped shards summed; the first task also carries
+  dag.test's start of the in-process execution API) and the seconds outside any task (DAG serialization, run
+  creation, scheduling);
+- `dag_fixed_seconds`: the same DAG on as many one-image shards, what a run costs whatever its size, and the
+  ratio with that taken off (`dag_vs_bare_interpreter_all_cores_less_fixed`: the per-image efficiency);
+- the bare interpreter on all cores again after the DAG (`tflite_scoring_all_cores_after_dag`): when it moved,
+  the machine's load moved, and the ratios with it;
 - the summary's embedding shift of the bench images against the untrained model's reference sample (drawn
   like them), with its seconds in merge_predictions not measured apart.
 Absolute rates move with the machine's load: compare numbers of one run.
@@ -89,9 +98,9 @@ def write_images(folder: Path, count: int, size: int, seed: int = 1) -> list[Pat
     return paths
 
 
-def run_dag(work: Path, images: Path, shard_size: int) -> tuple[float, float, dict]:
-    """Seconds of `dag.test` on the images (a fresh Airflow home and DB, created before the clock starts), the
-    peak RSS of its process in MB, and the run's summary."""
+def run_dag(work: Path, images: Path, shard_size: int, home: str = "airflow") -> dict:
+    """`dag.test` on the images (a fresh Airflow home and DB, created before the clock starts): its seconds, the
+    peak RSS of its process in MB, the seconds of each step (mapped shards summed) and the run's summary."""
     script = f"""
 import json, resource, time
 from airflow.utils import db
@@ -105,17 +114,23 @@ assert run.state == "success", {{ti.task_id: ti.state for ti in run.get_task_ins
 merged = run.get_task_instance("merge_predictions").xcom_pull(task_ids="merge_predictions")
 from tasks import storage
 summary = storage.read_json(merged["summary_uri"])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak, "embedding_shift": summary["embedding_shift"]}}))
+try:  # this image's own peak: ru_maxrss keeps the forked bench's (TensorFlow loaded) across exec
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+except (OSError, IndexError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+steps = {{}}
+for ti in run.get_task_instances():
+    steps[ti.task_id] = steps.get(ti.task_id, 0.0) + (ti.duration or 0.0)
+print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak, "steps": steps,
+                  "embedding_shift": summary["embedding_shift"]}}))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(work / "airflow"),
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AIRFLOW_HOME": str(work / home),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"dag.test failed: {done.stderr[-4000:]}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return measured["seconds"], measured["peak_rss_mb"], measured["embedding_shift"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -159,14 +174,27 @@ def main() -> None:
                                                      == probabilities["saved_model"].argmax(1))),
                         "max_abs_diff": float(np.abs(probabilities[name] - probabilities["saved_model"]).max())}
                  for name in ("tflite_float16", "tflite_float32", "tflite_scoring")}
-    seconds, peak_rss_mb, embedding_shift = run_dag(work, work / "images", args.shard_size)
+    run = run_dag(work, work / "images", args.shard_size)
+    seconds, embedding_shift = run["seconds"], run["embedding_shift"]
+    # the same DAG with as many shards of one image each: what a run costs whatever its size (Airflow's start-up
+    # and per-task overhead, a model load per shard, a merge), and the bare interpreter again, for the load
+    shards = -(-args.images // args.shard_size)
+    write_images(work / "fixed", shards, args.image_size, seed=3)
+    fixed = run_dag(work, work / "fixed", 1, home="airflow-fixed")["seconds"]
+    bare_after = in_fresh_process("tflite", Path(version) / scoring_model.SCORING_FILE, args.image_size, cores)
     dag_rate = args.images / seconds
     bare = results["tflite_scoring_all_cores"]  # what the DAG runs (scoring_model.SCORING_FILE)
     print(json_line({"bench": "predict", "images": args.images, "image_size": args.image_size, "cores": cores,
                       "shard_size": args.shard_size, "engine": scoring_model.ENGINE, "images_per_s": results,
                       "agreement_with_saved_model": agreement, "dag_seconds": round(seconds, 1),
                       "dag_images_per_s": round(dag_rate, 1), "dag_vs_bare_interpreter_all_cores":
-                      round(dag_rate / bare, 3), "dag_peak_rss_mb": round(peak_rss_mb),
+                      round(dag_rate / bare, 3), "dag_peak_rss_mb": round(run["peak_rss_mb"]),
+                      "dag_step_seconds": {**{step: round(value, 1) for step, value in run["steps"].items()},
+                                           "outside_tasks": round(seconds - sum(run["steps"].values()), 1)},
+                      "dag_fixed_seconds": round(fixed, 1),
+                      "dag_vs_bare_interpreter_all_cores_less_fixed": round(
+                          args.images / max(seconds - fixed, 1e-9) / bare, 3),
+                      "tflite_scoring_all_cores_after_dag": round(bare_after["images_per_s"], 1),
                       "embedding_shift": {key: embedding_shift.get(key) for key in
                                           ("status", "auc", "noise_band", "n_reference", "n_batch")}}))
 
