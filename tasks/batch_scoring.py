@@ -376,6 +376,8 @@ def batch_embedding_shift(reference: np.ndarray | None, batch: np.ndarray | None
     and above EMBEDDING_AUC_THRESHOLD. `unavailable` says why there is nothing to
     compare (an older version, an engine without embeddings).
     """
+    from threadpoolctl import threadpool_limits
+
     from tasks.data_changes import MIN_DOMAIN_IMAGES, embedding_shift
 
     rule = (f"shifted when a domain classifier's cross-validated AUC (training sample vs batch sample) is above "
@@ -390,7 +392,10 @@ def batch_embedding_shift(reference: np.ndarray | None, batch: np.ndarray | None
     if reference.shape[1] != batch.shape[1]:
         return {**base, "status": "unavailable", "shifted": None, "auc": None,
                 "reason": f"the reference sample has {reference.shape[1]}-d embeddings, the batch {batch.shape[1]}-d"}
-    measured = embedding_shift(reference, batch, seed)
+    # BLAS on one thread: as fast for these few thousand rows, while a multi-threaded OpenBLAS on a busy worker
+    # spins for its descheduled threads (seconds instead of ~50 ms on the shared 2-core VM)
+    with threadpool_limits(limits=1, user_api="blas"):
+        measured = embedding_shift(reference, batch, seed)
     shifted = bool(measured["shifted"] and measured["auc"] > EMBEDDING_AUC_THRESHOLD)
     band = measured["noise_band"]
     if shifted:
