@@ -162,6 +162,20 @@ def test_a_local_listing_finds_what_the_storage_listing_finds(tmp_path):
 
 
 @pytest.mark.fast
+def test_a_subfolder_that_cannot_be_read_is_passed_over_as_the_storage_listing_does(monkeypatch, tmp_path):
+    write_image_folder(tmp_path, {"a": 1, "b": 1}, splits=("new",))
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert batch_scoring.list_images(str(tmp_path)) == (["new/a/0000.jpg"], [])
+
+
+@pytest.mark.fast
 def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monkeypatch, tmp_path):
     """Every file read is a tracked object: the most alive at once must not grow with the shard."""
     fake_decoder(monkeypatch)
