@@ -81,8 +81,10 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     """Upload this run's model as a verified version and judge whether it may replace the champion.
 
     `evaluation` is the evaluate step's result; when given, its accuracy must match the
-    run root's metrics.json (a stale metrics file would otherwise be published). Before
-    anything is uploaded, the serving check must pass, the TFLite variants are made and the
+    run root's metrics.json (a stale metrics file would otherwise be published), and its per-image
+    predictions spare the judge a pass over the test split once the published model is shown to
+    give them (`_evaluated_answers`). Before anything is uploaded, the serving check must pass,
+    the TFLite variants are made and the
     candidate is judged against the champion on test images it did not choose (tasks.promotion);
     the model card carries that verdict. The judgement is recorded in the store
     (`judgements/<version>.json`), where promote reads it; the returned dict (the same fields)
@@ -230,8 +232,8 @@ def _evaluated_answers(cfg: RunConfig, evaluation: dict | None, float32: np.ndar
     from the SavedModel being published and run on every test image, lands within the serving check's tolerance
     of every evaluated probability. Otherwise {}: the judge scores the SavedModel on every image itself.
 
-    The handed-over file is input, never authority: it only spares a third pass over the test split when it
-    agrees, image by image, with answers computed here."""
+    The handed-over file is input, never authority: it only spares the judge a pass of the SavedModel over the
+    test split when it agrees, image by image, with answers computed here."""
     if float32 is None:
         return _not_reused("the SavedModel has no float32 TFLite variant to check them against")
     if not evaluation or "predictions_uri" not in evaluation:
