@@ -45,6 +45,7 @@ KEY_FILE = "key.json"
 SUFFIX = ".npy"
 IO_THREADS = 8  # concurrent entry reads/writes: storage latency, not CPU, bounds them
 IN_FLIGHT = 256  # entries read ahead or written behind the caller, at most (memory: IN_FLIGHT entries)
+WRITE_CHUNK = 32  # entries per write task: one task per image costs a thread hand-off per image
 
 
 def namespace(key: dict[str, Any]) -> str:
@@ -128,6 +129,10 @@ class FeatureStore:
     def put(self, space: str, sha256: str, array: np.ndarray) -> None:
         storage.write_bytes(self.entry(space, sha256), encode(array))
 
+    def put_many(self, space: str, entries: list[tuple[str, np.ndarray]]) -> None:
+        for sha256, array in entries:
+            self.put(space, sha256, array)
+
     def evict(self) -> int:
         """Delete least-recently-used entries until the store fits its cap; returns how many were deleted."""
         if not self.max_bytes:
@@ -174,6 +179,7 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
         computed = compute(missing)
         pending = set(missing)
         writes: collections.deque[Future] = collections.deque()
+        chunk: list[tuple[str, np.ndarray]] = []
         with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="feature-store") as pool:
             reads = _ahead(pool, (lambda sha=hashes[index]: store.get(space, sha)
                                   for index in range(len(hashes)) if index not in pending))
@@ -186,10 +192,14 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
                         yield array
                         continue
                     array = next(compute([index]))  # lost since the listing
-                writes.append(pool.submit(store.put, space, sha, array))
-                while len(writes) > IN_FLIGHT:
+                chunk.append((sha, array))
+                if len(chunk) == WRITE_CHUNK:
+                    writes.append(pool.submit(store.put_many, space, chunk))
+                    chunk = []
+                while len(writes) * WRITE_CHUNK > IN_FLIGHT:
                     writes.popleft().result()
                 yield array
+            writes.append(pool.submit(store.put_many, space, chunk))
             for write in writes:
                 write.result()
 

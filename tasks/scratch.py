@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -51,21 +52,27 @@ def scratch_dir(name: str, parent: str | Path | None = None) -> Iterator[Path]:
 def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
     """A file opened for writing that appears at `path` whole when the block ends, or not at all.
 
-    It is written as a hidden temporary file next to `path` and renamed into
-    place; if the block or the write fails (a full disk, a kill signal turned
-    into an exception) the temporary file is removed, never left behind.
+    It is written as a hidden temporary file next to `path` (a random name: writers
+    racing on one path never share it) and renamed into place; if the block or the
+    write fails (a full disk, a kill signal turned into an exception) the temporary
+    file is removed, never left behind. Plain os calls, and the folder is made only
+    when missing: the feature store writes thousands of small entries through here.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    folder, name = os.path.split(os.fspath(path))
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.part")
     try:
-        with handle:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        os.makedirs(folder or ".", exist_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(descriptor, "wb") as handle:
             yield handle
-        os.chmod(handle.name, mode)  # NamedTemporaryFile makes 0600; readers (UI, other users) need 0644
-        os.replace(handle.name, path)
+        os.chmod(temporary, mode)  # readers (UI, other users) need `mode` whatever the umask
+        os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(handle.name)
+            os.unlink(temporary)
         raise
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -230,3 +231,38 @@ def test_strategy_mirrors_only_across_several_gpus():
     assert strategy_for(["/device:GPU:0"]) is tf.distribute.get_strategy()
     mirrored = strategy_for(["/device:GPU:0", "/device:GPU:1"])
     assert isinstance(mirrored, tf.distribute.MirroredStrategy) and mirrored.num_replicas_in_sync == 2
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(169, 13), (170, 17), (64, 32), (7, 7), (37, 1), (1, 1)])
+def test_several_steps_run_per_call_but_never_across_an_epoch_end(steps, expected):
+    from tasks.training import execution_steps
+
+    assert execution_steps(steps) == expected
+
+
+def test_steps_run_together_end_each_epoch_on_the_very_weights_of_steps_run_one_by_one():
+    """The same epochs of one stream (as fit_resumable feeds them) through a head compiled both ways: the weights
+    at every epoch's end (what checkpoints and early stopping see) are the same."""
+    import keras
+
+    from tasks.activation_cache import CachedSplit
+    from tasks.head import build_head
+    from tasks.training import compile_model, execution_steps
+
+    rng = np.random.default_rng(0)
+    train_split = CachedSplit(rng.normal(size=(90, 16)).astype("float32"), rng.integers(0, 3, 90))
+    epoch, steps = train_split.epochs(8, lambda number: 100 + number)  # 12 batches an epoch
+    assert execution_steps(steps) == 12
+    at_epoch_ends = {}
+    for together in (False, True):
+        keras.utils.set_random_seed(1)
+        head = build_head((16,), 3, 0.2)
+        compile_model(head, "adam", "sparse_categorical_crossentropy", 1e-2, SimpleNamespace(model=head),
+                      steps if together else 1)
+        ends = at_epoch_ends[together] = []
+        head.fit(epoch(0).concatenate(epoch(1)).concatenate(epoch(2)), epochs=3, steps_per_epoch=steps,
+                 shuffle=False, verbose=0, callbacks=[keras.callbacks.LambdaCallback(
+                     on_epoch_end=lambda number, logs, head=head, ends=ends: ends.append(head.get_weights()[0]))])
+    assert len(at_epoch_ends[True]) == 3
+    for one_by_one, together in zip(at_epoch_ends[False], at_epoch_ends[True], strict=True):
+        np.testing.assert_allclose(together, one_by_one, rtol=1e-6, atol=1e-7)

@@ -79,7 +79,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
                 cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch, lambda: stage_records(cfg, scratch))
         rate = learning_rate(cfg.learning_rate * cfg.fine_tune_lr_factor, cfg.fine_tune_schedule,
                              cfg.fine_tune_epochs, steps)
-        compile_model(model, cfg.optimizer, loss, rate, backbone)
+        compile_model(model, cfg.optimizer, loss, rate, backbone, steps)
         result = fit_resumable(
             model, phase=FINE_TUNE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs,
             train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,

@@ -82,7 +82,7 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
                 cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch))
             if mixup:
                 train_epoch = _mixed_epochs(train_epoch, mixup, feed)
-        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone)
+        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, steps)
         result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
                                stopping=Stopping(cfg.patience, cfg.min_delta),
