@@ -89,6 +89,10 @@ MODEL_CARD = Artifact(("eval", "model_card.md"), "evaluate", "the model card",
 GOLDEN = Artifact(("golden", "batch.npz"), "evaluate",
                   "the golden batch: the first test images' paths and the evaluated model's probabilities for them, "
                   "which the published artifacts must reproduce", read_through_run_root=("publish_version",))
+EVALUATED_PREDICTIONS = Artifact(("eval", "predictions.npz"), "evaluate",
+                                 "every test image's path and the evaluated model's probabilities: publish reuses them "
+                                 "for the judgement once the published model's TFLite answers match them",
+                                 consumers=("publish_version",))
 JUDGEMENT = Artifact(("judgement.json",), "publish_version",
                      "the published version and whether the rule would promote it (also kept in the registry)")
 PUBLISHED = Artifact(("publish.json",), "promote", "the published version and the promotion decision")

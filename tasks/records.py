@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 from tasks import images
 
 SPLITS = ("train", "val", "test")
+PARSE_BATCH = 512  # records parsed per call by iter_records
 SHUFFLE_BUFFER = 10_000  # larger than most subsampled splits: an epoch's order is then a full permutation
 
 
@@ -61,12 +62,17 @@ def write_canonical(path: str | Path, examples: Iterable[tuple[bytes, bytes, int
 def _parse(serialized):
     import tensorflow as tf
 
-    spec = {
+    return tf.io.parse_single_example(serialized, _spec())
+
+
+def _spec() -> dict:
+    import tensorflow as tf
+
+    return {
         "image": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.int64),
         "path": tf.io.FixedLenFeature([], tf.string),
     }
-    return tf.io.parse_single_example(serialized, spec)
 
 
 def record_image(encoded, image_size: int):
@@ -111,12 +117,16 @@ def epoch_order(dataset, shuffle_seed: int):
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[bytes, int, str]]:
-    """The (canonical image, label, relative path) triples, in file order."""
+    """The (canonical image, label, relative path) triples, in file order (parsed a batch at a time: parsing one
+    record per eager call took 80 times as long on 10,000 records)."""
     import tensorflow as tf
 
-    for serialized in tf.data.TFRecordDataset(str(path)):
-        record = _parse(serialized)
-        yield record["image"].numpy(), int(record["label"].numpy()), record["path"].numpy().decode("utf-8")
+    spec = _spec()
+    batches = tf.data.TFRecordDataset(str(path)).batch(PARSE_BATCH).map(lambda many: tf.io.parse_example(many, spec))
+    for batch in batches:
+        for image, label, rel_path in zip(batch["image"].numpy(), batch["label"].numpy(), batch["path"].numpy(),
+                                          strict=True):
+            yield image, int(label), rel_path.decode("utf-8")
 
 
 def originals(path: str | Path, count: int) -> list[tuple[bytes, str]]:

@@ -19,6 +19,7 @@ Run as `python -m tasks.serving_check --model ... --saved-model ... --golden
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import subprocess
@@ -127,13 +128,21 @@ def _keras_probabilities(model: Path, images: np.ndarray) -> np.ndarray:
     return np.asarray(loaded(images, training=False))
 
 
-def _saved_model_probabilities(saved_model: Path, images: np.ndarray) -> np.ndarray:
+@functools.cache
+def _loaded(saved_model: Path):
+    """The SavedModel, scanned and loaded once for both of its checks (a failure is raised to each)."""
     import tensorflow as tf
 
     from tasks.savedmodel_scan import check_saved_model
 
     check_saved_model(saved_model, f"SavedModel {saved_model}")
-    serve = tf.saved_model.load(str(saved_model)).signatures[PIXELS_SIGNATURE]
+    return tf.saved_model.load(str(saved_model))
+
+
+def _saved_model_probabilities(saved_model: Path, images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    serve = _loaded(saved_model).signatures[PIXELS_SIGNATURE]
     [name] = serve.structured_input_signature[1]
     [output] = serve(**{name: tf.constant(images)}).values()
     return output.numpy()
@@ -144,10 +153,8 @@ def _bytes_probabilities(saved_model: Path, files: list[bytes]) -> np.ndarray:
     import tensorflow as tf
 
     from tasks.images import client_bytes
-    from tasks.savedmodel_scan import check_saved_model
 
-    check_saved_model(saved_model, f"SavedModel {saved_model}")
-    serve = tf.saved_model.load(str(saved_model)).signatures[BYTES_SIGNATURE]
+    serve = _loaded(saved_model).signatures[BYTES_SIGNATURE]
     return serve(**{BYTES_INPUT: tf.constant([client_bytes(data) for data in files])})["probabilities"].numpy()
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -42,41 +43,80 @@ ACCURACY_BATCH = 64
 LATENCY_IMAGES = 50
 LATENCY_WARMUP = 5
 LATENCY_THREADS = 1  # one core: comparable across workers, and what a small device gives one model
+KEPT_IMAGES = max(ACCURACY_BATCH, LATENCY_IMAGES)  # the first test images, kept for the latency and the scoring model
 INTERPRETER = "ai-edge-litert"
 SCORING_FILE = "scoring.tflite"
 SCORING_TOLERANCE = 1e-5  # the same float32 graph with one more output: equal up to kernel order
 MLIR_LOCATION = re.compile(r"<unknown>:0: error: loc\(.*\)\): ")
 
 
-def export_variants(saved_model: Path, test_records: Path, keras_accuracy: float, out_dir: Path) -> dict:
+def export_variants(saved_model: Path, test_records: Path, keras_accuracy: float,
+                    out_dir: Path) -> tuple[dict, np.ndarray | None]:
     """Convert, score and keep; kept variants are written to `out_dir/<variant>.tflite`.
 
     Returns the `tflite` section of metrics.json: the status ("converted" or
     "not convertible: <reason>"), the interpreter, the Keras accuracy and the
     allowed change, and per variant its accuracy, size, latency and whether it was
-    kept (with `file`, relative to the version) or why not.
+    kept (with `file`, relative to the version) or why not; and the float32
+    variant's probabilities for every test record, in file order (None when it was
+    not convertible). The test split is decoded once for every variant.
     """
     section = {"status": "converted", "interpreter": f"{INTERPRETER} {version(INTERPRETER)}",
                "keras_accuracy": keras_accuracy, "max_accuracy_change": MAX_ACCURACY_CHANGE,
                "latency": {"batch": 1, "threads": LATENCY_THREADS, "images": LATENCY_IMAGES,
                            "statistic": "median"}, "variants": {}}
+    converted: dict[str, tuple[bytes, float]] = {}
     for variant in VARIANTS:
         started = time.monotonic()
         try:
-            flatbuffer = convert(saved_model, variant)
+            converted[variant] = convert(saved_model, variant), time.monotonic() - started
         except Exception as error:  # the converter raises ConverterError, ValueError, RuntimeError, ...
             reason = f"not convertible: {type(error).__name__}: {_first_line(error)}"
             if variant == VARIANTS[0]:
                 section["status"] = reason
                 log.warning("tflite: %s is %s", saved_model, reason)
-                return section
+                return section, None
             section["variants"][variant] = {"kept": False, "reason": reason}
-            continue
-        convert_s = time.monotonic() - started
-        section["variants"][variant] = _measure(variant, flatbuffer, test_records, keras_accuracy, out_dir, convert_s)
+    scored = score_split({variant: flatbuffer for variant, (flatbuffer, _) in converted.items()}, test_records)
+    for variant, (flatbuffer, convert_s) in converted.items():
+        section["variants"][variant] = _measure(variant, flatbuffer, scored, keras_accuracy, out_dir, convert_s)
         if variant == "float32" and section["variants"][variant]["kept"]:
-            section["scoring"] = _scoring_model(saved_model, flatbuffer, test_records, out_dir)
-    return section
+            section["scoring"] = _scoring_model(saved_model, scored.first[:ACCURACY_BATCH],
+                                                scored.probabilities[variant][:ACCURACY_BATCH], out_dir)
+    section["variants"] = {variant: section["variants"][variant] for variant in VARIANTS
+                           if variant in section["variants"]}
+    return section, scored.probabilities[VARIANTS[0]]
+
+
+@dataclass
+class Scored:
+    """Every variant's probabilities for the test split (file order), its labels, and its first images (for the
+    latency and the scoring model's check)."""
+
+    probabilities: dict[str, np.ndarray]
+    labels: np.ndarray
+    first: np.ndarray
+
+
+def score_split(flatbuffers: dict[str, bytes], test_records: Path) -> Scored:
+    """Run every TFLite model over the split, each batch decoded once for all of them, on all cores."""
+    from tasks.records import image_dataset
+
+    interpreters = {variant: _interpreter(flatbuffer, os.cpu_count()) for variant, flatbuffer in flatbuffers.items()}
+    sizes = {image_size for _, image_size in interpreters.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the TFLite variants take different image sizes {sorted(sizes)}")
+    probabilities: dict[str, list[np.ndarray]] = {variant: [] for variant in flatbuffers}
+    labels, first = [], []
+    for images, batch_labels in image_dataset(test_records, sizes.pop(), ACCURACY_BATCH):
+        pixels = images.numpy()
+        for variant, (interpreter, _) in interpreters.items():
+            probabilities[variant].append(_invoke(interpreter, pixels).copy())
+        labels.append(batch_labels.numpy())
+        if sum(len(batch) for batch in first) < KEPT_IMAGES:
+            first.append(pixels)
+    return Scored({variant: np.concatenate(rows) for variant, rows in probabilities.items()}, np.concatenate(labels),
+                  np.concatenate(first)[:KEPT_IMAGES])
 
 
 def convert(saved_model: Path, variant: str, signature: str = PIXELS_SIGNATURE) -> bytes:
@@ -94,42 +134,28 @@ def convert(saved_model: Path, variant: str, signature: str = PIXELS_SIGNATURE) 
     return converter.convert()
 
 
-def accuracy(flatbuffer: bytes, test_records: Path) -> tuple[float, int]:
-    """(accuracy, number of images) of a TFLite model on a split file, batched through the LiteRT interpreter."""
-    from tasks.records import image_dataset
-
-    interpreter, image_size = _interpreter(flatbuffer, os.cpu_count())
-    hits = total = 0
-    for images, labels in image_dataset(test_records, image_size, ACCURACY_BATCH):
-        probabilities = _invoke(interpreter, images.numpy())
-        hits += int(np.sum(probabilities.argmax(axis=1) == labels.numpy()))
-        total += len(labels)
-    return hits / total, total
-
-
-def latency_ms(flatbuffer: bytes, test_records: Path) -> float:
+def latency_ms(flatbuffer: bytes, images: np.ndarray) -> float:
     """Median milliseconds per single-image invocation on one thread, after a few warm-up calls."""
-    from tasks.records import image_dataset
-
-    interpreter, image_size = _interpreter(flatbuffer, LATENCY_THREADS)
-    images = [image.numpy() for image, _ in image_dataset(test_records, image_size, 1).take(LATENCY_IMAGES)]
-    for image in images[:LATENCY_WARMUP]:
+    interpreter, _ = _interpreter(flatbuffer, LATENCY_THREADS)
+    singles = [image[None] for image in images[:LATENCY_IMAGES]]
+    for image in singles[:LATENCY_WARMUP]:
         _invoke(interpreter, image)
     timings = []
-    for image in images:
+    for image in singles:
         started = time.perf_counter()
         _invoke(interpreter, image)
         timings.append((time.perf_counter() - started) * 1000)
     return float(np.median(timings))
 
 
-def _measure(variant: str, flatbuffer: bytes, test_records: Path, keras_accuracy: float, out_dir: Path,
+def _measure(variant: str, flatbuffer: bytes, scored: Scored, keras_accuracy: float, out_dir: Path,
              convert_s: float) -> dict:
-    score, n_images = accuracy(flatbuffer, test_records)
+    n_images = len(scored.labels)
+    score = int(np.sum(scored.probabilities[variant].argmax(axis=1) == scored.labels)) / n_images
     change = score - keras_accuracy
     kept = abs(change) <= MAX_ACCURACY_CHANGE + TOLERANCE
     entry = {"accuracy": score, "n_images": n_images, "accuracy_change": change, "size_bytes": len(flatbuffer),
-             "latency_ms": latency_ms(flatbuffer, test_records), "convert_s": round(convert_s, 2), "kept": kept}
+             "latency_ms": latency_ms(flatbuffer, scored.first), "convert_s": round(convert_s, 2), "kept": kept}
     if kept:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{variant}.tflite").write_bytes(flatbuffer)
@@ -142,17 +168,13 @@ def _measure(variant: str, flatbuffer: bytes, test_records: Path, keras_accuracy
     return entry
 
 
-def _scoring_model(saved_model: Path, float32: bytes, test_records: Path, out_dir: Path) -> dict:
-    """Convert the embeddings signature, keep it when it answers as the float32 variant does (see the module)."""
-    from tasks.records import image_dataset
-
+def _scoring_model(saved_model: Path, batch: np.ndarray, expected: np.ndarray, out_dir: Path) -> dict:
+    """Convert the embeddings signature, keep it when it answers as the float32 variant did on `batch` (`expected`;
+    see the module)."""
     try:
         flatbuffer = convert(saved_model, "float32", EMBEDDINGS_SIGNATURE)
     except Exception as error:  # an older export without the signature, or a converter refusal
         return {"kept": False, "reason": f"not convertible: {type(error).__name__}: {_first_line(error)}"}
-    interpreter, image_size = _interpreter(float32, os.cpu_count())
-    batch = next(iter(image_dataset(test_records, image_size, ACCURACY_BATCH)))[0].numpy()
-    expected = _invoke(interpreter, batch)
     outputs = signature_outputs(flatbuffer, batch)
     difference = float(np.max(np.abs(outputs["probabilities"] - expected)))
     entry = {"size_bytes": len(flatbuffer), "embedding_size": int(outputs["embeddings"].shape[-1]),

@@ -153,6 +153,23 @@ def test_evaluate_writes_metrics_report_and_model_card(tmp_path):
     assert "## Validation vs test" in card and "agree within their noise" in card
 
 
+def test_evaluate_hands_over_every_test_images_path_and_probabilities(tmp_path):
+    from tasks.predict import predict_records
+
+    cfg = fx.config(str(tmp_path / "runs"))
+    fx.write_run(cfg, tmp_path / "work")
+
+    result = evaluate(cfg, *fx.handed_over(cfg))
+
+    assert result["predictions_uri"] == cfg.artifact(artifacts.EVALUATED_PREDICTIONS)
+    with np.load(io.BytesIO(storage.read_bytes(result["predictions_uri"])), allow_pickle=False) as stored:
+        paths, probabilities = list(stored["paths"]), stored["probabilities"]
+    expected, labels, expected_paths = predict_records(fx.colour_model(), tmp_path / "work" / "test.tfrecord")
+    assert paths == expected_paths and len(paths) == result["n_test"]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert np.mean(probabilities.argmax(axis=1) == labels) == result["accuracy"]
+
+
 def test_evaluate_rerun_rewrites_identical_outputs(tmp_path):
     cfg = fx.config(str(tmp_path / "runs"))
     fx.write_run(cfg, tmp_path / "work")
@@ -175,7 +192,7 @@ def test_evaluate_with_s3_run_root(s3_bucket, tmp_path):
     assert result["report_uri"].startswith(s3_bucket)
     listed = storage.list_files(storage.join(cfg.run_uri, "eval"))
     names = {uri.rsplit("/", 1)[1] for uri in listed}
-    assert names == REPORT_FILES | {"metrics.json", "model_card.md"}
+    assert names == REPORT_FILES | {"metrics.json", "model_card.md", "predictions.npz"}
     assert set(storage.read_json(result["metrics_uri"])) == METRICS_KEYS
     assert storage.read_text(result["report_uri"]).count("<figure>") == cfg.top_k_wrong
     predictions = pd.read_csv(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.REPORT, "predictions.csv"))))

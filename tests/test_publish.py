@@ -28,6 +28,7 @@ from tasks.approval import approval_request
 from tasks.config import RunConfig
 from tasks.errors import MissingInputError, PublishError
 from tasks.records import write_records
+from tasks.steps.evaluate import predictions_file
 from tasks.steps.promote import promote
 from tasks.steps.publish_version import publish_version
 from tests.helpers.runs import ROOT, write_image_folder
@@ -123,6 +124,7 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatc
             artifacts.split_records("test").parts: records.read_bytes(),
             artifacts.split_records("train").parts: records.read_bytes(),  # publish embeds a sample of it
             artifacts.GOLDEN.parts: serving_check.golden_batch(probabilities, paths, image_size),
+            artifacts.EVALUATED_PREDICTIONS.parts: predictions_file(probabilities, paths),
         }
         for parts, data in files.items():
             storage.write_bytes(storage.join(cfg.run_uri, *parts), data)
@@ -140,8 +142,8 @@ def quick_checks(monkeypatch):
     """Stand-ins for the serving check and the TFLite export, which cost seconds per publish."""
     monkeypatch.setattr(serving_check, "check_serving", lambda *args: {
         "max_abs_diff": {"model": 0.0, "saved_model": 0.0}, "n_images": PER_CLASS, "tolerance": 1e-4})
-    monkeypatch.setattr(tflite_export, "export_variants", lambda *args: {
-        "status": "not convertible: skipped in this test", "variants": {}})
+    monkeypatch.setattr(tflite_export, "export_variants", lambda *args: (
+        {"status": "not convertible: skipped in this test", "variants": {}}, None))
 
 
 @pytest.fixture
@@ -190,6 +192,27 @@ def answer(cfg: RunConfig, version: str, option: str, comment: str = "", user: s
 def publish(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     """Publish the run's model and promote it if it may, with no human approval (deployments that ask none)."""
     return promote(cfg, publish_version(cfg, evaluation)["version"])
+
+
+def evaluation_of(cfg: RunConfig) -> dict:
+    """What evaluate hands publish_version for the run make_run wrote."""
+    return {"accuracy": storage.read_json(cfg.artifact(artifacts.METRICS))["accuracy"],
+            "predictions_uri": cfg.artifact(artifacts.EVALUATED_PREDICTIONS)}
+
+
+def scored_records(monkeypatch) -> list[int]:
+    """How many images each SavedModel scoring of the judge wrote out (it writes the images it scores first)."""
+    import tasks.records
+
+    counts = []
+    real = tasks.records.write_records
+
+    def counting(path, examples):
+        counts.append(real(path, examples))
+        return counts[-1]
+
+    monkeypatch.setattr(tasks.records, "write_records", counting)
+    return counts
 
 
 def version_objects(result: dict) -> dict[str, bytes]:
@@ -708,6 +731,37 @@ def test_retry_after_a_crash_between_pointer_and_record_records_the_promotion_on
     [decision] = decisions_for(s3_bucket)
     assert result["promoted"] and decision["promoted"]
     assert decision["decision"] == registry.read_champion(s3_bucket, MODEL_NAME)["decision"] == result["decision"]
+
+
+def test_the_judge_takes_evaluated_answers_the_published_model_is_shown_to_give(s3_bucket, make_run, real_checks,
+                                                                              monkeypatch):
+    cfg = make_run("run-1", s3_bucket, correct=2)
+    scorings = scored_records(monkeypatch)
+
+    result = publish(cfg, evaluation_of(cfg))
+
+    assert scorings == []  # the candidate's SavedModel was not run over the test split again
+    assert result["new_accuracy"] == pytest.approx(2 / 3) == evaluation_of(cfg)["accuracy"]
+    predictions = json.loads(version_objects(result)["predictions.json"])["predictions"]
+    assert len(predictions) == len(CLASSES) * PER_CLASS and set(predictions.values()) == set(CLASSES[:2])
+
+
+def test_evaluated_answers_the_published_model_does_not_give_are_not_believed(s3_bucket, make_run, real_checks,
+                                                                               monkeypatch, caplog):
+    cfg = make_run("run-1", s3_bucket, correct=2)
+    with np.load(io.BytesIO(storage.read_bytes(cfg.artifact(artifacts.EVALUATED_PREDICTIONS)))) as stored:
+        paths = list(stored["paths"])
+    labels = [CLASSES.index(path.split("/")[-2]) for path in paths]  # test/<class>/<n>.jpg
+    storage.write_bytes(cfg.artifact(artifacts.EVALUATED_PREDICTIONS),
+                        predictions_file(np.eye(len(CLASSES), dtype="float32")[labels], paths))  # all right
+    scorings = scored_records(monkeypatch)
+
+    with caplog.at_level(logging.INFO, logger="tasks.steps.publish_version"):
+        result = publish(cfg, evaluation_of(cfg))
+
+    assert scorings == [len(CLASSES) * PER_CLASS]  # judged through its SavedModel on every image instead
+    assert result["new_accuracy"] == pytest.approx(2 / 3)
+    assert "not by evaluate's predictions: the float32 TFLite variant answers up to" in caplog.text
 
 
 def test_serving_check_failure_blocks_publishing_and_names_the_artifacts(s3_bucket, make_run, real_checks):

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks import serving_export, tflite_export
 from tasks.predict import predict_records
+from tasks.records import iter_records
 from tests.helpers import evaluation as fx
 
 
@@ -25,10 +27,10 @@ def exported(tmp_path_factory) -> tuple[Path, Path, float]:
 def test_every_variant_is_scored_with_litert_and_kept_when_it_keeps_the_accuracy(exported, tmp_path):
     saved_model, records, keras_accuracy = exported
 
-    section = tflite_export.export_variants(saved_model, records, keras_accuracy, tmp_path / "tflite")
+    section, float32 = tflite_export.export_variants(saved_model, records, keras_accuracy, tmp_path / "tflite")
 
     assert section["status"] == "converted" and section["interpreter"].startswith("ai-edge-litert ")
-    assert set(section["variants"]) == set(tflite_export.VARIANTS)
+    assert list(section["variants"]) == list(tflite_export.VARIANTS)
     for name, entry in section["variants"].items():
         assert entry["kept"] and entry["accuracy"] == pytest.approx(keras_accuracy)
         assert entry["n_images"] == len(fx.CLASSES) * fx.TEST_PER_CLASS and entry["latency_ms"] > 0
@@ -37,11 +39,12 @@ def test_every_variant_is_scored_with_litert_and_kept_when_it_keeps_the_accuracy
     scoring = section["scoring"]
     assert scoring["kept"] and scoring["max_probability_difference"] <= tflite_export.SCORING_TOLERANCE
     assert scoring["file"] == f"tflite/{tflite_export.SCORING_FILE}" and scoring["embedding_size"] > 0
+    assert float32.shape == (len(fx.CLASSES) * fx.TEST_PER_CLASS, len(fx.CLASSES))
+    labels = np.array([label for _, label, _ in iter_records(records)])  # file order
+    assert np.mean(float32.argmax(axis=1) == labels) == section["variants"]["float32"]["accuracy"]
 
 
 def test_the_scoring_model_answers_as_the_float32_variant_and_gives_embeddings(exported, tmp_path):
-    import numpy as np
-
     from tasks.records import image_dataset
 
     saved_model, records, _ = exported
@@ -58,7 +61,7 @@ def test_the_scoring_model_answers_as_the_float32_variant_and_gives_embeddings(e
 def test_variant_whose_accuracy_moves_more_than_half_a_point_is_measured_but_not_kept(exported, tmp_path):
     saved_model, records, keras_accuracy = exported
 
-    section = tflite_export.export_variants(saved_model, records, keras_accuracy - 0.006, tmp_path / "tflite")
+    section, _ = tflite_export.export_variants(saved_model, records, keras_accuracy - 0.006, tmp_path / "tflite")
 
     dropped = section["variants"]["float32"]
     assert not dropped["kept"] and "file" not in dropped and dropped["size_bytes"] > 0
@@ -78,8 +81,9 @@ def test_model_the_converter_refuses_is_reported_as_not_convertible(exported, tm
     module = NeedsStringOps()
     tf.saved_model.save(module, str(tmp_path / "saved_model"), signatures={"serving_default": module.serve})
 
-    section = tflite_export.export_variants(tmp_path / "saved_model", exported[1], 1.0, tmp_path / "tflite")
+    section, float32 = tflite_export.export_variants(tmp_path / "saved_model", exported[1], 1.0, tmp_path / "tflite")
 
     assert section["status"].startswith("not convertible: ConverterError")
     assert "'tf.AsString' op is neither a custom op nor a flex op" in section["status"]
     assert section["variants"] == {} and not (tmp_path / "tflite").exists() and "scoring" not in section
+    assert float32 is None

@@ -10,6 +10,7 @@ human-readable views of the same numbers.
 """
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
@@ -47,6 +48,7 @@ def evaluate(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any], tuned: 
         probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
         storage.write_bytes(cfg.artifact(artifacts.GOLDEN),
                             serving_check.golden_batch(probabilities, paths, int(model.input_shape[1])))
+        storage.write_bytes(cfg.artifact(artifacts.EVALUATED_PREDICTIONS), predictions_file(probabilities, paths))
 
         metrics = classification_metrics(probabilities, labels, classes, cfg.top_k)
         confusion = np.asarray(metrics["confusion_matrix"])
@@ -83,12 +85,21 @@ def evaluate(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any], tuned: 
         "report_uri": cfg.artifact(artifacts.REPORT, artifacts.REPORT_PAGE),
         "model_card_uri": cfg.artifact(artifacts.MODEL_CARD),
         "golden_uri": cfg.artifact(artifacts.GOLDEN),
+        "predictions_uri": cfg.artifact(artifacts.EVALUATED_PREDICTIONS),
     }
     log.info("evaluate: %s model %s: accuracy %.4f, top-%d %.4f, macro F1 %.4f on %d test images (%d wrong, worst "
              "class %s); wrote %s", record.kept, model_uri, result["accuracy"], result["top_k"],
              result["top_k_accuracy"], result["macro_f1"], result["n_test"], result["n_wrong"],
              result["worst_class"], result["metrics_uri"])
     return result
+
+
+def predictions_file(probabilities: np.ndarray, paths: list[str]) -> bytes:
+    """Every test record's path and probability row, in file order: publish judges the candidate by these answers
+    once the published model is shown to give them (tasks/steps/publish_version.py)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, paths=np.asarray(paths, dtype=str), probabilities=np.asarray(probabilities, dtype=np.float32))
+    return buffer.getvalue()
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str],

@@ -18,12 +18,15 @@ publish_uri shows up there).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 from tasks import (
     artifacts,
@@ -42,6 +45,7 @@ from tasks import (
 from tasks.config import RunConfig
 from tasks.errors import PublishError
 from tasks.phases import FEATURE_EXTRACTION
+from tasks.records import iter_records
 from tasks.registry import (
     CHECKSUMS,
     MANIFEST_FILE,
@@ -77,8 +81,10 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
     """Upload this run's model as a verified version and judge whether it may replace the champion.
 
     `evaluation` is the evaluate step's result; when given, its accuracy must match the
-    run root's metrics.json (a stale metrics file would otherwise be published). Before
-    anything is uploaded, the serving check must pass, the TFLite variants are made and the
+    run root's metrics.json (a stale metrics file would otherwise be published), and its per-image
+    predictions spare the judge a pass over the test split once the published model is shown to
+    give them (`_evaluated_answers`). Before anything is uploaded, the serving check must pass,
+    the TFLite variants are made and the
     candidate is judged against the champion on test images it did not choose (tasks.promotion);
     the model card carries that verdict. The judgement is recorded in the store
     (`judgements/<version>.json`), where promote reads it; the returned dict (the same fields)
@@ -115,15 +121,16 @@ def publish_version(cfg: RunConfig, evaluation: dict | None = None) -> dict:
                                         cfg.batch_size, scratch)
         else:
             golden = storage.download(golden_uri, scratch / "golden.npz")
-            metrics = _checked_stage(cfg, stage, metrics, golden, test_records, version_uri)
+            metrics, float32 = _checked_stage(cfg, stage, metrics, golden, test_records, version_uri)
+            known = _evaluated_answers(cfg, evaluation, float32, test_records, classes)
             if judgement is None:
-                judged, predictions = promotion.judge(champion, classes, stage / SAVED_MODEL_DIR, {}, test_records,
+                judged, predictions = promotion.judge(champion, classes, stage / SAVED_MODEL_DIR, known, test_records,
                                                       evaluation_set, cfg.batch_size, scratch)
             else:  # an interrupted upload of a version judged before: the judgement stands, its answers are redone
                 log.info("publish: re-uploading %s, judged before at %s", version_uri, judgement["judged_at"])
                 judged = judgement
                 own = promotion.judging_set(classes, test_records, None, evaluation_set, scratch)
-                predictions = promotion.score_missing(stage / SAVED_MODEL_DIR, classes, own, {}, cfg.batch_size,
+                predictions = promotion.score_missing(stage / SAVED_MODEL_DIR, classes, own, known, cfg.batch_size,
                                                       scratch)
             _finish_stage(cfg.model_name, stage, metrics, judged, predictions, test_records)
             _upload_verified(stage, version_uri)
@@ -201,20 +208,61 @@ def _version_for(model_root: str, run_id: str, model_sha256: str) -> tuple[str, 
 
 
 def _checked_stage(cfg: RunConfig, stage: Path, metrics: dict, golden: Path, test_records: Path,
-                   version_uri: str) -> dict:
+                   version_uri: str) -> tuple[dict, np.ndarray | None]:
     """Add what the run root does not hold: the SavedModel export, the run's params, the TFLite variants, and
-    the serving check's and TFLite's results in metrics.json (returned). The serving check must pass."""
+    the serving check's and TFLite's results in metrics.json. The serving check must pass. Returns metrics.json
+    and the float32 TFLite variant's probabilities for the test split (None when not convertible)."""
     model = classifier.load(stage / MODEL_DIR, cfg.cache_dir).model
     serving_export.export(model, classifier.read_spec(stage / MODEL_DIR).classes, stage / SAVED_MODEL_DIR)
     embedding_reference.publish(cfg, model, stage)  # reference/: training embeddings for batch scoring's shift
     (stage / PARAMS_FILE).write_text(json.dumps(cfg.to_public_dict(), indent=2, sort_keys=True) + "\n")
     checked = serving_check.check_serving(stage / MODEL_DIR, stage / SAVED_MODEL_DIR, golden, test_records,
                                           version_uri)
-    variants = tflite_export.export_variants(stage / SAVED_MODEL_DIR, test_records, float(metrics[METRIC]),
-                                             stage / TFLITE_DIR)
+    variants, float32 = tflite_export.export_variants(stage / SAVED_MODEL_DIR, test_records, float(metrics[METRIC]),
+                                                      stage / TFLITE_DIR)
     metrics = {**metrics, "serving_check": checked, "tflite": variants}
     (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return metrics
+    return metrics, float32
+
+
+def _evaluated_answers(cfg: RunConfig, evaluation: dict | None, float32: np.ndarray | None, test_records: Path,
+                       classes: list[str]) -> dict[str, str]:
+    """The candidate's answers on its test split (image sha256 -> class name) from the predictions evaluate handed
+    over, when the model being published is shown to give them: its float32 TFLite variant, converted in this step
+    from the SavedModel being published and run on every test image, lands within the serving check's tolerance
+    of every evaluated probability. Otherwise {}: the judge scores the SavedModel on every image itself.
+
+    The handed-over file is input, never authority: it only spares the judge a pass of the SavedModel over the
+    test split when it agrees, image by image, with answers computed here."""
+    if float32 is None:
+        return _not_reused("the SavedModel has no float32 TFLite variant to check them against")
+    if not evaluation or "predictions_uri" not in evaluation:
+        return _not_reused("evaluate handed over none")
+    uri = artifacts.arrived(cfg, evaluation["predictions_uri"], artifacts.EVALUATED_PREDICTIONS)
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as stored:
+            paths, evaluated = [str(path) for path in stored["paths"]], np.asarray(stored["probabilities"], float)
+    except (KeyError, ValueError, OSError) as error:
+        return _not_reused(f"{uri} cannot be read ({type(error).__name__}: {error})")
+    images = [(hashlib.sha256(image).hexdigest(), path) for image, _, path in iter_records(test_records)]
+    if [path for _, path in images] != paths or evaluated.shape != float32.shape:
+        return _not_reused(f"{uri} is not for this test split ({len(paths)} rows, {len(images)} records)")
+    difference = float(np.max(np.abs(evaluated - float32)))
+    if not difference <= serving_check.TOLERANCE:
+        return _not_reused(f"the float32 TFLite variant answers up to {difference:.3g} away from them (tolerance "
+                           f"{serving_check.TOLERANCE:g})")
+    answers: dict[str, str] = {}
+    for (digest, _), predicted in zip(images, evaluated.argmax(axis=1), strict=True):
+        answers.setdefault(digest, classes[int(predicted)])  # an image stored twice keeps its first answer
+    log.info("publish: the candidate's answers on its %d test images are evaluate's (the float32 TFLite variant "
+             "of the SavedModel being published answers them within %.2g of them)", len(images), difference)
+    return answers
+
+
+def _not_reused(reason: str) -> dict:
+    log.info("publish: judging the candidate through its SavedModel on every image, not by evaluate's predictions: "
+             "%s", reason)
+    return {}
 
 
 def _finish_stage(model_name: str, stage: Path, metrics: dict, judged: dict, predictions: dict[str, str],
