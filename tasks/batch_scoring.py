@@ -159,10 +159,16 @@ def read_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[R
 def hash_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[Read]:
     """`read_images` keeping only the hashes (`data` None): memory holds one file per thread, not the shard."""
     def hashed(chunk: list[str]) -> list[Read]:
-        return [Read(read.path, None, read.sha256, read.error) for read in (_read(root, path) for path in chunk)]
+        return [_hashed(root, path) for path in chunk]
 
     chunks = [paths[start:start + HASH_CHUNK] for start in range(0, len(paths), HASH_CHUNK)]
     return [read for chunk in pool.map(hashed, chunks) for read in chunk]
+
+
+def _hashed(root: str, path: str) -> Read:
+    """A file's Read without its bytes: they are let go when this returns, before the thread reads the next file."""
+    read = _read(root, path)
+    return Read(read.path, None, read.sha256, read.error)
 
 
 def _read(root: str, path: str) -> Read:
@@ -384,8 +390,6 @@ def batch_embedding_shift(reference: np.ndarray | None, batch: np.ndarray | None
     and above EMBEDDING_AUC_THRESHOLD. `unavailable` says why there is nothing to
     compare (an older version, an engine without embeddings).
     """
-    from threadpoolctl import threadpool_limits
-
     from tasks.data_changes import MIN_DOMAIN_IMAGES, embedding_shift
 
     rule = (f"shifted when a domain classifier's cross-validated AUC (training sample vs batch sample) is above "
@@ -400,10 +404,7 @@ def batch_embedding_shift(reference: np.ndarray | None, batch: np.ndarray | None
     if reference.shape[1] != batch.shape[1]:
         return {**base, "status": "unavailable", "shifted": None, "auc": None,
                 "reason": f"the reference sample has {reference.shape[1]}-d embeddings, the batch {batch.shape[1]}-d"}
-    # BLAS on one thread: as fast for these few thousand rows, while a multi-threaded OpenBLAS on a busy worker
-    # spins for its descheduled threads (seconds instead of ~50 ms on the shared 2-core VM)
-    with threadpool_limits(limits=1, user_api="blas"):
-        measured = embedding_shift(reference, batch, seed)
+    measured = embedding_shift(reference, batch, seed)
     shifted = bool(measured["shifted"] and measured["auc"] > EMBEDDING_AUC_THRESHOLD)
     band = measured["noise_band"]
     if shifted:
