@@ -31,7 +31,7 @@ def publish_untrained(publish_uri: str, model_name: str, classes: tuple[str, ...
     import pandas as pd
 
     from tasks import images
-    from tasks.report import write_csv
+    from tasks.csv_cells import write_csv
 
     keras.utils.set_random_seed(seed)
     built = classifier.build(classifier.ClassifierSpec(backbone, image_size, tuple(classes), 0.2), "imagenet",

@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 # config fields that say where a run or model lives, not what is trained
 PLACE_FIELDS = ("run_root", "dag_id", "run_id", "candidate", "publish_uri", "model_name", "cache_dir")
@@ -141,10 +142,19 @@ def embedding_shift(old: np.ndarray, new: np.ndarray, seed: int = 0) -> dict[str
     components of the standardised features, scored out of fold (stratified `DOMAIN_FOLDS`-fold). The noise
     band is the range of the same AUC over `NOISE_PERMUTATIONS` random
     relabellings (same domain sizes): what "no shift" looks like at this size.
+
+    BLAS runs on one thread: as fast for these few thousand rows, while a
+    multi-threaded OpenBLAS on a busy worker spins for its descheduled threads
+    (2.2 s instead of ~50 ms on the shared 2-core VM, in batch scoring's merge).
     """
     if min(len(old), len(new)) < MIN_DOMAIN_IMAGES:
         return {"auc": None, "noise_band": None, "shifted": None, "n_before": len(old), "n_new": len(new),
                 "reason": f"fewer than {MIN_DOMAIN_IMAGES} images on a side"}
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _domain_classifier_auc(old, new, seed)
+
+
+def _domain_classifier_auc(old: np.ndarray, new: np.ndarray, seed: int) -> dict[str, Any]:
     x = np.concatenate([old, new]).reshape(len(old) + len(new), -1).astype(np.float64)
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
     rng = np.random.default_rng(seed)

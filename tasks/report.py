@@ -26,7 +26,7 @@ from PIL import Image
 
 from tasks import artifacts, images, model_card
 from tasks.config import RunConfig
-from tasks.csv_cells import FORMULA_STARTS, write_csv  # noqa: F401 - the report's CSVs; FORMULA_STARTS re-exported
+from tasks.csv_cells import write_csv
 from tasks.model_card import RunRecord, percent
 from tasks.phases import LABELS
 from tasks.records import iter_records
