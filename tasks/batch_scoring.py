@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -180,26 +179,9 @@ def _read(root: str, path: str) -> Read:
 
 
 def _read_bytes(root: str, path: str) -> bytes:
-    """A listed image's bytes. Below a local root the file is opened directly (every file is read twice, and
-    `storage.read_bytes` costs a few path objects and a stat more): non-blocking, so that a FIFO put in a file's
-    place cannot hang the shard, and refused unless it is a regular file. `path` passed the listing's check
-    (`storage.escape_reason`), so it stays below the root."""
-    if storage.is_s3(root):
-        return storage.read_bytes(storage.join(root, path))
-    name = os.path.join(root, path)
-    try:
-        handle = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        raise StorageError(f"{name}: {error.strerror or error}") from error
-    try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            raise StorageError(f"{name}: not a regular file")
-        with open(handle, "rb", buffering=0, closefd=False) as file:
-            return file.read()
-    except OSError as error:
-        raise StorageError(f"{name}: {error.strerror or error}") from error
-    finally:
-        os.close(handle)
+    """A listed image's bytes (a FIFO or folder in its place is an error, not a hang: storage.read_bytes). `path`
+    passed the listing's check (`storage.escape_reason`), so it stays below the root."""
+    return storage.read_bytes(storage.join(root, path))
 
 
 def shard_key(model_version_uri: str, decoder_version: str, top_k: int, reads: list[Read]) -> str:

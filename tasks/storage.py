@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -153,13 +154,30 @@ def exists(uri: str) -> bool:
 
 def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
-        path = local_path(uri)
-        if not path.is_file():
-            raise StorageError(f"{uri}: no such file")
-        return path.read_bytes()
+        return _read_local(local_path(uri), uri)
     bucket, key = split_s3(uri)
     response = _s3_call(uri, s3_client().get_object, Bucket=bucket, Key=key)
     return response["Body"].read()
+
+
+def _read_local(path: Path, uri: str) -> bytes:
+    """A local file's bytes, opened non-blocking and refused unless it is a regular file (a FIFO or device put where
+    a file was listed cannot hang the reader); an OS error is a StorageError naming the file."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+    except OSError as error:
+        raise StorageError(f"{uri}: {error.strerror or error}") from error
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise StorageError(f"{uri}: no such file (not a regular file)")
+        with open(handle, "rb", buffering=0, closefd=False) as file:
+            return file.read()
+    except OSError as error:
+        raise StorageError(f"{uri}: {error.strerror or error}") from error
+    finally:
+        os.close(handle)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
