@@ -1,4 +1,4 @@
-"""Batch scoring with a published model: configure → list_images → score_shard (one mapped task per shard) →
+"""Batch scoring with a published model: list_images → score_shard (one mapped task per shard) →
 merge_predictions.
 
 Scores a folder, an S3 prefix or an archive of images with the champion (or a given version) of a model from
@@ -7,6 +7,11 @@ gallery of the least confident predictions (the run's "Predictions" tab, plugins
 are keyed by content, so a re-run on the same images and model reuses finished shards. The scoring tasks run on
 the score queue (TLP_SCORE_QUEUE, default the train queue: a GPU worker can take them), at most
 TLP_SCORE_PARALLELISM at once per run. Every task body is one call into `tasks/`.
+
+list_images also refuses undeclared conf keys and fixes the model version for every shard (in the listing, on
+the run root): a separate configure task cost a task's start and its XComs on every run, and the shards and the
+merge rebuild their config from the run's params anyway. Tasks return one XCom each (`multiple_outputs=False`),
+not one per key of their dict.
 """
 from __future__ import annotations
 
@@ -47,8 +52,8 @@ DEFAULT_ARGS = {
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in param_specs().items()}
 
 
-def _config(cfg: dict) -> BatchConfig:
-    """Rebuild and re-check the config in this task's process; point storage at the model store.
+def _config(params: dict) -> BatchConfig:
+    """Build and check the config from the run's params in this task's process; point storage at the model store.
 
     The run's identity (which folder of the run root it writes) comes from Airflow's context, not from XCom.
     """
@@ -64,7 +69,7 @@ def _config(cfg: dict) -> BatchConfig:
     except AirflowNotFoundException:
         pass  # no connection: the worker's own AWS_* environment applies
     context = get_current_context()
-    config = BatchConfig.from_params(cfg, run_root=deployment.run_root, dag_id=context["dag"].dag_id,
+    config = BatchConfig.from_params(params, run_root=deployment.run_root, dag_id=context["dag"].dag_id,
                                      run_id=context["run_id"])
     config.check_locations(deployment)
     return config
@@ -75,43 +80,33 @@ def _config(cfg: dict) -> BatchConfig:
      tags=["ml", "batch-scoring"])
 def batch_predict() -> None:
 
-    @task
-    def configure(params: dict | None = None, dag_run=None) -> dict:
-        """Refuse undeclared conf keys, check the locations, and fix the model version for every shard."""
+    @task(multiple_outputs=False)
+    def list_images(params: dict | None = None, dag_run=None) -> list[dict]:
+        """Refuse undeclared conf keys, check the locations, fix the model version, list and shard the images."""
         from tasks.batch_config import check_conf
-        from tasks.scoring_model import resolve_version
-
-        check_conf(dag_run.conf or {})
-        cfg = _config(params)
-        version = resolve_version(cfg.registry, cfg.model_name, cfg.model_version)
-        return {**cfg.to_dict(), "model_version": version}
-
-    @task
-    def list_images(cfg: dict) -> list[dict]:
         from tasks.steps.list_images import list_images
 
-        return list_images(_config(cfg))
+        check_conf(dag_run.conf or {})
+        return list_images(_config(params))
 
-    @task(queue=SETTINGS.score_queue, max_active_tis_per_dagrun=SETTINGS.score_parallelism)
-    def score_shard(cfg: dict, shard: dict) -> dict:
+    @task(queue=SETTINGS.score_queue, max_active_tis_per_dagrun=SETTINGS.score_parallelism, multiple_outputs=False)
+    def score_shard(shard: dict, params: dict | None = None) -> dict:
         from tasks.steps.score_shard import score_shard
 
-        return score_shard(_config(cfg), shard)
+        return score_shard(_config(params), shard)
 
-    @task(outlets=[PREDICTIONS_ALIAS])
-    def merge_predictions(cfg: dict, scored: list) -> dict:
+    @task(outlets=[PREDICTIONS_ALIAS], multiple_outputs=False)
+    def merge_predictions(scored: list, params: dict | None = None) -> dict:
         """Merges what the run root says the shards wrote (`scored` orders this task after them)."""
         from tasks.steps.merge_predictions import merge_predictions
 
-        config = _config(cfg)
+        config = _config(params)
         result = merge_predictions(config)
         predictions = Asset(name=f"predictions-{config.model_name}", uri=_asset_uri(config.output_root))
         get_current_context()["outlet_events"][PREDICTIONS_ALIAS].add(predictions, extra=result)
         return result
 
-    cfg = configure()
-    scored = score_shard.partial(cfg=cfg).expand(shard=list_images(cfg))
-    merge_predictions(cfg, scored)
+    merge_predictions(score_shard.expand(shard=list_images()))
 
 
 def _asset_uri(location: str) -> str:
