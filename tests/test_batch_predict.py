@@ -2,7 +2,6 @@
 and refusals (an altered version, a location that is not the deployment's)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -48,9 +47,8 @@ def deploy(deployment, tmp_path, monkeypatch, cache_dir):
 
 
 def run_steps(cfg: BatchConfig) -> tuple[list[dict], dict]:
-    """What the DAG does, in order: resolve the model version, list, score every shard, merge."""
-    cfg = dataclasses.replace(cfg, model_version=scoring_model.resolve_version(cfg.registry, cfg.model_name,
-                                                                               cfg.model_version))
+    """What the DAG does, in order: list (fixing the model version), score every shard, merge; every step gets
+    the config of the run's params."""
     scored = [score_shard(cfg, shard) for shard in list_images(cfg)]
     return scored, merge_predictions(cfg)
 
@@ -142,9 +140,32 @@ def test_rerun_reuses_finished_shards_and_scores_a_changed_image_again(deploy, t
     assert again["n_reused_shards"] == len(second) - 1
 
 
+def test_the_listing_fixes_the_champion_for_every_shard_and_the_merge(deploy, tmp_path, monkeypatch):
+    cfg = config(batch_folder(tmp_path / "images"), "fixed-version")
+    assert cfg.model_version is None
+    champion = json.loads((deploy / "models" / MODEL_NAME / "champion.json").read_text())
+
+    shards = list_images(cfg)
+    monkeypatch.setattr(scoring_model, "resolve_version",
+                        lambda *args: pytest.fail("a step after list_images resolved the version again"))
+    scored = [score_shard(cfg, shard) for shard in shards]
+    merged = merge_predictions(cfg)
+
+    assert storage.read_json(cfg.artifact(artifacts.BATCH_LISTING))["model_version"] == champion["version"]
+    assert merged["model_version"] == champion["version"] and all(not shard["reused"] for shard in scored)
+    assert set(pd.read_parquet(merged["predictions"]["parquet"])["model_version"]) == {champion["version"]}
+
+
+def test_a_version_that_is_not_published_is_refused_before_anything_is_listed(deploy, tmp_path):
+    cfg = config(batch_folder(tmp_path / "images"), "unpublished", model_version="20260101T000000.000Z-0123456789ab")
+
+    with pytest.raises(ScoringError, match="not a complete published version"):
+        list_images(cfg)
+    assert not storage.exists(cfg.artifact(artifacts.BATCH_LISTING))
+
+
 def test_a_retried_shard_rewrites_the_same_predictions(deploy, tmp_path):
     cfg = config(batch_folder(tmp_path / "images"), "retry")
-    cfg = dataclasses.replace(cfg, model_version=scoring_model.resolve_version(cfg.registry, MODEL_NAME, None))
     [shard, *_] = list_images(cfg)
     first = score_shard(cfg, shard)
     prefix = batch_scoring.shard_prefix(cfg.output_root, first["key"])

@@ -27,9 +27,13 @@ def test_shards_are_mapped_bounded_and_on_the_score_queue(monkeypatch):
 
     score = dag.task_dict["score_shard"]
     assert score.queue == "gpu" and score.max_active_tis_per_dagrun == 3
+    assert dag.task_dict["list_images"].upstream_task_ids == set(), "list_images fixes the version: no configure"
     assert dag.task_dict["list_images"].downstream_task_ids == {"score_shard"}
     assert dag.task_dict["score_shard"].downstream_task_ids == {"merge_predictions"}
     assert dag.task_dict["merge_predictions"].outlets, "the predictions emit an asset event"
+    # one XCom per task: a dict return would otherwise also push one XCom per key (a request each)
+    assert {task.task_id: task.multiple_outputs for task in dag.tasks} == {
+        "list_images": False, "score_shard": False, "merge_predictions": False}
     assert set(dag.params.keys()) == {"images", "model_name", "model_version", "publish_uri", "predictions_uri",
                                       "shard_size", "top_k", "gallery_size"}
 
@@ -55,6 +59,9 @@ def test_run_scores_a_folder_with_unreadable_files_and_emits_a_predictions_event
     merged = dag_run.get_task_instance("merge_predictions").xcom_pull(task_ids="merge_predictions")
     assert merged["n_scored"] == 18 and merged["n_unreadable"] == len(UNREADABLE)
     assert merged["model_version"] == champion["version"]
+    pushed = {(ti.task_id, ti.map_index): xcom_keys(dag_run.run_id, ti.task_id, ti.map_index)
+              for ti in dag_run.get_task_instances()}
+    assert set(pushed.values()) == {("return_value",)}, pushed
     with monkeypatch.context() as patch:
         for key, value in model_store_connection.env().items():
             patch.setenv(key, value)
@@ -69,6 +76,17 @@ def test_run_scores_a_folder_with_unreadable_files_and_emits_a_predictions_event
         assert storage.exists(merged["predictions"]["parquet"]) and storage.exists(merged["predictions"]["csv"])
     events = predictions_events()
     assert [event for event in events if event.get("summary_uri") == merged["summary_uri"]], events
+
+
+def xcom_keys(run_id: str, task_id: str, map_index: int) -> tuple[str, ...]:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return tuple(sorted(session.scalars(select(XComModel.key).where(
+            XComModel.dag_id == DAG_ID, XComModel.run_id == run_id, XComModel.task_id == task_id,
+            XComModel.map_index == map_index))))
 
 
 def predictions_events() -> list[dict]:
