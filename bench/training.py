@@ -17,7 +17,9 @@ Measures per benchmark:
   stopping on validation), tested on the same test split;
 - feature extraction with the default params (the pipeline's own `train` step:
   the backbone runs once per image), and its time as a ratio to ONE forward
-  pass of the backbone over the same train+val images;
+  pass of the backbone over the same train+val images (`fe_ratio_to_forward`;
+  the mean of a pass timed just before the step and one just after, so a drift
+  of the machine's speed moves both sides);
 - fine-tuning with the default recipe (the pipeline's own `fine_tune` step, on
   cached boundary activations) and what the kept model scores on test;
 - both models' test accuracy with test-time augmentation too (`*_tta_test_accuracy`:
@@ -43,6 +45,7 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,7 +76,8 @@ def timed(step, *args, **kwargs) -> tuple[object, float]:
 
 
 def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
-    """One pass of the backbone over the train and val images, as feature extraction runs it (build not timed)."""
+    """One pass of the backbone over the train and val images, as feature extraction runs it (build not timed),
+    into a folder of its own under `scratch`."""
     from tasks import activation_cache
     from tasks.backbone_split import split_backbone
     from tasks.backbones import load_backbone
@@ -82,8 +86,8 @@ def forward_seconds(cfg: RunConfig, scratch: Path) -> float:
     backbone = load_backbone(cfg.backbone, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
     whole = split_backbone(backbone, 0)
     records = stage_records(cfg, scratch)
-    return timed(activation_cache.cache_activations, whole.bottom, records, scratch / "forward", {"bench": True},
-                 cfg.batch_size)[1]
+    folder = Path(tempfile.mkdtemp(prefix="forward-", dir=scratch))
+    return timed(activation_cache.cache_activations, whole.bottom, records, folder, {"bench": True}, cfg.batch_size)[1]
 
 
 def test_accuracy(cfg: RunConfig, artifact: artifacts.Artifact, scratch: Path) -> tuple[float, float]:
@@ -244,10 +248,13 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
                      scratch_s)
             result.update(scratch_test_accuracy=round(scratch_accuracy, 4), scratch_seconds=round(scratch_s, 1),
                           scratch_epochs=epochs)
-        forward_s = forward_seconds(cfg, scratch)
+        # the step between two plain passes, against their mean: a machine whose speed drifts moves both sides
+        forward_before = forward_seconds(cfg, scratch)
         # an empty feature store: features an earlier bench run stored would make extraction look free
         os.environ["TLP_FEATURE_STORE"] = str(scratch / "feature-store")
         trained, fe_s = timed(train, cfg, data, dataclasses.asdict(candidate))
+        forward_after = forward_seconds(cfg, scratch)
+        forward_s = (forward_before + forward_after) / 2
         decision = decide(cfg, data, trained)
         fe_accuracy, fe_tta = test_accuracy(cfg, artifacts.FEATURE_EXTRACTION_MODEL, scratch / "fe")
         tuned, ft_s = timed(fine_tune, cfg, data, trained)
@@ -260,6 +267,8 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, ratios: bool) 
             "fe_val_accuracy": round(trained["val_accuracy"], 4),
             "fe_seconds": round(fe_s, 1),
             "forward_pass_seconds": round(forward_s, 1),
+            "forward_pass_seconds_before": round(forward_before, 1),
+            "forward_pass_seconds_after": round(forward_after, 1),
             "fe_ratio_to_forward": round(fe_s / forward_s, 2),
             "ft_test_accuracy": round(ft_accuracy, 4),
             "ft_tta_test_accuracy": round(ft_tta, 4),

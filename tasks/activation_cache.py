@@ -36,13 +36,12 @@ from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
 from tasks.feature_store import FeatureStore
-from tasks.records import epoch_order, image_dataset, record_image
+from tasks.records import epoch_order, image_dataset, parsed_batches, record_image
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 DTYPE = np.dtype("<f4")
-PARSE_BATCH = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,15 +203,13 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
 
 
 def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
-    """Each record's original file sha256 (the manifest's content hash) and label, in file order (parsed in
-    batches: one eager parse per record costs more than the hashing)."""
+    """Each record's original file sha256 (the manifest's content hash) and label, in file order."""
     import tensorflow as tf
 
     spec = {"image": tf.io.FixedLenFeature([], tf.string), "original": tf.io.FixedLenFeature([], tf.string, b""),
             "label": tf.io.FixedLenFeature([], tf.int64)}
     hashes, labels = [], []
-    for batch in tf.data.TFRecordDataset(str(records)).batch(PARSE_BATCH).map(lambda rows: tf.io.parse_example(
-            rows, spec)).as_numpy_iterator():
+    for batch in parsed_batches(records, spec):
         for image, original in zip(batch["image"], batch["original"], strict=True):
             hashes.append(hashlib.sha256(original or image).hexdigest())  # an original already canonical: the image
         labels.extend(int(label) for label in batch["label"])

@@ -105,6 +105,9 @@ class FeatureStore:
         """The image hashes the namespace holds (one listing; entries are verified when read)."""
         prefix = storage.join(self.root, space) + "/"
         try:
+            if not storage.is_s3(prefix):  # names only: a stat per entry would cost more than the backbone saves
+                return {path.name[:-len(SUFFIX)] for path in _local_files(storage.local_path(prefix))
+                        if path.name.endswith(SUFFIX)}
             stored = storage.list_stored(prefix)
         except (StorageError, FileNotFoundError):
             return set()
@@ -227,14 +230,13 @@ def _touch(path) -> None:
 def _entries_by_age(root: str) -> list[tuple[str, int, float]]:
     """(uri, size, last use) of every object below the root, least recently used first."""
     if not storage.is_s3(root):
-        base = storage.local_path(root)
         found = []
-        for path in base.rglob(f"*{SUFFIX}"):
+        for entry in _local_files(storage.local_path(root)):
             try:
-                stat = path.stat()
+                stat = entry.stat()
             except FileNotFoundError:
                 continue
-            found.append((str(path), stat.st_size, stat.st_mtime))
+            found.append((entry.path, stat.st_size, stat.st_mtime))
         return sorted(found, key=lambda item: item[2])
     bucket, key = storage.split_s3(root.rstrip("/") + "/")
     found = []
@@ -242,3 +244,16 @@ def _entries_by_age(root: str) -> list[tuple[str, int, float]]:
         found.extend((f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
                      for obj in page.get("Contents", []))
     return sorted(found, key=lambda item: item[2])
+
+
+def _local_files(folder) -> Iterator[os.DirEntry]:
+    """Every regular file below `folder` (links are not followed), from directory entries: no stat per file."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _local_files(entry.path)
+        elif entry.is_file(follow_symlinks=False):
+            yield entry

@@ -23,6 +23,7 @@ extraction starts a fresh head then.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,11 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _fitting_champion(built: Classifier, publish_uri: str, model_name: str, scratch: Path,
+def _fitting_champion(built: Classifier, champion: dict | None, publish_uri: str, model_name: str, scratch: Path,
                       fallback: str) -> tuple[str, str | None]:
-    """(champion version, None) when its spec fits `built` (downloaded to scratch/champion), else
-    (version or "", why not, ending in `fallback`)."""
-    champion = registry.read_champion(publish_uri, model_name)
+    """(champion version, None) when the spec of `champion` (its pointer, registry.read_champion) fits `built`
+    (downloaded to scratch/champion), else (version or "", why not, ending in `fallback`)."""
     if champion is None:
         return "", f"no champion of {model_name} yet: {fallback}"
     version = str(champion.get("version", ""))
@@ -60,10 +60,10 @@ def _fitting_champion(built: Classifier, publish_uri: str, model_name: str, scra
     return version, None
 
 
-def champion_head(built: Classifier, publish_uri: str, model_name: str, scratch: Path,
+def champion_head(built: Classifier, champion: dict | None, publish_uri: str, model_name: str, scratch: Path,
                   cache_dir: str) -> tuple[list | None, str]:
     """(the champion's head weights, why) when they fit `built`, else (None, why not)."""
-    version, why_not = _fitting_champion(built, publish_uri, model_name, scratch, "fresh head")
+    version, why_not = _fitting_champion(built, champion, publish_uri, model_name, scratch, "fresh head")
     if why_not is not None:
         return None, why_not
     loaded = classifier.load(scratch / "champion", cache_dir)
@@ -72,10 +72,14 @@ def champion_head(built: Classifier, publish_uri: str, model_name: str, scratch:
     return loaded.head.get_weights(), f"warm start from champion {version}'s head"
 
 
-def warm_start(built: Classifier, publish_uri: str, model_name: str, scratch: Path, cache_dir: str) -> str:
-    """Load the champion's head into `built` when it fits; returns what was done and why (also logged)."""
+def warm_start(built: Classifier, champion: Future, publish_uri: str, model_name: str, scratch: Path,
+               cache_dir: str) -> str:
+    """Load the champion's head into `built` when it fits; returns what was done and why (also logged).
+
+    `champion` is registry.read_champion(publish_uri, model_name) running on a thread: the step starts it
+    first, so its S3 client set-up and round trip overlap the backbone's build and the feature extraction."""
     try:
-        weights, reason = champion_head(built, publish_uri, model_name, scratch, cache_dir)
+        weights, reason = champion_head(built, champion.result(), publish_uri, model_name, scratch, cache_dir)
     except (StorageError, StoreUnavailableError, TrainingError, PublishError) as error:
         weights, reason = None, f"the champion of {model_name} could not be read ({error}): fresh head"
     if weights is not None:
@@ -93,7 +97,8 @@ def champion_top(built: Classifier, split: Split, fine_tune_layers: int, publish
     above this cut with the same frozen bottom; else (None, why not)."""
     from tasks.backbone_split import split_backbone
 
-    version, why_not = _fitting_champion(built, publish_uri, model_name, scratch, FROM_FEATURE_EXTRACTION)
+    version, why_not = _fitting_champion(built, registry.read_champion(publish_uri, model_name), publish_uri,
+                                         model_name, scratch, FROM_FEATURE_EXTRACTION)
     if why_not is not None:
         return None, why_not
     loaded = classifier.load(scratch / "champion", cache_dir)

@@ -3,15 +3,17 @@ a fine-tuned champion lends its fine-tuned top (and head) to fine-tuning when it
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from tasks import classifier, storage
+from tasks import classifier, registry, storage
 from tasks.backbone_split import split_backbone
 from tasks.classifier import ClassifierSpec
+from tasks.errors import StorageError
 from tasks.feature_store import weights_digest
-from tasks.warm_start import champion_head, champion_top, warm_start_top
+from tasks.warm_start import champion_head, champion_top, warm_start, warm_start_top
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,7 @@ def fine_tuned(tmp_path_factory, cache_dir) -> str:
 
 def test_same_classes_and_backbone_reuse_the_champions_head(published, cache_dir, tmp_path):
     built = classifier.build(SPEC, "imagenet", cache_dir)
-    weights, reason = champion_head(built, published, "m", tmp_path, cache_dir)
+    weights, reason = champion_head(built, registry.read_champion(published, "m"), published, "m", tmp_path, cache_dir)
     champion = classifier.load(tmp_path / "champion", cache_dir)
     assert reason == f"warm start from champion {VERSION}'s head"
     assert all(np.array_equal(a, b) for a, b in zip(weights, champion.head.get_weights(), strict=True))
@@ -61,13 +63,34 @@ def test_same_classes_and_backbone_reuse_the_champions_head(published, cache_dir
 
 def test_new_classes_or_a_fine_tuned_backbone_fall_back_to_a_fresh_head(published, cache_dir, tmp_path):
     other = classifier.build(dataclasses.replace(SPEC, classes=("a", "b", "d")), "imagenet", cache_dir)
-    weights, reason = champion_head(other, published, "m", tmp_path / "1", cache_dir)
+    champion = registry.read_champion(published, "m")
+    weights, reason = champion_head(other, champion, published, "m", tmp_path / "1", cache_dir)
     assert weights is None and "new ['d'], removed ['c']" in reason
     random_backbone = classifier.build(SPEC, "none", cache_dir)
-    weights, reason = champion_head(random_backbone, published, "m", tmp_path / "2", cache_dir)
+    weights, reason = champion_head(random_backbone, champion, published, "m", tmp_path / "2", cache_dir)
     assert weights is None and "fine-tuned" in reason
-    weights, reason = champion_head(other, str(tmp_path / "empty"), "m", tmp_path / "3", cache_dir)
+    weights, reason = champion_head(other, None, str(tmp_path / "empty"), "m", tmp_path / "3", cache_dir)
     assert weights is None and reason.startswith("no champion")
+
+
+def test_warm_start_loads_the_head_from_the_pointer_read_beside_it_and_a_failed_read_means_a_fresh_head(
+        published, cache_dir, tmp_path):
+    built = classifier.build(SPEC, "imagenet", cache_dir)
+    fresh = weights_digest(built.head.get_weights())
+    with ThreadPoolExecutor(1) as pool:
+        failed = pool.submit(_raises, StorageError("s3://models/m/champion.json: no S3 credentials"))
+        reason = warm_start(built, failed, published, "m", tmp_path / "1", cache_dir)
+        assert reason.startswith("the champion of m could not be read (s3://models/m/champion.json: no S3 credentials")
+        assert weights_digest(built.head.get_weights()) == fresh
+        reason = warm_start(built, pool.submit(registry.read_champion, published, "m"), published, "m",
+                            tmp_path / "2", cache_dir)
+    champion = classifier.load(tmp_path / "2" / "champion", cache_dir)
+    assert reason == f"warm start from champion {VERSION}'s head"
+    assert weights_digest(built.head.get_weights()) == weights_digest(champion.head.get_weights()) != fresh
+
+
+def _raises(error: Exception):
+    raise error
 
 
 def test_fine_tune_starts_from_the_champions_fine_tuned_top_and_head_leaving_the_bottom_alone(fine_tuned, cache_dir,

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import keras
 
-from tasks import activation_cache, artifacts, classifier, phases, storage
+from tasks import activation_cache, artifacts, classifier, phases, registry, storage
 from tasks.backbone_split import split_backbone
 from tasks.checkpoints import Stopping, fit_resumable
 from tasks.config import Candidate, RunConfig
@@ -66,11 +67,12 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
         feed, loss = dataclasses.replace(feed, one_hot=True), keras.losses.CategoricalCrossentropy()
     spec = classifier.ClassifierSpec(cfg.backbone, cfg.image_size, tuple(manifest["classes"]), cfg.dropout)
     strategy = distribution_strategy()
-    with scratch_dir("train") as scratch, strategy.scope():
+    with scratch_dir("train") as scratch, strategy.scope(), ThreadPoolExecutor(1) as lookup:
+        # the champion pointer is read beside the build and the extraction (an S3 client and a round trip)
+        champion = lookup.submit(registry.read_champion, cfg.publish_uri, cfg.model_name) if cfg.warm_start else None
         built = classifier.build(spec, cfg.backbone_weights, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         backbone.model.trainable = False
-        warm = warm_start(built, cfg.publish_uri, cfg.model_name, scratch, cfg.cache_dir) if cfg.warm_start else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
             train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
@@ -82,6 +84,8 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
                 cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch))
             if mixup:
                 train_epoch = _mixed_epochs(train_epoch, mixup, feed)
+        warm = "" if champion is None else warm_start(built, champion, cfg.publish_uri, cfg.model_name, scratch,
+                                                      cfg.cache_dir)
         compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, steps)
         result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
