@@ -26,7 +26,10 @@ from tasks.records import image_dataset
 log = logging.getLogger(__name__)
 
 TRAINING_SPLITS = ("train", "val")
+# Steps per call into TensorFlow: a call defers Python's signal handlers (Airflow's SIGTERM) until it returns, so
+# heavy steps (a backbone, a fine-tuned top) run 32 at most; a head on features runs a whole epoch of ~1 ms steps.
 MAX_STEPS_PER_EXECUTION = 32
+HEAD_STEPS_PER_EXECUTION = 256
 
 
 @dataclass(frozen=True)
@@ -190,22 +193,23 @@ def resolve_loss(name: str):
 
 
 def compile_model(model: keras.Model, optimizer: str, loss, learning_rate, backbone: Backbone,
-                  steps_per_epoch: int = 1) -> None:
+                  steps_per_epoch: int = 1, most_steps: int = MAX_STEPS_PER_EXECUTION) -> None:
     """Compile with the configured loss and optimizer; accuracy is what early stopping and the decision watch.
 
-    Given the epoch's batch count, several steps run per call into TensorFlow (execution_steps).
+    Given the epoch's batch count, up to `most_steps` steps run per call into TensorFlow (execution_steps).
     """
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, backbone), loss=loss, metrics=["accuracy"],
-                  steps_per_execution=execution_steps(steps_per_epoch))
+                  steps_per_execution=execution_steps(steps_per_epoch, most_steps))
 
 
-def execution_steps(steps_per_epoch: int, most: int = MAX_STEPS_PER_EXECUTION) -> int:
+def execution_steps(steps_per_epoch: int, most: int) -> int:
     """The most training steps, up to `most`, that divide an epoch's batch count.
 
     A head on cached features does a fraction of a millisecond of arithmetic per
     batch against a few milliseconds of Keras' per-call overhead, so running
     steps in one call (Keras' steps_per_execution) trains it about a third
-    faster. An execution must end exactly at an epoch's end: one that crossed it
+    faster, and a whole epoch in one call (the demo's 169 batches) a little
+    more. An execution must end exactly at an epoch's end: one that crossed it
     would read the next epoch's first batches into this epoch (fit reads one
     stream of all epochs), so it is a divisor; the same batches in the same
     order, so the same weights.

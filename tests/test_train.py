@@ -233,11 +233,12 @@ def test_strategy_mirrors_only_across_several_gpus():
     assert isinstance(mirrored, tf.distribute.MirroredStrategy) and mirrored.num_replicas_in_sync == 2
 
 
-@pytest.mark.parametrize(("steps", "expected"), [(169, 13), (170, 17), (64, 32), (7, 7), (37, 1), (1, 1)])
-def test_several_steps_run_per_call_but_never_across_an_epoch_end(steps, expected):
+@pytest.mark.parametrize(("steps", "most", "expected"), [(169, 32, 13), (170, 32, 17), (64, 32, 32), (7, 32, 7),
+                                                     (37, 32, 1), (1, 32, 1), (169, 256, 169), (1000, 256, 250)])
+def test_several_steps_run_per_call_but_never_across_an_epoch_end(steps, most, expected):
     from tasks.training import execution_steps
 
-    assert execution_steps(steps) == expected
+    assert execution_steps(steps, most) == expected
 
 
 def test_steps_run_together_end_each_epoch_on_the_very_weights_of_steps_run_one_by_one():
@@ -252,7 +253,7 @@ def test_steps_run_together_end_each_epoch_on_the_very_weights_of_steps_run_one_
     rng = np.random.default_rng(0)
     train_split = CachedSplit(rng.normal(size=(90, 16)).astype("float32"), rng.integers(0, 3, 90))
     epoch, steps = train_split.epochs(8, lambda number: 100 + number)  # 12 batches an epoch
-    assert execution_steps(steps) == 12
+    assert execution_steps(steps, 32) == 12
     at_epoch_ends = {}
     for together in (False, True):
         keras.utils.set_random_seed(1)

@@ -27,6 +27,8 @@ from tasks.head import augmentation, compose
 from tasks.phases import FEATURE_EXTRACTION, PhaseSummary
 from tasks.scratch import scratch_dir
 from tasks.training import (
+    HEAD_STEPS_PER_EXECUTION,
+    MAX_STEPS_PER_EXECUTION,
     Feed,
     cached_data,
     compile_model,
@@ -86,7 +88,8 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
                 train_epoch = _mixed_epochs(train_epoch, mixup, feed)
         warm = "" if champion is None else warm_start(built, champion, cfg.publish_uri, cfg.model_name, scratch,
                                                       cfg.cache_dir)
-        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, steps)
+        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, steps,
+                      MAX_STEPS_PER_EXECUTION if cfg.augment else HEAD_STEPS_PER_EXECUTION)
         result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
                                train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
                                stopping=Stopping(cfg.patience, cfg.min_delta),
