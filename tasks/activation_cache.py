@@ -36,7 +36,7 @@ from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
 from tasks.feature_store import FeatureStore
-from tasks.records import epoch_order, image_dataset, parsed_batches, record_image
+from tasks.records import AHEAD, DECODERS, epoch_order, image_dataset, parsed_batches, record_image, steady
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ class CachedSplit:
             y.set_shape((None,))
             return x, y
 
-        return (indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                .apply(tf.data.experimental.assert_cardinality(math.ceil(len(self) / batch_size)))
-                .prefetch(tf.data.AUTOTUNE))
+        return steady(indices.batch(batch_size).map(gather, num_parallel_calls=AHEAD, deterministic=True)
+                      .apply(tf.data.experimental.assert_cardinality(math.ceil(len(self) / batch_size)))
+                      .prefetch(AHEAD))
 
     def epochs(self, batch_size: int, shuffle_seed: Callable[[int], int]) -> tuple[Callable[[int], Any], int]:
         """(epoch -> that epoch's shuffled batches, batches per epoch), the shape fit_resumable takes."""
@@ -230,9 +230,12 @@ def _computed(run: Callable, records: Path, indices: list[int], count: int, imag
         wanted = tf.constant(mask)
         dataset = dataset.enumerate().filter(lambda index, _: tf.gather(wanted, index)).map(lambda _, record: record)
     spec = {"image": tf.io.FixedLenFeature([], tf.string)}
-    images = (dataset.map(lambda record: record_image(tf.io.parse_single_example(record, spec)["image"], image_size),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+    def image(record):
+        return record_image(tf.io.parse_single_example(record, spec)["image"], image_size)
+
+    images = steady(dataset.map(image, num_parallel_calls=DECODERS, deterministic=True)
+                    .batch(batch_size).prefetch(AHEAD))
     for batch in images:
         yield from np.asarray(run(batch), dtype=DTYPE)
 
