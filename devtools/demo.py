@@ -80,6 +80,10 @@ def summary(started: float, store: seaweed.SeaweedServer) -> str:
         return f"No run directory under {RUN_ROOT / DAG_ID} was written: see the task logs above."
     run_dir = max(runs, key=lambda p: p.stat().st_mtime)
     lines = [f"Run artifacts: {run_dir}"]
+    changes = _read(run_dir, artifacts.CHANGES)
+    if changes and not changes.get("train", True):  # a second `make demo` on the same data and params
+        lines.append(f"Nothing trained: {changes['reason']}. To train again anyway: "
+                     """.venv/bin/python -m devtools.demo run --conf '{"skip_unchanged": false}'""")
     metrics = _read(run_dir, artifacts.METRICS)
     if metrics:
         lines.append(f"Test accuracy: {metrics['accuracy']:.4f} on {metrics.get('n_test', '?')} test images")

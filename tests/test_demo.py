@@ -62,3 +62,17 @@ def test_executor_parallelism_is_sized_to_the_cores(monkeypatch):
     assert demo.parallelism() == 12
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert demo.parallelism() == 2
+
+
+def test_the_summary_of_a_run_that_had_nothing_to_train_says_so_and_how_to_train_anyway(tmp_path, monkeypatch):
+    from devtools import demo
+    from tasks import artifacts, storage
+
+    run_dir = tmp_path / demo.DAG_ID / "manual__1"
+    storage.write_json(str(run_dir.joinpath(*artifacts.CHANGES.parts)), {
+        "train": False, "reason": "data and config unchanged since champion v1: nothing to train"})
+    monkeypatch.setattr(demo, "RUN_ROOT", tmp_path)
+    lines = demo.summary(time.time() - 60, store=None).splitlines()
+    assert lines[0] == f"Run artifacts: {run_dir}"
+    assert lines[1].startswith("Nothing trained: data and config unchanged since champion v1: nothing to train. ")
+    assert '"skip_unchanged": false' in lines[1] and len(lines) == 2
