@@ -350,7 +350,9 @@ def _decoded(data: bytes, max_pixels: int | None, *, orient: bool = True) -> np.
                 _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
                 image.seek(0)
                 image.load()
-                return _pixels(ImageOps.exif_transpose(image) if orient else image, kind)
+                if orient:  # in place: otherwise Pillow copies every image that needs no turn (a photo's megapixels)
+                    ImageOps.exif_transpose(image, in_place=True)
+                return _pixels(image, kind)
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
