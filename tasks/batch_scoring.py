@@ -121,27 +121,10 @@ def list_images(root: str) -> tuple[list[str], list[str]]:
 
 
 def _local_files(root: str) -> list[str]:
-    """The files below a local folder as relative POSIX paths, what `storage.list_files` finds (a link to a file
-    is a file, a linked folder is not entered, a subfolder this process may not read is passed over), in one
-    scandir per folder instead of a stat per file."""
-    found, pending = [], [""]
-    while pending:
-        folder = pending.pop()
-        try:
-            entries = os.scandir(os.path.join(root, folder))
-        except PermissionError as error:
-            if not folder:
-                raise
-            log.warning("listing: %s cannot be read, its files are not scored: %s", folder, error)
-            continue
-        with entries:
-            for entry in entries:
-                relative = f"{folder}/{entry.name}" if folder else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(relative)
-                elif entry.is_file():
-                    found.append(relative)
-    return found
+    """The files below a local folder as relative POSIX paths, what `storage.list_files` finds, from directory
+    entries (storage.local_files)."""
+    prefix = os.path.join(root, "")
+    return [entry.path[len(prefix):].replace(os.sep, "/") for entry in storage.local_files(root)]
 
 
 def shard_bounds(count: int, shard_size: int) -> list[tuple[int, int]]:

@@ -106,10 +106,10 @@ class FeatureStore:
         prefix = storage.join(self.root, space) + "/"
         try:
             if not storage.is_s3(prefix):  # names only: a stat per entry would cost more than the backbone saves
-                return {path.name[:-len(SUFFIX)] for path in _local_files(storage.local_path(prefix))
-                        if path.name.endswith(SUFFIX)}
+                return {entry.name[:-len(SUFFIX)] for entry in storage.local_files(storage.local_path(prefix))
+                        if entry.name.endswith(SUFFIX)}
             stored = storage.list_stored(prefix)
-        except (StorageError, FileNotFoundError):
+        except (StorageError, FileNotFoundError, NotADirectoryError):
             return set()
         return {item.uri.rsplit("/", 1)[-1][:-len(SUFFIX)] for item in stored if item.uri.endswith(SUFFIX)}
 
@@ -231,12 +231,15 @@ def _entries_by_age(root: str) -> list[tuple[str, int, float]]:
     """(uri, size, last use) of every object below the root, least recently used first."""
     if not storage.is_s3(root):
         found = []
-        for entry in _local_files(storage.local_path(root)):
-            try:
-                stat = entry.stat()
-            except FileNotFoundError:
-                continue
-            found.append((entry.path, stat.st_size, stat.st_mtime))
+        try:
+            for entry in storage.local_files(storage.local_path(root)):
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((entry.path, stat.st_size, stat.st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # no store yet
         return sorted(found, key=lambda item: item[2])
     bucket, key = storage.split_s3(root.rstrip("/") + "/")
     found = []
@@ -244,16 +247,3 @@ def _entries_by_age(root: str) -> list[tuple[str, int, float]]:
         found.extend((f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
                      for obj in page.get("Contents", []))
     return sorted(found, key=lambda item: item[2])
-
-
-def _local_files(folder) -> Iterator[os.DirEntry]:
-    """Every regular file below `folder` (links are not followed), from directory entries: no stat per file."""
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _local_files(entry.path)
-        elif entry.is_file(follow_symlinks=False):
-            yield entry
