@@ -73,7 +73,7 @@ class CachedSplit:
             y.set_shape((None,))
             return x, y
 
-        return steady(indices.batch(batch_size).map(gather, num_parallel_calls=AHEAD, deterministic=True)
+        return steady(indices.batch(batch_size).map(gather, num_parallel_calls=DECODERS, deterministic=True)
                       .apply(tf.data.experimental.assert_cardinality(math.ceil(len(self) / batch_size)))
                       .prefetch(AHEAD))
 
