@@ -31,11 +31,13 @@ then measures, each in a fresh process so thread settings hold:
   like them), with its seconds in merge_predictions not measured apart.
 Absolute rates move with the machine's load: compare numbers of one run.
 
-Where a warm run's time goes beyond the interpreter (2-core VM, 10,000 images, shards of 2,500): scoring a shard
-runs at 0.84-0.9x the same interpreter in the same process on blank batches, the difference being the CPU the
-decoding takes on the same cores (Pillow ~0.2 ms per 96 px JPEG, plus reading and hashing every file twice,
-~0.05 ms); each shard hashes its files first (~0.1 s) and writes Parquet/CSV (~0.05 s); the run's fixed cost is
-~1.9 s (listing 0.2, merge 0.6-0.8 of which the embedding shift ~0.35, outside tasks 0.5, Airflow ~0.1 s a task).
+Where a warm run's time goes beyond the interpreter (2-core VM, 10,000 images, shards of 2,500): each shard hashes
+its files first (~0.15 s), then scores them in lanes (tasks.batch_scoring.score: one single-threaded interpreter per
+core, each reading, decoding and scoring its own batches) at about 0.8x the bare rate on both cores, the difference
+being the one decoder (Pillow, ~0.2 ms per 96 px JPEG, ~0.1 ms of it libjpeg) on the same cores; Parquet/CSV ~0.05 s
+a shard; the run's fixed cost is ~1.5-2 s (listing 0.2, merge 0.5-0.8, outside tasks 0.5, Airflow ~0.1 s a task).
+Before the lanes, one interpreter on both cores with the next batch decoded beside it ran at 0.63-0.7x: each of its
+parallel operations waited for the thread the decoder had taken.
 
     python bench/predict.py [--images 10000] [--image-size 96] [--shard-size 2500]
 

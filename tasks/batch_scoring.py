@@ -9,8 +9,8 @@
   Parquet and CSV (cells a spreadsheet would run as formulas made inert, as in the report).
 - Memory: a shard is read twice, never held whole. First every file is read and hashed (the key), keeping
   only the hashes; then, unless the key was scored before, the images are read again batch by batch, each
-  checked against its first hash, decoded and scored, the next batch read and decoded while the model runs
-  this one: at most two batches of files are held at once, whatever the shard size.
+  checked against its first hash, decoded and scored by one of the model's lanes (`score`): each lane holds
+  one file and one batch of pixels at a time, whatever the shard size.
 - The summary: counts per predicted class, the confidence histogram, unreadable files, the shift of the
   batch's confidence against the model's own test set (`confidence_shift`, with its rule), and the
   embedding shift of the batch against a sample of the model's training images (`batch_embedding_shift`).
@@ -27,9 +27,11 @@ import io
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from queue import Empty, SimpleQueue
 from typing import Callable
 from urllib.parse import urlparse
 
@@ -47,7 +49,6 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SCORER = "batch-scoring-2"  # bump when the way probabilities are computed changes: every shard is scored again
 BATCH = 64
 HASH_CHUNK = 16  # files hashed per thread-pool task (a task costs about what hashing a small file does)
-DECODE_CHUNK = 8  # images read and decoded per thread-pool task
 SHARD_RECORD = "shard.json"  # written last: a shard folder without it is unfinished
 PREDICTIONS = "predictions"
 EMBEDDINGS = "embeddings.npy"  # a shard's sample of embeddings, float16, rows in SHARD_RECORD's "paths" order
@@ -176,46 +177,80 @@ def shard_key(model_version_uri: str, decoder_version: str, top_k: int, reads: l
 
 # ---------------------------------------------------------------- scoring
 
-def score(root: str, reads: list[Read], image_size: int, model: Callable, pool: ThreadPoolExecutor
+def score(root: str, reads: list[Read], image_size: int, lanes: list[Callable]
           ) -> tuple[list[Read], np.ndarray, np.ndarray | None, list[dict]]:
     """(scored reads, their probabilities, their embeddings or None, unreadable files with the reason).
 
-    `reads` are hashed (`hash_images`): each readable one is read again when its
-    batch comes, checked against its hash, decoded by the project's one decoder
-    (`to_rgb` in the pool) and resized by its one `resize`, the pixels training
-    and evaluation saw (a picture already at the model's size goes into the
-    batch as it is: `resize` leaves it unchanged, tests pin that, and TensorFlow
-    is not even imported); the next batch is read and decoded while the model
-    runs this one, so at most two batches of files are held. `model` maps a
-    pixel batch to (probabilities, embeddings or None).
+    `reads` are hashed (`hash_images`). Each model of `lanes` runs in a thread
+    of its own that takes the next batch, reads each readable image again,
+    checks it against its hash, decodes it by the project's one decoder
+    (`to_rgb`) and resizes it by its one `resize` (a picture already at the
+    model's size goes into the batch as it is: `resize` leaves it unchanged,
+    tests pin that, and TensorFlow is not even imported), then runs its model on
+    the batch, and takes the next: a lane holds one file and one batch of pixels
+    at a time. A model maps a pixel batch to (probabilities, embeddings or None).
+
+    Lanes, because decoding and the model share the cores: one interpreter on
+    every core with the next batch decoded beside it lost about a third of the
+    interpreter's rate (each of its parallel operations waits for the thread the
+    decoder took), one single-threaded interpreter per core with its own
+    decoding kept 0.8 of it (bench/predict.py).
     """
     readable = [read for read in reads if read.sha256 is not None]
     unreadable = [{"path": read.path, "reason": read.error} for read in reads if read.sha256 is None]
     batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
     limit = settings.load().limits.max_image_pixels
-    scored, outputs, embedded = [], [], []
-    with ThreadPoolExecutor(max_workers=1) as preparer:
-        def prepare(batch: list[Read]):
-            pixels = np.empty((len(batch), image_size, image_size, 3), np.float32)
-            decoding = [pool.submit(_read_decoded_rows, root, batch[start:start + DECODE_CHUNK], limit, pixels, start)
-                        for start in range(0, len(batch), DECODE_CHUNK)]
-            return preparer.submit(_prepared, decoding, pixels, image_size)
+    results: list = [None] * len(batches)
+    waiting: SimpleQueue[int] = SimpleQueue()
+    for index in range(len(batches)):
+        waiting.put(index)
+    failed = threading.Event()
 
-        pending = prepare(batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            pixels, reasons = pending.result()
-            if index + 1 < len(batches):
-                pending = prepare(batches[index + 1])
-            unreadable += [{"path": batch[n].path, "reason": reason} for n, reason in reasons.items()]
-            if len(pixels):
-                probabilities, embeddings = model(pixels)
-                outputs.append(probabilities)
-                embedded.append(embeddings)
-                scored += [read for n, read in enumerate(batch) if n not in reasons]
-            del pixels
-    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-    embeddings = np.concatenate(embedded) if embedded and all(e is not None for e in embedded) else None
+    def lane(model: Callable) -> None:
+        while not failed.is_set():
+            try:
+                index = waiting.get_nowait()
+            except Empty:
+                return
+            try:
+                results[index] = _scored_batch(root, batches[index], image_size, limit, model)
+            except BaseException:
+                failed.set()  # the other lanes stop at their next batch
+                raise
+
+    with ThreadPoolExecutor(max_workers=len(lanes)) as threads:
+        for running in [threads.submit(lane, model) for model in lanes]:
+            running.result()
+    scored = [read for batch, (_, _, reasons) in zip(batches, results, strict=True)
+              for n, read in enumerate(batch) if n not in reasons]
+    unreadable += [{"path": batch[n].path, "reason": reason}
+                   for batch, (_, _, reasons) in zip(batches, results, strict=True) for n, reason in reasons.items()]
+    outputs = [(probabilities, embeddings) for probabilities, embeddings, _ in results if probabilities is not None]
+    probabilities = np.concatenate([p for p, _ in outputs]) if outputs else np.zeros((0, 0), np.float32)
+    embeddings = (np.concatenate([e for _, e in outputs]) if outputs and all(e is not None for _, e in outputs)
+                  else None)
     return scored, probabilities, embeddings, sorted(unreadable, key=lambda item: item["path"])
+
+
+def _scored_batch(root: str, batch: list[Read], image_size: int, max_pixels: int, model: Callable
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, str]]:
+    """(probabilities, embeddings, why each row left out could not be decoded) of one batch, read and decoded here;
+    (None, None, reasons) when no image of it decodes."""
+    pixels = np.empty((len(batch), image_size, image_size, 3), np.float32)
+    decoded = [_read_decoded(root, read, max_pixels, pixels, row) for row, read in enumerate(batch)]
+    reasons = {n: reason for n, (_, reason) in enumerate(decoded) if reason}
+    by_shape: dict[tuple, list[int]] = {}
+    for n, (picture, _) in enumerate(decoded):
+        if picture is not None:
+            by_shape.setdefault(picture.shape, []).append(n)
+    for members in by_shape.values():
+        pixels[members] = np.asarray(images.resize(np.stack([decoded[n][0] for n in members]), image_size))
+    if reasons:
+        pixels = pixels[[n for n in range(len(batch)) if n not in reasons]]
+    if not len(pixels):
+        return None, None, reasons
+    probabilities, embeddings = model(pixels)
+    return probabilities, embeddings, reasons
 
 
 def _read_decoded(root: str, read: Read, max_pixels: int, pixels: np.ndarray, row: int
@@ -233,28 +268,6 @@ def _read_decoded(root: str, read: Read, max_pixels: int, pixels: np.ndarray, ro
         pixels[row] = picture  # `resize` to the size a picture already has changes no value (tests pin it)
         return None, ""
     return picture, reason
-
-
-def _read_decoded_rows(root: str, reads: list[Read], max_pixels: int, pixels: np.ndarray, first: int
-                       ) -> list[tuple[np.ndarray | None, str]]:
-    """`_read_decoded` for a few consecutive rows of a batch, in one thread-pool task."""
-    return [_read_decoded(root, read, max_pixels, pixels, first + n) for n, read in enumerate(reads)]
-
-
-def _prepared(decoding: list, pixels: np.ndarray, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
-    """A batch's model input from its decode futures (every picture of another size through `images.resize`, one
-    call per distinct size), and why each image left out could not be decoded."""
-    decoded = [row for future in decoding for row in future.result()]
-    reasons = {n: reason for n, (_, reason) in enumerate(decoded) if reason}
-    by_shape: dict[tuple, list[int]] = {}
-    for n, (picture, _) in enumerate(decoded):
-        if picture is not None:
-            by_shape.setdefault(picture.shape, []).append(n)
-    for members in by_shape.values():
-        pixels[members] = np.asarray(images.resize(np.stack([decoded[n][0] for n in members]), image_size))
-    if reasons:
-        pixels = pixels[[n for n in range(len(decoded)) if n not in reasons]]
-    return pixels, reasons
 
 
 def _to_rgb(data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str]:

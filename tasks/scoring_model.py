@@ -129,6 +129,15 @@ def scorer(model: PublishedModel, threads: int | None = None) -> Scorer:
     return saved_model_scorer(model.path)
 
 
+def lanes(model: PublishedModel) -> list[Scorer]:
+    """The scorers batch scoring runs side by side (tasks.batch_scoring.score): one single-threaded interpreter
+    per core, each decoding its own batches; the SavedModel is one scorer, TensorFlow spreading it over the
+    cores itself. Interpreters are not shared between threads."""
+    if model.engine == TFLITE_FLOAT32:
+        return [tflite_scorer(model.path, 1) for _ in range(os.cpu_count() or 1)]
+    return [saved_model_scorer(model.path)]
+
+
 def tflite_scorer(path: Path, threads: int) -> Scorer:
     from ai_edge_litert.interpreter import Interpreter
 

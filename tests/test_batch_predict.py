@@ -218,7 +218,7 @@ def test_the_model_sees_the_one_decoders_pixels_at_its_size_and_at_any_other(tmp
 
     with ThreadPoolExecutor(2) as pool:
         hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
-        scored, _, _, unreadable = batch_scoring.score(str(tmp_path), hashed, 32, model, pool)
+    scored, _, _, unreadable = batch_scoring.score(str(tmp_path), hashed, 32, [model])
 
     assert not unreadable and [read.path for read in scored] == paths
     expected = np.stack([images.decode((tmp_path / path).read_bytes(), 32) for path in paths])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,8 +80,7 @@ def test_undecodable_images_are_listed_with_the_reason_and_the_rest_scored(monke
     batch = in_folder(tmp_path, reads(*([b"\x01"] * 70 + [b"bad"] + [b"\x02"] * 3))) + [
         Read("gone.jpg", None, None, "cannot be read")]
 
-    with ThreadPoolExecutor(2) as pool:
-        scored, probabilities, embeddings, unreadable = batch_scoring.score(str(tmp_path), batch, 2, fake_model, pool)
+    scored, probabilities, embeddings, unreadable = batch_scoring.score(str(tmp_path), batch, 2, [fake_model] * 2)
 
     assert len(scored) == 73 == len(probabilities) == len(embeddings)
     assert {item["path"] for item in unreadable} == {"new/70.jpg", "gone.jpg"}
@@ -111,8 +111,7 @@ def test_pictures_at_the_model_size_go_in_as_decoded_and_only_the_others_are_res
         return fake_model(pixels)
 
     batch = in_folder(tmp_path, reads(b"\x00\x05", b"\x01\x07", b"bad", b"\x00\x09"))
-    with ThreadPoolExecutor(2) as pool:
-        scored, _, _, unreadable = batch_scoring.score(str(tmp_path), batch, 2, model, pool)
+    scored, _, _, unreadable = batch_scoring.score(str(tmp_path), batch, 2, [model])
 
     assert [read.path for read in scored] == ["new/0.jpg", "new/1.jpg", "new/3.jpg"]
     assert [item["path"] for item in unreadable] == ["new/2.jpg"]
@@ -176,7 +175,7 @@ def test_a_subfolder_that_cannot_be_read_is_passed_over_as_the_storage_listing_d
 
 
 @pytest.mark.fast
-def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monkeypatch, tmp_path):
+def test_a_shard_is_hashed_and_scored_holding_a_file_per_thread_at_most(monkeypatch, tmp_path):
     """Every file read is a tracked object: the most alive at once must not grow with the shard."""
     fake_decoder(monkeypatch)
     monkeypatch.setattr(batch_scoring, "BATCH", 4)
@@ -201,12 +200,38 @@ def test_a_shard_is_hashed_and_scored_holding_two_batches_of_files_at_most(monke
 
     with ThreadPoolExecutor(3) as pool:
         hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
-        assert most[0] <= 3 and all(read.data is None and read.sha256 for read in hashed)
-        scored, probabilities, _, _ = batch_scoring.score(str(tmp_path), hashed, 2, fake_model, pool)
+    assert most[0] <= 3 and all(read.data is None and read.sha256 for read in hashed)
+    most[0] = 0
+    scored, probabilities, _, _ = batch_scoring.score(str(tmp_path), hashed, 2, [fake_model] * 2)
 
     assert len(scored) == 60 and alive[0] == 0
-    assert most[0] <= 2 * 4 + 3, f"{most[0]} files held at once for batches of 4"
+    assert most[0] <= 2, f"{most[0]} files held at once by two lanes"
     assert [read.sha256 for read in scored] == [hashlib.sha256(data).hexdigest() for data in contents]
+
+
+@pytest.mark.fast
+def test_lanes_score_batches_side_by_side_and_keep_the_listing_order(monkeypatch, tmp_path):
+    """Two lanes, one slow: every batch is scored once, both lanes work, and rows come back in listing order."""
+    fake_decoder(monkeypatch)
+    monkeypatch.setattr(batch_scoring, "BATCH", 3)
+    contents = [bytes([n]) for n in range(1, 31)]
+    hashed = in_folder(tmp_path, reads(*contents))
+    calls = {"slow": 0, "fast": 0}
+
+    def lane(name, pause):
+        def model(pixels):
+            calls[name] += 1
+            time.sleep(pause)
+            return fake_model(pixels)
+        return model
+
+    scored, probabilities, embeddings, _ = batch_scoring.score(
+        str(tmp_path), hashed, 2, [lane("slow", 0.05), lane("fast", 0.0)])
+
+    assert calls["slow"] >= 1 and calls["fast"] >= 1 and calls["slow"] + calls["fast"] == 10
+    assert [read.path for read in scored] == [read.path for read in hashed]
+    assert probabilities[:, 0].tolist() == pytest.approx([n / 3 for n in range(1, 31)])
+    assert embeddings[:, 0].tolist() == [float(n) for n in range(1, 31)]
 
 
 @pytest.mark.fast
@@ -215,8 +240,8 @@ def test_a_file_changed_between_hashing_and_scoring_fails_the_shard_for_a_retry(
     hashed = in_folder(tmp_path, reads(b"\x01", b"\x02"))
     (tmp_path / hashed[1].path).write_bytes(b"\x03")
 
-    with ThreadPoolExecutor(2) as pool, pytest.raises(TransientError, match="new/1.jpg changed"):
-        batch_scoring.score(str(tmp_path), hashed, 2, fake_model, pool)
+    with pytest.raises(TransientError, match="new/1.jpg changed"):
+        batch_scoring.score(str(tmp_path), hashed, 2, [fake_model] * 2)
 
 
 @pytest.mark.fast

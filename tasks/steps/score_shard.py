@@ -9,7 +9,7 @@ never fatal. The run root gets one record per shard naming its key, which is
 what merge_predictions reads.
 
 Files are hashed first and read again batch by batch when scored (tasks.batch_scoring):
-memory holds two batches of files, not the shard. Beside the predictions the shard
+memory holds a batch per lane (one per core), not the shard. Beside the predictions the shard
 keeps the embeddings of a bounded, deterministic sample of its images
 (`embeddings.npy`, named with its sha256 in `shard.json`), for the run's embedding shift.
 """
@@ -40,27 +40,27 @@ def score_shard(cfg: BatchConfig, shard: dict) -> dict:
     root = batch_scoring.images_root(cfg.images, cfg.cache_dir)
     with batch_scoring.worker_pool() as pool:
         reads = batch_scoring.hash_images(root, paths, pool)
-        key = batch_scoring.shard_key(model.version_uri, images.DECODER_VERSION, cfg.top_k, reads)
-        prefix = batch_scoring.shard_prefix(cfg.output_root, key)
-        record_uri = storage.join(prefix, batch_scoring.SHARD_RECORD)
-        reused = storage.exists(record_uri)
-        if reused:
-            record = storage.read_json(record_uri)
-        else:
-            scored, probabilities, embeddings, unreadable = batch_scoring.score(
-                root, reads, model.image_size, scoring_model.scorer(model), pool)
-            table = batch_scoring.predictions_table(scored, probabilities, model.classes, cfg.top_k,
-                                                    model.model_name, model.version, images.DECODER_VERSION)
-            files = batch_scoring.write_predictions(table, storage.join(prefix, batch_scoring.PREDICTIONS))
-            sample = None
-            if embeddings is not None:
-                sample = batch_scoring.write_embedding_sample(
-                    *batch_scoring.embedding_sample(scored, embeddings),
-                    storage.join(prefix, batch_scoring.EMBEDDINGS))
-            record = {"key": key, "n_images": len(paths), "n_scored": len(scored), "unreadable": unreadable,
-                      "model_version": model.version, "decoder_version": images.DECODER_VERSION,
-                      "engine": model.engine, "files": files, "embedding_sample": sample}
-            storage.write_json(record_uri, record)
+    key = batch_scoring.shard_key(model.version_uri, images.DECODER_VERSION, cfg.top_k, reads)
+    prefix = batch_scoring.shard_prefix(cfg.output_root, key)
+    record_uri = storage.join(prefix, batch_scoring.SHARD_RECORD)
+    reused = storage.exists(record_uri)
+    if reused:
+        record = storage.read_json(record_uri)
+    else:
+        scored, probabilities, embeddings, unreadable = batch_scoring.score(
+            root, reads, model.image_size, scoring_model.lanes(model))
+        table = batch_scoring.predictions_table(scored, probabilities, model.classes, cfg.top_k,
+                                                model.model_name, model.version, images.DECODER_VERSION)
+        files = batch_scoring.write_predictions(table, storage.join(prefix, batch_scoring.PREDICTIONS))
+        sample = None
+        if embeddings is not None:
+            sample = batch_scoring.write_embedding_sample(
+                *batch_scoring.embedding_sample(scored, embeddings),
+                storage.join(prefix, batch_scoring.EMBEDDINGS))
+        record = {"key": key, "n_images": len(paths), "n_scored": len(scored), "unreadable": unreadable,
+                  "model_version": model.version, "decoder_version": images.DECODER_VERSION,
+                  "engine": model.engine, "files": files, "embedding_sample": sample}
+        storage.write_json(record_uri, record)
     result = {"index": index, "key": key, "n_images": len(paths), "n_scored": record["n_scored"],
               "n_unreadable": len(record["unreadable"]), "reused": reused}
     storage.write_json(cfg.artifact(artifacts.BATCH_SHARD, f"{index}.json"), {**result, "uri": prefix})
