@@ -57,7 +57,7 @@ from pathlib import Path
 from bench.json_line import json_line
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURE_IMAGES = 512
+MEASURE_IMAGES = 2048  # ~1.5-3 s a measurement: 512 (0.3 s) caught bursts of the shared VM (both-core rates 1.1-1.7k)
 MODEL_NAME = "bench-model"
 CLASSES = ("dark", "mid", "light")
 
