@@ -27,6 +27,7 @@ import pytest
 
 from tasks import artifacts, classifier, storage
 from tasks.config import RunConfig, candidate_list, safe_name
+from tasks.data_watch import listing_fingerprint
 from tests.e2e.airflow_services import APPROVER, AirflowServices, Worker
 from tests.e2e.browser import Browser, chromium_binary, screenshot
 from tests.e2e.local_services import missing_packages, start_postgres, start_redis
@@ -258,7 +259,13 @@ def new_images_under_the_watched_prefix_start_a_retrain_and_nothing_else_does(ai
     assert event["name"] == WATCHED_ASSET and event["extra"]["from_trigger"] is True
     payload = event["extra"]["payload"]
     assert payload["prefix"] == prefix and payload["previous"] == baseline != payload["fingerprint"]
-    assert airflow.asset_state(asset_id, "listing_fingerprint") == payload["fingerprint"]
+    # the upload is one PUT per file: a poll may fall between two of them and fire on part of the batch, the next
+    # poll on the rest; either way the watcher ends remembering the whole listing
+    uploaded = listing_fingerprint(prefix)
+    deadline = time.monotonic() + 30
+    while airflow.asset_state(asset_id, "listing_fingerprint") != uploaded:
+        assert time.monotonic() < deadline, "the watcher does not remember the listing after the upload"
+        time.sleep(0.5)
     airflow.stop_runs(RETRAIN)  # a retrain of the deployment's defaults: that it started is what is checked here
 
 
