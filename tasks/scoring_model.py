@@ -46,6 +46,7 @@ ENGINE_FILES = {TFLITE_FLOAT32: "tflite/float32.tflite", SAVED_MODEL: "saved_mod
 SCORING_FILE = "tflite/scoring.tflite"  # float32, probabilities and embeddings (tasks.tflite_export.SCORING_FILE)
 SPEC_FILE = "model/classifier.json"
 SERVING_SIGNATURE = "serving_default"
+MAX_LANES = 8  # scoring lanes per task (tasks.batch_scoring.score); more cores become threads per lane
 # a batch's probabilities and its embeddings (None from a version published without them)
 Scorer = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray | None]"]
 
@@ -129,13 +130,20 @@ def scorer(model: PublishedModel, threads: int | None = None) -> Scorer:
     return saved_model_scorer(model.path)
 
 
-def lanes(model: PublishedModel) -> list[Scorer]:
-    """The scorers batch scoring runs side by side (tasks.batch_scoring.score): one single-threaded interpreter
-    per core, each decoding its own batches; the SavedModel is one scorer, TensorFlow spreading it over the
-    cores itself. Interpreters are not shared between threads."""
-    if model.engine == TFLITE_FLOAT32:
-        return [tflite_scorer(model.path, 1) for _ in range(os.cpu_count() or 1)]
-    return [saved_model_scorer(model.path)]
+def lanes(model: PublishedModel, cores: int | None = None) -> list[Scorer]:
+    """The scorers batch scoring runs side by side (tasks.batch_scoring.score), each decoding its own batches.
+
+    TFLite: one interpreter per core, single-threaded, up to MAX_LANES; beyond
+    that the cores are shared out as threads per interpreter (each lane holds
+    its own packed weights and a batch, and its decoding takes the GIL: 64 lanes
+    would cost memory and contend). The SavedModel is one scorer, TensorFlow
+    spreading it over the cores itself. Interpreters are not shared between threads.
+    """
+    cores = cores or os.cpu_count() or 1
+    if model.engine != TFLITE_FLOAT32:
+        return [saved_model_scorer(model.path)]
+    count = min(cores, MAX_LANES)
+    return [tflite_scorer(model.path, cores // count) for _ in range(count)]
 
 
 def tflite_scorer(path: Path, threads: int) -> Scorer:

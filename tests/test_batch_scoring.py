@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import batch_scoring, images
+from tasks import batch_scoring, images, scoring_model
 from tasks.batch_config import BatchConfig, check_conf, param_specs
 from tasks.batch_scoring import Read
 from tasks.errors import ConfigError, DatasetError, TransientError
@@ -232,6 +232,21 @@ def test_lanes_score_batches_side_by_side_and_keep_the_listing_order(monkeypatch
     assert [read.path for read in scored] == [read.path for read in hashed]
     assert probabilities[:, 0].tolist() == pytest.approx([n / 3 for n in range(1, 31)])
     assert embeddings[:, 0].tolist() == [float(n) for n in range(1, 31)]
+
+
+@pytest.mark.fast
+def test_lanes_are_single_threaded_interpreters_one_per_core_up_to_a_cap(monkeypatch, tmp_path):
+    """2 cores: two one-thread lanes; 20 cores: MAX_LANES lanes sharing the cores as threads; a SavedModel: one."""
+    made = []
+    monkeypatch.setattr(scoring_model, "tflite_scorer", lambda path, threads: made.append(threads) or fake_model)
+    monkeypatch.setattr(scoring_model, "saved_model_scorer", lambda path: fake_model)
+    model = scoring_model.PublishedModel("m", "v1", "s3://m/v1", ("a", "b"), 32, scoring_model.TFLITE_FLOAT32, tmp_path)
+
+    assert len(scoring_model.lanes(model, cores=2)) == 2 and made == [1, 1]
+    made.clear()
+    assert len(scoring_model.lanes(model, cores=20)) == scoring_model.MAX_LANES == 8 and made == [2] * 8
+    saved = dataclasses.replace(model, engine=scoring_model.SAVED_MODEL)
+    assert scoring_model.lanes(saved, cores=20) == [fake_model]
 
 
 @pytest.mark.fast
