@@ -48,6 +48,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SCORER = "batch-scoring-2"  # bump when the way probabilities are computed changes: every shard is scored again
 BATCH = 64
+# decoded pictures of another size a lane holds before resizing them: a batch of 12 MP photos would be 2.3 GB
+RESIZE_HELD_BYTES = 64 * 2**20
 HASH_CHUNK = 16  # files hashed per thread-pool task (a task costs about what hashing a small file does)
 SHARD_RECORD = "shard.json"  # written last: a shard folder without it is unfinished
 PREDICTIONS = "predictions"
@@ -235,22 +237,37 @@ def score(root: str, reads: list[Read], image_size: int, lanes: list[Callable]
 def _scored_batch(root: str, batch: list[Read], image_size: int, max_pixels: int, model: Callable
                   ) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, str]]:
     """(probabilities, embeddings, why each row left out could not be decoded) of one batch, read and decoded here;
-    (None, None, reasons) when no image of it decodes."""
+    (None, None, reasons) when no image of it decodes. Pictures of another size than the model's are resized a
+    few at a time (`_resize_into`), so a lane holds at most RESIZE_HELD_BYTES of them, not a batch of photos."""
     pixels = np.empty((len(batch), image_size, image_size, 3), np.float32)
-    decoded = [_read_decoded(root, read, max_pixels, pixels, row) for row, read in enumerate(batch)]
-    reasons = {n: reason for n, (_, reason) in enumerate(decoded) if reason}
-    by_shape: dict[tuple, list[int]] = {}
-    for n, (picture, _) in enumerate(decoded):
-        if picture is not None:
-            by_shape.setdefault(picture.shape, []).append(n)
-    for members in by_shape.values():
-        pixels[members] = np.asarray(images.resize(np.stack([decoded[n][0] for n in members]), image_size))
+    reasons: dict[int, str] = {}
+    held: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    held_bytes = 0
+    for row, read in enumerate(batch):
+        picture, reason = _read_decoded(root, read, max_pixels, pixels, row)
+        if reason:
+            reasons[row] = reason
+        elif picture is not None:
+            held.setdefault(picture.shape, []).append((row, picture))
+            held_bytes += picture.nbytes
+            if held_bytes > RESIZE_HELD_BYTES:
+                _resize_into(pixels, held, image_size)
+                held_bytes = 0
+    _resize_into(pixels, held, image_size)
     if reasons:
         pixels = pixels[[n for n in range(len(batch)) if n not in reasons]]
     if not len(pixels):
         return None, None, reasons
     probabilities, embeddings = model(pixels)
     return probabilities, embeddings, reasons
+
+
+def _resize_into(pixels: np.ndarray, held: dict[tuple, list[tuple[int, np.ndarray]]], image_size: int) -> None:
+    """The held pictures through the one `resize` (one call per size: small pictures cost less together) into
+    their rows of `pixels`; `held` is emptied."""
+    for group in held.values():
+        pixels[[row for row, _ in group]] = np.asarray(images.resize(np.stack([p for _, p in group]), image_size))
+    held.clear()
 
 
 def _read_decoded(root: str, read: Read, max_pixels: int, pixels: np.ndarray, row: int

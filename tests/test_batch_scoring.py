@@ -121,6 +121,30 @@ def test_pictures_at_the_model_size_go_in_as_decoded_and_only_the_others_are_res
 
 
 @pytest.mark.fast
+def test_pictures_of_other_sizes_are_resized_before_a_lane_holds_too_many(monkeypatch, tmp_path):
+    """Past RESIZE_HELD_BYTES of decoded pictures a lane resizes what it holds: same pixels, bounded memory."""
+    fake_decoder(monkeypatch)
+    resized = []
+    crop = images.resize
+    monkeypatch.setattr(images, "resize", lambda pictures, size: resized.append(len(pictures)) or crop(pictures, size))
+    batch = in_folder(tmp_path, reads(*(bytes([3 + n % 2]) for n in range(6))))
+    seen = []
+
+    def model(pixels):
+        seen.append(pixels.copy())
+        return fake_model(pixels)
+
+    batch_scoring.score(str(tmp_path), batch, 2, [model])
+    grouped, calls = seen.pop(), resized.copy()
+    monkeypatch.setattr(batch_scoring, "RESIZE_HELD_BYTES", 40)  # a 5 x 2 x 3 picture is 30 bytes
+    resized.clear()
+    batch_scoring.score(str(tmp_path), batch, 2, [model])
+
+    assert calls == [3, 3] and resized == [1, 1, 1, 1, 1, 1]
+    assert np.array_equal(seen.pop(), grouped)
+
+
+@pytest.mark.fast
 def test_a_file_that_is_gone_a_folder_or_a_fifo_is_unreadable_not_fatal(tmp_path):
     """Listed files may change before they are read: each such one gets its reason, none hangs the shard."""
     (tmp_path / "ok.jpg").write_bytes(b"x")
