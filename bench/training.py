@@ -327,6 +327,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
                         help="override a run param for every benchmark (repeatable)")
     args = parser.parse_args()
+    if args.fe_rounds < 1:
+        parser.error(f"--fe-rounds {args.fe_rounds}: feature extraction must be timed at least once; give 1 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(item.split("=", 1) for item in args.set)
     line: dict[str, object] = {}

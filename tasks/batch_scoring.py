@@ -566,7 +566,8 @@ def _extracted(source: str, cache_dir: str) -> Path:
 
 
 def worker_pool() -> ThreadPoolExecutor:
-    """Threads that read and decode images beside the model's own threads."""
+    """Threads that read and hash a shard's files (for its key) or the gallery's images: I/O and hashing, which
+    release the GIL; decoding for the model happens in its lanes (`score`)."""
     return ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
 
 

@@ -140,10 +140,8 @@ def lanes(model: PublishedModel, cores: int | None = None) -> list[Scorer]:
     spreading it over the cores itself. Interpreters are not shared between threads.
     """
     cores = cores or os.cpu_count() or 1
-    if model.engine != TFLITE_FLOAT32:
-        return [saved_model_scorer(model.path)]
-    count = min(cores, MAX_LANES)
-    return [tflite_scorer(model.path, cores // count) for _ in range(count)]
+    count = min(cores, MAX_LANES) if model.engine == TFLITE_FLOAT32 else 1
+    return [scorer(model, cores // count) for _ in range(count)]
 
 
 def tflite_scorer(path: Path, threads: int) -> Scorer:
