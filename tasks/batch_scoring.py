@@ -142,7 +142,14 @@ def read_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[R
 
 
 def hash_images(root: str, paths: list[str], pool: ThreadPoolExecutor) -> list[Read]:
-    """`read_images` keeping only the hashes (`data` None): memory holds one file per thread, not the shard."""
+    """`read_images` keeping only the hashes (`data` None): memory holds one file per thread, not the shard.
+
+    An s3:// root is read by the pool (a round trip per file: latency bounds it); a local one by this thread alone,
+    which is faster: 2,500 small JPEGs in 0.07 s against 0.17-0.33 s by two threads handing chunks over (2-core
+    VM, files in the page cache, as a shard's are once listed or written)."""
+    if not storage.is_s3(root):
+        return [_hashed(root, path) for path in paths]
+
     def hashed(chunk: list[str]) -> list[Read]:
         return [_hashed(root, path) for path in chunk]
 
