@@ -36,12 +36,12 @@ then measures, each in a fresh process so thread settings hold:
 Absolute rates move with the machine's load: compare numbers of one run.
 
 Where a warm run's time goes beyond the interpreter (2-core VM, 10,000 images, shards of 2,500): each shard hashes
-its files first (~0.15 s), then scores them in lanes (tasks.batch_scoring.score: one single-threaded interpreter per
-core, each reading, decoding and scoring its own batches) at about 0.8x the bare rate on both cores, the difference
-being the one decoder (Pillow, ~0.2 ms per 96 px JPEG, ~0.1 ms of it libjpeg) on the same cores; Parquet/CSV ~0.05 s
-a shard; the run's fixed cost is ~1.5-2 s (listing 0.2, merge 0.5-0.8, outside tasks 0.5, Airflow ~0.1 s a task).
-Before the lanes, one interpreter on both cores with the next batch decoded beside it ran at 0.63-0.7x: each of its
-parallel operations waited for the thread the decoder had taken.
+its files first (~0.07 s, by its own thread), then scores them in lanes (tasks.batch_scoring.score: one
+single-threaded interpreter per core, each reading, decoding and scoring its own batches), the one decoder (Pillow,
+~0.2 ms per 96 px JPEG, ~0.13 ms of it libjpeg) sharing the cores; Parquet/CSV ~0.05 s a shard; the run's fixed
+cost is ~2 s (listing 0.2, merge 0.5-0.8, outside tasks 0.5, Airflow ~0.1 s a task). Before the lanes, one
+interpreter on both cores with the next batch decoded beside it ran at 0.63-0.7x: each of its parallel operations
+waited for the thread the decoder had taken.
 
     python bench/predict.py [--images 10000] [--image-size 96] [--shard-size 2500] [--rounds 3]
 
