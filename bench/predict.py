@@ -58,6 +58,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.bracketed import bracketed_ratios, median_index
 from bench.json_line import json_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,8 +219,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         runs.append(run_dag(work, work / "images", args.shard_size, home=f"airflow-{round_}"))
         bare.append(in_fresh_process("tflite", bare_path, args.image_size, cores)["images_per_s"])
-    ratios = [args.images / run["seconds"] / ((bare[n] + bare[n + 1]) / 2) for n, run in enumerate(runs)]
-    middle = sorted(range(args.rounds), key=lambda n: ratios[n])[args.rounds // 2]
+    ratios = bracketed_ratios([args.images / run["seconds"] for run in runs], bare)
+    middle = median_index(ratios)
     run, bracket = runs[middle], (bare[middle] + bare[middle + 1]) / 2
     seconds, embedding_shift = run["seconds"], run["embedding_shift"]
     # the same DAG with as many shards of one image each: what a run costs whatever its size (Airflow's start-up

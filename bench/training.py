@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench import openclipart  # also proves, at once, that `bench` is importable (pip install -e .)
+from bench.bracketed import bracketed_ratios, median_index
 from bench.json_line import json_line
 from tasks import artifacts, storage
 from tasks.config import RunConfig, param_specs, planned_candidates
@@ -270,8 +271,8 @@ def run_benchmark(name: str, cfg: RunConfig, scratch_epochs: int, epoch_ratios: 
             trained, seconds = timed(train, cfg, data, dataclasses.asdict(candidate))
             steps.append(seconds)
             passes.append(forward_seconds(cfg, scratch))
-        ratios = [step / ((passes[n] + passes[n + 1]) / 2) for n, step in enumerate(steps)]
-        middle = sorted(range(fe_rounds), key=lambda n: ratios[n])[fe_rounds // 2]
+        ratios = bracketed_ratios(steps, passes)
+        middle = median_index(ratios)
         fe_s, forward_before, forward_after = steps[middle], passes[middle], passes[middle + 1]
         forward_s = (forward_before + forward_after) / 2
         decision = decide(cfg, data, trained)

@@ -1,4 +1,5 @@
-"""The bench scripts: the openclipart benchmark's selection rules, and both ways of running a script."""
+"""The bench scripts: the openclipart benchmark's selection rules, rounds against bracketing references, and both
+ways of running a script."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,20 @@ from pathlib import Path
 import pytest
 
 from bench import openclipart
+from bench.bracketed import bracketed_ratios, median_index
 from devtools import system_packages
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.fast
+def test_each_round_is_measured_against_the_references_around_it_and_the_median_round_is_kept():
+    ratios = bracketed_ratios([10.0, 30.0, 12.0], [10.0, 30.0, 10.0, 14.0])
+
+    assert ratios == [10 / 20, 30 / 20, 12 / 12]
+    assert median_index(ratios) == 2
+    with pytest.raises(ValueError, match="3 measurements need 4 references"):
+        bracketed_ratios([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
 
 
 def png(path: Path, content: bytes) -> None:
