@@ -200,7 +200,6 @@ def test_scores_match_the_published_classifier_on_the_golden_batch(deploy, tmp_p
 def test_the_model_sees_the_one_decoders_pixels_at_its_size_and_at_any_other(tmp_path):
     """A picture already at the model's size skips `resize` (TensorFlow not needed): that must change no value,
     so every image reaches the model exactly as `images.decode` (to_rgb, then the one resize) gives it."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
@@ -216,8 +215,7 @@ def test_the_model_sees_the_one_decoders_pixels_at_its_size_and_at_any_other(tmp
         seen.append(pixels.copy())
         return np.zeros((len(pixels), 2), np.float32), None
 
-    with ThreadPoolExecutor(2) as pool:
-        hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
+    hashed = batch_scoring.hash_images(str(tmp_path), paths)
     scored, _, _, unreadable = batch_scoring.score(str(tmp_path), hashed, 32, [model])
 
     assert not unreadable and [read.path for read in scored] == paths

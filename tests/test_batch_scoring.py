@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +150,7 @@ def test_a_file_that_is_gone_a_folder_or_a_fifo_is_unreadable_not_fatal(tmp_path
     (tmp_path / "folder.jpg").mkdir()
     os.mkfifo(tmp_path / "pipe.jpg")  # opening a FIFO for reading would wait for a writer
 
-    with ThreadPoolExecutor(2) as pool:
-        hashed = batch_scoring.hash_images(str(tmp_path), ["ok.jpg", "gone.jpg", "folder.jpg", "pipe.jpg"], pool)
+    hashed = batch_scoring.hash_images(str(tmp_path), ["ok.jpg", "gone.jpg", "folder.jpg", "pipe.jpg"])
 
     assert hashed[0].sha256 == hashlib.sha256(b"x").hexdigest() and not hashed[0].error
     assert all(read.sha256 is None and read.error.startswith("cannot be read:") for read in hashed[1:])
@@ -222,8 +220,7 @@ def test_a_shard_is_hashed_and_scored_holding_a_file_per_thread_at_most(monkeypa
     in_folder(tmp_path, reads(*contents))
     paths = [f"new/{n}.jpg" for n in range(60)]
 
-    with ThreadPoolExecutor(3) as pool:
-        hashed = batch_scoring.hash_images(str(tmp_path), paths, pool)
+    hashed = batch_scoring.hash_images(str(tmp_path), paths)
     assert most[0] <= 3 and all(read.data is None and read.sha256 for read in hashed)
     most[0] = 0
     scored, probabilities, _, _ = batch_scoring.score(str(tmp_path), hashed, 2, [fake_model] * 2)

@@ -38,8 +38,7 @@ def score_shard(cfg: BatchConfig, shard: dict) -> dict:
     started = time.monotonic()
     model = scoring_model.fetch(cfg.registry, cfg.model_name, listing["model_version"], cfg.cache_dir)
     root = batch_scoring.images_root(cfg.images, cfg.cache_dir)
-    with batch_scoring.worker_pool() as pool:
-        reads = batch_scoring.hash_images(root, paths, pool)
+    reads = batch_scoring.hash_images(root, paths)
     key = batch_scoring.shard_key(model.version_uri, images.DECODER_VERSION, cfg.top_k, reads)
     prefix = batch_scoring.shard_prefix(cfg.output_root, key)
     record_uri = storage.join(prefix, batch_scoring.SHARD_RECORD)
