@@ -36,17 +36,29 @@ METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' EarlyStopping on val_accuracy, keeping the best epoch's weights, whose counters survive a restart."""
+    """Early stopping on val_accuracy whose counters survive a restart; it keeps the best epoch's weights.
+
+    Two rules, kept apart on purpose. Stopping: training ends after `patience`
+    epochs without a gain of more than `min_delta` over the reference (the last
+    epoch that made such a gain), as in Keras. Keeping: the weights restored at
+    the end are those of the highest val_accuracy seen, the later epoch on a tie.
+    Keras uses its min_delta reference for both, so it keeps the first epoch that
+    cleared it and drops later ones that only gained less than min_delta: with
+    fine-tuning's cosine decay that threw away the settled end of the schedule (on
+    Fashion-MNIST it kept epoch 14 of 17, val 0.912 -> test 0.902, over epoch 17's
+    val 0.917 -> test 0.916).
+    """
 
     def __init__(self, patience: int, min_delta: float):
         super().__init__(monitor="val_accuracy", mode="max", patience=patience, min_delta=min_delta,
                          restore_best_weights=True)
+        self.reference: float | None = None  # the val_accuracy the patience counts from
         self._resumed: tuple[dict[str, Any], list[np.ndarray] | None] | None = None
 
     def state(self) -> dict[str, Any]:
         """The counters a restart needs (JSON-able); best_weights travel in the npz."""
         return {"wait": self.wait, "best": None if self.best is None else float(self.best),
-                "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
+                "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch, "reference": self.reference}
 
     def resume(self, state: dict[str, Any], best_weights: list[np.ndarray] | None) -> None:
         """Continue from a checkpoint; applied when fit() starts (Keras resets the counters there)."""
@@ -55,10 +67,26 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
+        self.best, self.reference = None, None
         if self._resumed is not None:
             state, self.best_weights = self._resumed
             self.wait, self.best = state["wait"], state["best"]
             self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+            self.reference = state.get("reference", self.best)  # a checkpoint from before the two rules
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        current = self.get_monitor_value(logs)
+        if current is None:
+            return
+        current = float(current)
+        self.wait += 1
+        if self.reference is None or current - self.min_delta > self.reference:  # Keras' own test
+            self.reference, self.wait = current, 0
+        if self.best is None or current >= self.best:
+            self.best, self.best_epoch, self.best_weights = current, epoch, self.model.get_weights()
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
 
 
 @dataclass
@@ -202,7 +230,7 @@ class FitResult:
 
     history: list[dict[str, Any]]  # this phase's epochs, numbered across phases from 1
     resumed_from_epoch: int | None  # the first epoch this call ran after a restore, else None
-    best_epoch: int  # the epoch whose weights the model holds: EarlyStopping's best (min_delta applies)
+    best_epoch: int  # the epoch whose weights the model holds: the highest val_accuracy, the later on a tie
     best_val_accuracy: float
     stopped_early: bool
 

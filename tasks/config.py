@@ -153,8 +153,9 @@ class RunConfig:
                          maximum=4)
     patience: int = param(3, "Patience (epochs)", "Early stopping and plateau window.",
                           section=FEATURE_EXTRACTION, type="integer", minimum=1, maximum=100)
-    min_delta: float = param(0.005, "Min improvement", "Smaller val_accuracy gains count as no improvement "
-                             "(the plateau rule also allows for the validation set's sampling noise).",
+    min_delta: float = param(0.005, "Min improvement", "Smaller val_accuracy gains do not renew early stopping's "
+                             "patience (the plateau rule also allows for the validation set's sampling noise); the "
+                             "weights kept are still the best epoch's.",
                              section=FEATURE_EXTRACTION, type="number", minimum=0, maximum=1)
     # fine-tuning
     fine_tune: FineTuneMode = param("auto", "Fine-tune", "auto = only when validation accuracy plateaus below "
