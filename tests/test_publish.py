@@ -7,6 +7,7 @@ the first test); elsewhere `quick_checks` stands in for them to keep each test f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -133,15 +134,19 @@ def make_run(tmp_path, test_records, mean_colour_backbone, cache_dir, monkeypatc
     return make
 
 
-REAL_CHECK_SERVING = serving_check.check_serving
+REAL_SERVING_CHECK = serving_check.started
 REAL_EXPORT_VARIANTS = tflite_export.export_variants
+
+
+@contextlib.contextmanager
+def passed_serving_check(*args):
+    yield lambda: {"max_abs_diff": {"model": 0.0, "saved_model": 0.0}, "n_images": PER_CLASS, "tolerance": 1e-4}
 
 
 @pytest.fixture(autouse=True)
 def quick_checks(monkeypatch):
     """Stand-ins for the serving check and the TFLite export, which cost seconds per publish."""
-    monkeypatch.setattr(serving_check, "check_serving", lambda *args: {
-        "max_abs_diff": {"model": 0.0, "saved_model": 0.0}, "n_images": PER_CLASS, "tolerance": 1e-4})
+    monkeypatch.setattr(serving_check, "started", passed_serving_check)
     monkeypatch.setattr(tflite_export, "export_variants", lambda *args: (
         {"status": "not convertible: skipped in this test", "variants": {}}, None))
 
@@ -149,7 +154,7 @@ def quick_checks(monkeypatch):
 @pytest.fixture
 def real_checks(monkeypatch):
     """The real serving check (fresh process) and TFLite export, for the tests about them."""
-    monkeypatch.setattr(serving_check, "check_serving", REAL_CHECK_SERVING)
+    monkeypatch.setattr(serving_check, "started", REAL_SERVING_CHECK)
     monkeypatch.setattr(tflite_export, "export_variants", REAL_EXPORT_VARIANTS)
 
 

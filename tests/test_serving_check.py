@@ -136,3 +136,27 @@ def test_bytes_signature_that_decodes_otherwise_blocks_publishing(tmp_path, cach
                        match=r"saved_model_bytes answers the golden batch up to .* in-graph decoder") as failure:
         serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
     assert "saved_model answers" not in str(failure.value) and "model answers" not in str(failure.value)
+
+
+def test_a_check_started_beside_other_work_judges_when_asked_and_dies_with_a_failure_there(tmp_path, cache_dir,
+                                                                                          monkeypatch):
+    model, saved_model, records, probabilities, paths = staged(tmp_path, tiny_classifier(cache_dir))
+    golden = write_golden(tmp_path / "golden.npz", probabilities, paths)
+    processes = []
+    real_popen = serving_check.subprocess.Popen
+
+    def recorded_popen(*args, **kwargs):
+        processes.append(real_popen(*args, **kwargs))
+        return processes[-1]
+
+    monkeypatch.setattr(serving_check.subprocess, "Popen", recorded_popen)
+
+    with serving_check.started(model, saved_model, golden, records, "s3://m/v1") as result:
+        assert processes[0].poll() is None  # running while the caller works
+        checked = result()
+    assert max(checked["max_abs_diff"].values()) <= serving_check.TOLERANCE
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with serving_check.started(model, saved_model, golden, records, "s3://m/v1"):
+            raise RuntimeError("conversion failed")
+    assert processes[1].poll() is not None and processes[1].returncode != 0  # killed, not left running
