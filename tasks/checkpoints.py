@@ -66,8 +66,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         self.on_train_begin()
 
     def on_train_begin(self, logs=None) -> None:
-        super().on_train_begin(logs)
-        self.best, self.reference = None, None
+        super().on_train_begin(logs)  # wait, stopped_epoch, best and best_weights start over
+        self.reference = None
         if self._resumed is not None:
             state, self.best_weights = self._resumed
             self.wait, self.best = state["wait"], state["best"]

@@ -200,7 +200,6 @@ def test_scores_match_the_published_classifier_on_the_golden_batch(deploy, tmp_p
 def test_the_model_sees_the_one_decoders_pixels_at_its_size_and_at_any_other(tmp_path):
     """A picture already at the model's size skips `resize` (TensorFlow not needed): that must change no value,
     so every image reaches the model exactly as `images.decode` (to_rgb, then the one resize) gives it."""
-
     from PIL import Image
 
     rng = np.random.default_rng(0)
