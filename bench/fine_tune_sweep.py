@@ -50,7 +50,7 @@ from tasks.checkpoints import Stopping, fit_resumable
 from tasks.config import RunConfig
 from tasks.head import build_head, compose
 from tasks.records import image_dataset
-from tasks.training import Feed, compile_model
+from tasks.training import Feed, cached_epochs, compile_model
 
 log = logging.getLogger("bench.fine_tune_sweep")
 
@@ -153,13 +153,9 @@ def train_on_cache(model: keras.Model, cfg: RunConfig, cached: dict[str, CachedS
     """fit_resumable over cached activations (fresh: no checkpoint of an earlier bench is resumed)."""
     checkpoint_uri = storage.join(cfg.run_uri, "bench-checkpoints", phase)
     storage.delete(checkpoint_uri)
-    feed = Feed.of(cfg, num_classes)
-    shape = feed.targets()
     result, seconds, cpu = cpu_timed(
         fit_resumable, model, phase=phase, first_epoch=start, last_epoch=start + epochs,
-        train_epoch=lambda epoch: cached["train"].batches(cfg.batch_size, feed.epoch_seed(epoch)).map(shape),
-        steps_per_epoch=math.ceil(len(cached["train"]) / cfg.batch_size),
-        validation=cached["val"].batches(cfg.batch_size).map(shape), stopping=Stopping(cfg.patience, cfg.min_delta),
+        epochs=cached_epochs(Feed.of(cfg, num_classes), cached), stopping=Stopping(cfg.patience, cfg.min_delta),
         fingerprint={"phase": phase}, checkpoint_uri=checkpoint_uri,
         tensorboard_uri=storage.join(cfg.run_uri, "bench-tensorboard", phase), scratch=scratch)
     return {"val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch - start,

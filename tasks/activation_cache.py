@@ -77,9 +77,11 @@ class CachedSplit:
                       .apply(tf.data.experimental.assert_cardinality(math.ceil(len(self) / batch_size)))
                       .prefetch(AHEAD))
 
-    def epochs(self, batch_size: int, shuffle_seed: Callable[[int], int]) -> tuple[Callable[[int], Any], int]:
-        """(epoch -> that epoch's shuffled batches, batches per epoch), the shape fit_resumable takes."""
-        return (lambda epoch: self.batches(batch_size, shuffle_seed(epoch))), math.ceil(len(self) / batch_size)
+    def order(self, shuffle_seed: int) -> np.ndarray:
+        """The record indices in one epoch's order: that of batches(..., shuffle_seed), all at once."""
+        import tensorflow as tf
+
+        return next(iter(epoch_order(tf.data.Dataset.range(len(self)), shuffle_seed).batch(len(self)))).numpy()
 
     def _rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.activations[indices], dtype=np.float32), self.labels[indices]

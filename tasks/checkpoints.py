@@ -21,7 +21,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import keras
 import numpy as np
@@ -255,14 +255,36 @@ class Stopping:
     min_delta: float
 
 
-def fit_resumable(model: keras.Model, *, phase: str, first_epoch: int, last_epoch: int,
-                  train_epoch: Callable[[int], Any], steps_per_epoch: int, validation, stopping: Stopping,
-                  fingerprint: dict[str, Any], checkpoint_uri: str, tensorboard_uri: str, scratch: Path) -> FitResult:
+class Epochs(Protocol):
+    """How a phase's epochs run: KerasEpochs below, or a head's on cached features (tasks/head_training.py)."""
+
+    def run(self, model: keras.Model, first: int, last: int, callbacks: list[keras.callbacks.Callback]) -> None:
+        """Train `model` (compiled) for epochs [first, last), calling `callbacks` as Keras' fit does; stop early
+        when one sets model.stop_training."""
+
+
+@dataclass(frozen=True)
+class KerasEpochs:
+    """Epochs through Keras' fit: `train_epoch(epoch)` gives that epoch's training batches (a tf.data.Dataset whose
+    order depends only on the epoch number), `validation` the validation batches."""
+
+    train_epoch: Callable[[int], Any]
+    steps_per_epoch: int
+    validation: Any
+
+    def run(self, model: keras.Model, first: int, last: int, callbacks: list[keras.callbacks.Callback]) -> None:
+        """The epochs still to run, concatenated into one stream that fit reads `steps_per_epoch` batches at a time."""
+        stream = functools.reduce(lambda epochs, epoch: epochs.concatenate(self.train_epoch(epoch)),
+                                  range(first + 1, last), self.train_epoch(first))
+        model.fit(stream, epochs=last, initial_epoch=first, steps_per_epoch=self.steps_per_epoch,
+                  validation_data=self.validation, callbacks=callbacks, shuffle=False, verbose=0)
+
+
+def fit_resumable(model: keras.Model, *, phase: str, first_epoch: int, last_epoch: int, epochs: Epochs,
+                  stopping: Stopping, fingerprint: dict[str, Any], checkpoint_uri: str, tensorboard_uri: str,
+                  scratch: Path) -> FitResult:
     """Train `model` (compiled) for epochs [first_epoch, last_epoch) or until early stopping, resuming if possible.
 
-    `train_epoch(epoch)` gives that epoch's training batches (a tf.data.Dataset
-    whose order depends only on the epoch number); the epochs still to run are
-    concatenated into one stream that fit() reads `steps_per_epoch` batches at a time.
     Checkpoints go to `checkpoint_uri`, TensorBoard scalars to `tensorboard_uri`.
     """
     checkpointer = Checkpointer(checkpoint_uri, scratch / "checkpoint", fingerprint)
@@ -277,15 +299,9 @@ def fit_resumable(model: keras.Model, *, phase: str, first_epoch: int, last_epoc
     if finished:
         model.set_weights(early_stopping.best_weights)
     else:
-        tensorboard_dir = scratch / "tensorboard"
-        callbacks = [
-            early_stopping,
-            EpochEnd(phase, last_epoch, history, checkpointer, early_stopping, (tensorboard_dir, tensorboard_uri)),
-        ]
-        epochs = functools.reduce(lambda stream, epoch: stream.concatenate(train_epoch(epoch)),
-                                  range(start + 1, last_epoch), train_epoch(start))
-        model.fit(epochs, epochs=last_epoch, initial_epoch=start, steps_per_epoch=steps_per_epoch,
-                  validation_data=validation, callbacks=callbacks, shuffle=False, verbose=0)
+        tensorboard = (scratch / "tensorboard", tensorboard_uri)
+        epochs.run(model, start, last_epoch,
+                   [early_stopping, EpochEnd(phase, last_epoch, history, checkpointer, early_stopping, tensorboard)])
     return FitResult(history=history, resumed_from_epoch=start + 1 if resume and not finished else None,
                      best_epoch=early_stopping.best_epoch + 1, best_val_accuracy=float(early_stopping.best),
                      stopped_early=early_stopping.stopped_epoch > 0)

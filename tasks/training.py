@@ -18,7 +18,9 @@ import keras
 import numpy as np
 
 from tasks import activation_cache, artifacts, feature_store, settings, storage
+from tasks.activation_cache import CachedSplit
 from tasks.backbones import Backbone, make_optimizer
+from tasks.checkpoints import KerasEpochs
 from tasks.config import RunConfig
 from tasks.errors import TrainingError
 from tasks.records import image_dataset
@@ -26,10 +28,9 @@ from tasks.records import image_dataset
 log = logging.getLogger(__name__)
 
 TRAINING_SPLITS = ("train", "val")
-# Steps per call into TensorFlow: a call defers Python's signal handlers (Airflow's SIGTERM) until it returns, so
-# heavy steps (a backbone, a fine-tuned top) run 32 at most; a head on features runs a whole epoch of ~1 ms steps.
+# Steps per call into TensorFlow in Keras' fit: a call defers Python's signal handlers (Airflow's SIGTERM) until it
+# returns, so heavy steps (a backbone, a fine-tuned top) run 32 at most (a head on features: tasks/head_training.py).
 MAX_STEPS_PER_EXECUTION = 32
-HEAD_STEPS_PER_EXECUTION = 256
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,11 @@ def count_records(path: Path) -> int:
     return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), add_one))
 
 
-def image_data(feed: Feed, records: dict[str, Path]) -> tuple[Callable, int, Any]:
+def image_data(feed: Feed, records: dict[str, Path]) -> KerasEpochs:
     """Training on images (augmented feature extraction, fine-tuning): the train split's epochs, their
     batch count, and the validation batches."""
     train_epoch, steps = image_epochs(feed, records["train"])
-    return train_epoch, steps, validation_images(feed, records["val"])
+    return KerasEpochs(train_epoch, steps, validation_images(feed, records["val"]))
 
 
 def image_epochs(feed: Feed, records: Path) -> tuple[Callable, int]:
@@ -131,16 +132,14 @@ def validation_images(feed: Feed, records: Path):
             .apply(tf.data.experimental.assert_cardinality(feed.batches(count_records(records)))))
 
 
-def cached_data(feed: Feed, bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
-                stage: Callable[[], dict[str, Path]]) -> tuple[Callable, int, Any]:
-    """Training on what a frozen `bottom` makes of each image (features, or fine-tuning's boundary activations).
+def cached_splits(bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
+                  stage: Callable[[], dict[str, Path]], batch_size: int) -> dict[str, CachedSplit]:
+    """What a frozen `bottom` makes of each train and val image (features, or fine-tuning's boundary activations).
 
-    The bottom runs once per train/val image and its activations live under the
-    run root at `uri` (a retry on any worker reuses them; another `key` recomputes
-    them); `stage` gives the local split files when they must be computed.
-    Returns the epochs fit_resumable reads — each epoch in the image pipeline's
-    own order, streamed from disk in batches — their batch count, and the
-    validation batches.
+    The bottom runs once per image and its activations live under the run root at
+    `uri` (a retry on any worker reuses them; another `key` recomputes them);
+    `stage` gives the local split files when they must be computed. Returns the
+    splits memory-mapped (tasks/activation_cache.py).
     """
     local = scratch / "activations" if storage.is_s3(uri) else storage.local_path(uri)
     cached = None
@@ -150,37 +149,22 @@ def cached_data(feed: Feed, bottom: keras.Model, key: dict[str, Any], uri: str, 
     elif not storage.is_s3(uri):
         cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
     if cached is None:
-        cached = activation_cache.cache_activations(bottom, stage(), local, key, feed.batch_size,
+        cached = activation_cache.cache_activations(bottom, stage(), local, key, batch_size,
                                                     feature_store.FeatureStore(*settings.load().feature_store_args()))
         if storage.is_s3(uri):
             storage.delete(uri.rstrip("/") + "/")
             storage.upload(local, uri)
     else:
         log.info("reused activations of %s under %s", ", ".join(TRAINING_SPLITS), uri)
-    train_epoch, steps = cached["train"].epochs(feed.batch_size, feed.epoch_seed)
+    return cached
+
+
+def cached_epochs(feed: Feed, cached: dict[str, CachedSplit]) -> KerasEpochs:
+    """Keras' epochs over cached splits: each epoch in the image pipeline's own order, streamed from disk in
+    batches, and the validation batches."""
     shaped = feed.targets()
-    return (lambda epoch: train_epoch(epoch).map(shaped)), steps, cached["val"].batches(feed.batch_size).map(shaped)
-
-
-def mixed_up(batches, alpha: float, seed: int):
-    """Mixup of (features, one-hot labels) batches: each example becomes lam * itself + (1 - lam) * another example
-    of its batch, features and labels alike, lam ~ Beta(alpha, alpha) per example; the same `seed` mixes the same
-    way (stateless random ops keyed by the batch's index), so a resumed epoch repeats an uninterrupted one."""
-    import tensorflow as tf
-
-    def mix(index, batch):
-        x, y = batch
-        size = tf.shape(x)[0]
-        key = tf.stack([tf.cast(seed, tf.int64), index])
-        gammas = tf.random.stateless_gamma([2, size], seed=key, alpha=alpha)
-        lam = gammas[0] / (gammas[0] + gammas[1])
-        partner = tf.argsort(tf.random.stateless_uniform([size], seed=key + 1))
-        lam_x = tf.reshape(tf.cast(lam, x.dtype), [-1] + [1] * (len(x.shape) - 1))
-        lam_y = tf.reshape(tf.cast(lam, y.dtype), [-1, 1])
-        return (lam_x * x + (1 - lam_x) * tf.gather(x, partner),
-                lam_y * y + (1 - lam_y) * tf.gather(y, partner))
-
-    return batches.enumerate().map(mix)
+    return KerasEpochs(lambda epoch: cached["train"].batches(feed.batch_size, feed.epoch_seed(epoch)).map(shaped),
+                       feed.batches(len(cached["train"])), cached["val"].batches(feed.batch_size).map(shaped))
 
 
 def resolve_loss(name: str):
@@ -205,11 +189,9 @@ def compile_model(model: keras.Model, optimizer: str, loss, learning_rate, backb
 def execution_steps(steps_per_epoch: int, most: int) -> int:
     """The most training steps, up to `most`, that divide an epoch's batch count.
 
-    A head on cached features does a fraction of a millisecond of arithmetic per
-    batch against a few milliseconds of Keras' per-call overhead, so running
-    steps in one call (Keras' steps_per_execution) trains it about a third
-    faster, and a whole epoch in one call (the demo's 169 batches) a little
-    more. An execution must end exactly at an epoch's end: one that crossed it
+    Running steps in one call (Keras' steps_per_execution) saves Keras'
+    per-call overhead of a few milliseconds a step, which matters where a step
+    is light. An execution must end exactly at an epoch's end: one that crossed it
     would read the next epoch's first batches into this epoch (fit reads one
     stream of all epochs), so it is a divisor; the same batches in the same
     order, so the same weights.

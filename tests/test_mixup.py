@@ -20,9 +20,13 @@ def batches(seed_rows: int = 8):
 
 
 def mixed(alpha: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from tasks.training import mixed_up
+    """Each batch mixed as the head's loop mixes batch `index` of the epoch whose seed is `seed`."""
+    import tensorflow as tf
 
-    return [(x.numpy(), y.numpy()) for x, y in mixed_up(batches(), alpha, seed)]
+    from tasks.head_training import mix
+
+    return [tuple(part.numpy() for part in mix(x, y, alpha, tf.constant([seed, index], tf.int64)))
+            for index, (x, y) in enumerate(batches())]
 
 
 def test_mixup_blends_features_and_labels_with_the_same_weights():

@@ -252,7 +252,9 @@ def test_steps_run_together_end_each_epoch_on_the_very_weights_of_steps_run_one_
 
     rng = np.random.default_rng(0)
     train_split = CachedSplit(rng.normal(size=(90, 16)).astype("float32"), rng.integers(0, 3, 90))
-    epoch, steps = train_split.epochs(8, lambda number: 100 + number)  # 12 batches an epoch
+    steps = 12  # batches of 8 an epoch
+    def epoch(number):
+        return train_split.batches(8, 100 + number)
     assert execution_steps(steps, 32) == 12
     at_epoch_ends = {}
     for together in (False, True):

@@ -36,7 +36,8 @@ from tasks.phases import FINE_TUNE, PhaseSummary
 from tasks.scratch import scratch_dir
 from tasks.training import (
     Feed,
-    cached_data,
+    cached_epochs,
+    cached_splits,
     compile_model,
     distribution_strategy,
     fingerprint,
@@ -71,18 +72,18 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
                               cfg.cache_dir) if cfg.warm_start_fine_tune else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
-            train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
+            epochs = image_data(feed, stage_records(cfg, scratch))
         else:
             model = _top_and_head(split.top, head)
-            train_epoch, steps, validation = cached_data(
-                feed, split.bottom, activation_cache.cache_key(backbone, split, manifest["sha256"]),
-                cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch, lambda: stage_records(cfg, scratch))
+            epochs = cached_epochs(feed, cached_splits(
+                split.bottom, activation_cache.cache_key(backbone, split, manifest["sha256"]),
+                cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch, lambda: stage_records(cfg, scratch),
+                feed.batch_size))
         rate = learning_rate(cfg.learning_rate * cfg.fine_tune_lr_factor, cfg.fine_tune_schedule,
-                             cfg.fine_tune_epochs, steps)
-        compile_model(model, cfg.optimizer, loss, rate, backbone, steps)
+                             cfg.fine_tune_epochs, epochs.steps_per_epoch)
+        compile_model(model, cfg.optimizer, loss, rate, backbone, epochs.steps_per_epoch)
         result = fit_resumable(
-            model, phase=FINE_TUNE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs,
-            train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
+            model, phase=FINE_TUNE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs, epochs=epochs,
             stopping=Stopping(cfg.patience, cfg.min_delta), scratch=scratch,
             checkpoint_uri=cfg.artifact(artifacts.checkpoints(FINE_TUNE)),
             tensorboard_uri=cfg.artifact(artifacts.tensorboard(FINE_TUNE)),

@@ -3,8 +3,10 @@
 Without augmentation the frozen backbone would compute the same features every
 epoch, so it runs exactly once per image: train and validation features are
 computed in one streaming pass, stored under the run root (a retry reuses
-them), and the head trains on them in seconds. With augmentation every epoch
-sees new images, so the backbone runs per epoch inside the model. Either way
+them), and the head trains on them in about a second (tasks/head_training.py;
+its functions are traced beside the pass). With augmentation every epoch
+sees new images, so the backbone runs per epoch inside the model, through
+Keras' fit on every device the worker has. Either way
 the trained head is then composed with the backbone into one
 image-in/probabilities-out model (`model/feature_extraction/`), whose URI the
 step returns: select hands the winner's on to fine_tune and evaluate.
@@ -24,20 +26,20 @@ from tasks.backbone_split import split_backbone
 from tasks.checkpoints import Stopping, fit_resumable
 from tasks.config import Candidate, RunConfig
 from tasks.head import augmentation, compose
+from tasks.head_training import HeadEpochs, HeadSteps
 from tasks.phases import FEATURE_EXTRACTION, PhaseSummary
 from tasks.scratch import scratch_dir
 from tasks.training import (
-    HEAD_STEPS_PER_EXECUTION,
     MAX_STEPS_PER_EXECUTION,
     Feed,
-    cached_data,
+    cached_splits,
     compile_model,
     distribution_strategy,
     fingerprint,
     image_data,
-    mixed_up,
     resolve_loss,
     stage_records,
+    strategy_for,
 )
 from tasks.warm_start import warm_start
 
@@ -68,30 +70,33 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     if mixup:  # blended labels need one-hot targets and a loss that takes them
         feed, loss = dataclasses.replace(feed, one_hot=True), keras.losses.CategoricalCrossentropy()
     spec = classifier.ClassifierSpec(cfg.backbone, cfg.image_size, tuple(manifest["classes"]), cfg.dropout)
-    strategy = distribution_strategy()
-    with scratch_dir("train") as scratch, strategy.scope(), ThreadPoolExecutor(1) as lookup:
+    # a model on images trains on every device; a head on features (a fraction of a millisecond a batch) on one
+    strategy = distribution_strategy() if cfg.augment else strategy_for([])
+    with scratch_dir("train") as scratch, strategy.scope(), ThreadPoolExecutor(1) as beside:
         # the champion pointer is read beside the build and the extraction (an S3 client and a round trip)
-        champion = lookup.submit(registry.read_champion, cfg.publish_uri, cfg.model_name) if cfg.warm_start else None
+        champion = beside.submit(registry.read_champion, cfg.publish_uri, cfg.model_name) if cfg.warm_start else None
         built = classifier.build(spec, cfg.backbone_weights, cfg.cache_dir)
         backbone, head = built.backbone, built.head
         backbone.model.trainable = False
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
-            train_epoch, steps, validation = image_data(feed, stage_records(cfg, scratch))
+            epochs = image_data(feed, stage_records(cfg, scratch))
+            compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, epochs.steps_per_epoch,
+                          MAX_STEPS_PER_EXECUTION)
         else:
             model = head
+            compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone)
+            steps = HeadSteps(head, loss, feed, mixup)
+            traced = beside.submit(steps.trace)  # while the backbone computes the features
             whole = split_backbone(backbone, 0)  # the bottom is the whole frozen backbone: features
-            train_epoch, steps, validation = cached_data(
-                feed, whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
-                cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch))
-            if mixup:
-                train_epoch = _mixed_epochs(train_epoch, mixup, feed)
+            cached = cached_splits(whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
+                                   cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch),
+                                   feed.batch_size)
+            traced.result()
+            epochs = HeadEpochs(steps, cached["train"], cached["val"])
         warm = "" if champion is None else warm_start(built, champion, cfg.publish_uri, cfg.model_name, scratch,
                                                       cfg.cache_dir)
-        compile_model(model, cfg.optimizer, loss, cfg.learning_rate, backbone, steps,
-                      MAX_STEPS_PER_EXECUTION if cfg.augment else HEAD_STEPS_PER_EXECUTION)
-        result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs,
-                               train_epoch=train_epoch, steps_per_epoch=steps, validation=validation,
+        result = fit_resumable(model, phase=FEATURE_EXTRACTION, first_epoch=0, last_epoch=cfg.epochs, epochs=epochs,
                                stopping=Stopping(cfg.patience, cfg.min_delta),
                                fingerprint=fingerprint(cfg, backbone, manifest, FEATURE_EXTRACTION,
                                                        **({"mixup": mixup} if mixup else {})),
@@ -113,8 +118,3 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
             "manifest_hash": manifest["hash"], "epochs_run": len(result.history), "best_epoch": result.best_epoch,
             "val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early, "seconds": seconds,
             "resumed_from_epoch": result.resumed_from_epoch}
-
-
-def _mixed_epochs(train_epoch, alpha: float, feed: Feed):
-    """Each epoch's batches mixed up (tasks.training.mixed_up), seeded by the epoch as its order is."""
-    return lambda epoch: mixed_up(train_epoch(epoch), alpha, feed.epoch_seed(epoch))
