@@ -23,6 +23,7 @@ No TensorFlow here: `extract` takes the traced backbone as a function.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -46,9 +47,9 @@ SUFFIX = ".npy"
 S3_IO_THREADS = 8  # concurrent entry reads/writes on S3: a round trip per entry, so latency, not CPU, bounds them
 # A local store is read and written by one thread: its entries are page-cache reads and small file creations, and
 # more threads only contend (6,000 entries on the 2-core VM: written in 0.7 s by one thread, 1.1 s by two, 1.45 s
-# by eight; read in 1.2 s by one, 1.8 s by eight), taking CPU from the backbone they run beside.
+# by eight; read in 1.2 s by one, 1.8 s by eight), taking CPU from the backbone that reads run beside.
 LOCAL_IO_THREADS = 1
-IN_FLIGHT = 256  # entries read ahead or written behind the caller, at most (memory: IN_FLIGHT entries)
+IN_FLIGHT = 256  # entries read ahead of the caller, at most (memory: IN_FLIGHT entries)
 WRITE_CHUNK = 32  # entries per write task: one task per image costs a thread hand-off per image
 
 
@@ -140,9 +141,10 @@ class FeatureStore:
     def put(self, space: str, sha256: str, array: np.ndarray) -> None:
         storage.write_bytes(self.entry(space, sha256), encode(array))
 
-    def put_many(self, space: str, entries: list[tuple[str, np.ndarray]]) -> None:
+    def put_many(self, space: str, entries: list[tuple[str, np.ndarray]]) -> int:
         for sha256, array in entries:
             self.put(space, sha256, array)
+        return len(entries)
 
     def evict(self) -> int:
         """Delete least-recently-used entries until the store fits its cap; returns how many were deleted."""
@@ -165,11 +167,13 @@ class FeatureStore:
 
 @dataclass(frozen=True)
 class Extracted:
-    """One split's per-image outputs in file order, and how many images went through the backbone."""
+    """One split's per-image outputs in file order, and which of them went through the backbone: `computed`, the
+    indices of those images, is complete once `features` has been consumed (an entry lost since the listing is
+    computed on its own and added then)."""
 
     features: Iterator[np.ndarray]
     count: int
-    computed: int
+    computed: list[int]
 
 
 def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callable[[list[int]], Iterator[np.ndarray]]
@@ -177,44 +181,53 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
     """Each image's output in order, from the store where it has the image, else from `compute`.
 
     `hashes` are the images' sha256 in file order; `compute(indices)` yields the
-    outputs of those images (in that order), which are stored as they come. An
-    entry lost between the listing and its read (evicted, failed verification)
-    is computed on its own. Reads and writes run beside the caller (on S3 on a
-    few threads, at most IN_FLIGHT ahead of it), so storage latency (one object
-    per image, an S3 round trip each) overlaps the backbone instead of adding to it.
+    outputs of those images (in that order). Nothing is written here: the caller
+    adds the computed outputs with `fill` once it has them whole, after the pass,
+    so that writing thousands of entries does not take CPU from the backbone.
+    Reads run beside the caller (on S3 on a few threads, at most IN_FLIGHT ahead
+    of it), so storage latency (an S3 round trip per image) overlaps the backbone.
     """
     present = store.present(space)
     missing = [index for index, sha in enumerate(hashes) if sha not in present]
+    computed = list(missing)
 
     def ordered() -> Iterator[np.ndarray]:
-        computed = compute(missing)
+        from_backbone = compute(missing)
         pending = set(missing)
-        writes: collections.deque[Future] = collections.deque()
-        chunk: list[tuple[str, np.ndarray]] = []
         with ThreadPoolExecutor(store.io_threads, thread_name_prefix="feature-store") as pool:
             reads = _ahead(pool, (lambda sha=hashes[index]: store.get(space, sha)
                                   for index in range(len(hashes)) if index not in pending))
-            for index, sha in enumerate(hashes):
+            for index in range(len(hashes)):
                 if index in pending:
-                    array = next(computed)
-                else:
-                    array = next(reads)
-                    if array is not None:
-                        yield array
-                        continue
-                    array = next(compute([index]))  # lost since the listing
-                chunk.append((sha, array))
-                if len(chunk) == WRITE_CHUNK:
-                    writes.append(pool.submit(store.put_many, space, chunk))
-                    chunk = []
-                while len(writes) * WRITE_CHUNK > IN_FLIGHT:
-                    writes.popleft().result()
+                    yield next(from_backbone)
+                    continue
+                array = next(reads)
+                if array is None:  # lost since the listing
+                    array = next(compute([index]))
+                    computed.append(index)
                 yield array
-            writes.append(pool.submit(store.put_many, space, chunk))
-            for write in writes:
-                write.result()
 
-    return Extracted(ordered(), len(hashes), len(missing))
+    return Extracted(ordered(), len(hashes), computed)
+
+
+def fill(store: FeatureStore, space: str, entries: list[tuple[str, np.ndarray]]) -> int:
+    """Add (image sha256, output) entries to the namespace, then evict down to the cap; returns how many were written.
+
+    The store is a cache: a write that fails (a full disk, a lost connection) is
+    logged, not raised; the run has its outputs already and the next run
+    computes what is missing.
+    """
+    chunks = [entries[start:start + WRITE_CHUNK] for start in range(0, len(entries), WRITE_CHUNK)]
+    written = 0
+    try:
+        with ThreadPoolExecutor(store.io_threads, thread_name_prefix="feature-store") as pool:
+            for count in pool.map(functools.partial(store.put_many, space), chunks):
+                written += count
+        store.evict()
+    except (StorageError, OSError) as error:
+        log.warning("feature store: stored %d of %d new entries under %s, then failed (%s); the next run "
+                    "computes the rest again", written, len(entries), store.root, error)
+    return written
 
 
 def _ahead(pool: ThreadPoolExecutor, calls: Iterable[Callable[[], Any]]) -> Iterator[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -133,12 +134,15 @@ def validation_images(feed: Feed, records: Path):
 
 
 def cached_splits(bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
-                  stage: Callable[[], dict[str, Path]], batch_size: int) -> dict[str, CachedSplit]:
+                  stage: Callable[[], dict[str, Path]], batch_size: int, beside: Executor | None = None
+                  ) -> dict[str, CachedSplit]:
     """What a frozen `bottom` makes of each train and val image (features, or fine-tuning's boundary activations).
 
     The bottom runs once per image and its activations live under the run root at
     `uri` (a retry on any worker reuses them; another `key` recomputes them);
-    `stage` gives the local split files when they must be computed. Returns the
+    `stage` gives the local split files when they must be computed. Images new to
+    the shared feature store are added to it on `beside` when given (see
+    activation_cache.cache_activations; `scratch` must outlive it). Returns the
     splits memory-mapped (tasks/activation_cache.py).
     """
     local = scratch / "activations" if storage.is_s3(uri) else storage.local_path(uri)
@@ -150,7 +154,8 @@ def cached_splits(bottom: keras.Model, key: dict[str, Any], uri: str, scratch: P
         cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
     if cached is None:
         cached = activation_cache.cache_activations(bottom, stage(), local, key, batch_size,
-                                                    feature_store.FeatureStore(*settings.load().feature_store_args()))
+                                                    feature_store.FeatureStore(*settings.load().feature_store_args()),
+                                                    beside)
         if storage.is_s3(uri):
             storage.delete(uri.rstrip("/") + "/")
             storage.upload(local, uri)

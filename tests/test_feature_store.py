@@ -48,11 +48,13 @@ def test_extract_computes_only_what_the_store_lacks(tmp_path):
 
     hashes = [_sha(i) for i in range(10)]
     first = feature_store.extract(store, "ns", hashes, compute)
-    assert first.computed == 10 and len(list(first.features)) == 10
+    features = list(first.features)
+    assert first.computed == list(range(10)) and store.present("ns") == set()  # extract itself writes nothing
+    assert feature_store.fill(store, "ns", [(hashes[i], features[i]) for i in first.computed]) == 10
     grown = hashes + [_sha(10), _sha(11)]
     second = feature_store.extract(store, "ns", grown, compute)
     got = list(second.features)
-    assert second.computed == 2 and calls[-1] == [10, 11]
+    assert second.computed == [10, 11] and calls[-1] == [10, 11]
     assert all(np.array_equal(got[i], _features(i)) for i in range(12))
 
 
@@ -66,8 +68,31 @@ def test_a_corrupt_entry_is_a_miss_and_is_recomputed(tmp_path):
     path.write_bytes(bytes(data))
     assert store.get("ns", _sha(1)) is None
     assert not path.exists()
-    got = list(feature_store.extract(store, "ns", [_sha(1)], lambda idx: iter([_features(1)] * len(idx))).features)
-    assert np.array_equal(got[0], _features(1))
+    extracted = feature_store.extract(store, "ns", [_sha(1)], lambda idx: iter([_features(1)] * len(idx)))
+    assert np.array_equal(list(extracted.features)[0], _features(1)) and extracted.computed == [0]
+
+
+@pytest.mark.fast
+def test_an_entry_lost_after_the_listing_is_computed_and_counted(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.put("ns", _sha(1), _features(1))
+    store.put("ns", _sha(2), _features(2))
+    extracted = feature_store.extract(store, "ns", [_sha(1), _sha(2)], lambda idx: iter([_features(2)] * len(idx)))
+    os.unlink(store.entry("ns", _sha(2)))  # evicted by another run between the listing and the read
+    got = list(extracted.features)
+    assert np.array_equal(got[0], _features(1)) and np.array_equal(got[1], _features(2))
+    assert extracted.computed == [1]
+
+
+@pytest.mark.fast
+def test_a_failing_fill_is_logged_and_keeps_what_it_wrote(tmp_path, caplog):
+    root = tmp_path / "store"
+    store = FeatureStore(str(root))
+    store.put("ns", _sha(0), _features(0))
+    (root / "ns" / _sha(50)[:2]).write_bytes(b"")  # a file where entry 50's folder goes: its write fails
+    written = feature_store.fill(store, "ns", [(_sha(n), _features(n)) for n in range(1, 100)])
+    assert written < 99 and "the next run computes the rest again" in caplog.text
+    assert np.array_equal(store.get("ns", _sha(0)), _features(0)) and store.get("ns", _sha(1)) is not None
 
 
 @pytest.mark.fast

@@ -46,7 +46,7 @@ def count_embedded(monkeypatch) -> list[int]:
 
     def counting(*args, **kwargs):
         written = write_split(*args, **kwargs)
-        embedded.append(written["count"])
+        embedded.append(written[0]["count"])  # (the split's count and shape, the images new to the store)
         return written
 
     monkeypatch.setattr(activation_cache, "_write_split", counting)

@@ -91,7 +91,7 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
             whole = split_backbone(backbone, 0)  # the bottom is the whole frozen backbone: features
             cached = cached_splits(whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
                                    cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch),
-                                   feed.batch_size)
+                                   feed.batch_size, beside)  # the store fills while the head trains
             traced.result()
             epochs = HeadEpochs(steps, cached["train"], cached["val"])
         warm = "" if champion is None else warm_start(built, champion, cfg.publish_uri, cfg.model_name, scratch,
