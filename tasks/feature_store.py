@@ -172,7 +172,6 @@ class Extracted:
     computed on its own and added then)."""
 
     features: Iterator[np.ndarray]
-    count: int
     computed: list[int]
 
 
@@ -207,7 +206,7 @@ def extract(store: FeatureStore, space: str, hashes: list[str], compute: Callabl
                     computed.append(index)
                 yield array
 
-    return Extracted(ordered(), len(hashes), computed)
+    return Extracted(ordered(), computed)
 
 
 def fill(store: FeatureStore, space: str, entries: list[tuple[str, np.ndarray]]) -> int:

@@ -21,6 +21,7 @@ examples, and their val_ counterparts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import keras
 import numpy as np
@@ -122,22 +123,26 @@ class HeadEpochs:
     def _epoch(self, epoch: int) -> tuple[float, float]:
         seed = self.steps.feed.epoch_seed(epoch)
         order = self.train.order(seed)
-        rows = BATCHES_PER_CALL * self.steps.feed.batch_size
-        loss_sum = hits = 0.0
-        for start in range(0, len(order), rows):
-            indices = order[start:start + rows]
-            call = self.steps.train(self.train.activations[indices], self.train.labels[indices],
-                                    np.int64(start // self.steps.feed.batch_size), np.int64(seed))
-            loss_sum, hits = loss_sum + float(call[0]), hits + float(call[1])
-        return loss_sum / len(order), hits / len(order)
+        return _means((self.steps.train(self.train.activations[indices], self.train.labels[indices],
+                                        np.int64(start // self.steps.feed.batch_size), np.int64(seed))
+                       for start, indices in self._calls(order)), len(order))
 
     def _validation(self) -> tuple[float, float]:
+        return _means((self.steps.evaluate(self.val.activations[indices], self.val.labels[indices])
+                       for _, indices in self._calls(np.arange(len(self.val)))), len(self.val))
+
+    def _calls(self, order: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, row indices) of each call into TensorFlow: BATCHES_PER_CALL batches of `order` at a time."""
         rows = BATCHES_PER_CALL * self.steps.feed.batch_size
-        loss_sum = hits = 0.0
-        for start in range(0, len(self.val), rows):
-            call = self.steps.evaluate(self.val.activations[start:start + rows], self.val.labels[start:start + rows])
-            loss_sum, hits = loss_sum + float(call[0]), hits + float(call[1])
-        return loss_sum / len(self.val), hits / len(self.val)
+        return ((start, order[start:start + rows]) for start in range(0, len(order), rows))
+
+
+def _means(calls: Iterable[tuple[Any, Any]], count: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over `count` rows from each call's (loss sum, hits)."""
+    loss_sum = hits = 0.0
+    for call_loss, call_hits in calls:
+        loss_sum, hits = loss_sum + float(call_loss), hits + float(call_hits)
+    return loss_sum / count, hits / count
 
 
 def mix(x, y, alpha: float, key):
