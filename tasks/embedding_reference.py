@@ -60,7 +60,8 @@ def write_sample(model, encoded: Iterable[bytes], stage: Path, meta: dict) -> di
 
     started = time.monotonic()
     size = int(model.input_shape[1])
-    embed = tf.function(with_embeddings(model), reduce_retracing=True)  # eager layer calls take ~5x as long
+    # eager layer calls take ~5x as long; the fixed signature traces once, the short last batch included
+    embed = tf.function(with_embeddings(model), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
     rows, pixels = [], []
     for data in encoded:
         pixels.append(images.decode(data, size))

@@ -22,7 +22,7 @@ from tasks.config import RunConfig
 from tasks.errors import EvaluationError
 from tasks.model_card import RunRecord
 from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
-from tasks.predict import predict_records
+from tasks.predict import predict_splits
 from tasks.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ def evaluate(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any], tuned: 
     with scratch_dir("evaluate") as scratch:
         model = classifier.fetch(model_uri, scratch, cfg.cache_dir).model
         test_path = storage.download(test_uri, scratch / "test.tfrecord")
-        probabilities, labels, paths = predict_records(model, test_path, cfg.batch_size)
+        val_path = storage.download(val_uri, scratch / "val.tfrecord")
+        (probabilities, labels, paths), (val_probabilities, val_labels, _) = predict_splits(
+            model, [test_path, val_path], cfg.batch_size)
         storage.write_bytes(cfg.artifact(artifacts.GOLDEN),
                             serving_check.golden_batch(probabilities, paths, int(model.input_shape[1])))
         storage.write_bytes(cfg.artifact(artifacts.EVALUATED_PREDICTIONS), predictions_file(probabilities, paths))
@@ -56,8 +58,6 @@ def evaluate(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any], tuned: 
         metrics["most_confused_pairs"] = pairs[:MOST_CONFUSED_PAIRS]
         metrics["manifest_hash"] = record.manifest["hash"]
         metrics["kept"] = record.kept
-        val_probabilities, val_labels, _ = predict_records(model, storage.download(val_uri, scratch / "val.tfrecord"),
-                                                           cfg.batch_size)
         metrics["validation_vs_test"] = accuracy_gap.compare(
             float(np.mean(val_probabilities.argmax(axis=1) == val_labels)), len(val_labels), metrics["accuracy"],
             metrics["n_test"], (record.manifest.get("test_source") or {}).get("source"))
