@@ -54,7 +54,7 @@ from tasks.training import Feed, cached_epochs, compile_model
 
 log = logging.getLogger("bench.fine_tune_sweep")
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")  # warmup_cosine: the fine-tune step's (fine_tune.learning_rate)
 TIMING = "bench-seconds.json"
 
 
@@ -65,13 +65,17 @@ class Recipe:
     epochs: int
     schedule: str = "constant"
     smoothing: float = 0.0
+    depthwise: bool = True  # False: the top's depthwise (spatial) kernels stay frozen
+    batch: int = 0  # 0: the config's batch size
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        """'units=19,lr=3e-4,epochs=8,schedule=cosine,smoothing=0.1' (schedule and smoothing optional)."""
+        """'units=19,lr=3e-4,epochs=8,schedule=cosine,smoothing=0.1,depthwise=frozen,batch=128' (units, lr and
+        epochs required)."""
         values = dict(part.split("=", 1) for part in text.split(","))
         recipe = cls(units=int(values["units"]), lr=float(values["lr"]), epochs=int(values["epochs"]),
-                     schedule=values.get("schedule", "constant"), smoothing=float(values.get("smoothing", 0)))
+                     schedule=values.get("schedule", "constant"), smoothing=float(values.get("smoothing", 0)),
+                     depthwise=values.get("depthwise", "train") == "train", batch=int(values.get("batch", 0)))
         if recipe.schedule not in SCHEDULES:
             raise SystemExit(f"recipe {text!r}: schedule must be one of {SCHEDULES}")
         return recipe
@@ -81,7 +85,9 @@ class Recipe:
         name = f"cut_{cut}_lr{_short(self.lr)}_ep{self.epochs}"
         if self.schedule != "constant":
             name += f"_{self.schedule}"
-        return name + (f"_ls{self.smoothing:g}" if self.smoothing else "")
+        name += f"_ls{self.smoothing:g}" if self.smoothing else ""
+        name += "" if self.depthwise else "_dwfrozen"
+        return name + (f"_bs{self.batch}" if self.batch else "")
 
 
 # today's default (top 20 -> 19 units, 1e-3 x 0.1, 5 epochs), the recommended default, the 96 px preset
@@ -188,9 +194,18 @@ def run_recipe(recipe: Recipe, split: Split, cached: dict[str, CachedSplit], cfg
                head: keras.Model, start: int, before: dict[str, Any], num_classes: int,
                scratch: Path) -> dict[str, Any]:
     """Train top + head from the feature-extraction state; keep the better of before/after on validation."""
+    from tasks.steps.fine_tune import learning_rate as fine_tune_rate
+
+    cfg = dataclasses.replace(cfg, batch_size=recipe.batch or cfg.batch_size)
     steps = math.ceil(len(cached["train"]) / cfg.batch_size)
-    learning_rate = recipe.lr if recipe.schedule == "constant" else keras.optimizers.schedules.CosineDecay(
-        recipe.lr, decay_steps=recipe.epochs * steps)
+    if recipe.schedule == "warmup_cosine":
+        learning_rate = fine_tune_rate(recipe.lr, "cosine", recipe.epochs, steps)
+    else:
+        learning_rate = recipe.lr if recipe.schedule == "constant" else keras.optimizers.schedules.CosineDecay(
+            recipe.lr, decay_steps=recipe.epochs * steps)
+    for layer in split.top._flatten_layers():  # everything above the cut is unfrozen (split_backbone)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            layer.trainable = recipe.depthwise
     smoothing_cfg = dataclasses.replace(cfg, loss="categorical_crossentropy") if recipe.smoothing else cfg
     loss = (keras.losses.CategoricalCrossentropy(label_smoothing=recipe.smoothing) if recipe.smoothing
             else keras.losses.get(cfg.loss))

@@ -52,8 +52,8 @@ class Split:
     bottom: keras.Model  # RAW pixels -> boundary activations; every layer frozen
     top: keras.Model  # boundary activations -> pooled features; its units unfrozen, BatchNorm frozen
     cut: str  # the first layer above the cut ("block5c"), or "output" when the top is the identity
-    units: int  # fine-tune units above the cut: all of them unfrozen
-    unfrozen: list[str]  # their names, top-down, as set_trainable_top gives them
+    units: int  # fine-tune units above the cut: all of them unfrozen, or all but the depthwise ones
+    unfrozen: list[str]  # the unfrozen units' names, top-down, as set_trainable_top gives them
 
     @property
     def boundary_shape(self) -> tuple[int, ...]:
@@ -70,8 +70,9 @@ class _Cut:
     units: int
 
 
-def split_backbone(backbone: Backbone, fine_tune_layers: int) -> Split:
-    """Cut `backbone` at the clean boundary nearest `fine_tune_layers` units from the top, unfreezing what is above.
+def split_backbone(backbone: Backbone, fine_tune_layers: int, depthwise: bool = True) -> Split:
+    """Cut `backbone` at the clean boundary nearest `fine_tune_layers` units from the top, unfreezing what is above
+    (its depthwise convolutions only when `depthwise`).
 
     Sets the backbone's trainable flags as set_trainable_top does for the
     rounded count (see the module docstring for the rounding).
@@ -81,7 +82,7 @@ def split_backbone(backbone: Backbone, fine_tune_layers: int) -> Split:
     unit_ids = {id(layer) for layer in backbone.fine_tune_units()}
     wrappers, graph = _cut_graph(backbone.model, unit_ids)
     cut = _nearest(_clean_cuts(graph, unit_ids), fine_tune_layers)
-    unfrozen = set_trainable_top(backbone, cut.units)
+    unfrozen = set_trainable_top(backbone, cut.units, depthwise)
     bottom, top = _bottom(wrappers, graph, cut.tensor), _top(wrappers, graph, cut.tensor)
     split = Split(bottom=bottom, top=top, cut=cut.first_above, units=cut.units, unfrozen=unfrozen)
     where = "at the output (top = identity)" if cut.first_above == OUTPUT else f"before {cut.first_above}"

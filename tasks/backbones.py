@@ -247,7 +247,7 @@ def _fetch_weights_file(uri: str, scratch: Path) -> Path:
         raise BackboneError(f"weights {uri!r} cannot be read: {error}") from error
 
 
-def set_trainable_top(backbone: Backbone, n: int) -> list[str]:
+def set_trainable_top(backbone: Backbone, n: int, depthwise: bool = True) -> list[str]:
     """Unfreeze the top `n` fine-tune units, freeze everything else; returns the unfrozen layer names.
 
     Names are top-down, `<block>/<layer>` where blocks reuse layer names.
@@ -255,18 +255,21 @@ def set_trainable_top(backbone: Backbone, n: int) -> list[str]:
     BatchNorm layers always stay frozen: with a small fine-tuning set, updating
     their statistics (or gamma/beta) wrecks the pretrained features. A frozen BN
     layer in Keras 3 also runs in inference mode whatever `training` says.
+    With `depthwise` False the depthwise (spatial) convolutions among the `n`
+    stay frozen too (RunConfig.fine_tune_depthwise): they still count as units.
     """
     if n < 0:
         raise BackboneError(f"fine-tune units n={n}: use 0 or more")
-    units = backbone.fine_tune_units()
-    chosen = {id(layer) for layer in units[:n]}
+    units = [layer for layer in backbone.fine_tune_units()[:n]
+             if depthwise or not isinstance(layer, keras.layers.DepthwiseConv2D)]
+    chosen = {id(layer) for layer in units}
     backbone.model.trainable = True  # containers stay trainable; the leaves below decide
     for layer in _leaves(backbone.model):
         layer.trainable = id(layer) in chosen
         if layer.trainable and isinstance(layer, keras.layers.TFSMLayer):
             _freeze_batchnorm_variables(layer)
     names = _unique_names(backbone.model)
-    unfrozen = [names[id(layer)] for layer in units[:n]]
+    unfrozen = [names[id(layer)] for layer in units]
     log.info("%s: unfroze the top %d of %d fine-tune units", backbone.name, len(unfrozen), len(units))
     return unfrozen
 

@@ -167,6 +167,10 @@ class RunConfig:
     fine_tune_layers: int = param(34, "Layers to unfreeze", "Top backbone layers made trainable (BatchNorm "
                                   "stays frozen); rounded to whole blocks.", section=FINE_TUNING,
                                   type="integer", minimum=1, maximum=1000)
+    fine_tune_depthwise: bool = param(False, "Train depthwise kernels", "Also train the depthwise (spatial) "
+                                      "convolutions of the unfrozen layers. Off: they keep their pretrained weights "
+                                      "and the 1×1 convolutions and the head train, a third less work per step on "
+                                      "CPUs for the same accuracy (README).", section=FINE_TUNING, type="boolean")
     fine_tune_epochs: int = param(7, "Fine-tune epochs", "Extra epochs after feature extraction.",
                                   section=FINE_TUNING, type="integer", minimum=1, maximum=500)
     fine_tune_lr_factor: float = param(1.0, "Fine-tune LR factor", "Fine-tune learning rate = learning rate × "

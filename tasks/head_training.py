@@ -1,4 +1,5 @@
-"""Training a head on cached features: many batches per call into TensorFlow, without Keras' fit.
+"""Training on cached activations, without Keras' fit: a head on features, or fine-tuning's top and head on
+boundary activations.
 
 A head on features is a dropout and one dense layer: a batch costs a fraction
 of a millisecond of arithmetic. Keras' fit spent about as long again around
@@ -17,6 +18,12 @@ are those fit would have used, so the weights at each epoch's end are fit's
 (tests/test_head_training.py), and the callbacks (early stopping, checkpoints,
 TensorBoard) get the same logs: loss and accuracy, the mean over the epoch's
 examples, and their val_ counterparts.
+
+Fine-tuning's top on boundary activations (tasks/steps/fine_tune.py) runs the
+same way, in calls of fewer batches (a batch there is a backbone's top: tenths
+of a second): what it gains is the tracing and graph optimisation of its train
+and validation functions, about ten seconds for Lite0's top, done beside the
+pass that caches the activations instead of in the first epoch.
 """
 from __future__ import annotations
 
@@ -35,24 +42,29 @@ BATCHES_PER_CALL = 256
 
 
 class HeadSteps:
-    """The traced functions that train `head` (compiled: its optimizer is used) on rows of features and score it."""
+    """The traced functions that train `head` (compiled: its optimizer is used) on cached rows and score it;
+    `head` is any model from those rows to probabilities (fine-tuning's top and head too). Each call into
+    TensorFlow takes up to `batches_per_call` batches."""
 
-    def __init__(self, head: keras.Model, loss, feed: Feed, mixup: float):
+    def __init__(self, head: keras.Model, loss, feed: Feed, mixup: float, batches_per_call: int = BATCHES_PER_CALL):
         import tensorflow as tf
 
         self.head, self.loss, self.feed, self.mixup = head, loss, feed, mixup
+        self.batches_per_call = batches_per_call
         rows = tf.TensorSpec((None, *head.input_shape[1:]), tf.float32)
         labels, scalar = tf.TensorSpec((None,), tf.int64), tf.TensorSpec((), tf.int64)
         self.train = tf.function(self._train, input_signature=[rows, labels, scalar, scalar])
         self.evaluate = tf.function(self._evaluate, input_signature=[rows, labels])
 
     def trace(self) -> None:
-        """Build the optimizer's state, trace both functions and run each once on no rows (TensorFlow optimises a
-        function's graph on its first run: a third of a second), so that the first epoch waits for none of it."""
+        """Build the optimizer's state, trace both functions and run each once (TensorFlow optimises a function's
+        graph on its first run: a third of a second for a head), so that the first epoch waits for none of it.
+        Training runs on no rows (no step, no update); scoring on one row of zeros, which changes nothing either
+        (oneDNN's fused BatchNorm refuses an empty batch)."""
         self.head.optimizer.build(self.head.trainable_variables)
-        nothing = np.zeros((0, *self.head.input_shape[1:]), np.float32), np.zeros(0, np.int64)
-        self.train(*nothing, np.int64(0), np.int64(0))
-        self.evaluate(*nothing)
+        shape = self.head.input_shape[1:]
+        self.train(np.zeros((0, *shape), np.float32), np.zeros(0, np.int64), np.int64(0), np.int64(0))
+        self.evaluate(np.zeros((1, *shape), np.float32), np.zeros(1, np.int64))
 
     def _train(self, rows, labels, first_batch, mix_seed):
         """One optimizer step per batch of `rows` (batch `first_batch` onwards of the epoch mixed with `mix_seed`);
@@ -99,7 +111,7 @@ class HeadSteps:
 
 @dataclass(frozen=True)
 class HeadEpochs:
-    """Epochs of a head over cached train and validation features (what fit_resumable runs)."""
+    """Epochs over cached train and validation rows (what fit_resumable runs)."""
 
     steps: HeadSteps
     train: CachedSplit
@@ -132,8 +144,8 @@ class HeadEpochs:
                        for _, indices in self._calls(np.arange(len(self.val)))), len(self.val))
 
     def _calls(self, order: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, row indices) of each call into TensorFlow: BATCHES_PER_CALL batches of `order` at a time."""
-        rows = BATCHES_PER_CALL * self.steps.feed.batch_size
+        """(first row, row indices) of each call into TensorFlow: `batches_per_call` batches of `order` at a time."""
+        rows = self.steps.batches_per_call * self.steps.feed.batch_size
         return ((start, order[start:start + rows]) for start in range(0, len(order), rows))
 
 

@@ -250,6 +250,25 @@ def test_set_trainable_top_unfreezes_top_lite0_convs_only():
     assert [unit.name for unit in backbone.fine_tune_units()] == [unit.name for unit in units], "units are stable"
 
 
+def test_set_trainable_top_can_keep_depthwise_kernels_frozen(tmp_path):
+    """fine_tune_depthwise off: the depthwise convolutions among the top units keep their weights through a step,
+    the 1x1 convolutions around them train; the units counted (and so the cut) are the same."""
+    backbone = load_backbone("efficientnet_lite0", SIZE, cache_dir=tmp_path)
+    unfrozen = set_trainable_top(backbone, 7, depthwise=False)
+    assert unfrozen == ["head_conv", *[f"{block}/{layer}_conv" for block in ("block7a", "block6d")
+                                       for layer in ("project", "expand")]]
+    assert len(backbone.model.trainable_weights) == 5
+    blocks = [backbone.model.get_layer(block) for block in ("block7a", "block6d")]
+    depthwise = [block.get_layer("dw_conv") for block in blocks]
+    pointwise = [block.get_layer("expand_conv") for block in blocks]
+    before = [layer.kernel.numpy().copy() for layer in depthwise + pointwise]
+    fine_tune_one_step(backbone, make_optimizer("adam", 1e-2, backbone))
+    for index, layer in enumerate(depthwise):
+        np.testing.assert_array_equal(layer.kernel.numpy(), before[index])
+    for index, layer in enumerate(pointwise, start=len(depthwise)):
+        assert not np.allclose(layer.kernel.numpy(), before[index]), layer.name
+
+
 def test_set_trainable_top_counts_weighted_application_layers():
     backbone = load_backbone("mobilenet_v2", SIZE, weights="none")
     unfrozen = set_trainable_top(backbone, 4)

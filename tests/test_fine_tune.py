@@ -70,8 +70,12 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
     before = backbone_weights(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
     after = backbone_weights(cfg, artifacts.FINE_TUNED_MODEL)
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
-    assert split_backbone(reference, cfg.fine_tune_layers).unfrozen == result["fine_tune_layers"]
+    assert split_backbone(reference, cfg.fine_tune_layers, cfg.fine_tune_depthwise).unfrozen == \
+        result["fine_tune_layers"]
     assert result["cut"] == "block7a"  # 4 units: block7a's three convolutions and the head conv
+    # fine_tune_depthwise off (the default): block7a's depthwise kernel is among the units but stays frozen
+    assert not cfg.fine_tune_depthwise
+    assert result["fine_tune_layers"] == ["head_conv", "block7a/project_conv", "block7a/expand_conv"]
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
     assert len(layers) == len(before) == len(after)
 
@@ -79,7 +83,7 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
                for old, new in zip(before, after, strict=True)]
     batchnorm = [isinstance(layer, keras.layers.BatchNormalization) for layer in layers]
     unfrozen = [layer.trainable for layer in layers]
-    assert sum(unfrozen) == len(result["fine_tune_layers"]) == cfg.fine_tune_layers
+    assert sum(unfrozen) == len(result["fine_tune_layers"]) == cfg.fine_tune_layers - 1
     assert any(batchnorm) and not any(u and bn for u, bn in zip(unfrozen, batchnorm, strict=True))
     assert not any(c for c, bn in zip(changed, batchnorm, strict=True) if bn)  # gamma, beta, moving mean and variance
     assert not any(c for c, u in zip(changed, unfrozen, strict=True) if not u)  # everything below the cut

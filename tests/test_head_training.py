@@ -1,4 +1,5 @@
-"""The head's own training loop on cached features: the very weights and logs of Keras' fit, faster."""
+"""The own training loop on cached rows (a head on features, fine-tuning's top and head on boundary activations):
+the very weights and logs of Keras' fit, faster."""
 from __future__ import annotations
 
 import threading
@@ -11,31 +12,54 @@ from tasks.activation_cache import CachedSplit
 from tasks.training import Feed
 
 CLASSES, FEATURES = 3, 16
+BOUNDARY = (4, 4, 3)  # boundary activations of a small "backbone top"
 
 
-def splits() -> dict[str, CachedSplit]:
-    """90 training rows (12 batches of 8, the last of 2) and 20 validation rows, labels tied to the features."""
+def splits(shape: tuple[int, ...] = (FEATURES,)) -> dict[str, CachedSplit]:
+    """90 training rows (12 batches of 8, the last of 2) and 20 validation rows, labels tied to the rows."""
     rng = np.random.default_rng(0)
     def split(count: int) -> CachedSplit:
-        features = rng.normal(size=(count, FEATURES)).astype("float32")
-        return CachedSplit(features, (features[:, :CLASSES].argmax(axis=1)).astype(np.int64))
+        rows = rng.normal(size=(count, *shape)).astype("float32")
+        return CachedSplit(rows, (rows.reshape(count, -1)[:, :CLASSES].argmax(axis=1)).astype(np.int64))
     return {"train": split(90), "val": split(20)}
+
+
+def head():
+    from tasks.head import build_head
+
+    return build_head((FEATURES,), CLASSES, 0.2)
+
+
+def top_and_head():
+    """What fine-tuning trains on boundary activations: a top called in inference mode, whose BatchNorm and
+    depthwise kernels are frozen under a trained 1x1 convolution, then the head."""
+    import keras
+
+    from tasks.head import build_head
+
+    boundary = keras.Input(BOUNDARY)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", trainable=False)(boundary)
+    x = keras.layers.BatchNormalization(trainable=False)(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 1, activation="relu6")(x))
+    top = keras.Model(boundary, x)
+    rows = keras.Input(BOUNDARY)
+    return keras.Model(rows, build_head((8,), CLASSES, 0.2)(top(rows, training=False)))
 
 
 def feed(one_hot: bool) -> Feed:
     return Feed(image_size=0, batch_size=8, seed=3, num_classes=CLASSES, one_hot=one_hot)
 
 
-def trained(epochs_of, loss_name: str, one_hot: bool, epochs: int = 3,
-            callbacks: tuple = ()) -> list[tuple[list[np.ndarray], dict]]:
-    """(head weights, logs) at each epoch's end of a fresh seeded head trained by `epochs_of(head, loss, feed)`."""
+def trained(epochs_of, loss_name: str, one_hot: bool, epochs: int = 3, callbacks: tuple = (),
+            build=head) -> list[tuple[list[np.ndarray], dict]]:
+    """(weights, logs) at each epoch's end of a fresh seeded model (`build()`, the head by default) trained by
+    `epochs_of(model, loss, feed)`."""
     import keras
 
-    from tasks.head import build_head
     from tasks.training import compile_model, resolve_loss
 
     keras.utils.set_random_seed(1)
-    head = build_head((FEATURES,), CLASSES, 0.2)
+    head = build()
     loss = resolve_loss(loss_name)
     compile_model(head, "adam", loss, 1e-2, SimpleNamespace(model=head))
     ends = []
@@ -45,16 +69,17 @@ def trained(epochs_of, loss_name: str, one_hot: bool, epochs: int = 3,
     return ends
 
 
-def head_epochs(mixup: float = 0.0):
-    from tasks.head_training import HeadEpochs, HeadSteps
+def head_epochs(mixup: float = 0.0, batches_per_call: int | None = None, rows: tuple[int, ...] = (FEATURES,)):
+    from tasks.head_training import BATCHES_PER_CALL, HeadEpochs, HeadSteps
 
     def epochs_of(head, loss, shape):
-        cached = splits()
-        return HeadEpochs(HeadSteps(head, loss, shape, mixup), cached["train"], cached["val"])
+        cached = splits(rows)
+        return HeadEpochs(HeadSteps(head, loss, shape, mixup, batches_per_call or BATCHES_PER_CALL), cached["train"],
+                          cached["val"])
     return epochs_of
 
 
-def keras_epochs(mixup: float = 0.0):
+def keras_epochs(mixup: float = 0.0, rows: tuple[int, ...] = (FEATURES,)):
     """Keras' fit over the cached epochs, each batch mixed as the head's loop mixes it (the epoch's seed, the
     batch's index in the epoch)."""
     import tensorflow as tf
@@ -64,7 +89,7 @@ def keras_epochs(mixup: float = 0.0):
     from tasks.training import cached_epochs
 
     def epochs_of(head, loss, shape):
-        plain = cached_epochs(shape, splits())
+        plain = cached_epochs(shape, splits(rows))
         if not mixup:
             return plain
 
@@ -98,12 +123,27 @@ def test_the_head_loop_mixes_up_each_batch_as_a_mixed_stream_through_keras_fit_w
     assert not np.allclose(ours[-1][0][0], trained(head_epochs(), "categorical_crossentropy", True)[-1][0][0])
 
 
-def test_an_epoch_split_into_several_calls_trains_as_one_call(monkeypatch):
-    from tasks import head_training
-
+def test_an_epoch_split_into_several_calls_trains_as_one_call():
     whole = trained(head_epochs(0.4), "categorical_crossentropy", True)
-    monkeypatch.setattr(head_training, "BATCHES_PER_CALL", 5)  # 12 batches: calls of 5, 5 and 2
-    assert_same(trained(head_epochs(0.4), "categorical_crossentropy", True), whole)
+    # 12 batches: calls of 5, 5 and 2
+    assert_same(trained(head_epochs(0.4, batches_per_call=5), "categorical_crossentropy", True), whole)
+
+
+def test_fine_tunings_top_and_head_train_as_through_keras_fit():
+    """Fine-tuning on cached boundary activations: frozen BatchNorm and depthwise kernels stay as they were, the
+    rest ends each epoch where fit ends it, in calls of a few batches."""
+    ours = trained(head_epochs(batches_per_call=5, rows=BOUNDARY), "sparse_categorical_crossentropy", False,
+                   build=top_and_head)
+    assert_same(ours, trained(keras_epochs(rows=BOUNDARY), "sparse_categorical_crossentropy", False,
+                              build=top_and_head))
+    import keras
+
+    keras.utils.set_random_seed(1)  # as trained() seeds it: the weights before training
+    before = top_and_head().get_weights()
+    after = ours[-1][0]
+    for index in range(6):  # depthwise kernel and bias, BatchNorm gamma, beta, mean and variance
+        np.testing.assert_array_equal(after[index], before[index])
+    assert not np.allclose(after[6], before[6]), "the 1x1 convolution trains"
 
 
 def test_functions_traced_on_another_thread_are_the_ones_the_epochs_run():

@@ -6,9 +6,13 @@ boundary near the top `fine_tune_layers` units (tasks/backbone_split.py; the log
 says where it cut). Everything below the cut stays frozen and BatchNorm runs in
 inference mode, so without augmentation the bottom maps each image to the same
 activations every epoch: they are computed once per image, kept under the run
-root (a retry reuses them) and streamed back in each epoch's image order, and
+root (a retry reuses them) and gathered in each epoch's image order, and
 the epochs train only the top and the head — the same updates as on images,
-for a fraction of the cost. With augmentation every epoch sees new images, so
+for a fraction of the cost — in the own loop on cached rows
+(tasks/head_training.py), traced while the activations are computed. The
+top's depthwise kernels train only with `fine_tune_depthwise`: frozen, they
+spare a third of a step for the same accuracy (README, "Two commands").
+With augmentation every epoch sees new images, so
 the whole composed model trains on them. The learning rate is learning_rate ×
 fine_tune_lr_factor, constant or decayed to zero on a cosine over the fine-tune
 epochs; the epoch count continues so both phases' histories make one curve.
@@ -23,18 +27,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import keras
 
 from tasks import activation_cache, artifacts, classifier, phases
+from tasks.activation_cache import CachedSplit
 from tasks.backbone_split import split_backbone
-from tasks.checkpoints import Stopping, fit_resumable
+from tasks.checkpoints import Epochs, Stopping, fit_resumable
 from tasks.config import RunConfig
 from tasks.head import augmentation, compose
+from tasks.head_training import HeadEpochs, HeadSteps
 from tasks.phases import FINE_TUNE, PhaseSummary
 from tasks.scratch import scratch_dir
 from tasks.training import (
+    MAX_STEPS_PER_EXECUTION,
     Feed,
     cached_epochs,
     cached_splits,
@@ -67,21 +75,24 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
     with scratch_dir("fine-tune") as scratch, strategy.scope():
         built = classifier.fetch(model_uri, scratch, cfg.cache_dir)
         backbone, head = built.backbone, built.head
-        split = split_backbone(backbone, cfg.fine_tune_layers)
+        split = split_backbone(backbone, cfg.fine_tune_layers, cfg.fine_tune_depthwise)
         warm = warm_start_top(built, split, cfg.fine_tune_layers, cfg.publish_uri, cfg.model_name, scratch,
                               cfg.cache_dir) if cfg.warm_start_fine_tune else ""
         if cfg.augment:
             model = compose(backbone, head, augmentation(cfg.seed))
-            epochs = image_data(feed, stage_records(cfg, scratch))
+            images = image_data(feed, stage_records(cfg, scratch))
+            steps_per_epoch = images.steps_per_epoch
         else:
             model = _top_and_head(split.top, head)
-            epochs = cached_epochs(feed, cached_splits(
+            steps_per_epoch = feed.batches(sum(manifest["counts"]["train"].values()))
+        rate = learning_rate(cfg.learning_rate * cfg.fine_tune_lr_factor, cfg.fine_tune_schedule,
+                             cfg.fine_tune_epochs, steps_per_epoch)
+        compile_model(model, cfg.optimizer, loss, rate, backbone, steps_per_epoch)
+        epochs = images if cfg.augment else _on_activations(
+            model, loss, feed, strategy, lambda: cached_splits(
                 split.bottom, activation_cache.cache_key(backbone, split, manifest["sha256"]),
                 cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch, lambda: stage_records(cfg, scratch),
                 feed.batch_size))
-        rate = learning_rate(cfg.learning_rate * cfg.fine_tune_lr_factor, cfg.fine_tune_schedule,
-                             cfg.fine_tune_epochs, epochs.steps_per_epoch)
-        compile_model(model, cfg.optimizer, loss, rate, backbone, epochs.steps_per_epoch)
         result = fit_resumable(
             model, phase=FINE_TUNE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs, epochs=epochs,
             stopping=Stopping(cfg.patience, cfg.min_delta), scratch=scratch,
@@ -89,7 +100,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
             tensorboard_uri=cfg.artifact(artifacts.tensorboard(FINE_TUNE)),
             fingerprint=fingerprint(cfg, backbone, manifest, FINE_TUNE, start=start,
                                     before=before.best_val_accuracy, cut=split.cut,
-                                    fine_tune_lr_factor=cfg.fine_tune_lr_factor,
+                                    fine_tune_lr_factor=cfg.fine_tune_lr_factor, depthwise=cfg.fine_tune_depthwise,
                                     fine_tune_schedule=cfg.fine_tune_schedule, warm_start=warm))
         tuned_uri = cfg.artifact(artifacts.FINE_TUNED_MODEL)
         classifier.upload(built, scratch, tuned_uri)
@@ -102,10 +113,12 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         settings={"augment": cfg.augment, "learning_rate": cfg.learning_rate * cfg.fine_tune_lr_factor,
                   "schedule": cfg.fine_tune_schedule, "cut": split.cut,
                   "on": "images" if cfg.augment else "cached activations", "fine_tune_layers": split.unfrozen,
+                  "depthwise": cfg.fine_tune_depthwise,
                   "warm_start": warm}))
-    log.info("fine-tuning: %s in %.1f s, cut before %s (%d units unfrozen), val_accuracy %.4f before -> %.4f -> %s",
-             result.describe(), seconds, split.cut, split.units, before.best_val_accuracy, result.best_val_accuracy,
-             tuned_uri)
+    log.info("fine-tuning: %s in %.1f s, cut before %s (%d units above it, %d trained: depthwise kernels %s), "
+             "val_accuracy %.4f before -> %.4f -> %s", result.describe(), seconds, split.cut, split.units,
+             len(split.unfrozen), "trained" if cfg.fine_tune_depthwise else "frozen", before.best_val_accuracy,
+             result.best_val_accuracy, tuned_uri)
     return {"model_uri": tuned_uri, "history_uri": history_uri, "summary_uri": summary_uri,
             "val_accuracy": result.best_val_accuracy, "val_accuracy_before": before.best_val_accuracy,
             "epochs_run": len(result.history), "best_epoch": result.best_epoch, "seconds": seconds,
@@ -136,6 +149,22 @@ def learning_rate(rate: float, schedule: str, epochs: int,
 def warmup_steps(total_steps: int, steps_per_epoch: int) -> int:
     """Warm-up length: one epoch, at most WARMUP_SHARE of all fine-tune steps (rounded up), and never all of them."""
     return max(0, min(steps_per_epoch, math.ceil(total_steps * WARMUP_SHARE), total_steps - 1))
+
+
+def _on_activations(model: keras.Model, loss, feed: Feed, strategy,
+                    cache: Callable[[], dict[str, CachedSplit]]) -> Epochs:
+    """The epochs of `model` (compiled: top and head) over the cut's boundary activations, which `cache` computes or
+    reuses. On one device they run in the own loop on cached rows (tasks/head_training.py), whose functions are
+    traced and optimised on a side thread while the bottom computes the activations: about ten seconds that
+    Keras' fit spent in its first epoch. Over several devices Keras' fit spreads each batch across them."""
+    if strategy.num_replicas_in_sync > 1:
+        return cached_epochs(feed, cache())
+    steps = HeadSteps(model, loss, feed, 0.0, MAX_STEPS_PER_EXECUTION)
+    with ThreadPoolExecutor(1) as beside:
+        traced = beside.submit(steps.trace)
+        cached = cache()
+        traced.result()
+    return HeadEpochs(steps, cached["train"], cached["val"])
 
 
 def _top_and_head(top: keras.Model, head: keras.Model) -> keras.Model:

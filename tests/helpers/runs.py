@@ -66,9 +66,9 @@ def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) ->
         local = scratch / f"{split}.tfrecord"
         records.write_records(local, examples(count, seed))
         storage.upload(local, cfg.artifact(artifacts.split_records(split)))
-    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": list(COLOURS), "hash": "tiny",
-                                                          "counts": {"val": {name: max(per_class // 4, 2)
-                                                                             for name in COLOURS}}})
+    counts = {"train": per_class, "val": max(per_class // 4, 2), "test": 4}
+    storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": list(COLOURS), "hash": "tiny", "counts": {
+        split: {name: count for name in COLOURS} for split, count in counts.items()}})
     return cfg
 
 
