@@ -36,7 +36,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tasks import artifacts, images, records, settings, storage, test_source
 from tasks.config import RunConfig
@@ -217,7 +217,8 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
     `sizes`, when given, gets each kept file's (width, height) as its header declares, per split.
 
     Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
-    that memory holds a chunk of images, not a split; records keep selection order.
+    that memory holds two chunks of images, not a split: the next chunk decodes
+    while this one is written. Records keep selection order.
     A test image byte-identical to a train or validation image is kept in the
     returned selection (for _drop_test_duplicates to list) but not written.
     """
@@ -225,15 +226,20 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        def read(chunk: list[dict[str, Any]]) -> Iterator[tuple[bytes, bytes] | str]:
+            return pool.map(lambda e: _read_image(root / e["path"], limits), chunk)  # submitted at once
+
         for split in records.SPLITS:
             entries = [{"split": split, "path": path, "label": label, "class": classes[label]}
                        for path, label in selection[split]]
             seen = {f["sha256"] for done in ("train", "val") if split == "test" for f in kept[done]}
 
             def stored(split: str, entries: list[dict[str, Any]], seen: set[str]):
-                for start in range(0, len(entries), INGEST_CHUNK):
-                    chunk = entries[start:start + INGEST_CHUNK]
-                    results = pool.map(lambda e: _read_image(root / e["path"], limits), chunk)
+                chunks = [entries[start:start + INGEST_CHUNK] for start in range(0, len(entries), INGEST_CHUNK)]
+                ahead = read(chunks[0]) if chunks else None
+                for index, chunk in enumerate(chunks):
+                    # the next chunk is read and decoded while this one is hashed and written
+                    results, ahead = ahead, read(chunks[index + 1]) if index + 1 < len(chunks) else None
                     for entry, result in zip(chunk, results, strict=True):
                         if isinstance(result, str):
                             skipped.append({**entry, "reason": result})
