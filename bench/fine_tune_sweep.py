@@ -11,8 +11,10 @@ resumable fit loop (early stopping on val_accuracy, best epoch kept). The
 better of before/after on validation is kept, as the fine-tune step does.
 
 A recipe: units (rounded to a clean cut), learning rate, epochs, schedule
-(constant, or cosine decay to 0 over the epochs) and label smoothing (0, or
-e.g. 0.1 with one-hot targets). Seconds: caching the train+val activations at
+(constant, cosine decay to 0 over the epochs, or warmup_cosine: the fine-tune
+step's one-epoch warm-up then cosine), label smoothing (0, or e.g. 0.1 with
+one-hot targets), depthwise (train, or frozen: the top's depthwise kernels keep
+their pretrained weights) and batch (the batch size; default the config's). Seconds: caching the train+val activations at
 the cut (what the fine-tune step pays; test activations are cached apart, for
 scoring only) and per epoch of training (validation and checkpoint included).
 Activation caches persist under `--cache-root` and are reused by later runs
@@ -23,7 +25,7 @@ cached activations for the same cut (second epochs, after tracing).
 
     python -m bench.fine_tune_sweep [--benchmark fashion_mnist|openclipart] [--backbone efficientnet_lite0]
         [--image-size 96] [--ratio-units 20] [--jsonl results.jsonl]
-        [--recipe units=34,lr=1e-3,epochs=8,schedule=cosine,smoothing=0.1 ...]
+        [--recipe units=34,lr=1e-3,epochs=8,schedule=warmup_cosine,depthwise=frozen,batch=128 ...]
 
 Logs one line per step and recipe; ends with ONE JSON line of flat keys.
 """

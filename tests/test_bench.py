@@ -91,3 +91,14 @@ def test_bench_scripts_run_as_scripts_and_as_modules(command):
     done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_sweep_recipes_name_every_setting_they_change():
+    from bench.fine_tune_sweep import Recipe
+
+    recipe = Recipe.parse("units=34,lr=1e-3,epochs=7,schedule=warmup_cosine,depthwise=frozen,batch=128")
+    assert (recipe.depthwise, recipe.batch, recipe.schedule) == (False, 128, "warmup_cosine")
+    assert recipe.name("block4a") == "cut_block4a_lr1e-3_ep7_warmup_cosine_dwfrozen_bs128"
+    assert Recipe.parse("units=19,lr=1e-4,epochs=5").name("block5c") == "cut_block5c_lr1e-4_ep5"
+    with pytest.raises(SystemExit, match="schedule"):
+        Recipe.parse("units=19,lr=1e-4,epochs=5,schedule=linear")

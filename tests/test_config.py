@@ -30,7 +30,8 @@ def test_classes_param_forms(value, expected):
 
 @pytest.mark.parametrize("field, value", [
     ("train_percent", 0), ("train_percent", 101), ("val_fraction", 1.0), ("image_size", 8), ("epochs", 0),
-    ("fine_tune", "sometimes"), ("seed", -1), ("fine_tune_lr_factor", 2.0), ("model_name", "Has Spaces"),
+    ("fine_tune", "sometimes"), ("fine_tune_depthwise", "maybe"), ("seed", -1), ("fine_tune_lr_factor", 2.0),
+    ("model_name", "Has Spaces"),
     ("classes", "a,a"),
 ])
 def test_invalid_values_are_rejected_naming_the_param(field, value):
@@ -220,3 +221,20 @@ def test_the_candidates_are_planned_at_the_auto_size_and_the_decision_is_logged(
     assert "median shorter side is 300 px" in caplog.text
     winner = cfg.for_candidate(planned)
     assert winner.image_size == 128 and winner.asked["image_size"] is None  # the report shows it was auto
+
+
+@pytest.mark.parametrize(("mode", "manifest", "size", "trained"), [
+    ("auto", _sizes(28), 96, False),  # Fashion-MNIST: upsampled 3.4 times
+    ("auto", _sizes(367.5), 128, True),  # openclipart: downsampled
+    ("auto", _sizes(128), 128, True),  # as large as the input
+    ("auto", {}, 96, True),  # no statistics: as before the rule
+    ("train", _sizes(28), 96, True),
+    ("freeze", _sizes(367.5), 128, False),
+])
+def test_depthwise_kernels_train_when_the_images_are_at_least_the_input_size(mode, manifest, size, trained):
+    from tasks.config import depthwise_trained
+
+    decided, why = depthwise_trained(mode, manifest, size)
+    assert decided is trained
+    assert why.startswith(f"fine_tune_depthwise {mode}")
+    assert mode != "auto" or ("trained" if trained else "frozen") in why

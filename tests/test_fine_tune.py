@@ -70,11 +70,10 @@ def test_only_unfrozen_layers_change_and_batchnorm_statistics_stay_bit_identical
     before = backbone_weights(cfg, artifacts.FEATURE_EXTRACTION_MODEL)
     after = backbone_weights(cfg, artifacts.FINE_TUNED_MODEL)
     reference = load_backbone(BACKBONE, cfg.image_size, cfg.backbone_weights, cfg.cache_dir)
-    assert split_backbone(reference, cfg.fine_tune_layers, cfg.fine_tune_depthwise).unfrozen == \
-        result["fine_tune_layers"]
+    assert split_backbone(reference, cfg.fine_tune_layers, depthwise=False).unfrozen == result["fine_tune_layers"]
     assert result["cut"] == "block7a"  # 4 units: block7a's three convolutions and the head conv
-    # fine_tune_depthwise off (the default): block7a's depthwise kernel is among the units but stays frozen
-    assert not cfg.fine_tune_depthwise
+    # fine_tune_depthwise auto, 16 px images at a 32 px input: block7a's depthwise kernel is a unit but stays frozen
+    assert cfg.fine_tune_depthwise == "auto" and cfg.image_size == 32
     assert result["fine_tune_layers"] == ["head_conv", "block7a/project_conv", "block7a/expand_conv"]
     layers = leaves(reference.model)  # same order as the saved models' leaves; flags mark the cut
     assert len(layers) == len(before) == len(after)

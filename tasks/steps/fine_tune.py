@@ -10,8 +10,9 @@ root (a retry reuses them) and gathered in each epoch's image order, and
 the epochs train only the top and the head — the same updates as on images,
 for a fraction of the cost — in the own loop on cached rows
 (tasks/head_training.py), traced while the activations are computed. The
-top's depthwise kernels train only with `fine_tune_depthwise`: frozen, they
-spare a third of a step for the same accuracy (README, "Two commands").
+top's depthwise kernels stay frozen when `fine_tune_depthwise` says so (auto:
+when the images are upsampled to the input, where freezing them spares a
+third of a step for the same accuracy; tasks.config.depthwise_trained).
 With augmentation every epoch sees new images, so
 the whole composed model trains on them. The learning rate is learning_rate ×
 fine_tune_lr_factor, constant or decayed to zero on a cosine over the fine-tune
@@ -36,7 +37,7 @@ from tasks import activation_cache, artifacts, classifier, phases
 from tasks.activation_cache import CachedSplit
 from tasks.backbone_split import split_backbone
 from tasks.checkpoints import Epochs, Stopping, fit_resumable
-from tasks.config import RunConfig
+from tasks.config import RunConfig, depthwise_trained
 from tasks.head import augmentation, compose
 from tasks.head_training import HeadEpochs, HeadSteps
 from tasks.phases import FINE_TUNE, PhaseSummary
@@ -71,11 +72,13 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
     model_uri = artifacts.arrived(cfg, best.get("model_uri"), artifacts.FEATURE_EXTRACTION_MODEL)
     before = phases.read_summary(artifacts.arrived(cfg, best.get("summary_uri"), artifacts.TRAIN_SUMMARY))
     start = len(phases.read_history(artifacts.arrived(cfg, best.get("history_uri"), artifacts.HISTORY)))
+    depthwise, why = depthwise_trained(cfg.fine_tune_depthwise, manifest, cfg.image_size)
+    log.info("fine-tuning: %s", why)
     strategy = distribution_strategy()
     with scratch_dir("fine-tune") as scratch, strategy.scope():
         built = classifier.fetch(model_uri, scratch, cfg.cache_dir)
         backbone, head = built.backbone, built.head
-        split = split_backbone(backbone, cfg.fine_tune_layers, cfg.fine_tune_depthwise)
+        split = split_backbone(backbone, cfg.fine_tune_layers, depthwise)
         warm = warm_start_top(built, split, cfg.fine_tune_layers, cfg.publish_uri, cfg.model_name, scratch,
                               cfg.cache_dir) if cfg.warm_start_fine_tune else ""
         if cfg.augment:
@@ -100,7 +103,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
             tensorboard_uri=cfg.artifact(artifacts.tensorboard(FINE_TUNE)),
             fingerprint=fingerprint(cfg, backbone, manifest, FINE_TUNE, start=start,
                                     before=before.best_val_accuracy, cut=split.cut,
-                                    fine_tune_lr_factor=cfg.fine_tune_lr_factor, depthwise=cfg.fine_tune_depthwise,
+                                    fine_tune_lr_factor=cfg.fine_tune_lr_factor, depthwise=depthwise,
                                     fine_tune_schedule=cfg.fine_tune_schedule, warm_start=warm))
         tuned_uri = cfg.artifact(artifacts.FINE_TUNED_MODEL)
         classifier.upload(built, scratch, tuned_uri)
@@ -113,11 +116,11 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         settings={"augment": cfg.augment, "learning_rate": cfg.learning_rate * cfg.fine_tune_lr_factor,
                   "schedule": cfg.fine_tune_schedule, "cut": split.cut,
                   "on": "images" if cfg.augment else "cached activations", "fine_tune_layers": split.unfrozen,
-                  "depthwise": cfg.fine_tune_depthwise,
+                  "depthwise": "trained" if depthwise else "frozen",
                   "warm_start": warm}))
     log.info("fine-tuning: %s in %.1f s, cut before %s (%d units above it, %d trained: depthwise kernels %s), "
              "val_accuracy %.4f before -> %.4f -> %s", result.describe(), seconds, split.cut, split.units,
-             len(split.unfrozen), "trained" if cfg.fine_tune_depthwise else "frozen", before.best_val_accuracy,
+             len(split.unfrozen), "trained" if depthwise else "frozen", before.best_val_accuracy,
              result.best_val_accuracy, tuned_uri)
     return {"model_uri": tuned_uri, "history_uri": history_uri, "summary_uri": summary_uri,
             "val_accuracy": result.best_val_accuracy, "val_accuracy_before": before.best_val_accuracy,

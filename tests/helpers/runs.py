@@ -68,7 +68,8 @@ def tiny_run(run_root: str, cache_dir: str, per_class: int = 16, **overrides) ->
         storage.upload(local, cfg.artifact(artifacts.split_records(split)))
     counts = {"train": per_class, "val": max(per_class // 4, 2), "test": 4}
     storage.write_json(cfg.artifact(artifacts.MANIFEST), {"classes": list(COLOURS), "hash": "tiny", "counts": {
-        split: {name: count for name in COLOURS} for split, count in counts.items()}})
+        split: {name: count for name in COLOURS} for split, count in counts.items()}, "image_sizes": {
+        split: {"images": count * len(COLOURS), "short_side": {"median": 16.0}} for split, count in counts.items()}})
     return cfg
 
 
