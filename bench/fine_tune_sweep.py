@@ -14,8 +14,9 @@ A recipe: units (rounded to a clean cut), learning rate, epochs, schedule
 (constant, cosine decay to 0 over the epochs, or warmup_cosine: the fine-tune
 step's one-epoch warm-up then cosine), label smoothing (0, or e.g. 0.1 with
 one-hot targets), depthwise (train, or frozen: the top's depthwise kernels keep
-their pretrained weights) and batch (the batch size; default the config's). Seconds: caching the train+val activations at
-the cut (what the fine-tune step pays; test activations are cached apart, for
+their pretrained weights) and batch (the batch size; default the config's).
+Seconds: caching the train+val activations at the cut (what the fine-tune
+step pays; test activations are cached apart, for
 scoring only) and per epoch of training (validation and checkpoint included).
 Activation caches persist under `--cache-root` and are reused by later runs
 (their first computing time is kept beside them).
