@@ -81,6 +81,19 @@ class RunRecord:
                 + ("the fine-tuned model is kept" if kept else
                    "it did not beat feature extraction, so the feature-extraction model is kept"))
 
+    def fine_tune_text(self) -> str:
+        """What fine-tuning trained: the cut, how many layers, whether the depthwise kernels and why ('' when it did
+        not run, or its summary predates these settings)."""
+        summary = self.phases.get(FINE_TUNE)
+        settings = summary.settings if summary else {}
+        if "cut" not in settings:
+            return ""
+        depthwise = settings.get("depthwise")
+        why = f" ({settings['depthwise_reason']})" if settings.get("depthwise_reason") else ""
+        return (f"the backbone above {settings['cut']} ({len(settings.get('fine_tune_layers', []))} layers trained"
+                + (f"; depthwise kernels {depthwise}{why}" if depthwise else "")
+                + f") and the head, on {settings.get('on', 'images')}")
+
     def candidates_text(self) -> str:
         """Which candidate backbones were compared and why the winner won ('' when only one was tried)."""
         board = self.leaderboard or {}
@@ -189,6 +202,8 @@ def _training_section(record: RunRecord) -> str:
         lines += ["- Phases: not recorded (no train summary in the run root)"]
     lines.append(f"- Plateau decision: {record.decision_text()}")
     lines.append(f"- Transfer: {markdown_text(record.transfer_text())}")
+    if record.fine_tune_text():
+        lines.append(f"- Fine-tuned: {markdown_text(record.fine_tune_text())}")
     if record.candidates_text():
         board = record.leaderboard
         rows = [[str(row.get("rank", "")), markdown_code(redact_text(row["spec"])), percent(row["val_accuracy"]),

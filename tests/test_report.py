@@ -195,6 +195,25 @@ def test_model_card_and_report_state_the_transfer_gain_and_the_candidates(tmp_pa
 
 
 @pytest.mark.fast
+def test_model_card_says_what_fine_tuning_trained_and_why_the_depthwise_kernels_were_frozen():
+    from tasks.phases import FEATURE_EXTRACTION, FINE_TUNE
+
+    metrics = classification_metrics(np.eye(3), np.arange(3), fx.CLASSES, top_k=2)
+    metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=[])
+    why = "fine_tune_depthwise auto: frozen, as the training images' median shorter side is 28 px"
+    tuned = fx.phase_summary(phase=FINE_TUNE, settings={
+        "cut": "block4a", "fine_tune_layers": ["head_conv", "block7a/project_conv"], "on": "cached activations",
+        "depthwise": "frozen", "depthwise_reason": why})
+    record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(),
+                       phases={FEATURE_EXTRACTION: fx.phase_summary(), FINE_TUNE: tuned}, kept=FINE_TUNE)
+    assert record.fine_tune_text() == ("the backbone above block4a (2 layers trained; depthwise kernels frozen "
+                                       f"({why})) and the head, on cached activations")
+    assert "- Fine-tuned: the backbone above block4a" in model_card.render(fx.config(".runs"), metrics, record)
+    skipped = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), **fx.trained(False))
+    assert skipped.fine_tune_text() == "" and "Fine-tuned:" not in model_card.render(fx.config(".runs"), metrics,
+                                                                                       skipped)
+
+
 def test_transfer_text_says_when_feature_extraction_was_kept():
     text = RunRecord(manifest=fx.manifest(), **fx.trained(before=0.8, after=0.79)).transfer_text()
     assert "-1.0 points" in text and "so the feature-extraction model is kept" in text

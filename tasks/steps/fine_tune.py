@@ -116,7 +116,7 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         settings={"augment": cfg.augment, "learning_rate": cfg.learning_rate * cfg.fine_tune_lr_factor,
                   "schedule": cfg.fine_tune_schedule, "cut": split.cut,
                   "on": "images" if cfg.augment else "cached activations", "fine_tune_layers": split.unfrozen,
-                  "depthwise": "trained" if depthwise else "frozen",
+                  "depthwise": "trained" if depthwise else "frozen", "depthwise_reason": why,
                   "warm_start": warm}))
     log.info("fine-tuning: %s in %.1f s, cut before %s (%d units above it, %d trained: depthwise kernels %s), "
              "val_accuracy %.4f before -> %.4f -> %s", result.describe(), seconds, split.cut, split.units,
