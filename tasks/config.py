@@ -335,12 +335,12 @@ def depthwise_trained(mode: DepthwiseMode, manifest: dict[str, Any] | None, imag
     train = ((manifest or {}).get("image_sizes") or {}).get("train") or {}
     side = train.get("short_side", {}).get("median")
     if side is None:
-        return True, "fine_tune_depthwise auto: trained (the manifest records no image sizes)"
+        return True, "fine_tune_depthwise auto: trained, as the manifest records no image sizes"
     if side >= image_size:
-        return True, (f"fine_tune_depthwise auto: trained, as the training images' median shorter side is {side:g} px "
-                      f"(at least the {image_size} px input: detail the spatial filters adapt to)")
-    return False, (f"fine_tune_depthwise auto: frozen, as the training images' median shorter side is {side:g} px "
-                   f"(under the {image_size} px input: upsampled, nothing finer for the spatial filters)")
+        return True, (f"fine_tune_depthwise auto: trained, as the training images' median shorter side is {side:g} px, "
+                      f"at least the {image_size} px input: detail the spatial filters adapt to")
+    return False, (f"fine_tune_depthwise auto: frozen, as the training images' median shorter side is {side:g} px, "
+                   f"under the {image_size} px input: upsampled, nothing finer for the spatial filters")
 
 
 def planned_candidates(cfg: RunConfig, manifest: dict[str, Any] | None = None) -> list["Candidate"]:

@@ -90,9 +90,9 @@ class RunRecord:
             return ""
         depthwise = settings.get("depthwise")
         why = f" ({settings['depthwise_reason']})" if settings.get("depthwise_reason") else ""
-        return (f"the backbone above {settings['cut']} ({len(settings.get('fine_tune_layers', []))} layers trained"
-                + (f"; depthwise kernels {depthwise}{why}" if depthwise else "")
-                + f") and the head, on {settings.get('on', 'images')}")
+        return (f"the backbone above {settings['cut']} and the head, on {settings.get('on', 'images')}; "
+                f"{len(settings.get('fine_tune_layers', []))} layers trained"
+                + (f", depthwise kernels {depthwise}{why}" if depthwise else ""))
 
     def candidates_text(self) -> str:
         """Which candidate backbones were compared and why the winner won ('' when only one was tried)."""

@@ -200,14 +200,14 @@ def test_model_card_says_what_fine_tuning_trained_and_why_the_depthwise_kernels_
 
     metrics = classification_metrics(np.eye(3), np.arange(3), fx.CLASSES, top_k=2)
     metrics.update(manifest_hash=fx.MANIFEST_HASH, most_confused_pairs=[])
-    why = "fine_tune_depthwise auto: frozen, as the training images' median shorter side is 28 px"
+    why = "fine_tune_depthwise auto: frozen, as the training images' median shorter side is 28 px, under the input"
     tuned = fx.phase_summary(phase=FINE_TUNE, settings={
         "cut": "block4a", "fine_tune_layers": ["head_conv", "block7a/project_conv"], "on": "cached activations",
         "depthwise": "frozen", "depthwise_reason": why})
     record = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(),
                        phases={FEATURE_EXTRACTION: fx.phase_summary(), FINE_TUNE: tuned}, kept=FINE_TUNE)
-    assert record.fine_tune_text() == ("the backbone above block4a (2 layers trained; depthwise kernels frozen "
-                                       f"({why})) and the head, on cached activations")
+    assert record.fine_tune_text() == ("the backbone above block4a and the head, on cached activations; 2 layers "
+                                       f"trained, depthwise kernels frozen ({why})")
     assert "- Fine-tuned: the backbone above block4a" in model_card.render(fx.config(".runs"), metrics, record)
     skipped = RunRecord(manifest=fx.manifest(), history=fx.history(), decision=fx.decision(), **fx.trained(False))
     assert skipped.fine_tune_text() == "" and "Fine-tuned:" not in model_card.render(fx.config(".runs"), metrics,
