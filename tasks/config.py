@@ -306,8 +306,7 @@ def auto_image_size(manifest: dict[str, Any] | None) -> tuple[int, str]:
     manifest without statistics (written before they were recorded) gets
     AUTO_SMALL_SIZE, the size every run used before the rule.
     """
-    train = ((manifest or {}).get("image_sizes") or {}).get("train") or {}
-    side, count = train.get("short_side", {}).get("median"), train.get("images", 0)
+    side, count = _median_short_side(manifest)
     if not count or side is None:
         return AUTO_SMALL_SIZE, f"image_size auto: {AUTO_SMALL_SIZE} px (the manifest records no image sizes)"
     if side >= AUTO_LARGE_SIDE:
@@ -316,6 +315,13 @@ def auto_image_size(manifest: dict[str, Any] | None) -> tuple[int, str]:
                                  "uses)")
     return AUTO_SMALL_SIZE, (f"image_size auto: {AUTO_SMALL_SIZE} px, as the {count} training images' median shorter "
                              f"side is {side:g} px (under {AUTO_LARGE_SIDE}: a larger input would only upsample them)")
+
+
+def _median_short_side(manifest: dict[str, Any] | None) -> tuple[float | None, int]:
+    """(median shorter side in px, image count) of the training images, as subsample records them in the manifest
+    ("image_sizes"; (None, 0) in a manifest written before they were recorded): what both auto rules read."""
+    train = ((manifest or {}).get("image_sizes") or {}).get("train") or {}
+    return train.get("short_side", {}).get("median"), train.get("images", 0)
 
 
 def depthwise_trained(mode: DepthwiseMode, manifest: dict[str, Any] | None, image_size: int) -> tuple[bool, str]:
@@ -332,8 +338,7 @@ def depthwise_trained(mode: DepthwiseMode, manifest: dict[str, Any] | None, imag
     """
     if mode != "auto":
         return mode == "train", f"fine_tune_depthwise {mode}"
-    train = ((manifest or {}).get("image_sizes") or {}).get("train") or {}
-    side = train.get("short_side", {}).get("median")
+    side, _ = _median_short_side(manifest)
     if side is None:
         return True, "fine_tune_depthwise auto: trained, as the manifest records no image sizes"
     if side >= image_size:
