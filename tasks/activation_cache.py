@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -89,26 +91,37 @@ class CachedSplit:
 
 
 def cache_key(backbone: Backbone, split: Split, data_hash: str) -> dict[str, Any]:
-    """What the activations depend on: a cache with another key is recomputed."""
-    return {"backbone": backbone.name, "weights": backbone.weights_source,
+    """What the activations depend on: a cache with another key is recomputed.
+
+    `weights` is a digest of the bottom's own weights, not where the backbone's came
+    from: fine-tuning rebuilds the backbone and loads the weights feature extraction
+    saved, and its key must equal the one feature extraction wrote its cache under.
+    """
+    return {"backbone": backbone.name, "weights": feature_store.weights_digest(split.bottom.get_weights()),
             "image_size": int(backbone.model.input_shape[1]), "cut": split.cut, "units": split.units,
             "data": data_hash, "decoder": images.DECODER_VERSION}
 
 
-def store_key(bottom: keras.Model, key: dict[str, Any]) -> dict[str, Any]:
+def store_key(key: dict[str, Any]) -> dict[str, Any]:
     """What one image's activations depend on, for the feature store shared by runs: the cache key (backbone,
-    image size, cut, decoder) without the data, plus a digest of the bottom's own weights and the TensorFlow
-    that runs it."""
+    weights, image size, cut, decoder) without the data, plus the TensorFlow that runs the bottom."""
     import tensorflow as tf
 
-    return {**{name: value for name, value in key.items() if name != "data"},
-            "weights_digest": feature_store.weights_digest(bottom.get_weights()),
-            "tensorflow": tf.__version__}
+    return {**{name: value for name, value in key.items() if name != "data"}, "tensorflow": tf.__version__}
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A second output of the same pass, cached in its own directory under its own key: feature extraction's pass
+    also leaves fine-tuning's boundary activations, which it computes on the way to the features."""
+
+    directory: Path
+    key: dict[str, Any]
 
 
 def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: Path, key: dict[str, Any],
-                      batch_size: int, store: FeatureStore | None = None, beside: Executor | None = None
-                      ) -> dict[str, CachedSplit]:
+                      batch_size: int, store: FeatureStore | None = None, beside: Executor | None = None,
+                      companion: Companion | None = None) -> dict[str, CachedSplit]:
     """Each split's bottom activations, from `directory` if its key matches, else computed there in one pass.
 
     `records` maps split names to their TFRecord files (records.write_records);
@@ -119,6 +132,11 @@ def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: 
     does next (the caller waits for it when it shuts the executor down, and
     keeps `directory` until then), else before returning. Writing 6,000 entries
     beside the pass had slowed the backbone by 1-2 s on two cores.
+
+    With a `companion`, `bottom` has two outputs, these activations and the
+    companion's; the companion's are cached (and stored) too when the pass ran
+    every image through the bottom, and left out when the store gave some: their
+    companion outputs were never computed, and whoever needs them computes them.
     """
     started = time.monotonic()
     cached = open_cache(directory, key, list(records))
@@ -127,32 +145,59 @@ def cache_activations(bottom: keras.Model, records: dict[str, Path], directory: 
         return cached
     (directory / META).unlink(missing_ok=True)  # a crash below must not leave a valid-looking cache
     directory.mkdir(parents=True, exist_ok=True)
+    if companion is not None:
+        (companion.directory / META).unlink(missing_ok=True)
+        companion.directory.mkdir(parents=True, exist_ok=True)
     image_size = int(bottom.input_shape[1])
     run = _traced(bottom, image_size)
-    space = None
-    if store is not None:
-        space_key = store_key(bottom, key)
-        space = feature_store.namespace(space_key)
-        store.describe(space, space_key)
-    written = {name: _write_split(run, path, image_size, batch_size, directory, store, space, name)
+    space = _space(store, key)
+    written = {name: _write_split(run, path, image_size, batch_size, directory, store, space, name,
+                                  companion=companion.directory if companion else None)
                for name, path in records.items()}
-    splits = {name: split for name, (split, _) in written.items()}
-    meta = {"key": key, "splits": splits}
-    temporary = directory / f".{META}.tmp"
-    temporary.write_text(json.dumps(meta, indent=1))
-    temporary.replace(directory / META)
-    cached = open_cache(directory, key, list(records))
+    cached = _finish(directory, key, {name: split for name, (split, _) in written.items()})
     log.info("cached activations %s of %s in %.1f s -> %s (%.0f MB; %d images through the backbone)",
              _shape(cached), _counts(cached), time.monotonic() - started, directory,
              sum(split.activations.nbytes for split in cached.values()) / 1e6,
-             sum(split["computed"] for split in splits.values()))
+             sum(split["computed"] for split, _ in written.values()))
+    fills = [(space, cached, written)]
+    if companion is not None and all(split["computed"] == split["count"] for split, _ in written.values()):
+        beside_cached = _finish(companion.directory, companion.key,
+                                {name: {**split, "shape": split["companion_shape"]} for name, (split, _) in
+                                 written.items()})
+        log.info("cached activations %s of %s beside them -> %s", _shape(beside_cached), _counts(beside_cached),
+                 companion.directory)
+        fills.append((_space(store, companion.key), beside_cached, written))
+    elif companion is not None:  # the store gave some images: nothing of the companion's is left to find
+        shutil.rmtree(companion.directory, ignore_errors=True)
     if store is not None:
-        entries = [(sha, cached[name].activations[index]) for name, (_, new) in written.items() for sha, index in new]
-        if beside is None:
-            feature_store.fill(store, space, entries)
-        else:
-            beside.submit(feature_store.fill, store, space, entries)
+        for into, splits, new in fills:
+            entries = [(sha, splits[name].activations[index]) for name, (_, pairs) in new.items()
+                       for sha, index in pairs]
+            if beside is None:
+                feature_store.fill(store, into, entries)
+            else:
+                beside.submit(feature_store.fill, store, into, entries)
     return cached
+
+
+def _space(store: FeatureStore | None, key: dict[str, Any]) -> str | None:
+    """The store's namespace for activations made under `key` (described in the store), None without a store."""
+    if store is None:
+        return None
+    space_key = store_key(key)
+    space = feature_store.namespace(space_key)
+    store.describe(space, space_key)
+    return space
+
+
+def _finish(directory: Path, key: dict[str, Any], splits: dict[str, dict[str, Any]]) -> dict[str, CachedSplit]:
+    """Write `directory`'s meta.json last, which makes the split files written before it a cache; open it."""
+    meta = {"key": key, "splits": {name: {field: split[field] for field in ("count", "shape", "computed")}
+                                   for name, split in splits.items()}}
+    temporary = directory / f".{META}.tmp"
+    temporary.write_text(json.dumps(meta, indent=1))
+    temporary.replace(directory / META)
+    return open_cache(directory, key, list(splits))
 
 
 def open_cache(directory: Path, key: dict[str, Any], splits: list[str]) -> dict[str, CachedSplit] | None:
@@ -175,26 +220,40 @@ def open_cache(directory: Path, key: dict[str, Any], splits: list[str]) -> dict[
 
 
 def _traced(bottom: keras.Model, image_size: int) -> Callable:
-    """The bottom as one traced function for every split (eager calls are ~2x slower)."""
+    """The bottom as one traced function for every split (eager calls are ~2x slower), its outputs as a tuple."""
     import tensorflow as tf
 
-    return tf.function(lambda images: bottom(images, training=False),
-                       input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+    def forward(images):
+        outputs = bottom(images, training=False)
+        return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+
+    return tf.function(forward, input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
 
 
 def _write_split(run: Callable, records: Path, image_size: int, batch_size: int, directory: Path,
-                 store: FeatureStore | None, space: str | None, name: str
+                 store: FeatureStore | None, space: str | None, name: str, companion: Path | None = None
                  ) -> tuple[dict[str, Any], list[tuple[str, int]]]:
     """Stream one split through the bottom into `<name>.f32` and `<name>-labels.npy`; returns its count, shape and
     how many images the bottom computed (the others came from the store), and with a store (sha256, index) of
-    each image computed: what the store lacks."""
+    each image computed: what the store lacks. With a `companion` directory, the bottom's second output goes there
+    in the same files (complete, in file order, only when every image was computed; the caller checks)."""
     labels, shape, new = [], None, []
     temporary = directory / f".{name}.f32.tmp"
-    computed = 0
-    with open(temporary, "wb") as out:
+    beside = companion / f".{name}.f32.tmp" if companion else None
+    computed, companion_shape = 0, None
+    with open(temporary, "wb") as out, open(beside or os.devnull, "wb") as side:
+        def outputs(images) -> np.ndarray:
+            nonlocal companion_shape
+            first, *second = run(images)
+            if second:
+                batch = np.asarray(second[0], dtype=DTYPE)
+                companion_shape = list(batch.shape[1:])
+                side.write(batch.tobytes())
+            return np.asarray(first, dtype=DTYPE)
+
         if store is None:
             for images, batch_labels in image_dataset(records, image_size, batch_size):
-                activations = np.asarray(run(images), dtype=DTYPE)
+                activations = outputs(images)
                 shape = activations.shape[1:]
                 out.write(activations.tobytes())
                 labels.append(batch_labels.numpy())
@@ -203,7 +262,7 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
             hashes, split_labels = _hashes_and_labels(records)
             labels = [np.asarray(split_labels, dtype=np.int64)] if split_labels else []
             extracted = feature_store.extract(
-                store, space, hashes, lambda indices: _computed(run, records, indices, len(hashes), image_size,
+                store, space, hashes, lambda indices: _computed(outputs, records, indices, len(hashes), image_size,
                                                                 batch_size))
             for activations in extracted.features:
                 shape = activations.shape
@@ -212,10 +271,19 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
             computed = len(new)
     if shape is None:
         temporary.unlink()
+        if beside:
+            beside.unlink()
         raise TrainingError(f"{records}: no images in the {name} split; rerun subsample so every split has images")
-    np.save(directory / f"{name}-labels.npy", np.concatenate(labels).astype(np.int64))
+    count = int(sum(len(batch) for batch in labels))
+    all_labels = np.concatenate(labels).astype(np.int64)
+    np.save(directory / f"{name}-labels.npy", all_labels)
     temporary.replace(directory / f"{name}.f32")
-    return {"count": int(sum(len(batch) for batch in labels)), "shape": list(shape), "computed": computed}, new
+    if beside and computed == count:
+        np.save(companion / f"{name}-labels.npy", all_labels)
+        beside.replace(companion / f"{name}.f32")
+    elif beside:
+        beside.unlink()
+    return {"count": count, "shape": list(shape), "computed": computed, "companion_shape": companion_shape}, new
 
 
 def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
@@ -232,9 +300,10 @@ def _hashes_and_labels(records: Path) -> tuple[list[str], list[int]]:
     return hashes, labels
 
 
-def _computed(run: Callable, records: Path, indices: list[int], count: int, image_size: int,
+def _computed(run: Callable[..., np.ndarray], records: Path, indices: list[int], count: int, image_size: int,
               batch_size: int) -> Iterator[np.ndarray]:
-    """The bottom's activations of the records at `indices` (ascending), one array per image, streamed in batches."""
+    """The bottom's activations (`run` of a batch) of the records at `indices` (ascending), one array per image,
+    streamed in batches."""
     if not indices:
         return
     import tensorflow as tf
@@ -253,7 +322,7 @@ def _computed(run: Callable, records: Path, indices: list[int], count: int, imag
     images = steady(dataset.map(image, num_parallel_calls=DECODERS, deterministic=True)
                     .batch(batch_size).prefetch(AHEAD))
     for batch in images:
-        yield from np.asarray(run(batch), dtype=DTYPE)
+        yield from run(batch)
 
 
 def _shape(cached: dict[str, CachedSplit]) -> tuple[int, ...]:

@@ -60,6 +60,9 @@ FEATURES = Artifact(("features",), "train", "cached backbone features of the tra
                     per_candidate=True)
 ACTIVATIONS = Artifact(("activations",), "fine_tune", "frozen-bottom activations per cut, computed once per image",
                        per_candidate=True)
+BOUNDARY = Artifact(("train", "boundary"), "train", "fine-tuning's boundary activations of the train and val splits, "
+                    "left by feature extraction's pass when it ran every image through the backbone",
+                    consumers=("fine_tune",), read_through_run_root=("select",), per_candidate=True)
 HISTORY = Artifact(("train", "history.json"), "train", "per-epoch metrics of feature extraction",
                    consumers=("decide", "fine_tune", "evaluate"), per_candidate=True)
 TRAIN_SUMMARY = Artifact(("train", "summary.json"), "train", "feature extraction's backbone, epochs and best score",

@@ -77,18 +77,25 @@ def split_backbone(backbone: Backbone, fine_tune_layers: int, depthwise: bool = 
     Sets the backbone's trainable flags as set_trainable_top does for the
     rounded count (see the module docstring for the rounding).
     """
+    split = cut_backbone(backbone, fine_tune_layers)
+    split.unfrozen = set_trainable_top(backbone, split.units, depthwise)
+    where = "at the output (top = identity)" if split.cut == OUTPUT else f"before {split.cut}"
+    log.info("%s: fine_tune_layers=%d -> cut %s, %d of %d units above, boundary activations %s",
+             backbone.name, fine_tune_layers, where, split.units, len(backbone.fine_tune_units()),
+             split.boundary_shape)
+    return split
+
+
+def cut_backbone(backbone: Backbone, fine_tune_layers: int) -> Split:
+    """The cut split_backbone makes, leaving every trainable flag as it is (nothing listed as unfrozen): where
+    feature extraction, whose backbone stays frozen, finds fine-tuning's boundary activations."""
     if fine_tune_layers < 0:
         raise BackboneError(f"fine_tune_layers={fine_tune_layers}: use 0 (cut at the output) or more")
     unit_ids = {id(layer) for layer in backbone.fine_tune_units()}
     wrappers, graph = _cut_graph(backbone.model, unit_ids)
     cut = _nearest(_clean_cuts(graph, unit_ids), fine_tune_layers)
-    unfrozen = set_trainable_top(backbone, cut.units, depthwise)
-    bottom, top = _bottom(wrappers, graph, cut.tensor), _top(wrappers, graph, cut.tensor)
-    split = Split(bottom=bottom, top=top, cut=cut.first_above, units=cut.units, unfrozen=unfrozen)
-    where = "at the output (top = identity)" if cut.first_above == OUTPUT else f"before {cut.first_above}"
-    log.info("%s: fine_tune_layers=%d -> cut %s, %d of %d units above, boundary activations %s",
-             backbone.name, fine_tune_layers, where, cut.units, len(unit_ids), split.boundary_shape)
-    return split
+    return Split(bottom=_bottom(wrappers, graph, cut.tensor), top=_top(wrappers, graph, cut.tensor),
+                 cut=cut.first_above, units=cut.units, unfrozen=[])
 
 
 def _cut_graph(model: keras.Model, unit_ids: set[int]) -> tuple[list[tuple[keras.Model, object]], keras.Model]:

@@ -8,6 +8,7 @@ phase records live in tasks/phases.py (no TensorFlow there).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from concurrent.futures import Executor
@@ -134,34 +135,52 @@ def validation_images(feed: Feed, records: Path):
 
 
 def cached_splits(bottom: keras.Model, key: dict[str, Any], uri: str, scratch: Path,
-                  stage: Callable[[], dict[str, Path]], batch_size: int, beside: Executor | None = None
-                  ) -> dict[str, CachedSplit]:
+                  stage: Callable[[], dict[str, Path]], batch_size: int, beside: Executor | None = None,
+                  companion: tuple[dict[str, Any], str] | None = None) -> dict[str, CachedSplit]:
     """What a frozen `bottom` makes of each train and val image (features, or fine-tuning's boundary activations).
 
     The bottom runs once per image and its activations live under the run root at
     `uri` (a retry on any worker reuses them; another `key` recomputes them);
     `stage` gives the local split files when they must be computed. Images new to
     the shared feature store are added to it on `beside` when given (see
-    activation_cache.cache_activations; `scratch` must outlive it). Returns the
+    activation_cache.cache_activations; `scratch` must outlive it). With a
+    `companion` (key, uri), `bottom` has a second output, cached at that uri when
+    the pass computes every image (activation_cache.Companion). Returns the
     splits memory-mapped (tasks/activation_cache.py).
     """
-    local = scratch / "activations" if storage.is_s3(uri) else storage.local_path(uri)
-    cached = None
-    if storage.is_s3(uri) and storage.exists(storage.join(uri, activation_cache.META)):
-        cached = activation_cache.open_cache(storage.download(uri.rstrip("/") + "/", local), key,
-                                              list(TRAINING_SPLITS))
-    elif not storage.is_s3(uri):
-        cached = activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
-    if cached is None:
-        cached = activation_cache.cache_activations(bottom, stage(), local, key, batch_size,
-                                                    feature_store.FeatureStore(*settings.load().feature_store_args()),
-                                                    beside)
-        if storage.is_s3(uri):
-            storage.delete(uri.rstrip("/") + "/")
-            storage.upload(local, uri)
-    else:
+    cached = open_cached(uri, key, scratch)
+    if cached is not None:
         log.info("reused activations of %s under %s", ", ".join(TRAINING_SPLITS), uri)
+        return cached
+    local = _local(uri, scratch)
+    alongside = None if companion is None else activation_cache.Companion(_local(companion[1], scratch), companion[0])
+    cached = activation_cache.cache_activations(bottom, stage(), local, key, batch_size,
+                                                feature_store.FeatureStore(*settings.load().feature_store_args()),
+                                                beside, alongside)
+    uploads = [(local, uri)] if alongside is None else [(local, uri), (alongside.directory, companion[1])]
+    for folder, target in uploads:
+        if storage.is_s3(target) and (folder / activation_cache.META).is_file():  # a companion may not be written
+            storage.delete(target.rstrip("/") + "/")
+            storage.upload(folder, target)
     return cached
+
+
+def open_cached(uri: str, key: dict[str, Any], scratch: Path) -> dict[str, CachedSplit] | None:
+    """The train and val splits cached at `uri` (local or s3://) under `key`; None when there are none, or when
+    they were made under another key."""
+    local = _local(uri, scratch)
+    if not storage.is_s3(uri):
+        return activation_cache.open_cache(local, key, list(TRAINING_SPLITS))
+    if not storage.exists(storage.join(uri, activation_cache.META)):
+        return None
+    return activation_cache.open_cache(storage.download(uri.rstrip("/") + "/", local), key, list(TRAINING_SPLITS))
+
+
+def _local(uri: str, scratch: Path) -> Path:
+    """Where a cache at `uri` is read and written on this worker: the folder itself, or one in scratch for S3."""
+    if storage.is_s3(uri):
+        return scratch / "activations" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return storage.local_path(uri)
 
 
 def cached_epochs(feed: Feed, cached: dict[str, CachedSplit]) -> KerasEpochs:

@@ -8,11 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import activation_cache, images, records
-from tasks.activation_cache import cache_activations, cache_key, open_cache
-from tasks.backbone_split import split_backbone
+from tasks import activation_cache, feature_store, images, records
+from tasks.activation_cache import Companion, cache_activations, cache_key, open_cache, store_key
+from tasks.backbone_split import cut_backbone, split_backbone
 from tasks.backbones import load_backbone, make_optimizer, set_trainable_top
 from tasks.errors import TrainingError
+from tasks.feature_store import FeatureStore, namespace
 from tasks.head import build_head, compose
 from tests.helpers.runs import examples
 
@@ -74,12 +75,14 @@ def test_epoch_order_matches_the_image_pipeline_beyond_one_shuffle_buffer(tmp_pa
 def test_matching_key_reuses_the_cache_and_another_key_recomputes(lite0, train_records, tmp_path, monkeypatch):
     split = split_backbone(lite0, 1)
     key = cache_key(lite0, split, data_hash="abc")
-    assert key == {"backbone": "efficientnet_lite0", "weights": lite0.weights_source, "image_size": SIZE,
-                   "cut": "head", "units": 1, "data": "abc", "decoder": images.DECODER_VERSION}
+    digest = feature_store.weights_digest(split.bottom.get_weights())
+    assert key == {"backbone": "efficientnet_lite0", "weights": digest, "image_size": SIZE, "cut": "head", "units": 1,
+                   "data": "abc", "decoder": images.DECODER_VERSION}
     first = cache_activations(split.bottom, {"train": train_records}, tmp_path, key, BATCH)["train"]
     passes = []
     write = activation_cache._write_split
-    monkeypatch.setattr(activation_cache, "_write_split", lambda *args: passes.append(args[-1]) or write(*args))
+    monkeypatch.setattr(activation_cache, "_write_split",
+                        lambda *args, **kwargs: passes.append(args[-1]) or write(*args, **kwargs))
 
     again = cache_activations(split.bottom, {"train": train_records}, tmp_path, key, BATCH)["train"]
     assert passes == []
@@ -88,6 +91,47 @@ def test_matching_key_reuses_the_cache_and_another_key_recomputes(lite0, train_r
     cache_activations(split.bottom, {"train": train_records}, tmp_path, {**key, "data": "other"}, BATCH)
     assert passes == ["train"]
     assert open_cache(tmp_path, key, ["train"]) is None, "the old key's cache is gone"
+
+
+def test_a_backbone_rebuilt_with_the_same_weights_has_the_same_key(lite0, cache_dir):
+    """Fine-tuning rebuilds the backbone without weights and loads the ones feature extraction saved: its key must be
+    the one feature extraction cached the boundary activations under, and other weights another key."""
+    rebuilt = load_backbone("efficientnet_lite0", SIZE, "none", cache_dir=cache_dir)
+    random_key = cache_key(rebuilt, cut_backbone(rebuilt, 19), "abc")
+    rebuilt.model.set_weights(lite0.model.get_weights())
+
+    assert rebuilt.weights_source != lite0.weights_source
+    assert cache_key(rebuilt, cut_backbone(rebuilt, 19), "abc") == cache_key(lite0, cut_backbone(lite0, 19), "abc")
+    assert random_key != cache_key(lite0, cut_backbone(lite0, 19), "abc")
+
+
+def test_a_companion_output_is_cached_beside_only_when_every_image_went_through(lite0, train_records, tmp_path):
+    """Feature extraction's pass leaves fine-tuning's boundary activations: the second output of one pass, in its own
+    cache and store namespace; a pass that took images from the store has none to leave."""
+    whole, split = split_backbone(lite0, 0), cut_backbone(lite0, 19)
+    pixels = keras.Input((SIZE, SIZE, 3))
+    boundary = split.bottom(pixels)
+    both = keras.Model(pixels, [split.top(boundary), boundary])
+    store = FeatureStore(str(tmp_path / "store"))
+    features_key, boundary_key = {"output": "features", "data": "1"}, {"output": "boundary", "data": "1"}
+
+    features = cache_activations(both, {"train": train_records}, tmp_path / "features", features_key, BATCH, store,
+                                 companion=Companion(tmp_path / "boundary", boundary_key))["train"]
+    left = open_cache(tmp_path / "boundary", boundary_key, ["train"])["train"]
+
+    images_, labels = zip(*records.image_dataset(train_records, SIZE, BATCH), strict=True)
+    pixels_in_order = np.concatenate(images_)
+    np.testing.assert_allclose(features.activations, whole.bottom.predict(pixels_in_order, verbose=0), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(left.activations, split.bottom.predict(pixels_in_order, verbose=0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(left.labels, np.concatenate(labels))
+    stored = {key["output"]: len(store.present(namespace(store_key(key)))) for key in (features_key, boundary_key)}
+    assert stored == {"features": 48, "boundary": 48}
+
+    again = Companion(tmp_path / "boundary-again", {**boundary_key, "data": "2"})
+    cache_activations(both, {"train": train_records}, tmp_path / "features-again", {**features_key, "data": "2"},
+                      BATCH, store, companion=again)
+    assert not again.directory.exists(), "every image came from the store: no boundary activations to leave"
 
 
 def test_split_without_images_is_a_clear_error(lite0, tmp_path):

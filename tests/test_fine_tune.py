@@ -118,6 +118,32 @@ def test_fine_tuning_that_does_not_beat_feature_extraction_leaves_its_model_besi
     assert storage.exists(cfg.artifact(artifacts.FINE_TUNED_MODEL))
 
 
+def test_fine_tuning_trains_on_the_boundary_feature_extraction_left_as_on_activations_of_its_own(
+        feature_extracted, fine_tuned, tmp_path, monkeypatch):
+    """Feature extraction's pass left the activations at fine-tuning's cut: fine-tuning runs no bottom of its own and
+    trains as it does on the activations it computes when there are none, or none for its cut."""
+    from tasks import activation_cache
+
+    reference_cfg, reference = fine_tuned
+    assert storage.exists(reference_cfg.artifact(artifacts.BOUNDARY))
+    assert not storage.exists(reference_cfg.artifact(artifacts.ACTIVATIONS)), "the bottom did not run again"
+    passes = []
+    cache_activations = activation_cache.cache_activations
+    monkeypatch.setattr(activation_cache, "cache_activations",
+                        lambda *args, **kwargs: passes.append(args[2].name) or cache_activations(*args, **kwargs))
+    cfg = copy_run(feature_extracted, tmp_path)
+    storage.delete(cfg.artifact(artifacts.BOUNDARY) + "/")
+
+    result = fine_tune(cfg)
+
+    assert passes == [result["cut"]]
+    np.testing.assert_allclose(metrics_of(storage.read_json(result["history_uri"])),
+                               metrics_of(storage.read_json(reference["history_uri"])), rtol=1e-5, atol=1e-6)
+    other_cut = copy_run(feature_extracted, tmp_path / "other", fine_tune_layers=1)
+    assert fine_tune(other_cut)["cut"] != result["cut"]
+    assert passes == [result["cut"], "head"], "a boundary left for another cut is not used"
+
+
 class Crash(RuntimeError):
     pass
 

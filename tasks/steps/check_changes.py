@@ -187,7 +187,7 @@ def _embedding_shift(cfg: RunConfig, old_manifest: dict, manifest: dict, old_par
     whole = split_backbone(backbone, 0)
     key = activation_cache.cache_key(backbone, whole, manifest["hash"])
     store = feature_store.FeatureStore(*settings.load().feature_store_args())
-    space = feature_store.namespace(activation_cache.store_key(whole.bottom, key))
+    space = feature_store.namespace(activation_cache.store_key(key))
     with scratch_dir("check_changes") as scratch:
         records = stage_records(cfg, scratch, TRAINING_SPLITS)
         activation_cache.cache_activations(whole.bottom, records, scratch / "features", key, cfg.batch_size, store)

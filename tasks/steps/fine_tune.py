@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import keras
@@ -51,6 +52,7 @@ from tasks.training import (
     distribution_strategy,
     fingerprint,
     image_data,
+    open_cached,
     resolve_loss,
     stage_records,
 )
@@ -91,11 +93,11 @@ def fine_tune(cfg: RunConfig, data: dict[str, Any], best: dict[str, Any]) -> dic
         rate = learning_rate(cfg.learning_rate * cfg.fine_tune_lr_factor, cfg.fine_tune_schedule,
                              cfg.fine_tune_epochs, steps_per_epoch)
         compile_model(model, cfg.optimizer, loss, rate, backbone, steps_per_epoch)
+        key = activation_cache.cache_key(backbone, split, manifest["sha256"])
         epochs = images if cfg.augment else _on_activations(
-            model, loss, feed, strategy, lambda: cached_splits(
-                split.bottom, activation_cache.cache_key(backbone, split, manifest["sha256"]),
-                cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch, lambda: stage_records(cfg, scratch),
-                feed.batch_size))
+            model, loss, feed, strategy, lambda: _handed_boundary(cfg, best, key, scratch) or cached_splits(
+                split.bottom, key, cfg.artifact(artifacts.ACTIVATIONS, split.cut), scratch,
+                lambda: stage_records(cfg, scratch), feed.batch_size))
         result = fit_resumable(
             model, phase=FINE_TUNE, first_epoch=start, last_epoch=start + cfg.fine_tune_epochs, epochs=epochs,
             stopping=Stopping(cfg.patience, cfg.min_delta), scratch=scratch,
@@ -168,6 +170,20 @@ def _on_activations(model: keras.Model, loss, feed: Feed, strategy,
         cached = cache()
         traced.result()
     return HeadEpochs(steps, cached["train"], cached["val"])
+
+
+def _handed_boundary(cfg: RunConfig, best: dict[str, Any], key: dict[str, Any],
+                     scratch: Path) -> dict[str, CachedSplit] | None:
+    """The boundary activations feature extraction's pass left (tasks/steps/train.py; select hands them over), when
+    they were made under this fine-tune's key (the same bottom weights, cut, images and decoder); else None and the
+    bottom runs here."""
+    if "boundary_uri" not in best:
+        return None
+    uri = artifacts.arrived(cfg, best["boundary_uri"], artifacts.BOUNDARY)
+    cached = open_cached(uri, key, scratch)
+    log.info("fine-tuning: %s", f"the boundary activations feature extraction left at {uri}" if cached else
+             f"the boundary activations at {uri} were made for another cut, model or data; computing them")
+    return cached
 
 
 def _top_and_head(top: keras.Model, head: keras.Model) -> keras.Model:

@@ -50,10 +50,13 @@ def select(cfg: RunConfig, trained: list[dict[str, Any] | None]) -> dict[str, An
     log.info("select: %s (%d trained, %d failed; %d results handed over) -> %s", reason, len(finished), len(failed),
              sum(result is not None for result in trained), leaderboard_uri)
     winning = cfg.for_candidate(planned[winner["order"]])
+    boundary_uri = winning.artifact(artifacts.BOUNDARY)  # left only when the winner's pass could (train.py)
+    boundary = {"boundary_uri": boundary_uri} if storage.exists(boundary_uri) else {}
     return {key: winner[key] for key in ("candidate", "backbone", "image_size", "val_accuracy", "manifest_hash")} | {
         "reason": reason, "leaderboard_uri": leaderboard_uri,
         "model_uri": winning.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
-        "history_uri": winning.artifact(artifacts.HISTORY), "summary_uri": winning.artifact(artifacts.TRAIN_SUMMARY)}
+        "history_uri": winning.artifact(artifacts.HISTORY), "summary_uri": winning.artifact(artifacts.TRAIN_SUMMARY),
+        **boundary}
 
 
 def _row(cfg: RunConfig, order: int) -> dict[str, Any]:

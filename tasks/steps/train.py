@@ -22,9 +22,10 @@ from typing import Any
 import keras
 
 from tasks import activation_cache, artifacts, classifier, phases, registry, storage
-from tasks.backbone_split import split_backbone
+from tasks.backbone_split import OUTPUT, Split, cut_backbone, split_backbone
+from tasks.backbones import Backbone
 from tasks.checkpoints import Stopping, fit_resumable
-from tasks.config import Candidate, RunConfig
+from tasks.config import Candidate, RunConfig, candidate_list
 from tasks.head import augmentation, compose
 from tasks.head_training import HeadEpochs, HeadSteps
 from tasks.phases import FEATURE_EXTRACTION, PhaseSummary
@@ -89,9 +90,10 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
             steps = HeadSteps(head, loss, feed, mixup)
             traced = beside.submit(steps.trace)  # while the backbone computes the features
             whole = split_backbone(backbone, 0)  # the bottom is the whole frozen backbone: features
-            cached = cached_splits(whole.bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
+            bottom, boundary = _with_boundary(cfg, backbone, whole, manifest)
+            cached = cached_splits(bottom, activation_cache.cache_key(backbone, whole, manifest["sha256"]),
                                    cfg.artifact(artifacts.FEATURES), scratch, lambda: stage_records(cfg, scratch),
-                                   feed.batch_size, beside)  # the store fills while the head trains
+                                   feed.batch_size, beside, boundary)  # the store fills while the head trains
             traced.result()
             epochs = HeadEpochs(steps, cached["train"], cached["val"])
         warm = "" if champion is None else warm_start(built, champion, cfg.publish_uri, cfg.model_name, scratch,
@@ -118,3 +120,27 @@ def _train(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
             "manifest_hash": manifest["hash"], "epochs_run": len(result.history), "best_epoch": result.best_epoch,
             "val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early, "seconds": seconds,
             "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def _with_boundary(cfg: RunConfig, backbone: Backbone, whole: Split, manifest: dict[str, Any]
+                   ) -> tuple[keras.Model, tuple[dict[str, Any], str] | None]:
+    """The model feature extraction's pass runs, and the (key, uri) of fine-tuning's boundary activations when it
+    also leaves them (artifacts.BOUNDARY).
+
+    The pass computes them on its way to the features, and fine-tuning would run
+    the frozen bottom over the same images again (10-14 s on the demo): so when this
+    run may fine-tune and trains this one backbone (with several candidates only the
+    winner fine-tunes, and the others' would only fill the disk), the pass also
+    returns the activations at fine-tuning's cut, cached under the key fine-tuning
+    looks for. They are written only when every image went through the backbone
+    (tasks.activation_cache.Companion); fine-tuning checks their key before it uses them.
+    """
+    if cfg.fine_tune == "never" or len(candidate_list(cfg)) > 1:
+        return whole.bottom, None
+    split = cut_backbone(backbone, cfg.fine_tune_layers)
+    if split.cut == OUTPUT:  # fine-tuning cuts at the output: its activations are the features themselves
+        return whole.bottom, None
+    pixels = keras.Input(whole.bottom.input_shape[1:], name="pixels")
+    boundary = split.bottom(pixels)
+    bottom = keras.Model(pixels, [split.top(boundary), boundary], name="bottom_and_boundary")
+    return bottom, (activation_cache.cache_key(backbone, split, manifest["sha256"]), cfg.artifact(artifacts.BOUNDARY))

@@ -84,11 +84,14 @@ def candidate(cfg: RunConfig) -> dict:
 
 
 def selected(cfg: RunConfig) -> dict:
-    """What select hands on when cfg's candidate (trained) wins: where its model, history and summary are."""
+    """What select hands on when cfg's candidate (trained) wins: where its model, history and summary are, and the
+    boundary activations its pass left, if any."""
+    boundary = cfg.artifact(artifacts.BOUNDARY)
     return {"candidate": cfg.candidate, "backbone": cfg.backbone, "image_size": cfg.image_size,
             "model_uri": cfg.artifact(artifacts.FEATURE_EXTRACTION_MODEL),
             "history_uri": cfg.artifact(artifacts.HISTORY), "summary_uri": cfg.artifact(artifacts.TRAIN_SUMMARY),
-            "leaderboard_uri": cfg.artifact(artifacts.LEADERBOARD)}
+            "leaderboard_uri": cfg.artifact(artifacts.LEADERBOARD),
+            **({"boundary_uri": boundary} if storage.exists(boundary) else {})}
 
 
 def metrics_of(history: dict) -> np.ndarray:
