@@ -5,8 +5,10 @@ weights), which select hands over, and cuts the backbone on a clean block
 boundary near the top `fine_tune_layers` units (tasks/backbone_split.py; the log
 says where it cut). Everything below the cut stays frozen and BatchNorm runs in
 inference mode, so without augmentation the bottom maps each image to the same
-activations every epoch: they are computed once per image, kept under the run
-root (a retry reuses them) and gathered in each epoch's image order, and
+activations every epoch: they are computed once per image — usually by feature
+extraction's pass, which leaves them on its way to the features (select hands
+them over; used when made for this cut, bottom and data), else here, kept under
+the run root (a retry reuses them) — and gathered in each epoch's image order, and
 the epochs train only the top and the head — the same updates as on images,
 for a fraction of the cost — in the own loop on cached rows
 (tasks/head_training.py), traced while the activations are computed. The

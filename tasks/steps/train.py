@@ -4,7 +4,8 @@ Without augmentation the frozen backbone would compute the same features every
 epoch, so it runs exactly once per image: train and validation features are
 computed in one streaming pass, stored under the run root (a retry reuses
 them), and the head trains on them in about a second (tasks/head_training.py;
-its functions are traced beside the pass). With augmentation every epoch
+its functions are traced beside the pass). The same pass leaves fine-tuning's
+boundary activations, which it computes on the way (`_with_boundary`). With augmentation every epoch
 sees new images, so the backbone runs per epoch inside the model, through
 Keras' fit on every device the worker has. Either way
 the trained head is then composed with the backbone into one
