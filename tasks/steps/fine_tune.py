@@ -184,7 +184,7 @@ def _handed_boundary(cfg: RunConfig, best: dict[str, Any], key: dict[str, Any],
     uri = artifacts.arrived(cfg, best["boundary_uri"], artifacts.BOUNDARY)
     cached = open_cached(uri, key, scratch)
     log.info("fine-tuning: %s", f"the boundary activations feature extraction left at {uri}" if cached else
-             f"the boundary activations at {uri} were made for another cut, model or data; computing them")
+             f"no boundary activations at {uri} for this cut, model and data (or unfinished); computing them")
     return cached
 
 
