@@ -28,7 +28,9 @@ def feature_extracted(tmp_path_factory, cache_dir):
 
     cfg = tiny_run(str(tmp_path_factory.mktemp("phase1")), cache_dir, epochs=1, fine_tune_layers=4,
                    fine_tune_epochs=2, patience=10)
-    train(cfg, subsampled(cfg), candidate(cfg))
+    with pytest.MonkeyPatch.context() as patch:  # a store of its own: the pass computes every image, and so leaves
+        patch.setenv("TLP_FEATURE_STORE", str(tmp_path_factory.mktemp("store")))  # fine-tuning's boundary
+        train(cfg, subsampled(cfg), candidate(cfg))
     return cfg
 
 

@@ -120,19 +120,24 @@ def test_backbone_runs_once_per_image_and_a_rerun_retrains_nothing(trained, monk
     assert again["val_accuracy"] == first["val_accuracy"]
 
 
-def test_the_pass_leaves_fine_tunings_boundary_activations_only_for_a_run_that_may_fine_tune(trained, tmp_path,
-                                                                                             cache_dir):
+def test_the_pass_leaves_fine_tunings_boundary_activations_only_for_a_run_that_may_fine_tune(tmp_path, cache_dir,
+                                                                                             monkeypatch):
+    """(Each run with a feature store of its own: images another test stored come from the store, and a pass that did
+    not compute them has no boundary activations to leave.)"""
     from tasks import activation_cache
     from tasks.backbone_split import cut_backbone
     from tasks.backbones import load_backbone
 
-    cfg, _, _ = trained
+    monkeypatch.setenv("TLP_FEATURE_STORE", str(tmp_path / "store"))
+    cfg = tiny_run(str(tmp_path / "may"), cache_dir, epochs=1)
+    train(cfg)
     left = json.loads(Path(cfg.artifact(artifacts.BOUNDARY), activation_cache.META).read_text())
     split = cut_backbone(load_backbone(cfg.backbone, cfg.image_size, cache_dir=cache_dir), cfg.fine_tune_layers)
     assert (left["key"]["cut"], left["key"]["units"]) == (split.cut, split.units) and split.units > 0
     assert {name: split["count"] for name, split in left["splits"].items()} == {"train": 48, "val": 12}
 
-    never = tiny_run(str(tmp_path), cache_dir, epochs=1, fine_tune="never")
+    monkeypatch.setenv("TLP_FEATURE_STORE", str(tmp_path / "another-store"))
+    never = tiny_run(str(tmp_path / "never"), cache_dir, epochs=1, fine_tune="never")
     train(never)
     assert storage.exists(never.artifact(artifacts.FEATURES)) and not storage.exists(never.artifact(artifacts.BOUNDARY))
 
