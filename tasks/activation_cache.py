@@ -19,11 +19,11 @@ matches is reused (a retried task skips the pass); any other is recomputed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from concurrent.futures import Executor
@@ -241,11 +241,14 @@ def _write_split(run: Callable, records: Path, image_size: int, batch_size: int,
     temporary = directory / f".{name}.f32.tmp"
     beside = companion / f".{name}.f32.tmp" if companion else None
     computed, companion_shape = 0, None
-    with open(temporary, "wb") as out, open(beside or os.devnull, "wb") as side:
+    with open(temporary, "wb") as out, contextlib.ExitStack() as files:
+        side = files.enter_context(open(beside, "wb")) if beside else None
+
         def outputs(images) -> np.ndarray:
+            """The bottom's first output for a batch; its second, with a companion, appended to the companion's file."""
             nonlocal companion_shape
             first, *second = run(images)
-            if second:
+            if side is not None:
                 batch = np.asarray(second[0], dtype=DTYPE)
                 companion_shape = list(batch.shape[1:])
                 side.write(batch.tobytes())
