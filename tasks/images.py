@@ -27,8 +27,9 @@ see identical pixels. Every path then resizes with the one `resize`.
 
 The published SavedModel also takes encoded bytes (`decode_in_graph`): that
 graph does what TensorFlow ops can (formats, alpha, grayscale, 16-bit, first
-frame) but not EXIF orientation, CMYK JPEGs, GIF transparency or TIFF; a
-client applies those first (README "Images", `client_bytes`).
+frame) but not EXIF orientation, GIF transparency or a first frame smaller than
+its screen, BMPs of palette, 16-bit or compressed pixels, or TIFF; a client
+applies those first (README "Images", `client_bytes`).
 
 DECODER_VERSION is recorded with features, models and predictions; it changes
 whenever the decoded pixels may change (this module's rules, Pillow's version).
@@ -66,6 +67,14 @@ WEBP_ANIMATION_FLAG = 0x02  # in the VP8X chunk's flags byte
 WEBP_ALPHA_FLAG = 0x10
 WEBP_OPAQUE_ANIMATION = ("an animated WebP without alpha cannot be decoded by TensorFlow 2.21 (it corrupts memory); "
                          "send its first frame as PNG")
+# TensorFlow's BMP decoder reads uncompressed 24- and 32-bit pixels after a header of at least BITMAPINFOHEADER's
+# 40 bytes; it takes 8-bit pixels for gray (a palette's colours are lost) and refuses 1, 4 and 16 bits
+BMP_GRAPH_BITS = (24, 32)
+BMP_INFO_HEADER = 40
+BMP_NOT_IN_GRAPH = ("a BMP of palette, 16-bit or compressed pixels, or with an OS/2 header, which TensorFlow 2.21 "
+                    "decodes wrongly or not at all; send its pixels as PNG")
+GIF_PARTIAL_FRAME = ("a GIF whose first frame does not cover its whole screen, which TensorFlow 2.21 decodes at the "
+                     "frame's size, shifted; send its first frame as PNG")
 
 
 def header_size(data: bytes) -> tuple[int, int]:
@@ -190,13 +199,15 @@ def client_bytes(data: bytes) -> bytes:
 
     The file itself, except where the graph cannot do what `to_rgb` does: an
     EXIF orientation other than 1, a GIF with a transparent colour, an animated
-    WebP without alpha, a TIFF (TensorFlow has no TIFF decoder). Those are sent
-    as `to_rgb`'s pixels in a PNG.
+    WebP without alpha, a TIFF (TensorFlow has no TIFF decoder), a BMP that is
+    not of uncompressed 24- or 32-bit pixels (BMP_NOT_IN_GRAPH), a GIF whose first
+    frame does not cover its screen (GIF_PARTIAL_FRAME). Those are sent as
+    `to_rgb`'s pixels in a PNG.
     """
     from PIL import ExifTags, Image
 
     kind = image_format(data)
-    if kind == "TIFF":
+    if kind == "TIFF" or kind == "BMP" and not _bmp_in_graph(data):
         return canonical_png(data)
     if kind == "WEBP" and data[12:16] == b"VP8X" and len(data) > 20:
         if data[20] & WEBP_ANIMATION_FLAG and not data[20] & WEBP_ALPHA_FLAG:
@@ -204,10 +215,11 @@ def client_bytes(data: bytes) -> bytes:
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as image:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-            transparent_gif = kind == "GIF" and "transparency" in image.info
+            gif_graph_cannot = kind == "GIF" and ("transparency" in image.info
+                                                  or bool(image.tile) and image.tile[0][1] != (0, 0, *image.size))
     except Exception as error:  # noqa: BLE001 - the decoder names what is wrong
         raise ImageDecodeError(f"a {kind} whose header does not parse: {type(error).__name__}: {error}") from error
-    return canonical_png(data) if orientation not in (None, 1) or transparent_gif else data
+    return canonical_png(data) if orientation not in (None, 1) or gif_graph_cannot else data
 
 
 def resize(images, image_size: int):
@@ -253,8 +265,9 @@ def decode_in_graph(encoded, image_size: int):
     The bytes signature of the published model runs this. It matches `to_rgb`
     except where no TensorFlow op can: EXIF orientation is not applied, a GIF's
     transparent pixels come out black (TensorFlow's GIF decoder drops
-    transparency), and an animated WebP without alpha is refused (see
-    WEBP_OPAQUE_ANIMATION).
+    transparency), and an animated WebP without alpha, a BMP TensorFlow cannot
+    read and a GIF whose first frame leaves part of its screen uncovered are
+    refused (WEBP_OPAQUE_ANIMATION, BMP_NOT_IN_GRAPH, GIF_PARTIAL_FRAME).
     """
     import tensorflow as tf
 
@@ -263,14 +276,29 @@ def decode_in_graph(encoded, image_size: int):
         return _opaque(tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"))
 
     def png():
-        # libpng expands gray, palette, tRNS and 8 bits to 16-bit RGBA; the high byte is to_rgb's 8 bits
-        image = tf.io.decode_png(encoded, channels=4, dtype=tf.uint16)
-        return tf.cast(tf.bitwise.right_shift(image, tf.constant(8, tf.uint16)), tf.uint8)
+        # libpng expands gray, palette, tRNS and under 8 bits to 16 bits; the high byte is to_rgb's 8 bits
+        def decoded(channels):
+            image = tf.io.decode_png(encoded, channels=channels, dtype=tf.uint16)
+            return tf.cast(tf.bitwise.right_shift(image, tf.constant(8, tf.uint16)), tf.uint8)
+
+        def palette():
+            # RGB, or RGBA when it has a tRNS chunk: asked for 4 channels, a palette of 1, 2 or 4 bits without one
+            # gets the bit depth's maximum (1, 3 or 15) for alpha instead of opaque
+            return _rgba(decoded(0), opaque_alpha=False)
+
+        def expanded():
+            image = decoded(4)
+            # gray under 8 bits has the same fault; its tRNS makes alpha 0 or 255 only, so anything else is opaque
+            alpha = tf.where(tf.logical_or(_byte(encoded, 24) >= 8, image[..., 3:] == 0), image[..., 3:],
+                             tf.constant(255, tf.uint8))
+            return tf.concat([image[..., :3], alpha], axis=-1)
+
+        return tf.cond(_byte(encoded, 25) == 3, palette, expanded)  # IHDR colour type 3: palette
 
     def webp():
         # TF 2.21 decodes an animation only as RGBA, refuses RGBA for one without the alpha flag, and on the default
         # channels writes its RGBA frames into an RGB buffer (heap corruption): such a file is refused before decoding
-        flags = tf.io.decode_raw(tf.strings.substr(encoded, 20, 1), tf.uint8)[0]
+        flags = _byte(encoded, 20)
         extended = tf.strings.substr(encoded, 12, 4) == b"VP8X"
         animated = tf.logical_and(extended, tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ANIMATION_FLAG), 0))
         with_alpha = tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ALPHA_FLAG), 0)
@@ -282,19 +310,59 @@ def decode_in_graph(encoded, image_size: int):
 
         return tf.cond(animated, animation, lambda: _rgba(tf.io.decode_webp(encoded)[0], opaque_alpha=False))
 
-    def gif_or_bmp():
-        # a BMP's fourth byte is padding in most files: opaque, as to_rgb has it
-        return _rgba(tf.io.decode_image(encoded, channels=0, expand_animations=False),
-                     opaque_alpha=tf.strings.substr(encoded, 0, 2) == b"BM")
+    def bmp():
+        with tf.control_dependencies([tf.debugging.Assert(_bmp_in_graph_tf(encoded), [BMP_NOT_IN_GRAPH])]):
+            # a BMP's fourth byte is padding in most files: opaque, as to_rgb has it
+            return _rgba(tf.io.decode_bmp(tf.identity(encoded), channels=0), opaque_alpha=True)
+
+    def gif():
+        # anything else fails here, named by decode_image; a GIF's first frame that does not cover the screen comes
+        # out at its own size, its pixels shifted
+        image = tf.io.decode_image(encoded, channels=0, expand_animations=False)
+        screen = tf.io.decode_raw(tf.strings.substr(encoded, 6, 4), tf.uint16, little_endian=True)  # width, height
+        covers = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.cast(tf.reverse(screen, [0]), tf.int32)))
+        with tf.control_dependencies([tf.debugging.Assert(covers, [GIF_PARTIAL_FRAME])]):
+            return _rgba(tf.identity(image), opaque_alpha=False)
 
     start = tf.strings.substr(encoded, 0, 12)
     rgba = tf.case([(tf.strings.substr(start, 0, 3) == b"\xff\xd8\xff", jpeg),
                     (tf.strings.substr(start, 0, 8) == PNG_SIGNATURE, png),
                     (tf.logical_and(tf.strings.substr(start, 0, 4) == b"RIFF",
-                                    tf.strings.substr(start, 8, 4) == b"WEBP"), webp)],
-                   default=gif_or_bmp, exclusive=True)
+                                    tf.strings.substr(start, 8, 4) == b"WEBP"), webp),
+                    (tf.strings.substr(start, 0, 2) == b"BM", bmp)],
+                   default=gif, exclusive=True)
     rgba.set_shape((None, None, 4))
     return resize(_composite_tf(rgba), image_size)
+
+
+def _bmp_in_graph(data: bytes) -> bool:
+    """Whether TensorFlow's BMP decoder reads this BMP's pixels as to_rgb does (BMP_GRAPH_BITS)."""
+    if len(data) < 34:
+        return False
+    header, = struct.unpack("<I", data[14:18])
+    bits, compression = struct.unpack("<HI", data[28:34])
+    return header >= BMP_INFO_HEADER and bits in BMP_GRAPH_BITS and compression == 0
+
+
+def _bmp_in_graph_tf(encoded):
+    """`_bmp_in_graph` in TensorFlow ops, for the bytes signature."""
+    import tensorflow as tf
+
+    def readable():
+        header = tf.io.decode_raw(tf.strings.substr(encoded, 14, 4), tf.int32, little_endian=True)[0]
+        bits = tf.io.decode_raw(tf.strings.substr(encoded, 28, 2), tf.uint16, little_endian=True)[0]
+        compression = tf.io.decode_raw(tf.strings.substr(encoded, 30, 4), tf.int32, little_endian=True)[0]
+        return tf.logical_and(tf.logical_and(header >= BMP_INFO_HEADER, compression == 0),
+                              tf.reduce_any(tf.equal(tf.cast(bits, tf.int32), BMP_GRAPH_BITS)))
+
+    return tf.cond(tf.strings.length(encoded) >= 34, readable, lambda: tf.constant(False))
+
+
+def _byte(encoded, position: int):
+    """The byte at `position` of a string tensor, as a uint8 scalar."""
+    import tensorflow as tf
+
+    return tf.io.decode_raw(tf.strings.substr(encoded, position, 1), tf.uint8)[0]
 
 
 def _rgba(image, opaque_alpha):

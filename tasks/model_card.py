@@ -140,7 +140,9 @@ def input_images_section(image_size: int) -> str:
         "encoded image files, tf.string) → `probabilities` and `labels` (the top class's name). It decodes in the "
         "graph all of the above except what TensorFlow cannot do, which the client does first: **apply the EXIF "
         "orientation**, and send as PNG (the first frame, composited onto the background) any **GIF with a "
-        "transparent colour** and any **animated WebP without alpha**; everything else is sent as the file is. "
+        "transparent colour** or a first frame smaller than its screen, any **animated WebP without alpha** and "
+        "any **BMP not of uncompressed 24- or 32-bit pixels** (palette, 16-bit, compressed); everything else is sent "
+        "as the file is. "
         "`tasks.images.client_bytes(data)` is exactly that preprocessing.",
         f"- SavedModel signature {markdown_code(PIXELS_SIGNATURE)} and the TFLite files: float32 RGB "
         f"[batch, {image_size}, {image_size}, 3] in [0, 255], decoded and resized as above "

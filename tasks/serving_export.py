@@ -6,9 +6,10 @@
 - `serve_bytes` takes a batch of encoded image files (tf.string [batch]) and
   returns `probabilities` [batch, classes] and `labels` (the top class's name)
   [batch]: it decodes in the graph (tasks.images.decode_in_graph) what
-  TensorFlow can. What it cannot (EXIF orientation, a GIF's transparency, an
-  animated WebP without alpha) a client does first: tasks.images.client_bytes,
-  stated in the model card and the README.
+  TensorFlow can. What it cannot (EXIF orientation, a GIF's transparency or a
+  first frame smaller than its screen, an animated WebP without alpha, a BMP of
+  palette, 16-bit or compressed pixels) a client does first:
+  tasks.images.client_bytes, stated in the model card and the README.
 - `serve_embeddings` takes the pixels `serving_default` takes and returns
   `probabilities` and `embeddings` [batch, features]: what the head's dense layer
   sees (the pooled backbone features), from one pass. Batch scoring compares a

@@ -208,7 +208,9 @@ def test_in_graph_decoder_matches_for_what_a_client_sends():
         np.testing.assert_array_equal(graph, images.decode(data, SIZE), err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["exif_rotated.jpg", "transparent.gif", "animated.webp", "scan.tif"])
+@pytest.mark.parametrize("name", ["exif_rotated.jpg", "transparent.gif", "animated.webp", "scan.tif", "palette.bmp",
+                                  "palette4.bmp", "bilevel.bmp", "rgb555.bmp", "partial_frame.gif",
+                                  "small_first_frame.gif"])
 def test_clients_decode_what_the_graph_cannot_and_send_the_rest_as_is(name):
     data = fx.crafted_files()[name]
     sent = images.client_bytes(data)
@@ -218,11 +220,27 @@ def test_clients_decode_what_the_graph_cannot_and_send_the_rest_as_is(name):
     assert images.client_bytes(photo) is photo
 
 
-def test_in_graph_decoder_refuses_an_opaque_animated_webp_instead_of_crashing():
+@pytest.mark.parametrize("name", ["gray1.png", "gray4.png", "palette2.png", "palette4.png"])
+def test_in_graph_decoder_reads_pngs_under_8_bits_as_opaque(name):
+    """libpng, asked for RGBA, gives these alpha 1, 3 or 15 (their bit depth's maximum): the graph must not."""
     import tensorflow as tf
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match="animated WebP without alpha"):
-        images.decode_in_graph(tf.constant(fx.animation("WEBP")), SIZE)
+    data = fx.crafted_files()[name]
+    assert images.client_bytes(data) is data
+    np.testing.assert_array_equal(images.decode_in_graph(tf.constant(data), SIZE).numpy(), images.decode(data, SIZE))
+
+
+@pytest.mark.parametrize(("name", "reason"), [("animated.webp", "animated WebP without alpha"),
+                                              ("palette.bmp", "BMP of palette"), ("palette4.bmp", "BMP of palette"),
+                                              ("bilevel.bmp", "BMP of palette"), ("rgb555.bmp", "16-bit"),
+                                              ("partial_frame.gif", "first frame does not cover"),
+                                              ("small_first_frame.gif", "first frame does not cover")])
+def test_in_graph_decoder_refuses_what_it_would_decode_wrongly_instead_of_guessing(name, reason):
+    """Sent as they are (not as `client_bytes` makes them), these would crash or come out with other pixels."""
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=reason):
+        images.decode_in_graph(tf.constant(fx.crafted_files()[name]), SIZE)
 
 
 def test_resize_averages_when_shrinking_instead_of_sampling():

@@ -99,9 +99,11 @@ def seeing_classifier(cache_dir: str) -> classifier.Classifier:
     return classifier.build(spec, "imagenet", cache_dir)
 
 
-def staged_crafted(work: Path, built: classifier.Classifier) -> tuple[Path, Path, np.ndarray, dict[str, bytes]]:
+def staged_crafted(work: Path, built: classifier.Classifier, monkeypatch
+                   ) -> tuple[Path, Path, np.ndarray, dict[str, bytes]]:
     """(classifier folder, test records, probabilities, files): a golden batch of every kind of image file."""
     files = image_fixtures.crafted_files()
+    monkeypatch.setattr(serving_check, "GOLDEN_SIZE", len(files))  # every kind, however many there are
     records = work / "test.tfrecord"
     write_records(records, [(data, index % len(fx.CLASSES), name) for index, (name, data) in enumerate(files.items())])
     probabilities, _, paths = predict_records(built.model, records)
@@ -109,11 +111,11 @@ def staged_crafted(work: Path, built: classifier.Classifier) -> tuple[Path, Path
     return classifier.save(built, work / "model"), records, probabilities, files
 
 
-def test_bytes_signature_answers_the_original_files_of_every_kind_as_evaluated(tmp_path, cache_dir):
+def test_bytes_signature_answers_the_original_files_of_every_kind_as_evaluated(tmp_path, cache_dir, monkeypatch):
     import tensorflow as tf
 
     built = seeing_classifier(cache_dir)
-    model, records, probabilities, files = staged_crafted(tmp_path, built)
+    model, records, probabilities, files = staged_crafted(tmp_path, built, monkeypatch)
     saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
 
     checked = serving_check.check_serving(model, saved_model, tmp_path / "golden.npz", records, "s3://m/v1")
@@ -128,7 +130,7 @@ def test_bytes_signature_answers_the_original_files_of_every_kind_as_evaluated(t
 
 def test_bytes_signature_that_decodes_otherwise_blocks_publishing(tmp_path, cache_dir, monkeypatch):
     built = seeing_classifier(cache_dir)
-    model, records, _, _ = staged_crafted(tmp_path, built)
+    model, records, _, _ = staged_crafted(tmp_path, built, monkeypatch)
     monkeypatch.setattr(images, "BACKGROUND", (0, 0, 0))  # the graph composites onto black, evaluation onto white
     saved_model = serving_export.export(built.model, built.spec.classes, tmp_path / "saved_model")
 

@@ -117,6 +117,59 @@ def transparent_gif() -> bytes:
     return encoded(image, "GIF", transparency=1)
 
 
+def low_depth_png(bits: int, palette: bool) -> bytes:
+    """A gray or palette PNG of 1, 2 or 4 bits a pixel and no transparency (scans, line art, small clip art)."""
+    indices = np.random.default_rng(bits).integers(0, 2**bits, (7, 11)).astype(np.uint8)
+    if not palette:
+        return encoded(Image.fromarray(indices * (255 // (2**bits - 1))), "PNG", bits=bits)
+    image = Image.fromarray(indices, "P")
+    image.putpalette([*RED, *GREEN, *BLUE] + list(range(3 * 2**bits - 9)))
+    return encoded(image, "PNG", bits=bits)
+
+
+def palette_bmp() -> bytes:
+    """An 8-bit BMP whose palette holds colours (for L, Pillow writes a palette of grays)."""
+    image = Image.fromarray(np.random.default_rng(8).integers(0, 2, (5, 9)).astype(np.uint8), "P")
+    image.putpalette([*RED, *BLUE] + [0] * 762)
+    return encoded(image, "BMP")
+
+
+def bmp_4_bit() -> bytes:
+    """A 4-bit BMP written by hand (Pillow writes 1, 8, 24 and 32 bits): red and blue in a checkerboard."""
+    width, height = 5, 3
+    row = bytes(((x % 2) << 4) | ((x + 1) % 2) for x in range(0, width + 1, 2))
+    rows = b"".join(row + b"\0" * (-len(row) % 4) for _ in range(height))
+    palette = bytes([0, 0, 255, 0, 255, 0, 0, 0]) + b"\0" * 56  # BGRx: red, blue
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 4, 0, len(rows), 2835, 2835, 16, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def rgb555_bmp() -> bytes:
+    """A 16-bit BMP (5-5-5 bits a pixel, as screenshots of old tools hold), written by hand."""
+    width, height = 4, 2
+    pixels = np.array([[0x7C00, 0x03E0, 0x001F, 0x7FFF]] * height, "<u2")
+    rows = pixels.tobytes()
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 0, len(rows), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + len(rows), 0, 0, 54) + info + rows
+
+
+def partial_frame_gif(left: int, top: int) -> bytes:
+    """A GIF whose 4 x 3 first frame sits at (left, top) on a 10 x 8 screen: its background shows around it."""
+    image = Image.fromarray(noise(3, 4, seed=5)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    data = bytearray(encoded(image, "GIF"))
+    position = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # past the global colour table
+    while data[position] == 0x21:  # extension blocks
+        position += 2
+        while data[position]:
+            position += data[position] + 1
+        position += 1
+    data[6:10] = struct.pack("<HH", 10, 8)
+    data[11] = 1  # the background colour's index
+    data[position + 1:position + 5] = struct.pack("<HH", left, top)
+    return bytes(data)
+
+
 def big_endian_gray16_tiff(pixels: np.ndarray) -> bytes:
     """A TIFF written by hand in Motorola byte order ("MM"; Pillow writes "II"): 16-bit gray, one strip."""
     height, width = pixels.shape
@@ -157,6 +210,16 @@ def crafted_files() -> dict[str, bytes]:
                                        append_images=[Image.new("RGBA", (10, 8), BLUE + (255,))]),
         "animated.png": animation("PNG"),
         "picture.bmp": encoded(Image.fromarray(noise(7, 9)), "BMP"),
+        "palette.bmp": palette_bmp(),
+        "palette4.bmp": bmp_4_bit(),
+        "bilevel.bmp": encoded(Image.fromarray(noise(5, 9)[..., 0] > 127), "BMP"),
+        "rgb555.bmp": rgb555_bmp(),
+        "gray1.png": low_depth_png(1, palette=False),
+        "gray4.png": low_depth_png(4, palette=False),
+        "palette2.png": low_depth_png(2, palette=True),
+        "palette4.png": low_depth_png(4, palette=True),
+        "partial_frame.gif": partial_frame_gif(2, 1),
+        "small_first_frame.gif": partial_frame_gif(0, 0),
         "lossless.webp": encoded(Image.fromarray(noise(7, 9, 4)), "WEBP", lossless=True),
         "lossy.webp": encoded(Image.fromarray(noise(16, 16)), "WEBP", quality=80),
         "scan.tif": encoded(Image.fromarray(noise(11, 13)), "TIFF", compression="tiff_lzw"),
