@@ -213,7 +213,10 @@ def client_bytes(data: bytes) -> bytes:
         if data[20] & WEBP_ANIMATION_FLAG and not data[20] & WEBP_ALPHA_FLAG:
             return canonical_png(data)
     try:
-        with Image.open(io.BytesIO(data), formats=[kind]) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read here
+            image = Image.open(io.BytesIO(data), formats=[kind])
+        with image:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             gif_graph_cannot = kind == "GIF" and ("transparency" in image.info
                                                   or bool(image.tile) and image.tile[0][1] != (0, 0, *image.size))
