@@ -134,7 +134,8 @@ def input_images_section(image_size: int) -> str:
         f"- Decoder {markdown_code(images.DECODER_VERSION)} (tasks/images.py), the same in training, evaluation and "
         "serving: JPEG, PNG, GIF, BMP or WebP; EXIF orientation applied; transparency composited onto "
         f"{background} {tuple(images.BACKGROUND)}; grayscale, palette, CMYK and 16-bit images made 8-bit RGB "
-        "(16 bits keep their high byte); the first frame of an animation; then resized to "
+        "(16 bits keep their high byte); the first frame of an animation; an image whose shorter side is at least "
+        f"{2 * images.REDUCED_SIDE} px reduced by box means to no less than {images.REDUCED_SIDE} px; then resized to "
         f"{image_size}x{image_size} (bilinear, antialiased, aspect ratio not kept).",
         f"- SavedModel signature {markdown_code(BYTES_SIGNATURE)}: input {markdown_code(BYTES_INPUT)} (a batch of "
         "encoded image files, tf.string) → `probabilities` and `labels` (the top class's name). It decodes in the "

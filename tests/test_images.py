@@ -122,7 +122,9 @@ def test_header_size_is_what_the_decoder_finds(name):
     data = fx.crafted_files()[name]
     height, width, _ = images.to_rgb(data).shape
     size = images.header_size(data)
-    assert size == ((height, width) if name == "exif_rotated.jpg" else (width, height))
+    factor = max(1, min(size) // images.REDUCED_SIDE)  # a large image is reduced after decoding
+    upright = (height, width) if name == "exif_rotated.jpg" else (width, height)
+    assert (size[0] // factor, size[1] // factor) == upright
 
 
 @pytest.mark.parametrize("options", [
@@ -241,6 +243,25 @@ def test_in_graph_decoder_refuses_what_it_would_decode_wrongly_instead_of_guessi
 
     with pytest.raises(tf.errors.InvalidArgumentError, match=reason):
         images.decode_in_graph(tf.constant(fx.crafted_files()[name]), SIZE)
+
+
+@pytest.mark.parametrize(("height", "width", "factor"), [(2048, 2053, 2), (3100, 3073, 3), (2047, 2100, 1)])
+def test_images_twice_the_largest_input_are_reduced_by_box_means(height, width, factor):
+    """The shorter side's whole multiple of REDUCED_SIDE is the factor; the rows and columns that fill no box go."""
+    pixels = fx.large_picture(height, width)
+    decoded = images.to_rgb(fx.encoded(Image.fromarray(pixels), "PNG", compress_level=1))
+    kept = pixels[:height // factor * factor, :width // factor * factor].astype(np.float64)
+    means = kept.reshape(height // factor, factor, width // factor, factor, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(decoded, np.floor(means + 0.5).astype(np.uint8))
+    assert min(decoded.shape[:2]) >= images.REDUCED_SIDE
+
+
+def test_a_large_photo_is_turned_upright_before_it_is_reduced():
+    exif = Image.Exif()
+    exif[fx.EXIF_ORIENTATION] = fx.ROTATE_90_CW
+    stored = fx.large_picture(2048, 3000)  # landscape as stored; upright it is 3000 high
+    decoded = images.to_rgb(fx.encoded(Image.fromarray(stored), "PNG", exif=exif.tobytes(), compress_level=1))
+    assert decoded.shape == (1500, 1024, 3)
 
 
 def test_resize_averages_when_shrinking_instead_of_sampling():

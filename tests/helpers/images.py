@@ -1,6 +1,7 @@
 """Crafted image files, one per case the decoder must handle (tasks/images.py), and what each must decode to."""
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -170,6 +171,15 @@ def partial_frame_gif(left: int, top: int) -> bytes:
     return bytes(data)
 
 
+def large_picture(height: int, width: int, channels: int = 3) -> np.ndarray:
+    """A picture large enough to be reduced (tasks.images.REDUCED_SIDE): every pixel differs from its neighbours,
+    so each box mean has a remainder to round, and a PNG of it stays small (diagonal stripes)."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    planes = [(rows * 3 + columns * 5) % 256, (rows * 7 + columns) % 256, (rows + columns * 11) % 256,
+              np.where(rows < height // 3, 0, 255)][:channels]  # alpha: the top third transparent
+    return np.stack(planes, axis=-1).astype(np.uint8)
+
+
 def big_endian_gray16_tiff(pixels: np.ndarray) -> bytes:
     """A TIFF written by hand in Motorola byte order ("MM"; Pillow writes "II"): 16-bit gray, one strip."""
     height, width = pixels.shape
@@ -190,7 +200,12 @@ def float_tiff() -> tuple[bytes, np.ndarray]:
 
 
 def crafted_files() -> dict[str, bytes]:
-    """Every case by name: what a real dataset or a client may hold."""
+    """Every case by name: what a real dataset or a client may hold (a new dict each call, the files made once)."""
+    return dict(_crafted_files())
+
+
+@functools.cache
+def _crafted_files() -> dict[str, bytes]:
     return {
         "exif_rotated.jpg": exif_rotated_jpeg(),
         "cmyk.jpg": cmyk_jpeg(),
@@ -218,6 +233,8 @@ def crafted_files() -> dict[str, bytes]:
         "gray4.png": low_depth_png(4, palette=False),
         "palette2.png": low_depth_png(2, palette=True),
         "palette4.png": low_depth_png(4, palette=True),
+        "large_photo.jpg": encoded(Image.fromarray(large_picture(2048, 2100)), "JPEG", quality=90),
+        "large_rgba.png": encoded(Image.fromarray(large_picture(2100, 2049, 4)), "PNG", compress_level=1),
         "partial_frame.gif": partial_frame_gif(2, 1),
         "small_first_frame.gif": partial_frame_gif(0, 0),
         "lossless.webp": encoded(Image.fromarray(noise(7, 9, 4)), "WEBP", lossless=True),
