@@ -16,15 +16,22 @@ first N files of its test split (28 px grayscale PNGs). Measures, in images/s:
   SavedModel's in-graph decoder (`decode_in_graph`);
 
 and the largest pixel difference between the old and new input pipeline.
+
+Then phone photos (`--photos`, 12 megapixels, 4000 x 3000 JPEGs of quality 90,
+made here): seconds an image to ingest and to read back at the default size,
+and megabytes an image in the split file, with the decoder's reduction
+(`images.REDUCED_SIDE`) and without it (`photo_before_*`, the decoder before).
 Ends with one JSON line.
 
-    python bench/decoder.py [--images 10000] [--work .bench-decoder]
+    python bench/decoder.py [--images 10000] [--photos 8] [--work .bench-decoder]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
+from unittest import mock
 
 from bench.json_line import json_line
 from tasks.config import RunConfig
@@ -78,9 +85,40 @@ def drain(dataset) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
+def photo(seed: int) -> bytes:
+    """A 4000 x 3000 JPEG (quality 90) of gradients and sensor-like noise: 4.4 MB, as a phone's."""
+    import numpy as np
+    from PIL import Image
+
+    rows, columns = np.mgrid[0:3000, 0:4000]
+    noise = np.random.default_rng(seed).normal(0, 12, (3000, 4000, 3))
+    pixels = np.stack([columns / 4000 * 255, rows / 3000 * 255, (rows + columns) % 256], axis=-1) + noise
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def photo_costs(folder: Path, scratch: Path, image_size: int) -> dict[str, float]:
+    """(ingest s, split-file MB, read s) an image for the photos in `folder`, through subsample and tf.data."""
+    from tasks import records
+    from tasks.steps import subsample
+
+    files = sorted(path.name for path in folder.glob("*.jpg"))
+    started = time.perf_counter()
+    kept, skipped = subsample._ingest(folder, {"train": [(path, 0) for path in files], "val": [], "test": []},
+                                      ["all"], scratch)
+    ingest_s = time.perf_counter() - started
+    assert not skipped and len(kept["train"]) == len(files)
+    split = scratch / "train.tfrecord"
+    count, read_s = drain(records.image_dataset(split, image_size, BATCH))
+    return {"ingest_s": round(ingest_s / count, 3), "record_mb": round(split.stat().st_size / count / 1e6, 2),
+            "read_s": round(read_s / count, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--work", type=Path, default=Path(".bench-decoder"))
     args = parser.parse_args()
 
@@ -110,9 +148,9 @@ def main() -> None:
         split = scratch / "train.tfrecord"
         result.update(ingest_before_images_per_s=rate(len(files), old_s),
                       ingest_after_images_per_s=rate(len(files), new_s),
-                      stored_bytes_per_image={"original": round(sum((folder.root / p).stat().st_size for p in files)
-                                                                / len(files), 1),
-                                              "record": round(split.stat().st_size / len(files), 1)})
+                      stored_bytes_per_image_original=round(sum((folder.root / p).stat().st_size for p in files)
+                                                            / len(files), 1),
+                      stored_bytes_per_image_record=round(split.stat().st_size / len(files), 1))
 
         for name, dataset in (("before", old_pipeline(split, cfg.image_size)),
                               ("after", records.image_dataset(split, cfg.image_size, BATCH))):
@@ -138,6 +176,18 @@ def main() -> None:
         for batch in batches:
             graph(batch)
         result["in_graph_decode_images_per_s"] = rate(len(originals), time.perf_counter() - started)
+
+    with scratch_dir("bench-photos") as scratch:
+        photos = scratch / "photos"
+        photos.mkdir()
+        for index in range(args.photos):
+            (photos / f"{index}.jpg").write_bytes(photo(index))
+        result["photo_jpeg_mb"] = round(sum(path.stat().st_size for path in photos.iterdir()) / args.photos / 1e6, 2)
+        for when, reduced in (("before", lambda pixels: pixels), ("after", images._reduced)):
+            (scratch / when).mkdir()
+            with mock.patch.object(images, "_reduced", reduced):
+                costs = photo_costs(photos, scratch / when, cfg.image_size)
+            result.update({f"photo_{when}_{key}": value for key, value in costs.items()})
     print(json_line(result))
 
 
