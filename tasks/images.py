@@ -16,7 +16,8 @@ report's thumbnails all see an image as `to_rgb` makes it:
   transparent pixels are arbitrary, and a model would learn them. BMP is
   opaque (its fourth byte is padding in most files).
 - Grayscale, palette, CMYK (naive conversion, no ICC profile) and 16-bit
-  images become 8-bit RGB; 16 bits keep their high byte (x >> 8).
+  images become 8-bit RGB; 16 bits keep their high byte (x >> 8), and a
+  transparent colour of 16 bits is matched on all 16 (`_key_out_rgb16`).
 - Animations (GIF, WebP, APNG) and multi-page TIFFs give their first frame;
   a floating-point TIFF in [0, 1] is scaled to [0, 255], any other is clipped.
 - An image whose shorter side is at least twice REDUCED_SIDE is reduced by the
@@ -428,6 +429,7 @@ def _decoded(data: bytes, max_pixels: int | None, *, orient: bool = True) -> np.
                 _check_pixels(kind, *image.size, max_pixels)  # what the library will decode, also limited
                 image.seek(0)
                 image.load()
+                _key_out_rgb16(data, kind, image)
                 if orient:  # in place: otherwise Pillow copies every image that needs no turn (a photo's megapixels)
                     ImageOps.exif_transpose(image, in_place=True)
                 return _reduced(_pixels(image, kind))
@@ -435,6 +437,24 @@ def _decoded(data: bytes, max_pixels: int | None, *, orient: bool = True) -> np.
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
         raise ImageDecodeError(f"a {kind} whose data does not decode: {type(error).__name__}: {error}") from error
+
+
+def _key_out_rgb16(data: bytes, kind: str, image) -> None:
+    """Give a 16-bit RGB PNG with a transparent colour (tRNS) its alpha, in place.
+
+    Pillow loads such a file as 8-bit RGB and compares the 16-bit colour with
+    8-bit pixels, which never match; libpng (through TensorFlow, as the bytes
+    signature decodes it) reads the 16-bit samples the colour is compared with.
+    """
+    from PIL import Image
+
+    if kind != "PNG" or data[24:26] != b"\x10\x02" or image.mode != "RGB" or "transparency" not in image.info:
+        return
+    import tensorflow as tf
+
+    samples = tf.io.decode_png(data, channels=3, dtype=tf.uint16).numpy()
+    transparent = (samples == np.asarray(image.info["transparency"], np.uint16)).all(axis=-1)
+    image.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8)))
 
 
 def _pixels(image, kind: str) -> np.ndarray:

@@ -45,6 +45,14 @@ def test_16_bit_rgba_png_is_composited_from_its_high_bytes():
     assert (images.to_rgb(data)[0] == images.BACKGROUND).all()
 
 
+def test_a_16_bit_transparent_colour_is_matched_on_all_16_bits():
+    """Pillow reads 16-bit RGB as its high bytes and never matched the 16-bit tRNS colour; libpng does."""
+    data, values = fx.rgb16_png_with_transparent_colour()
+    pixels = images.to_rgb(data)
+    assert (pixels[0] == images.BACKGROUND).all()
+    np.testing.assert_array_equal(pixels[1:], (values[1:] >> 8).astype(np.uint8))  # row 1: same high bytes, opaque
+
+
 def test_palette_transparent_index_shows_the_background():
     rgb = images.to_rgb(fx.palette_png_with_transparent_index())
     assert tuple(rgb[0, 0]) == fx.RED and tuple(rgb[0, 1]) == images.BACKGROUND

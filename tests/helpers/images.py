@@ -33,13 +33,13 @@ def raw_png(pixels: np.ndarray, color_type: int, extra_chunks: bytes = b"") -> b
     rows = pixels.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).tobytes()
     stride = len(rows) // height
     data = b"".join(b"\x00" + rows[row * stride:(row + 1) * stride] for row in range(height))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra_chunks + chunk(b"IDAT", zlib.compress(data))
-            + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + extra_chunks
+            + png_chunk(b"IDAT", zlib.compress(data)) + png_chunk(b"IEND", b""))
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def halves(width: int, height: int, left, right) -> Image.Image:
@@ -79,6 +79,14 @@ def rgba16_png() -> tuple[bytes, np.ndarray]:
     values = np.random.default_rng(4).integers(0, 65536, (6, 7, 4)).astype(np.uint16)
     values[0, :, 3] = 0
     return raw_png(values, color_type=6), values
+
+
+def rgb16_png_with_transparent_colour() -> tuple[bytes, np.ndarray]:
+    """16-bit RGB whose tRNS colour fills row 0; row 1 has the same high bytes, other low ones (opaque)."""
+    values = rgb16_png()[1].copy()
+    values[0], values[1] = (1000, 2000, 3000), (1001, 2000, 3000)
+    key = struct.pack(">HHH", 1000, 2000, 3000)
+    return raw_png(values, color_type=2, extra_chunks=png_chunk(b"tRNS", key)), values
 
 
 def palette_png_with_transparent_index() -> bytes:
@@ -214,6 +222,7 @@ def _crafted_files() -> dict[str, bytes]:
         "gray16.png": gray16_png()[0],
         "rgb16.png": rgb16_png()[0],
         "rgba16.png": rgba16_png()[0],
+        "rgb16_transparent_colour.png": rgb16_png_with_transparent_colour()[0],
         "palette_transparent.png": palette_png_with_transparent_index(),
         "la.png": la_png()[0],
         "rgba_garbage.png": rgba_png_with_garbage_under_transparency(1)[0],
