@@ -44,6 +44,7 @@ whenever the decoded pixels may change (this module's rules, Pillow's version).
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -71,6 +72,7 @@ PLAIN_PNG_ANCILLARY = {b"pHYs", b"tIME"}
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 MAX_SIDE = 2**31 - 1
+OBJECT_REPR = re.compile(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>")  # Pillow names the BytesIO it read: no help to anyone
 WEBP_ANIMATION_FLAG = 0x02  # in the VP8X chunk's flags byte
 WEBP_ALPHA_FLAG = 0x10
 WEBP_OPAQUE_ANIMATION = ("an animated WebP without alpha cannot be decoded by TensorFlow 2.21 (it corrupts memory); "
@@ -436,7 +438,10 @@ def _decoded(data: bytes, max_pixels: int | None, *, orient: bool = True) -> np.
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
-        raise ImageDecodeError(f"a {kind} whose data does not decode: {type(error).__name__}: {error}") from error
+        reason = OBJECT_REPR.sub("", f"{type(error).__name__}: {error}")
+        raise ImageDecodeError(f"a {kind} whose data does not decode ({reason}): it is cut short, damaged or of a kind "
+                               "Pillow does not read (a floating-point RGB TIFF, say); open it and save it again as "
+                               "PNG or JPEG, or leave it out") from error
 
 
 def _key_out_rgb16(data: bytes, kind: str, image) -> None:

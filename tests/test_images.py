@@ -186,6 +186,16 @@ def test_truncated_and_corrupt_data_is_an_image_decode_error_naming_the_format()
     with pytest.raises(ImageDecodeError, match="a PNG whose data does not decode") as error:
         images.to_rgb(whole[:len(whole) // 2])
     assert isinstance(error.value, PermanentError)
+    assert "save it again as PNG or JPEG" in str(error.value)
+
+
+def test_a_tiff_pillow_cannot_read_is_refused_with_what_to_do_and_no_object_address():
+    directory = struct.pack("<H", 2) + struct.pack("<HHII", 256, 3, 1, 5) + struct.pack("<HHII", 257, 3, 1, 4)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + directory + b"\x00" * 4  # a size, and nothing Pillow can decode
+    assert images.header_size(tiff) == (5, 4)
+    with pytest.raises(ImageDecodeError, match="a TIFF whose data does not decode .*save it again") as error:
+        images.to_rgb(tiff)
+    assert "object at 0x" not in str(error.value)
 
 
 def test_the_decoder_version_names_the_pillow_that_decodes():
