@@ -146,7 +146,8 @@ def canonical_png(data: bytes, *, max_pixels: int | None = None) -> bytes:
 def is_plain_png(data: bytes, pixels: np.ndarray | None = None, *, structure_checked: bool = False) -> bool:
     """Whether `decode_canonical(data)` gives exactly `to_rgb(data)`'s pixels, so `data` may be stored as it is.
 
-    True only for a PNG of 8-bit gray or RGB, not interlaced, whose chunks are
+    True only for a PNG of 8-bit gray or RGB, not interlaced, too small to be
+    reduced (REDUCED_SIDE), whose chunks are
     IHDR, consecutive IDATs, IEND and pHYs/tIME (no tRNS, eXIf, acTL, text
     that may hold an orientation, gamma or colour profile), every CRC right
     (Pillow skips the IDAT CRCs that libpng checks), nothing after IEND, and
@@ -159,6 +160,8 @@ def is_plain_png(data: bytes, pixels: np.ndarray | None = None, *, structure_che
         return False
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
     if depth != 8 or colour not in (0, 2) or compression or filtering or interlace:
+        return False
+    if min(width, height) >= 2 * REDUCED_SIDE:  # the decoder reduces it: not inflated here only to be re-encoded
         return False
     channels = 1 if colour == 0 else 3
     if pixels is not None and (pixels.dtype != np.uint8 or pixels.shape != ((height, width) if channels == 1
@@ -302,16 +305,16 @@ def decode_in_graph(encoded, image_size: int):
         def expanded():
             image = decoded(4)
             # gray under 8 bits has the same fault; its tRNS makes alpha 0 or 255 only, so anything else is opaque
-            alpha = tf.where(tf.logical_or(_byte(encoded, 24) >= 8, image[..., 3:] == 0), image[..., 3:],
+            alpha = tf.where(tf.logical_or(_number(encoded, 24, tf.uint8) >= 8, image[..., 3:] == 0), image[..., 3:],
                              tf.constant(255, tf.uint8))
             return tf.concat([image[..., :3], alpha], axis=-1)
 
-        return tf.cond(_byte(encoded, 25) == 3, palette, expanded)  # IHDR colour type 3: palette
+        return tf.cond(_number(encoded, 25, tf.uint8) == 3, palette, expanded)  # IHDR colour type 3: palette
 
     def webp():
         # TF 2.21 decodes an animation only as RGBA, refuses RGBA for one without the alpha flag, and on the default
         # channels writes its RGBA frames into an RGB buffer (heap corruption): such a file is refused before decoding
-        flags = _byte(encoded, 20)
+        flags = _number(encoded, 20, tf.uint8)
         extended = tf.strings.substr(encoded, 12, 4) == b"VP8X"
         animated = tf.logical_and(extended, tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ANIMATION_FLAG), 0))
         with_alpha = tf.not_equal(tf.bitwise.bitwise_and(flags, WEBP_ALPHA_FLAG), 0)
@@ -332,8 +335,8 @@ def decode_in_graph(encoded, image_size: int):
         # anything else fails here, named by decode_image; a GIF's first frame that does not cover the screen comes
         # out at its own size, its pixels shifted
         image = tf.io.decode_image(encoded, channels=0, expand_animations=False)
-        screen = tf.io.decode_raw(tf.strings.substr(encoded, 6, 4), tf.uint16, little_endian=True)  # width, height
-        covers = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.cast(tf.reverse(screen, [0]), tf.int32)))
+        screen = tf.cast(tf.stack([_number(encoded, 8, tf.uint16), _number(encoded, 6, tf.uint16)]), tf.int32)
+        covers = tf.reduce_all(tf.equal(tf.shape(image)[:2], screen))  # (height, width) of the header's screen
         with tf.control_dependencies([tf.debugging.Assert(covers, [GIF_PARTIAL_FRAME])]):
             return _rgba(tf.identity(image), opaque_alpha=False)
 
@@ -362,20 +365,19 @@ def _bmp_in_graph_tf(encoded):
     import tensorflow as tf
 
     def readable():
-        header = tf.io.decode_raw(tf.strings.substr(encoded, 14, 4), tf.int32, little_endian=True)[0]
-        bits = tf.io.decode_raw(tf.strings.substr(encoded, 28, 2), tf.uint16, little_endian=True)[0]
-        compression = tf.io.decode_raw(tf.strings.substr(encoded, 30, 4), tf.int32, little_endian=True)[0]
+        header, bits = _number(encoded, 14, tf.int32), tf.cast(_number(encoded, 28, tf.uint16), tf.int32)
+        compression = _number(encoded, 30, tf.int32)
         return tf.logical_and(tf.logical_and(header >= BMP_INFO_HEADER, compression == 0),
-                              tf.reduce_any(tf.equal(tf.cast(bits, tf.int32), BMP_GRAPH_BITS)))
+                              tf.reduce_any(tf.equal(bits, BMP_GRAPH_BITS)))
 
     return tf.cond(tf.strings.length(encoded) >= 34, readable, lambda: tf.constant(False))
 
 
-def _byte(encoded, position: int):
-    """The byte at `position` of a string tensor, as a uint8 scalar."""
+def _number(encoded, position: int, dtype):
+    """The little-endian number of `dtype` that starts at byte `position` of a string tensor, as a scalar."""
     import tensorflow as tf
 
-    return tf.io.decode_raw(tf.strings.substr(encoded, position, 1), tf.uint8)[0]
+    return tf.io.decode_raw(tf.strings.substr(encoded, position, dtype.size), dtype, little_endian=True)[0]
 
 
 def _rgba(image, opaque_alpha):
