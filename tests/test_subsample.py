@@ -64,6 +64,30 @@ def test_same_inputs_and_seed_give_a_byte_identical_manifest(image_folder, tmp_p
         second.artifact(artifacts.MANIFEST))
 
 
+def test_split_files_are_the_same_whether_chunks_decode_in_threads_or_in_the_caller(image_folder, tmp_path,
+                                                                                    monkeypatch):
+    apples = image_folder / "train" / "apple"
+    (apples / "truncated.jpg").write_bytes((apples / "0000.jpg").read_bytes()[:100])
+    monkeypatch.setattr(subsample_module, "INGEST_CHUNK", 5)  # several chunks per split, a short one last
+    outputs = {}
+    for name, threshold in (("threads", 1), ("caller", 10**12)):
+        monkeypatch.setattr(subsample_module, "THREADED_PIXELS", threshold)
+        cfg = config(image_folder, tmp_path, run_id=name, train_percent=100)
+        acquired_subsample(cfg)
+        outputs[name] = [storage.read_bytes(cfg.artifact(artifacts.MANIFEST))] + [
+            storage.read_bytes(cfg.artifact(artifacts.split_records(split))) for split in records.SPLITS]
+    assert outputs["threads"] == outputs["caller"]
+    assert b"truncated.jpg" in outputs["caller"][0]  # listed as skipped by both
+
+
+def test_only_chunks_of_large_images_go_to_the_decoding_threads():
+    side = int(subsample_module.THREADED_PIXELS ** 0.5)
+    assert subsample_module._threaded([(b"", side * side), "unreadable"])
+    assert subsample_module._threaded([(b"", 28 * 28), (b"", 2 * side * side - 28 * 28)])  # the mean decides
+    assert not subsample_module._threaded([(b"", side * side - 1), "too large"])
+    assert not subsample_module._threaded(["not a decodable image", "unreadable"])
+
+
 def test_another_seed_selects_other_images(image_folder, tmp_path):
     one = acquired_subsample(config(image_folder, tmp_path, run_id="one", seed=1))
     two = acquired_subsample(config(image_folder, tmp_path, run_id="two", seed=2))

@@ -36,7 +36,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 from tasks import artifacts, images, records, settings, storage, test_source
 from tasks.config import RunConfig
@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "test")
 MIN_SELECTED = 2  # train images of a class to carve a validation split from: one for each side
-INGEST_CHUNK = 256  # images decoded in parallel and held at once
+INGEST_CHUNK = 256  # images decoded ahead and held at once
+# A chunk whose images average fewer pixels is decoded in the calling thread: for small images Pillow's work is
+# mostly Python, and two threads contending for the GIL took 2-2.4 times as long as one (28 px PNGs: 0.19 against
+# 0.08 ms an image); from about 128 x 128 its C decoders, which release the GIL, make threads 1.4-1.7 times faster.
+THREADED_PIXELS = 128 * 128
 MIN_CLASSES = 2
 
 Selection = dict[str, list[tuple[str, int]]]
@@ -216,9 +220,11 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
     """Check, hash and decode every selected file once; write the kept ones to scratch/<split>.tfrecord.
     `sizes`, when given, gets each kept file's (width, height) as its header declares, per split.
 
-    Threads decode in parallel (Pillow and zlib release the GIL), in chunks so
-    that memory holds two chunks of images, not a split: the next chunk decodes
-    while this one is written. Records keep selection order.
+    Files are read and their headers checked here; threads decode a chunk of
+    large images in parallel (Pillow and zlib release the GIL), a chunk of small
+    ones is decoded here (THREADED_PIXELS). Chunks bound memory to two of them,
+    not a split: the next chunk is decoded (or submitted) while this one is
+    written. Records keep selection order.
     A test image byte-identical to a train or validation image is kept in the
     returned selection (for _drop_test_duplicates to list) but not written.
     """
@@ -226,8 +232,11 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        def read(chunk: list[dict[str, Any]]) -> Iterator[tuple[bytes, bytes] | str]:
-            return pool.map(lambda e: _read_image(root / e["path"], limits), chunk)  # submitted at once
+        def read(chunk: list[dict[str, Any]]) -> Iterable[tuple[bytes, bytes] | str]:
+            opened = [_open_image(root / entry["path"], limits) for entry in chunk]
+            if _threaded(opened):
+                return pool.map(lambda entry: _canonical(entry, limits), opened)  # submitted at once
+            return [_canonical(entry, limits) for entry in opened]
 
         for split in records.SPLITS:
             entries = [{"split": split, "path": path, "label": label, "class": classes[label]}
@@ -288,8 +297,8 @@ def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, 
     return {**kept, "test": [f for f in kept["test"] if f["sha256"] not in seen]}, duplicates
 
 
-def _read_image(path: Path, limits: settings.Limits) -> tuple[bytes, bytes] | str:
-    """(canonical image, original bytes) of one file, or why it is skipped.
+def _open_image(path: Path, limits: settings.Limits) -> tuple[bytes, int] | str:
+    """(original bytes, pixels its header declares) of one file, or why it is skipped.
 
     The byte limit holds before the file is read, the pixel limit before it is
     decoded: a few kilobytes of PNG can declare 100,000 x 100,000 pixels, and
@@ -314,10 +323,24 @@ def _read_image(path: Path, limits: settings.Limits) -> tuple[bytes, bytes] | st
     over = limits.exceeded("max_image_pixels", width * height)
     if over:
         return f"decompression bomb: {width}x{height} pixels, {over}"
+    return original, width * height
+
+
+def _canonical(opened: tuple[bytes, int] | str, limits: settings.Limits) -> tuple[bytes, bytes] | str:
+    """(canonical image, original bytes) of an opened file, or why it is skipped."""
+    if isinstance(opened, str):
+        return opened
+    original, _ = opened
     try:
         return images.canonical_png(original, max_pixels=limits.max_image_pixels), original
     except ImageDecodeError as error:
         return f"not a decodable image: {error}"
+
+
+def _threaded(opened: list[tuple[bytes, int] | str]) -> bool:
+    """Whether a chunk's images are large enough on average for decoding threads to pay (THREADED_PIXELS)."""
+    pixels = [entry[1] for entry in opened if not isinstance(entry, str)]
+    return bool(pixels) and sum(pixels) >= THREADED_PIXELS * len(pixels)
 
 
 def _require_images(counts: dict[str, dict[str, int]], skipped: list[dict[str, Any]], source: str) -> None:
