@@ -14,8 +14,10 @@ there is no cache; a bounded sample costs one forward pass of MAX_ROWS images.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -38,39 +40,45 @@ def sample_indices(count: int, seed: int, rows: int = MAX_ROWS) -> np.ndarray:
 
 def write(model, train_records: Path, stage: Path, seed: int) -> dict:
     """Embed a sample of the train split with `model` (the published Keras classifier) into the version at
-    `stage`; returns what embeddings.json says."""
-    from tasks.records import iter_records
+    `stage`; returns what embeddings.json says. The sample's canonical images are decoded by tf.data, in
+    parallel and a batch at a time, as training reads them."""
+    from tasks.records import image_dataset
     from tasks.training import count_records
 
     count = count_records(train_records)  # a batched count: no record parsed twice
-    chosen = set(sample_indices(count, seed).tolist())
-    encoded = (image for index, (image, _, _) in enumerate(iter_records(train_records)) if index in chosen)
-    return write_sample(model, encoded, stage, {"split": SPLIT, "n_records": count, "seed": seed})
+    size = int(model.input_shape[1])
+    pixels = (images for images, _ in image_dataset(train_records, size, BATCH, only=sample_indices(count, seed)))
+    return _store(_embed(model, pixels), stage, {"split": SPLIT, "n_records": count, "seed": seed})
 
 
 def write_sample(model, encoded: Iterable[bytes], stage: Path, meta: dict) -> dict:
     """Embed these encoded images (decoded by the project's decoder, a batch at a time) and store them, with
     `meta` and the sample's shape, under `stage`."""
-    import time
+    from tasks import images
 
+    size = int(model.input_shape[1])
+    encoded = iter(encoded)
+    batches = (np.stack([images.decode(data, size) for data in batch])
+               for batch in iter(lambda: list(itertools.islice(encoded, BATCH)), []))
+    return _store(_embed(model, batches), stage, meta)
+
+
+def _embed(model, pixels: Iterable) -> np.ndarray:
+    """The embeddings of each batch of pixels, stacked in DTYPE."""
     import tensorflow as tf
 
-    from tasks import images
     from tasks.serving_export import with_embeddings
 
-    started = time.monotonic()
     size = int(model.input_shape[1])
     # eager layer calls take ~5x as long; the fixed signature traces once, the short last batch included
     embed = tf.function(with_embeddings(model), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-    rows, pixels = [], []
-    for data in encoded:
-        pixels.append(images.decode(data, size))
-        if len(pixels) == BATCH:
-            rows.append(np.asarray(embed(np.stack(pixels))["embeddings"]))
-            pixels = []
-    if pixels:
-        rows.append(np.asarray(embed(np.stack(pixels))["embeddings"]))
-    embeddings = np.concatenate(rows).astype(DTYPE) if rows else np.zeros((0, 0), DTYPE)
+    rows = [np.asarray(embed(batch)["embeddings"]) for batch in pixels]
+    return np.concatenate(rows).astype(DTYPE) if rows else np.zeros((0, 0), DTYPE)
+
+
+def _store(embeddings: np.ndarray, stage: Path, meta: dict) -> dict:
+    """Write the sample and its embeddings.json (`meta` with the sample's shape) under `stage`; returns the
+    latter."""
     meta = {**meta, "n_rows": len(embeddings), "embedding_size": int(embeddings.shape[1]),
             "dtype": np.dtype(DTYPE).name,
             "source": "the published classifier's serve_embeddings outputs (the head's dense-layer input)"}
@@ -79,8 +87,6 @@ def write_sample(model, encoded: Iterable[bytes], stage: Path, meta: dict) -> di
     np.save(buffer, embeddings, allow_pickle=False)
     (stage / FILE).write_bytes(buffer.getvalue())
     (stage / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    log.info("publish: reference sample of %d training embeddings (%d-d, %s) in %.1f s", meta["n_rows"],
-             meta["embedding_size"], meta["dtype"], time.monotonic() - started)
     return meta
 
 
@@ -96,7 +102,11 @@ def publish(cfg, model, stage: Path) -> dict:
 
     (uri,) = artifacts.require(cfg, artifacts.split_records(SPLIT))
     records = storage.download(uri, stage.parent / f"reference-{SPLIT}.tfrecord")
+    started = time.monotonic()
     try:
-        return write(model, records, stage, cfg.seed)
+        meta = write(model, records, stage, cfg.seed)
     finally:
         records.unlink(missing_ok=True)
+    log.info("publish: reference sample of %d training embeddings (%d-d, %s) in %.1f s", meta["n_rows"],
+             meta["embedding_size"], meta["dtype"], time.monotonic() - started)
+    return meta

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from tasks import images
 
@@ -86,8 +86,9 @@ def record_image(encoded, image_size: int):
 
 
 def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle_seed: int | None = None,
-                  with_paths: bool = False):
-    """Batched (image, label) — or (image, label, path) — from one split file.
+                  with_paths: bool = False, only: Sequence[int] | None = None):
+    """Batched (image, label) — or (image, label, path) — from one split file; `only` those records (indices
+    in file order), skipped before they are parsed.
 
     Images are float32 in [0, 255]; the backbone model applies its own
     preprocessing, so the composed model also takes raw pixels.
@@ -95,6 +96,10 @@ def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle
     import tensorflow as tf
 
     dataset = tf.data.TFRecordDataset(str(path))
+    if only is not None:
+        wanted = tf.constant(sorted(set(only)), tf.int64)
+        dataset = dataset.enumerate().filter(
+            lambda index, _: tf.reduce_any(tf.equal(wanted, index))).map(lambda _, record: record)
     if shuffle_seed is not None:
         dataset = epoch_order(dataset, shuffle_seed)
     dataset = dataset.map(_parse, num_parallel_calls=DECODERS)
