@@ -39,7 +39,7 @@ from tasks.backbone_split import Split
 from tasks.backbones import Backbone
 from tasks.errors import TrainingError
 from tasks.feature_store import FeatureStore
-from tasks.records import AHEAD, DECODERS, epoch_order, image_dataset, parsed_batches, record_image, steady
+from tasks.records import AHEAD, DECODERS, epoch_order, image_dataset, parsed_batches, steady
 
 log = logging.getLogger(__name__)
 
@@ -309,22 +309,8 @@ def _computed(run: Callable[..., np.ndarray], records: Path, indices: list[int],
     streamed in batches."""
     if not indices:
         return
-    import tensorflow as tf
-
-    dataset = tf.data.TFRecordDataset(str(records))
-    if len(indices) < count:
-        mask = np.zeros(count, dtype=bool)
-        mask[indices] = True
-        wanted = tf.constant(mask)
-        dataset = dataset.enumerate().filter(lambda index, _: tf.gather(wanted, index)).map(lambda _, record: record)
-    spec = {"image": tf.io.FixedLenFeature([], tf.string)}
-
-    def image(record):
-        return record_image(tf.io.parse_single_example(record, spec)["image"], image_size)
-
-    images = steady(dataset.map(image, num_parallel_calls=DECODERS, deterministic=True)
-                    .batch(batch_size).prefetch(AHEAD))
-    for batch in images:
+    only = indices if len(indices) < count else None
+    for batch, _ in image_dataset(records, image_size, batch_size, only=only):
         yield from run(batch)
 
 

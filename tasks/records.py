@@ -97,9 +97,13 @@ def image_dataset(path: str | Path, image_size: int, batch_size: int, *, shuffle
 
     dataset = tf.data.TFRecordDataset(str(path))
     if only is not None:
-        wanted = tf.constant(sorted(set(only)), tf.int64)
-        dataset = dataset.enumerate().filter(
-            lambda index, _: tf.reduce_any(tf.equal(wanted, index))).map(lambda _, record: record)
+        import numpy as np
+
+        mask = np.zeros(max(only, default=-1) + 1, dtype=bool)
+        mask[list(only)] = True
+        wanted = tf.constant(mask)
+        dataset = dataset.take(len(mask)).enumerate().filter(
+            lambda index, _: tf.gather(wanted, index)).map(lambda _, record: record)
     if shuffle_seed is not None:
         dataset = epoch_order(dataset, shuffle_seed)
     dataset = dataset.map(_parse, num_parallel_calls=DECODERS)
