@@ -82,9 +82,9 @@ def test_split_files_are_the_same_whether_chunks_decode_in_threads_or_in_the_cal
 
 def test_only_chunks_of_large_images_go_to_the_decoding_threads():
     side = int(subsample_module.THREADED_PIXELS ** 0.5)
-    assert subsample_module._threaded([(b"", side * side), "unreadable"])
-    assert subsample_module._threaded([(b"", 28 * 28), (b"", 2 * side * side - 28 * 28)])  # the mean decides
-    assert not subsample_module._threaded([(b"", side * side - 1), "too large"])
+    assert subsample_module._threaded([(b"", (side, side)), "unreadable"])
+    assert subsample_module._threaded([(b"", (28, 28)), (b"", (1, 2 * side * side - 28 * 28))])  # the mean decides
+    assert not subsample_module._threaded([(b"", (side, side - 1)), "too large"])
     assert not subsample_module._threaded(["not a decodable image", "unreadable"])
 
 

@@ -232,7 +232,7 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
     kept: dict[str, list[dict[str, Any]]] = {split: [] for split in records.SPLITS}
     skipped = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        def read(chunk: list[dict[str, Any]]) -> Iterable[tuple[bytes, bytes] | str]:
+        def read(chunk: list[dict[str, Any]]) -> Iterable[tuple[bytes, bytes, tuple[int, int]] | str]:
             opened = [_open_image(root / entry["path"], limits) for entry in chunk]
             if _threaded(opened):
                 return pool.map(lambda entry: _canonical(entry, limits), opened)  # submitted at once
@@ -247,17 +247,17 @@ def _ingest(root: Path, selection: Selection, classes: list[str], scratch: Path,
                 chunks = [entries[start:start + INGEST_CHUNK] for start in range(0, len(entries), INGEST_CHUNK)]
                 ahead = read(chunks[0]) if chunks else None
                 for index, chunk in enumerate(chunks):
-                    # the next chunk is read and decoded while this one is hashed and written
+                    # the next chunk is read here and decoded (by the threads while this one is hashed and written)
                     results, ahead = ahead, read(chunks[index + 1]) if index + 1 < len(chunks) else None
                     for entry, result in zip(chunk, results, strict=True):
                         if isinstance(result, str):
                             skipped.append({**entry, "reason": result})
                             continue
-                        image, original = result
+                        image, original, size = result
                         sha256 = hashlib.sha256(original).hexdigest()
                         kept[split].append({**entry, "sha256": sha256})
                         if sizes is not None:
-                            sizes.setdefault(split, []).append(images.header_size(original))
+                            sizes.setdefault(split, []).append(size)
                         if sha256 not in seen:
                             yield image, original, entry["label"], entry["path"]
 
@@ -297,8 +297,8 @@ def _drop_test_duplicates(kept: dict[str, list[dict[str, Any]]]) -> tuple[dict, 
     return {**kept, "test": [f for f in kept["test"] if f["sha256"] not in seen]}, duplicates
 
 
-def _open_image(path: Path, limits: settings.Limits) -> tuple[bytes, int] | str:
-    """(original bytes, pixels its header declares) of one file, or why it is skipped.
+def _open_image(path: Path, limits: settings.Limits) -> tuple[bytes, tuple[int, int]] | str:
+    """(original bytes, (width, height) its header declares) of one file, or why it is skipped.
 
     The byte limit holds before the file is read, the pixel limit before it is
     decoded: a few kilobytes of PNG can declare 100,000 x 100,000 pixels, and
@@ -323,23 +323,24 @@ def _open_image(path: Path, limits: settings.Limits) -> tuple[bytes, int] | str:
     over = limits.exceeded("max_image_pixels", width * height)
     if over:
         return f"decompression bomb: {width}x{height} pixels, {over}"
-    return original, width * height
+    return original, (width, height)
 
 
-def _canonical(opened: tuple[bytes, int] | str, limits: settings.Limits) -> tuple[bytes, bytes] | str:
-    """(canonical image, original bytes) of an opened file, or why it is skipped."""
+def _canonical(opened: tuple[bytes, tuple[int, int]] | str, limits: settings.Limits
+               ) -> tuple[bytes, bytes, tuple[int, int]] | str:
+    """(canonical image, original bytes, declared size) of an opened file, or why it is skipped."""
     if isinstance(opened, str):
         return opened
-    original, _ = opened
+    original, size = opened
     try:
-        return images.canonical_png(original, max_pixels=limits.max_image_pixels), original
+        return images.canonical_png(original, max_pixels=limits.max_image_pixels), original, size
     except ImageDecodeError as error:
         return f"not a decodable image: {error}"
 
 
-def _threaded(opened: list[tuple[bytes, int] | str]) -> bool:
+def _threaded(opened: list[tuple[bytes, tuple[int, int]] | str]) -> bool:
     """Whether a chunk's images are large enough on average for decoding threads to pay (THREADED_PIXELS)."""
-    pixels = [entry[1] for entry in opened if not isinstance(entry, str)]
+    pixels = [math.prod(entry[1]) for entry in opened if not isinstance(entry, str)]
     return bool(pixels) and sum(pixels) >= THREADED_PIXELS * len(pixels)
 
 
